@@ -1,0 +1,56 @@
+"""Adapter registry: implementation name -> adapter factory, resolved lazily.
+
+Built-ins are listed by import path so that naming one does not import the
+others' frameworks. Users add their own with the `parity.adapters` entry point
+group or `--impls module:factory`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from parity.errors import ParityInputError
+
+BUILTIN = {
+    "litgpt-style": ("parity.adapters.litgpt_style", "LitgptStyleAdapter", {}),
+    "hf": ("parity.adapters.hf", "HFAdapter", {}),
+    "keras": ("parity.adapters.keras_hub", "KerasAdapter", {}),
+    "keras-jax": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "jax"}),
+    "keras-torch": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "torch"}),
+}
+DEFAULT_IMPLS = ("litgpt-style", "hf", "keras")
+
+
+def _plugins() -> dict:
+    return {ep.name: ep for ep in entry_points(group="parity.adapters")}
+
+
+def known_names() -> list[str]:
+    return sorted(set(BUILTIN) | set(_plugins()))
+
+
+def get_adapter(name: str):
+    """An adapter instance for a built-in name, an entry-point name, or `module:factory`."""
+    if name in BUILTIN:
+        mod, cls, kw = BUILTIN[name]
+        return getattr(importlib.import_module(mod), cls)(**kw)
+    plugins = _plugins()
+    if name in plugins:
+        return plugins[name].load()()
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ParityInputError(f"--impls {name!r}: cannot load {attr!r} from {mod_name!r} ({e}); "
+                                   "check the module is importable and the factory name") from None
+        adapter = factory()
+        for needed in ("name", "build", "run", "version"):
+            if not hasattr(adapter, needed):
+                raise ParityInputError(f"--impls {name!r}: the factory's adapter has no {needed!r}; "
+                                       "see 'Adding an implementation' in the README")
+        return adapter
+    raise ParityInputError(
+        f"unknown implementation {name!r}; use one of {', '.join(known_names())} or module:factory"
+    )

@@ -1,0 +1,175 @@
+"""Adapter for HuggingFace transformers' Gemma, Gemma 2 and Gemma 3 (text) causal LMs.
+
+The model is built the way `from_pretrained(dtype=...)` builds it: parameters
+created in the target dtype while buffers computed at init (RoPE inv_freq)
+stay fp32. Casting a built fp32 model with `.to(bfloat16)` would also round
+inv_freq, itself a `rope-precision` divergence, so it is never done here.
+Attention is eager: the SDPA path silently drops Gemma 2's attention softcap.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from parity.adapters.base import Adapter, RunResult
+from parity.errors import BackendMissing, ParityInputError
+from parity.spec import GemmaSpec, to_hf_config
+from parity.taps import expand_tap_map
+from parity.weights import Weights, map_weights
+
+# canonical names are HF names: the map is the identity, kept literal so the
+# every-tensor-used-once check runs like every other adapter's
+NAME_MAP = {k: k for k in (
+    "model.embed_tokens.weight",
+    "model.layers.{}.input_layernorm.weight",
+    "model.layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.self_attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight",
+    "model.layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)}
+
+_COMMON_TAPS = {
+    "embed": ("model.embed_tokens", "out"),  # GemmaTextScaledWordEmbedding applies sqrt(hidden) itself
+    "layers.{}.attn_norm": ("model.layers.{}.input_layernorm", "out"),
+    "layers.{}.attn": ("model.layers.{}.self_attn", "out"),
+    "layers.{}.mlp.gate": ("model.layers.{}.mlp.gate_proj", "out"),
+    "layers.{}.mlp.up": ("model.layers.{}.mlp.up_proj", "out"),
+    "layers.{}.mlp.act": ("model.layers.{}.mlp.act_fn", "out"),
+    "layers.{}.mlp.hidden": ("model.layers.{}.mlp.down_proj", "in"),
+    "layers.{}.mlp": ("model.layers.{}.mlp", "out"),
+    "layers.{}.out": ("model.layers.{}", "out"),
+    "final_norm": ("model.norm", "out"),
+}
+# Gemma 1: post_attention_layernorm is the PRE-MLP norm
+TAP_MAP_GEMMA1 = {
+    **_COMMON_TAPS,
+    "layers.{}.attn_residual": ("model.layers.{}.post_attention_layernorm", "in"),
+    "layers.{}.mlp_norm": ("model.layers.{}.post_attention_layernorm", "out"),
+}
+# Gemma 2/3: post_attention_layernorm is AFTER attention; pre_feedforward_layernorm is pre-MLP
+TAP_MAP_SANDWICH = {
+    **_COMMON_TAPS,
+    "layers.{}.post_attn_norm": ("model.layers.{}.post_attention_layernorm", "out"),
+    "layers.{}.attn_residual": ("model.layers.{}.pre_feedforward_layernorm", "in"),
+    "layers.{}.mlp_norm": ("model.layers.{}.pre_feedforward_layernorm", "out"),
+    "layers.{}.post_mlp_norm": ("model.layers.{}.post_feedforward_layernorm", "out"),
+}
+CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+
+
+class HFAdapter(Adapter):
+    name = "hf"
+
+    def version(self) -> str:
+        import torch
+        import transformers
+
+        return f"transformers {transformers.__version__} / torch {torch.__version__}"
+
+    def check(self, spec: GemmaSpec, dtype: str) -> None:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise BackendMissing("implementation 'hf' needs transformers: pip install 'transformers>=4.42'") from None
+        fixed = {  # what HF's Gemma classes hard-code; a spec asking otherwise cannot be built here
+            "norm_unit_offset": True, "embed_scale": True, "embed_scale_dtype": "activation",
+            "norm_placement": "pre" if spec.family == 1 else "sandwich",
+            "qk_norm": spec.family == 3,
+        }
+        for f, want in fixed.items():
+            if getattr(spec, f) != want:
+                raise ParityInputError(
+                    f"hf cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} (it hard-codes {want!r}); "
+                    "drop 'hf' from --impls for this spec"
+                )
+        if spec.family == 1 and spec.gelu_approximate != "tanh":
+            # GemmaConfig rewrites hidden_act="gelu" to gelu_pytorch_tanh, so the build would lie
+            raise ParityInputError(
+                "hf cannot build gelu_approximate='none' for Gemma 1: GemmaConfig rewrites hidden_act "
+                "'gelu' to 'gelu_pytorch_tanh'; drop 'hf' from --impls for this spec"
+            )
+        if spec.family == 1 and (spec.query_pre_attn_scalar or spec.rope_scaling_factor != 1.0):
+            raise ParityInputError("hf Gemma 1 has no query_pre_attn_scalar or rope scaling; drop 'hf' from --impls")
+
+    def _config(self, spec: GemmaSpec):
+        import transformers
+
+        cfg = to_hf_config(spec)
+        cfg.pop("parity", None)
+        cfg.pop("architectures", None)
+        model_type = cfg.pop("model_type")
+        cls = transformers.AutoConfig.for_model(model_type, **cfg).__class__
+        config = cls(**cfg)
+        config._attn_implementation = "eager"
+        return config
+
+    def build(self, spec: GemmaSpec, weights: Weights, dtype: str):
+        import torch
+        import transformers
+
+        from parity.adapters.torch_setup import torch_dtype
+
+        self.check(spec, dtype)
+        config = self._config(spec)
+        model_cls = getattr(transformers, CLASSES[spec.family])
+        model = model_cls._from_config(config, dtype=torch_dtype(dtype), attn_implementation="eager")
+        params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
+        mapped = map_weights(weights.tensors, NAME_MAP, params, where=f"{self.name} weights")
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(torch.from_numpy(mapped[k]))
+        model.eval()
+        model.parity_spec = spec
+        return model
+
+    def _tap_map(self, spec: GemmaSpec):
+        return expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
+
+    def run(self, model, tokens, feed=None) -> RunResult:
+        import torch
+
+        from parity.adapters.litgpt_style import _feeds
+        from parity.adapters.torch_hooks import recording, to_numpy
+
+        tap_map = self._tap_map(model.parity_spec)
+        with torch.no_grad(), recording(model, tap_map, _feeds(tap_map, feed)) as taps:
+            out = model(input_ids=torch.tensor([tokens]), use_cache=False)
+        taps = dict(taps)
+        taps["logits"] = to_numpy(out.logits)  # after the final softcap, which no module produces
+        return RunResult(taps)
+
+    def effective(self, model) -> dict:
+        m = model.model
+        layer0 = m.layers[0]
+        norm_src = inspect.getsource(type(layer0.input_layernorm).forward)
+        act = type(layer0.mlp.act_fn).__name__
+        emb = m.embed_tokens
+        scale = emb.embed_scale.to(emb.weight.dtype) if hasattr(emb, "embed_scale") else None
+        attn = [layer.self_attn for layer in m.layers]
+        cfg = model.config
+        return {
+            "activation": f"{act} ({'tanh' if 'Tanh' in act or 'tanh' in act.lower() else 'exact'})",
+            "norm": ("(1 + w) in fp32" if "1.0 + self.weight.float()" in norm_src else "see source")
+            + (", cast after multiply" if "type_as" in norm_src else ""),
+            "embed_scale": None if scale is None else f"{float(scale):.6g} in {str(scale.dtype).replace('torch.', '')}",
+            "query_scale": attn[0].scaling,
+            "rope_inv_freq_dtype": str(getattr(m, "rotary_emb", None) and m.rotary_emb.inv_freq.dtype),
+            "rope_parameters": getattr(cfg, "rope_parameters", None),
+            "attn_softcap": getattr(attn[0], "attn_logit_softcapping", None),
+            "final_softcap": getattr(cfg, "final_logit_softcapping", None),
+            "window": [getattr(a, "sliding_window", None) for a in attn],
+            "attn_implementation": cfg._attn_implementation,
+        }
+
+    def release(self, model) -> None:
+        del model

@@ -1,0 +1,142 @@
+"""Adapter for the project's own lit-gpt-style port (parity.litgpt_style)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from parity.adapters.base import Adapter, RunResult
+from parity.errors import ParityInputError
+from parity.spec import GemmaSpec
+from parity.taps import expand_tap_map
+from parity.weights import Weights, map_weights
+
+# canonical (HF) name -> port name; `{}` is the layer index
+NAME_MAP_PRE = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.layers.{}.input_layernorm.weight": "h.{}.norm_1.weight",
+    "model.layers.{}.self_attn.qkv.weight": "h.{}.attn.attn.weight",  # fused from q, k, v below
+    "model.layers.{}.self_attn.o_proj.weight": "h.{}.attn.proj.weight",
+    "model.layers.{}.self_attn.q_norm.weight": "h.{}.attn.norm_q.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "h.{}.attn.norm_k.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "h.{}.norm_2.weight",  # Gemma 1: the pre-MLP norm
+    "model.layers.{}.mlp.gate_proj.weight": "h.{}.mlp.fc_1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "h.{}.mlp.fc_2.weight",
+    "model.layers.{}.mlp.down_proj.weight": "h.{}.mlp.proj.weight",
+    "model.norm.weight": "ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+NAME_MAP_SANDWICH = {
+    **NAME_MAP_PRE,
+    "model.layers.{}.post_attention_layernorm.weight": "h.{}.post_attention_norm.weight",  # Gemma 2/3: after attn
+    "model.layers.{}.pre_feedforward_layernorm.weight": "h.{}.norm_2.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "h.{}.post_mlp_norm.weight",
+}
+
+TAP_MAP = {
+    "embed": ("embed_scale", "out"),
+    "layers.{}.attn_norm": ("h.{}.norm_1", "out"),
+    "layers.{}.attn": ("h.{}.attn", "out"),
+    "layers.{}.post_attn_norm": ("h.{}.post_attention_norm", "out"),
+    "layers.{}.attn_residual": ("h.{}.norm_2", "in"),
+    "layers.{}.mlp_norm": ("h.{}.norm_2", "out"),
+    "layers.{}.mlp.gate": ("h.{}.mlp.fc_1", "out"),
+    "layers.{}.mlp.up": ("h.{}.mlp.fc_2", "out"),
+    "layers.{}.mlp.act": ("h.{}.mlp.act", "out"),
+    "layers.{}.mlp.hidden": ("h.{}.mlp.proj", "in"),
+    "layers.{}.mlp": ("h.{}.mlp", "out"),
+    "layers.{}.post_mlp_norm": ("h.{}.post_mlp_norm", "out"),
+    "layers.{}.out": ("h.{}", "out"),
+    "final_norm": ("ln_f", "out"),
+    "logits": ("final_softcap", "out"),
+}
+
+
+def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
+    """Replace each layer's q, k, v with litgpt's fused layout (each used exactly once).
+
+    Per kv group: that group's query heads, then its key head, then its value
+    head. A plain [Q; K; V] stack is wrong whenever num_kv_heads > 1.
+    """
+    out = dict(tensors)
+    hd, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        q, k, v = (out.pop(p + n + "_proj.weight") for n in "qkv")
+        q = q.reshape(spec.num_kv_heads, g * hd, -1)  # [KV, g * hd, hidden]
+        k = k.reshape(spec.num_kv_heads, hd, -1)  # [KV, hd, hidden]
+        v = v.reshape(spec.num_kv_heads, hd, -1)
+        out[p + "qkv.weight"] = np.concatenate([q, k, v], axis=1).reshape(-1, q.shape[-1])
+    return out
+
+
+class LitgptStyleAdapter(Adapter):
+    name = "litgpt-style"
+
+    def __init__(self, options=None) -> None:
+        self.options = options  # parity.litgpt_style.PortOptions; None = the correct port
+
+    def version(self) -> str:
+        import parity
+
+        return f"parity {parity.__version__}"
+
+    def check(self, spec: GemmaSpec, dtype: str) -> None:
+        pass  # the port implements every field of the spec, in every dtype
+
+    def build(self, spec: GemmaSpec, weights: Weights, dtype: str):
+        import torch
+
+        from parity.adapters.torch_setup import torch_dtype
+        from parity.litgpt_style import GPT, PortOptions
+
+        model = GPT(spec, self.options or PortOptions())
+        params = {k: tuple(v.shape) for k, v in model.named_parameters()}
+        name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
+        mapped = map_weights(fuse_qkv(weights.tensors, spec), name_map, params, where=f"{self.name} weights")
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(torch.from_numpy(mapped[k]))
+        return model.to(torch_dtype(dtype)).eval()
+
+    def run(self, model, tokens, feed=None) -> RunResult:
+        import torch
+
+        from parity.adapters.torch_hooks import recording
+
+        tap_map = expand_tap_map(TAP_MAP, model.s)
+        feeds = _feeds(tap_map, feed)
+        with torch.no_grad(), recording(model, tap_map, feeds) as taps:
+            model(torch.tensor([tokens]))
+        return RunResult(dict(taps))
+
+    def effective(self, model) -> dict:
+        s, o = model.s, model.opts
+        return {
+            "activation": ("tanh" if s.gelu_approximate == "tanh" else "exact")
+            + (" op-by-op in activation dtype" if o.gelu_lowp else ", fp32 rounded once"),
+            "geglu": "gelu(up) * gate" if o.geglu_swapped else "gelu(gate) * up",
+            "norm": f"{'(1 + w)' if s.norm_unit_offset else 'w'}"
+            f"{' in param dtype' if o.offset_lowp else ' in fp32'}, cast {o.norm_cast} multiply, eps {s.norm_eps}",
+            "norm_placement": s.norm_placement,
+            "embed_scale": f"{s.embed_normalizer:.6g} in {s.embed_scale_dtype}",
+            "query_scale": s.query_scale,
+            "rope_base": [s.rope_base_for(i) for i in range(s.num_layers)],
+            "rope": f"{o.rope_layout}, angles in {'activation dtype' if o.rope_lowp else 'fp32'}",
+            "attn_softcap": s.attn_softcap,
+            "final_softcap": s.final_softcap,
+            "window": [s.window_for(i) for i in range(s.num_layers)],
+            "final_norm": o.final_norm,
+            "tied_head": s.tied_head,
+        }
+
+
+def _feeds(tap_map, feed):
+    """Isolated mode: tap -> reference input becomes module path -> array."""
+    if not feed:
+        return None
+    out = {}
+    for tap, value in feed.items():
+        if tap not in tap_map or tap_map[tap][1] != "out":
+            raise ParityInputError(f"cannot feed tap {tap!r}: it is not a sub-module output here")
+        out[tap_map[tap][0]] = value
+    return out

@@ -1,0 +1,93 @@
+"""Record (and, in isolated mode, feed) module inputs and outputs with PyTorch hooks.
+
+Shared by the adapters whose library is PyTorch. Hooks observe the library's
+own forward pass; nothing here re-computes the glue between sub-modules.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+# tap name -> (module path, "in" | "out")
+TapMap = dict[str, tuple[str, str]]
+
+
+def to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()  # exact: every bf16/fp16 value is an fp32 value
+    return t[0].cpu().numpy().copy()  # drop the batch dimension
+
+
+def _first_tensor(args, kwargs):
+    import torch
+
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("hidden_states", "x", "input"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise RuntimeError("no tensor input to record")
+
+
+def _replace_first(args, kwargs, new):
+    import torch
+
+    if args and isinstance(args[0], torch.Tensor):
+        return (new, *args[1:]), kwargs
+    for key in ("hidden_states", "x", "input"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return args, {**kwargs, key: new}
+    raise RuntimeError("no tensor input to replace")
+
+
+@contextmanager
+def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | None = None) -> Iterator[dict]:
+    """Yield a dict that fills with tap -> array while the model runs.
+
+    feed: module path -> array that replaces that module's first tensor input
+    (cast to the tensor it replaces, batch dimension added).
+    """
+    import torch
+
+    modules = dict(model.named_modules())
+    out: dict[str, np.ndarray] = {}
+    handles = []
+    for path, value in (feed or {}).items():
+        def pre(mod, args, kwargs, value=value):
+            old = _first_tensor(args, kwargs)
+            new = torch.as_tensor(np.asarray(value))[None].to(dtype=old.dtype, device=old.device)
+            if tuple(new.shape) != tuple(old.shape):
+                raise RuntimeError(f"feed for {path}: shape {tuple(new.shape)} != {tuple(old.shape)}")
+            return _replace_first(args, kwargs, new)
+
+        handles.append(modules[path].register_forward_pre_hook(pre, with_kwargs=True))
+    for tap, (path, side) in tap_map.items():
+        if path not in modules:
+            raise KeyError(f"tap {tap}: model has no module {path!r}")
+        mod = modules[path]
+        if side == "in":
+            def pre(mod, args, kwargs, tap=tap):
+                out[tap] = to_numpy(_first_tensor(args, kwargs))
+
+            # prepend=False: registered after any feed hook, so it records the fed value
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(mod, args, output, tap=tap):
+                y = output[0] if isinstance(output, (tuple, list)) else output
+                out[tap] = to_numpy(y)
+
+            handles.append(mod.register_forward_hook(post))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()

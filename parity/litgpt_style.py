@@ -1,0 +1,234 @@
+"""The project's own lit-gpt-style PyTorch port of Gemma 1/2/3 (text).
+
+One readable model file driven by a flat config (`GemmaSpec`), as litgpt
+does: a disabled feature is an `nn.Identity()` so `forward` reads straight
+through. Every op runs in the dtype it is given; low precision follows the
+Gemma conventions (norms, softmax and rotary angles in fp32, rounded once),
+and float64 stays float64 everywhere, so this port is the reference.
+
+`PortOptions` holds the implementation choices that are not part of the
+architecture (where casts happen, which projection is gated, ...). The
+defaults are the correct ones; each other value reproduces one known
+divergence, so the diagnosis can re-run the port with one choice changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parity.spec import GemmaSpec
+
+
+@dataclass(frozen=True)
+class PortOptions:
+    gelu_lowp: bool = False  # act-lowp: tanh-GELU op by op in the activation dtype
+    geglu_swapped: bool = False  # geglu-swapped: gelu(up) * gate
+    norm_cast: str = "after"  # norm-cast-order: "after" (Gemma) or "before" (Llama)
+    offset_lowp: bool = False  # norm-unit-offset-lowp: (1 + w) in the parameter dtype
+    rope_layout: str = "half"  # rope-layout: "half" (split halves) or "interleaved" pairs
+    rope_lowp: bool = False  # rope-precision: angles, cos and sin in the activation dtype
+    softmax_lowp: bool = False  # softmax-precision: softmax in the activation dtype
+    final_norm: bool = True  # final-norm-missing when False
+    qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit activations, the dtype itself otherwise (never downcast fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Tap(nn.Identity):
+    """A named point in forward whose value a forward hook can record.
+
+    Used for values that no sub-module produces on its own (the scaled
+    embedding, post-RoPE q and k, attention probabilities).
+    """
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, unit_offset: bool, opts: PortOptions) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps, self.unit_offset, self.opts = eps, unit_offset, opts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        cdt = _compute_dtype(dtype)
+        xc = x.to(cdt)
+        normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight
+        if self.unit_offset:
+            # Gemma stores w centred on 0; (1 + w) in the parameter dtype rounds in bf16
+            scale = (1 + w).to(cdt) if self.opts.offset_lowp else 1 + w.to(cdt)
+        else:
+            scale = w.to(cdt)
+        if self.opts.norm_cast == "before":  # Llama order: round, then multiply in low precision
+            return normed.to(dtype) * scale.to(dtype)
+        return (normed * scale).to(dtype)
+
+
+class GeluOpByOp(nn.Module):
+    """tanh-GELU evaluated op by op in the input dtype (what JAX does on bf16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.tensor(math.sqrt(2 / math.pi), dtype=x.dtype)
+        inner = c * (x + torch.tensor(0.044715, dtype=x.dtype) * x * x * x)
+        return torch.tensor(0.5, dtype=x.dtype) * x * (1 + torch.tanh(inner))
+
+
+class GemmaMLP(nn.Module):
+    """GeGLU: two half-width projections, gelu(gate) * up, then down."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)  # gate
+        self.fc_2 = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)  # up
+        self.proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)  # down
+        self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
+        self.swapped = opts.geglu_swapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc_1(x), self.fc_2(x)
+        if self.swapped:
+            gate, up = up, gate
+        return self.proj(self.act(gate) * up)
+
+
+def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortOptions):
+    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor."""
+    base, factor = s.rope_base_for(layer), s.rope_factor_for(layer)
+    adt = dtype if opts.rope_lowp else _compute_dtype(dtype)
+    idx = torch.arange(0, s.head_dim, 2, dtype=torch.int64).to(adt)
+    inv_freq = 1.0 / (base ** (idx / s.head_dim))  # [head_dim / 2]
+    pos = torch.arange(T, dtype=torch.int64).to(adt) / factor  # linear scaling divides positions
+    angles = torch.outer(pos, inv_freq)  # [T, head_dim / 2]
+    emb = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]. Half-split pairs dim i with dim i + head_dim/2."""
+    if layout == "interleaved":  # pairs (0,1), (2,3), ...: the rope-layout fault
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s_ = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+        out = torch.stack([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)  # [..., hd/2, 2]
+        return out.flatten(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        self.s, self.layer, self.opts = s, layer, opts
+        # fused qkv, litgpt layout: per kv group, its query heads, then its key head, then its value head
+        self.attn = nn.Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, bias=False)
+        self.proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
+        if s.qk_norm:
+            self.norm_q = RMSNorm(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+            self.norm_k = RMSNorm(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+        else:
+            self.norm_q = self.norm_k = nn.Identity()
+        self.q_rot, self.k_rot, self.scores, self.probs = Tap(), Tap(), Tap(), Tap()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        B, T, _ = x.shape
+        q_per_kv = s.num_heads // s.num_kv_heads
+        qkv = self.attn(x).view(B, T, s.num_kv_heads, q_per_kv + 2, s.head_dim)
+        q = qkv[:, :, :, :q_per_kv].reshape(B, T, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = qkv[:, :, :, q_per_kv].transpose(1, 2)  # [B, KV, T, hd]
+        v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)  # [B, KV, T, hd]
+        if not self.opts.qk_norm_after_rope:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q = self.q_rot(apply_rope(q, cos, sin, self.opts.rope_layout))
+        k = self.k_rot(apply_rope(k, cos, sin, self.opts.rope_layout))
+        if self.opts.qk_norm_after_rope:
+            q, k = self.norm_q(q), self.norm_k(k)
+        k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
+        v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
+        scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, T]
+        if s.attn_softcap is not None:
+            scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
+        scores = self.scores(scores + mask.to(scores.dtype))
+        sdt = scores.dtype if self.opts.softmax_lowp else _compute_dtype(scores.dtype)
+        probs = self.probs(F.softmax(scores.to(sdt), dim=-1).to(q.dtype))
+        y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim)  # [B, T, H * hd]
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        sandwich = s.norm_placement == "sandwich"
+        norm = lambda: RMSNorm(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)  # noqa: E731
+        self.norm_1 = norm()
+        self.attn = CausalSelfAttention(s, layer, opts)
+        self.post_attention_norm = norm() if sandwich else nn.Identity()
+        self.norm_2 = norm()
+        self.mlp = GemmaMLP(s, opts)
+        self.post_mlp_norm = norm() if sandwich else nn.Identity()
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask))
+        return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
+
+
+class EmbedScale(nn.Module):
+    def __init__(self, s: GemmaSpec) -> None:
+        super().__init__()
+        self.normalizer, self.in_fp32 = s.embed_normalizer, s.embed_scale_dtype == "float32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_fp32:  # the normaliser kept in fp32, the product rounded once
+            return (x.to(_compute_dtype(x.dtype)) * self.normalizer).to(x.dtype)
+        return x * torch.tensor(self.normalizer, dtype=x.dtype)  # rounded to the activation dtype first
+
+
+class Softcap(nn.Module):
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / self.cap) * self.cap
+
+
+def causal_mask(T: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """[T, T] additive mask: query i sees key j when 0 <= i - j < window."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    ok = j <= i
+    if window is not None:
+        ok &= (i - j) < window
+    return torch.zeros(T, T, dtype=dtype).masked_fill(~ok, float("-inf"))
+
+
+class GPT(nn.Module):
+    def __init__(self, s: GemmaSpec, opts: PortOptions = PortOptions()) -> None:
+        super().__init__()
+        self.s, self.opts = s, opts
+        self.wte = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.embed_scale = EmbedScale(s)
+        self.h = nn.ModuleList(Block(s, i, opts) for i in range(s.num_layers))
+        self.ln_f = RMSNorm(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts) if opts.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
+        if s.tied_head:
+            self.lm_head.weight = self.wte.weight
+        self.final_softcap = Softcap(s.final_softcap) if s.final_softcap else nn.Identity()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: [B, T] token ids -> logits [B, T, vocab]."""
+        T = idx.shape[1]
+        x = self.embed_scale(self.wte(idx))  # [B, T, hidden]
+        dtype = x.dtype
+        for i, block in enumerate(self.h):
+            cos, sin = rope_cache(self.s, i, T, dtype, self.opts)
+            x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+        return self.final_softcap(self.lm_head(self.ln_f(x)))
