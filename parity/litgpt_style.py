@@ -72,13 +72,25 @@ class RMSNorm(nn.Module):
         return (normed * scale).to(dtype)
 
 
+class SkippedNorm(RMSNorm):
+    """Holds the norm's weight (so the checkpoint still loads) but returns its input: a fault."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class GeluOpByOp(nn.Module):
-    """tanh-GELU evaluated op by op in the input dtype (what JAX does on bf16)."""
+    """tanh-GELU evaluated op by op in the input dtype, in jax.nn.gelu's order.
+
+    Each op rounds to the input dtype, as JAX does on bf16 inputs.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = torch.tensor(math.sqrt(2 / math.pi), dtype=x.dtype)
-        inner = c * (x + torch.tensor(0.044715, dtype=x.dtype) * x * x * x)
-        return torch.tensor(0.5, dtype=x.dtype) * x * (1 + torch.tanh(inner))
+        cube = x * x * x
+        inner = c * (x + torch.tensor(0.044715, dtype=x.dtype) * cube)
+        cdf = torch.tensor(0.5, dtype=x.dtype) * (1 + torch.tanh(inner))
+        return x * cdf
 
 
 class GemmaMLP(nn.Module):
@@ -217,7 +229,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(s.vocab_size, s.hidden_size)
         self.embed_scale = EmbedScale(s)
         self.h = nn.ModuleList(Block(s, i, opts) for i in range(s.num_layers))
-        self.ln_f = RMSNorm(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts) if opts.final_norm else nn.Identity()
+        self.ln_f = (RMSNorm if opts.final_norm else SkippedNorm)(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)
         self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         if s.tied_head:
             self.lm_head.weight = self.wte.weight

@@ -95,6 +95,8 @@ class GemmaSpec:
         return self.sliding_window if self.layer_types[layer] == "local" else None
 
     def replace(self, **changes) -> "GemmaSpec":
+        if "num_layers" in changes and "layer_types" not in changes and "local" not in self.layer_types:
+            changes["layer_types"] = ()  # all-global layers follow the new depth
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

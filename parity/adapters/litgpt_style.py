@@ -72,8 +72,14 @@ def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.nd
 class LitgptStyleAdapter(Adapter):
     name = "litgpt-style"
 
-    def __init__(self, options=None) -> None:
-        self.options = options  # parity.litgpt_style.PortOptions; None = the correct port
+    def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None) -> None:
+        # options: parity.litgpt_style.PortOptions (None = the correct port); spec_changes: fields
+        # built differently from the requested spec. Both exist to build deliberately wrong
+        # variants (the diagnosis's counterfactuals, the fault-injection suite).
+        self.options = options
+        self.spec_changes = dict(spec_changes or {})
+        if name:
+            self.name = name
 
     def version(self) -> str:
         import parity
@@ -89,6 +95,8 @@ class LitgptStyleAdapter(Adapter):
         from parity.adapters.torch_setup import torch_dtype
         from parity.litgpt_style import GPT, PortOptions
 
+        if self.spec_changes:
+            spec = spec.replace(**self.spec_changes)
         model = GPT(spec, self.options or PortOptions())
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}
         name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE

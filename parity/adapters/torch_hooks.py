@@ -61,6 +61,22 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
     modules = dict(model.named_modules())
     out: dict[str, np.ndarray] = {}
     handles = []
+    for tap, (path, side) in tap_map.items():
+        if path not in modules:
+            raise KeyError(f"tap {tap}: model has no module {path!r}")
+        mod = modules[path]
+        if side == "in":
+            def pre(mod, args, kwargs, tap=tap):
+                out[tap] = to_numpy(_first_tensor(args, kwargs))
+
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(mod, args, output, tap=tap):
+                y = output[0] if isinstance(output, (tuple, list)) else output
+                out[tap] = to_numpy(y)
+
+            handles.append(mod.register_forward_hook(post))
+    # registered after the taps: an "in" tap records what the library computed, before the feed replaces it
     for path, value in (feed or {}).items():
         def pre(mod, args, kwargs, value=value):
             old = _first_tensor(args, kwargs)
@@ -70,22 +86,6 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
             return _replace_first(args, kwargs, new)
 
         handles.append(modules[path].register_forward_pre_hook(pre, with_kwargs=True))
-    for tap, (path, side) in tap_map.items():
-        if path not in modules:
-            raise KeyError(f"tap {tap}: model has no module {path!r}")
-        mod = modules[path]
-        if side == "in":
-            def pre(mod, args, kwargs, tap=tap):
-                out[tap] = to_numpy(_first_tensor(args, kwargs))
-
-            # prepend=False: registered after any feed hook, so it records the fed value
-            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(mod, args, output, tap=tap):
-                y = output[0] if isinstance(output, (tuple, list)) else output
-                out[tap] = to_numpy(y)
-
-            handles.append(mod.register_forward_hook(post))
     try:
         yield out
     finally:

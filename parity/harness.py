@@ -1,0 +1,162 @@
+"""The straight line: spec + weights -> adapters -> traces -> compare -> diagnose -> Report.
+
+Everything the CLI, the pytest suite and users' own tests need, with no
+argument parsing and no printing (progress goes through a callback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from parity.adapters import DEFAULT_IMPLS, get_adapter
+from parity.capture import Progress, capture
+from parity.compare import TapResult, compare_trace, first_divergence
+from parity.errors import BackendMissing, ParityInputError
+from parity.prompts import default_prompts, validate_tokens
+from parity.spec import GemmaSpec
+from parity.tolerances import TOLERANCES, Tolerance
+from parity.trace import Trace
+from parity.weights import Weights, random_weights
+
+MODES = ("cumulative", "isolated", "both")
+REFERENCE = ("litgpt-style", "float64")
+
+
+@dataclass
+class Request:
+    spec: GemmaSpec
+    impls: list[str] | None = None  # None: every installed built-in
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    layers: list[int] | None = None  # None: all
+    prompts: dict[str, list[int]] | None = None  # None: the default short and long prompt
+    seed: int = 0
+    mode: str = "cumulative"
+    weights: Weights | None = None
+    tolerances: dict[str, Tolerance] | None = None
+    reference: tuple[str, str] = REFERENCE
+    adapters: dict | None = None  # name -> adapter instance, overriding the registry (tests, plug-ins)
+
+
+@dataclass
+class Report:
+    spec: GemmaSpec
+    weights_hash: str
+    weights_source: str
+    reference: str
+    prompts: dict[str, list[int]]
+    runs: list[dict]
+    results: list[TapResult]
+    traces: list[Trace]
+    skipped: dict[str, str]
+    effective: dict[str, dict]
+    diagnosis: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    weights: Weights | None = None
+
+    @property
+    def divergent_causes(self) -> list[dict]:
+        return [d for d in self.diagnosis if d["severity"] == "divergence"]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results) and not self.divergent_causes
+
+    def run_results(self, impl: str, dtype: str, mode: str) -> list[TapResult]:
+        return [r for r in self.results if (r.impl, r.dtype, r.mode) == (impl, dtype, mode)]
+
+    def first_divergences(self) -> list[TapResult]:
+        out = []
+        for run in self.runs:
+            f = first_divergence(self.run_results(run["impl"], run["dtype"], run["mode"]))
+            if f is not None:
+                out.append(f)
+        return out
+
+    def trace(self, impl: str, dtype: str, prompt: str, mode: str = "cumulative") -> Trace:
+        for t in self.traces:
+            if (t.impl, t.dtype, t.prompt, t.mode) == (impl, dtype, prompt, mode):
+                return t
+        raise KeyError(f"no trace for {impl}@{dtype} {mode} prompt {prompt!r}")
+
+
+def _adapter(req: Request, name: str):
+    if req.adapters and name in req.adapters:
+        return req.adapters[name]
+    return get_adapter(name)
+
+
+def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str]]:
+    """(name, adapter) pairs to run, and the defaults skipped because their backend is missing."""
+    explicit = req.impls is not None
+    names = list(req.impls) if explicit else list(DEFAULT_IMPLS)
+    seen, out, skipped = set(), [], {}
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        adapter = _adapter(req, name)
+        try:
+            adapter.check(req.spec, req.dtypes[0] if req.dtypes else "float32")
+        except BackendMissing as e:
+            if explicit:
+                raise
+            skipped[name] = str(e)
+            continue
+        out.append((name, adapter))
+    return out, skipped
+
+
+def run(req: Request, progress: Progress | None = None) -> Report:
+    spec = req.spec
+    if req.mode not in MODES:
+        raise ParityInputError(f"--mode {req.mode!r} is not a mode; use one of {MODES}")
+    from parity.adapters.base import DTYPES
+
+    for d in req.dtypes:
+        if d not in DTYPES:
+            raise ParityInputError(f"unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
+    if not req.dtypes:
+        raise ParityInputError("no dtypes given; use e.g. --dtypes float32,bfloat16")
+    weights = req.weights or random_weights(spec, req.seed)
+    if weights.spec != spec:
+        raise ParityInputError("the weights were made for a different spec; pass the spec they came with")
+    weights.check()
+    prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
+    table = req.tolerances or TOLERANCES
+    impls, skipped = resolve_impls(req)
+    for name, adapter in impls:
+        for d in req.dtypes:
+            adapter.check(spec, d)  # refuse unsupported combinations before any work
+
+    ref_name, ref_dtype = req.reference
+    ref_adapter = _adapter(req, ref_name)
+    ref_traces = {t.prompt: t for t in capture(ref_adapter, spec, weights, ref_dtype, prompts, progress=progress)}
+    traces = list(ref_traces.values())
+    effective = {ref_name: ref_traces[next(iter(prompts))].effective}
+    modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
+    runs, results = [], []
+    selected = None if req.layers is None else set(req.layers)
+    for name, adapter in impls:
+        for d in req.dtypes:
+            if (name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
+                continue  # the reference against itself says nothing
+            for mode in modes:
+                got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
+                              progress=progress)
+                traces += got
+                effective.setdefault(name, got[0].effective if got else {})
+                runs.append({"impl": name, "version": adapter.version(), "dtype": d, "mode": mode})
+                for t in got:
+                    for r in compare_trace(ref_traces[t.prompt], t, table, mode):
+                        if selected is None or r.layer is None or r.layer in selected:
+                            results.append(r)
+    report = Report(
+        spec=spec, weights_hash=weights.hash, weights_source=weights.source,
+        reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
+        traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights,
+    )
+    from parity.diagnose import diagnose
+
+    diagnose(report)
+    return report

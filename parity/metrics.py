@@ -1,0 +1,87 @@
+"""Error metrics between an implementation's tap and the reference's, in float64.
+
+No framework here: arrays in, numbers out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# explicit mantissa bits (without the implicit one) and smallest normal exponent
+_FORMATS = {"float64": (52, -1022), "float32": (23, -126), "bfloat16": (7, -126), "float16": (10, -14)}
+
+
+def ulp_of(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Spacing of `dtype` at |x| (subnormal spacing below the smallest normal)."""
+    bits, emin = _FORMATS[dtype]
+    ax = np.abs(x)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.where(ax > 0, ax, 1.0)))
+    e = np.maximum(e, emin)
+    return np.ldexp(1.0, (e - bits).astype(np.int64))
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
+def allowed_error(ref: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """torch.testing's shape, |a - b| <= atol + rtol * |b|, elementwise."""
+    return atol + rtol * np.abs(ref)
+
+
+def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol: float, rtol: float) -> dict:
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {a.shape} != reference shape {b.shape}")
+    diff = np.abs(a - b)
+    finite = np.isfinite(a).all()
+    if not finite:
+        diff = np.where(np.isfinite(a), diff, np.inf)
+    flat = int(np.argmax(diff)) if diff.size else 0
+    where = tuple(int(i) for i in np.unravel_index(flat, diff.shape)) if diff.size else ()
+    absb = np.abs(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(absb > 0, diff / absb, np.where(diff > 0, np.inf, 0.0))
+    bad = diff > allowed_error(b, atol, rtol)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 and finite else float("nan")
+    ulps = diff / ulp_of(b, dtype if dtype in _FORMATS else "float64")
+    # the atol that would have passed with this rtol: smallest atol with no mismatch
+    needed_atol = float(np.max(diff - rtol * absb)) if diff.size else 0.0
+    return {
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "max_rel": float(rel.max()) if rel.size else 0.0,
+        "where": list(where),
+        "mismatched": int(bad.sum()),
+        "numel": int(diff.size),
+        "mismatch_fraction": float(bad.mean()) if diff.size else 0.0,
+        "max_ulp": float(ulps.max()) if ulps.size else 0.0,
+        "cosine": cos,
+        "ref_rms": rms(b),
+        "needed_atol": max(needed_atol, 0.0),
+        "finite": bool(finite),
+    }
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logit_metrics(actual: np.ndarray, ref: np.ndarray, k: int = 5) -> dict:
+    """KL(ref || actual) per position, top-1 agreement and top-k overlap. Shapes [T, vocab]."""
+    lp, lq = log_softmax(ref), log_softmax(actual)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)  # [T]
+    k = min(k, ref.shape[-1])
+    top_ref = np.argsort(-ref, axis=-1)[:, :k]
+    top_act = np.argsort(-np.asarray(actual, dtype=np.float64), axis=-1)[:, :k]
+    overlap = [len(set(r) & set(a)) / k for r, a in zip(top_ref, top_act)]
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1_agree": float((top_ref[:, 0] == top_act[:, 0]).mean()),
+        f"top{k}_overlap": float(np.mean(overlap)),
+    }

@@ -1,0 +1,315 @@
+"""Probes: look at one operation of one implementation, on its own captured input and output.
+
+No upstream error leaks in, because the candidates are evaluated on the very
+input the implementation used. In float32/float64 a candidate "matches" when
+its error is a few ulps; in bfloat16/float16 the candidates are rounded to the
+dtype and compared bit for bit, and the agreement rate decides (an exact vs
+tanh GELU differs by less than one bf16 ulp on most elements, so only the
+rate over many elements tells them apart).
+
+Each probe returns a `Probe`: a verdict, the cause id it implies (or None when
+the implementation is correct), and the numbers that support it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from parity.metrics import ulp_of
+from parity.spec import GemmaSpec
+from parity.trace import Trace
+
+ULPS_WIDE = 16  # fp32/fp64: several ops each round; 16 ulps is still far below any real fault
+
+
+@dataclass
+class Probe:
+    name: str
+    tap: str
+    verdict: str
+    cause: str | None  # a DIVERGENCES.md id, or None when this operation is right
+    evidence: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def sentence(self) -> str:
+        ev = ", ".join(f"{k} {_fmt(v)}" for k, v in self.evidence.items())
+        return f"{self.tap}: {self.verdict} ({ev})"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+# ------------------------------------------------------------------ rounding
+def np_dtype(dtype: str):
+    import ml_dtypes
+
+    return {"float64": np.float64, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+            "float16": np.float16}[dtype]
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values once to `dtype`, back in float64."""
+    return np.asarray(x, dtype=np.float64).astype(np_dtype(dtype)).astype(np.float64)
+
+
+def agreement(actual: np.ndarray, candidate: np.ndarray, dtype: str) -> float:
+    """Share of elements where the candidate, in `dtype`, equals what the implementation gave."""
+    a = np.asarray(actual, dtype=np.float64)
+    c = round_to(candidate, dtype)
+    if dtype in ("bfloat16", "float16"):
+        return float(np.mean(a == c))
+    # an absolute floor at the tensor's scale: a formula with cancellation (exact GELU's
+    # 0.5 * x * (1 + erf) at x = -3) loses relative precision on its tiny outputs
+    floor = ulp_of(np.array(np.sqrt(np.mean(c * c))), dtype)
+    return float(np.mean(np.abs(a - c) <= ULPS_WIDE * (ulp_of(c, dtype) + floor)))
+
+
+def _pick(scores: dict[str, float]) -> tuple[str, float, float]:
+    """Best candidate, its score, and its lead over the runner-up."""
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    best, s = ranked[0]
+    second = ranked[1][1] if len(ranked) > 1 else 0.0
+    return best, s, s - second
+
+
+# ------------------------------------------------------------------ GELU
+def gelu_exact(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def gelu_tanh_op_by_op(x: np.ndarray, dtype: str) -> np.ndarray:
+    """jax.nn.gelu(approximate=True)'s order, every op rounded to `dtype`."""
+    t = np_dtype(dtype)
+    xv = np.asarray(x, dtype=np.float64).astype(t)
+    c = t(math.sqrt(2.0 / math.pi))
+    cube = (xv * xv) * xv
+    inner = c * (xv + t(0.044715) * cube)
+    cdf = t(0.5) * (t(1.0) + np.tanh(inner).astype(t))
+    return (xv * cdf).astype(np.float64)
+
+
+def gelu_candidates(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    c = {"tanh, rounded once": gelu_tanh(x), "exact, rounded once": gelu_exact(x)}
+    if dtype in ("bfloat16", "float16"):
+        c["tanh, op by op in " + dtype] = gelu_tanh_op_by_op(x, dtype)
+    return c
+
+
+def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
+    """Which GELU maps this implementation's own mlp.gate to its own mlp.act."""
+    tap = f"layers.{layer}.mlp.act"
+    x, y = trace.taps.get(f"layers.{layer}.mlp.gate"), trace.taps.get(tap)
+    if x is None or y is None:
+        return Probe("gelu", tap, "cannot tell: mlp.gate or mlp.act not captured", None)
+    cands = gelu_candidates(x, trace.dtype)
+    scores = {k: agreement(y, v, trace.dtype) for k, v in cands.items()}
+    # the same candidates applied to the up projection tell a swapped GeGLU apart
+    up = trace.taps.get(f"layers.{layer}.mlp.up")
+    if up is not None and up.shape == x.shape:
+        scores["gelu applied to mlp.up"] = max(agreement(y, v, trace.dtype) for v in gelu_candidates(up, trace.dtype).values())
+    best, score, lead = _pick(scores)
+    evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": lead, "elements": int(y.size)}
+    if score < min_agreement:
+        return Probe("gelu", tap, f"no GELU candidate explains mlp.act (best {best!r} at {score:.1%})",
+                     "unexplained", evidence)
+    cause = {"tanh, rounded once": None, "exact, rounded once": "gelu-exact",
+             "gelu applied to mlp.up": "geglu-swapped"}.get(best, "act-lowp")
+    if best == "exact, rounded once" or best.startswith("tanh"):
+        # within a dtype, exact and tanh can tie when every input is tiny; say so instead of guessing
+        if lead < 1e-3:
+            return Probe("gelu", tap, f"{best} and the runner-up agree equally ({score:.1%}): inputs too small to tell",
+                         None, evidence)
+    return Probe("gelu", tap, f"GELU is {best}", cause, evidence)
+
+
+# ------------------------------------------------------------------ GeGLU
+def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98) -> Probe:
+    """Widths of both projections, and whether mlp.hidden is act * up."""
+    p = f"layers.{layer}.mlp."
+    gate, up, act, hidden = (trace.taps.get(p + k) for k in ("gate", "up", "act", "hidden"))
+    tap = p + "hidden"
+    if any(v is None for v in (gate, up, act, hidden)):
+        return Probe("geglu", tap, "cannot tell: an MLP tap is missing", None)
+    widths = {"gate": int(gate.shape[-1]), "up": int(up.shape[-1]), "hidden": int(hidden.shape[-1]),
+              "spec intermediate_size": spec.intermediate_size}
+    if len({widths["gate"], widths["up"], widths["hidden"], spec.intermediate_size}) != 1:
+        return Probe("geglu", tap, f"projection widths {widths} do not all equal intermediate_size",
+                     "geglu-width", {"widths": widths})
+    dtype = trace.dtype
+    scores = {
+        "act * up": agreement(hidden, np.asarray(act, np.float64) * up, dtype),
+        "act * gate": agreement(hidden, np.asarray(act, np.float64) * gate, dtype),
+    }
+    best, score, lead = _pick(scores)
+    evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "widths": widths}
+    if score < min_agreement:
+        return Probe("geglu", tap, f"mlp.hidden is neither act * up nor act * gate (best {score:.1%})",
+                     "unexplained", evidence)
+    return Probe("geglu", tap, f"mlp.hidden = {best}", None if best == "act * up" else "geglu-swapped", evidence)
+
+
+# ------------------------------------------------------------------ residual structure
+def _close(actual: np.ndarray, expected: np.ndarray, dtype: str) -> float:
+    """Share of elements within two ulps of the expected value rounded to dtype."""
+    a = np.asarray(actual, np.float64)
+    e = round_to(expected, dtype)
+    return float(np.mean(np.abs(a - e) <= 2 * ulp_of(e, dtype) + 1e-300))
+
+
+def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98) -> Probe:
+    """Pre-norm: attn_residual = in + attn and out = attn_residual + mlp, nothing in between."""
+    p = f"layers.{layer}."
+    x_in = trace.taps.get("embed" if layer == 0 else f"layers.{layer - 1}.out")
+    t = {k: trace.taps.get(p + k) for k in ("attn", "post_attn_norm", "attn_residual", "mlp", "post_mlp_norm", "out")}
+    tap = p + "attn_residual"
+    if x_in is None or t["attn"] is None or t["attn_residual"] is None or t["mlp"] is None or t["out"] is None:
+        return Probe("norm-placement", tap, "cannot tell: residual taps missing", None)
+    dtype = trace.dtype
+    x_in = np.asarray(x_in, np.float64)
+    plain_attn = _close(t["attn_residual"], x_in + t["attn"], dtype)
+    plain_mlp = _close(t["out"], np.asarray(t["attn_residual"], np.float64) + t["mlp"], dtype)
+    ev = {"residual = in + attn": round(plain_attn, 4), "out = attn_residual + mlp": round(plain_mlp, 4)}
+    post_attn = post_mlp = None
+    if t["post_attn_norm"] is not None:
+        post_attn = _close(t["attn_residual"], x_in + t["post_attn_norm"], dtype)
+        ev["residual = in + post_attn_norm"] = round(post_attn, 4)
+    if t["post_mlp_norm"] is not None:
+        post_mlp = _close(t["out"], np.asarray(t["attn_residual"], np.float64) + t["post_mlp_norm"], dtype)
+        ev["out = attn_residual + post_mlp_norm"] = round(post_mlp, 4)
+    # direction test: is what was added to the residual a per-channel rescaled RMS-normalised attn?
+    added = np.asarray(t["attn_residual"], np.float64) - x_in
+    ev["added looks normalised"] = round(_looks_normalised(added, t["attn"]), 4)
+    if (post_attn or 0) >= min_agreement and (post_mlp or 0) >= min_agreement:
+        found = "sandwich"
+    elif plain_attn >= min_agreement and plain_mlp >= min_agreement:
+        found = "pre"
+    else:
+        found = "other"
+    cause = None if found == spec.norm_placement else "norm-placement"
+    if found == "other":
+        hint = " (what reaches the residual is a normalised attention output: a post-attention norm)" \
+            if ev["added looks normalised"] > 0.9 else ""
+        return Probe("norm-placement", tap, f"neither pre-norm nor sandwich residuals hold{hint}", cause, ev)
+    return Probe("norm-placement", tap, f"norm placement is {found} (spec says {spec.norm_placement})", cause, ev)
+
+
+def _looks_normalised(added: np.ndarray, attn: np.ndarray) -> float:
+    """R^2 of fitting `added` as a per-channel scale times the row-RMS-normalised attn."""
+    a = np.asarray(attn, np.float64)
+    n = a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-12)
+    scale = (n * added).sum(0) / np.maximum((n * n).sum(0), 1e-30)  # [hidden]
+    resid = added - n * scale
+    tot = np.sum(added * added)
+    return float(1.0 - np.sum(resid * resid) / tot) if tot > 0 else 1.0
+
+
+# ------------------------------------------------------------------ RMSNorm
+def rmsnorm_candidates(x: np.ndarray, w: np.ndarray, eps: float, dtype: str) -> dict[str, np.ndarray]:
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    c = {
+        "(1 + w), multiply in fp32, cast after": normed * (1.0 + w),
+        "w without the unit offset": normed * w,
+    }
+    if dtype in ("bfloat16", "float16"):
+        c["(1 + w) rounded to " + dtype] = normed * round_to(1.0 + w, dtype)
+        # Llama order: round the normalised activation first, multiply in low precision
+        c["cast before multiply"] = round_to(normed, dtype) * round_to(1.0 + w, dtype)
+    return c
+
+
+NORM_CAUSES = {
+    "(1 + w), multiply in fp32, cast after": None,
+    "w without the unit offset": "norm-unit-offset-missing",
+    "cast before multiply": "norm-cast-order",
+}
+
+
+def probe_rmsnorm(trace: Trace, spec: GemmaSpec, weights: dict, tap: str, x: np.ndarray, wname: str,
+                  min_agreement: float = 0.95) -> Probe:
+    y = trace.taps.get(tap)
+    if y is None or x is None or wname not in weights:
+        return Probe("norm", tap, "cannot tell: tap or its input missing", None)
+    dtype = trace.dtype
+    scores = {k: agreement(y, v, dtype) for k, v in rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype).items()}
+    # eps: only visible when rows are tiny; record the best eps among a few for the evidence
+    best, score, lead = _pick(scores)
+    ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": round(lead, 4)}
+    if score < min_agreement:
+        return Probe("norm", tap, f"no RMSNorm candidate explains it (best {best!r} at {score:.1%})", "unexplained", ev)
+    cause = NORM_CAUSES.get(best, "norm-unit-offset-lowp")
+    if cause is not None and lead < 0.02:
+        cause = None  # indistinguishable from the correct norm in this dtype
+    return Probe("norm", tap, f"RMSNorm is {best}", cause, ev)
+
+
+def probe_attn_norm(trace: Trace, spec: GemmaSpec, weights: dict, layer: int) -> Probe:
+    x = trace.taps.get("embed" if layer == 0 else f"layers.{layer - 1}.out")
+    return probe_rmsnorm(trace, spec, weights, f"layers.{layer}.attn_norm", x,
+                         f"model.layers.{layer}.input_layernorm.weight")
+
+
+def probe_final_norm(trace: Trace, spec: GemmaSpec, weights: dict) -> Probe:
+    x = trace.taps.get(f"layers.{spec.num_layers - 1}.out")
+    y = trace.taps.get("final_norm")
+    if x is not None and y is not None and agreement(y, x, trace.dtype) > 0.99:
+        return Probe("norm", "final_norm", "final_norm equals its input: the final RMSNorm is skipped",
+                     "final-norm-missing", {"agreement with input": agreement(y, x, trace.dtype)})
+    return probe_rmsnorm(trace, spec, weights, "final_norm", x, "model.norm.weight")
+
+
+# ------------------------------------------------------------------ embedding
+def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: float = 0.98) -> Probe:
+    y = trace.taps.get("embed")
+    if y is None:
+        return Probe("embedding", "embed", "cannot tell: embed not captured", None)
+    dtype = trace.dtype
+    rows = np.asarray(weights["model.embed_tokens.weight"], np.float64)[np.asarray(trace.tokens)]
+    rows = round_to(rows, dtype)
+    root = math.sqrt(spec.hidden_size)
+    cands = {
+        f"x * sqrt(hidden) rounded to {dtype} ({round_to(np.array(root), dtype):.6g})": rows * round_to(np.array(root), dtype),
+        f"x * sqrt(hidden) in fp32 ({root:.6g})": rows * root,
+        "no scale": rows,
+    }
+    scores = {k: agreement(y, v, dtype) for k, v in cands.items()}
+    best, score, lead = _pick(scores)
+    ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
+    if score < min_agreement:
+        return Probe("embedding", "embed", f"no candidate explains the embedding (best {score:.1%})", "unexplained", ev)
+    if best == "no scale":
+        cause = "embed-scale-missing"
+    elif "fp32" in best and lead > 0.02:
+        cause = "embed-scale-dtype"
+    else:
+        cause = None
+    return Probe("embedding", "embed", f"embedding is {best}", cause, ev)
+
+
+# ------------------------------------------------------------------ all of them
+def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None) -> list[Probe]:
+    layers = list(range(spec.num_layers)) if layers is None else layers
+    out = [probe_embedding(trace, spec, weights)]
+    for i in layers:
+        out += [probe_attn_norm(trace, spec, weights, i), probe_norm_placement(trace, spec, i),
+                probe_gelu(trace, i), probe_geglu(trace, spec, i)]
+    out.append(probe_final_norm(trace, spec, weights))
+    return out

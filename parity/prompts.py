@@ -1,0 +1,70 @@
+"""Token prompts: the default short and long prompt, --tokens and --prompt.
+
+No tokenizer ships with random weights, so the defaults are seeded token ids.
+The long prompt is longer than every tiny preset's sliding window, because
+short prompts hide position and window bugs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from parity.errors import ParityInputError
+from parity.spec import GemmaSpec
+
+SHORT_LEN = 8
+LONG_LEN = 48  # > the tiny presets' window of 16, with positions well past it
+FIRST_ORDINARY_ID = 3  # 0 pad, 1 eos, 2 bos in Gemma's vocabulary
+
+
+def default_prompts(spec: GemmaSpec, seed: int = 1234) -> dict[str, list[int]]:
+    rng = np.random.default_rng(seed)
+    hi = spec.vocab_size
+    lo = FIRST_ORDINARY_ID if hi > FIRST_ORDINARY_ID + 1 else 0
+    long_len = min(LONG_LEN, spec.max_position)
+    return {
+        "short": [spec.bos_token_id] + rng.integers(lo, hi, SHORT_LEN - 1).tolist(),
+        "long": [spec.bos_token_id] + rng.integers(lo, hi, long_len - 1).tolist(),
+    }
+
+
+def parse_tokens(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ParityInputError(f"--tokens {text!r} is not a comma-separated list of integers; e.g. --tokens 2,651,6037") from None
+    return ids
+
+
+def text_to_tokens(text: str, spec: GemmaSpec, tokenizer_dir: str | None = None) -> list[int]:
+    """Tokenize with the checkpoint's tokenizer when there is one, else bytes.
+
+    The byte fallback maps each UTF-8 byte b to FIRST_ORDINARY_ID + b (mod the
+    vocabulary): reproducible, offline, and enough to drive random weights.
+    """
+    if tokenizer_dir:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            return list(tok(text)["input_ids"])
+        except Exception:
+            pass  # no usable tokenizer files: fall back to bytes, as for random weights
+    span = max(spec.vocab_size - FIRST_ORDINARY_ID, 1)
+    return [spec.bos_token_id] + [FIRST_ORDINARY_ID + (b % span) for b in text.encode("utf-8")]
+
+
+def validate_tokens(name: str, ids: list[int], spec: GemmaSpec) -> list[int]:
+    if not ids:
+        raise ParityInputError(f"prompt {name!r} is empty; give at least one token (e.g. --tokens 2)")
+    bad = [t for t in ids if not 0 <= t < spec.vocab_size]
+    if bad:
+        raise ParityInputError(
+            f"prompt {name!r}: token id {bad[0]} is outside the vocabulary [0, {spec.vocab_size}); "
+            "use ids below vocab_size or the matching spec"
+        )
+    if len(ids) > spec.max_position:
+        raise ParityInputError(
+            f"prompt {name!r} has {len(ids)} tokens, more than max_position={spec.max_position}; shorten it"
+        )
+    return [int(t) for t in ids]

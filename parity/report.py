@@ -1,0 +1,155 @@
+"""`python -m parity.report`: run every implementation, compare layer by layer, write the report.
+
+Exit status: 0 parity holds, 1 a divergence beyond tolerance (or named by a
+probe), 2 bad input (one line naming the problem and the fix; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from parity.errors import ParityInputError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0])
+    p.add_argument("--spec", help="preset name (default tiny-gemma) or path to a HuggingFace config.json")
+    p.add_argument("--weights", help="canonical weights (.safetensors, HF names); default: seeded random")
+    p.add_argument("--impls", help="comma-separated implementations (default: every installed built-in); "
+                                   "names, entry points or module:factory")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (float64,float32,bfloat16,float16)")
+    p.add_argument("--layers", default="all", help="'all' or indices and ranges, e.g. 0,2-3")
+    p.add_argument("--taps", help="comma-separated glob patterns over tap names, e.g. 'layers.*.mlp.act,logits'")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", action="append", help="prompt text (tokenized with the checkpoint's tokenizer, "
+                                                      "else bytes); repeatable")
+    g.add_argument("--tokens", action="append", help="comma-separated token ids; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--mode", default="cumulative", help="cumulative, isolated or both")
+    p.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
+    p.add_argument("--reference", default="litgpt-style@float64", help="impl@dtype every run is compared to")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_request(args):
+    from parity.harness import Request
+    from parity.prompts import parse_tokens, text_to_tokens
+    from parity.spec import resolve_spec
+    from parity.taps import parse_layers
+    from parity.tolerances import load_overrides
+    from parity.weights import load_weights
+
+    spec = resolve_spec(args.spec)
+    weights = load_weights(args.weights, spec) if args.weights else None
+    prompts = None
+    if args.tokens:
+        prompts = {f"tokens{i}": parse_tokens(t) for i, t in enumerate(args.tokens)}
+    elif args.prompt:
+        tok_dir = str(Path(args.spec).parent) if args.spec and args.spec.endswith(".json") else None
+        prompts = {f"prompt{i}": text_to_tokens(t, spec, tok_dir) for i, t in enumerate(args.prompt)}
+    if "@" not in args.reference:
+        raise ParityInputError(f"--reference {args.reference!r} must be impl@dtype, e.g. litgpt-style@float64")
+    ref = tuple(args.reference.split("@", 1))
+    return Request(
+        spec=spec, impls=_split(args.impls), dtypes=_split(args.dtypes) or [],
+        layers=parse_layers(args.layers, spec.num_layers), prompts=prompts, seed=args.seed, mode=args.mode,
+        weights=weights, tolerances=load_overrides(), reference=ref,
+    )
+
+
+def check_out_dir(out: str) -> Path:
+    """Fail before any work if the output directory cannot be written."""
+    p = Path(out)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".parity-probe-"):
+            pass
+    except OSError as e:
+        raise ParityInputError(f"--out {out!r} cannot be written ({e.strerror}); choose a writable directory") from None
+    return p
+
+
+def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
+    """Render everything first, then move the files into place: never a half-written report."""
+    from parity.render import to_json, to_markdown
+
+    data = to_json(report)
+    if taps:
+        from parity.taps import select_taps
+
+        keep = set(select_taps([t["tap"] for t in data["taps"]], taps))
+        data["taps"] = [t for t in data["taps"] if t["tap"] in keep]
+    files = {"report.json": json.dumps(data, indent=2) + "\n", "report.md": to_markdown(report)}
+    written = []
+    for name, text in files.items():
+        tmp = out / f".{name}.part"
+        tmp.write_text(text)
+        written.append((tmp, out / name))
+    for tmp, final in written:
+        tmp.replace(final)
+    return [f for _, f in written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        req = build_request(args)
+        if args.taps:
+            from parity.taps import select_taps, tap_names
+
+            select_taps(tap_names(req.spec), args.taps)  # validate before running
+        out = check_out_dir(args.out)
+        from parity.harness import run
+
+        start = time.perf_counter()
+        progress = None if args.quiet else _progress()
+        report = run(req, progress=progress)
+        if progress:
+            progress.done()
+        from parity.render import print_terminal
+
+        print_terminal(report)
+        files = write_report(report, out, args.taps)
+        print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
+        return 0 if report.passed else 1
+    except ParityInputError as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+
+
+class _progress:
+    """One transient status line on a terminal; plain lines to a log otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + msg)
+            sys.stderr.flush()
+        else:
+            print(f"  .. {msg}", file=sys.stderr)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
