@@ -431,12 +431,12 @@ def _to_numpy(x) -> np.ndarray:
 
 def _sub_layer(root, path: str):
     """A keras layer by a path of layer names, e.g. decoder_block_0/pre_ffw_norm."""
-    import keras
-
     first, *rest = path.split("/")
     layer = root.get_layer(first)
     for part in rest:
-        subs = [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer) and v.name == part]
+        # direct sub-layers as keras tracks them (what Model.layers lists); not vars(): the torch
+        # backend keeps sub-layers in torch.nn.Module._modules
+        subs = [s for s in layer._flatten_layers(include_self=False, recursive=False) if s.name == part]
         if len(subs) != 1:
             raise KeyError(f"keras layer {layer.name!r} has no single sub-layer named {part!r}")
         layer = subs[0]
