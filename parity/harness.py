@@ -139,14 +139,14 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     selected = None if req.layers is None else set(req.layers)
     for name, adapter in impls:
         for d in req.dtypes:
-            if (name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
+            if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
                 continue  # the reference against itself says nothing
             for mode in modes:
                 got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
                               progress=progress)
                 traces += got
-                effective.setdefault(name, got[0].effective if got else {})
-                runs.append({"impl": name, "version": adapter.version(), "dtype": d, "mode": mode})
+                effective.setdefault(adapter.name, got[0].effective if got else {})
+                runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode})
                 for t in got:
                     for r in compare_trace(ref_traces[t.prompt], t, table, mode):
                         if selected is None or r.layer is None or r.layer in selected:

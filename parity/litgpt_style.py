@@ -35,6 +35,7 @@ class PortOptions:
     softmax_lowp: bool = False  # softmax-precision: softmax in the activation dtype
     final_norm: bool = True  # final-norm-missing when False
     qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
+    extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,6 +187,10 @@ class Block(nn.Module):
         self.norm_2 = norm()
         self.mlp = GemmaMLP(s, opts)
         self.post_mlp_norm = norm() if sandwich else nn.Identity()
+        if opts.extra_post_norms and not sandwich:
+            # tied to the pre-norms' weights, so the same checkpoint loads
+            self.post_attention_norm, self.post_mlp_norm = norm(), norm()
+            self.post_attention_norm.weight, self.post_mlp_norm.weight = self.norm_1.weight, self.norm_2.weight
 
     def forward(self, x, cos, sin, mask):
         x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask))

@@ -67,13 +67,15 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
         mod = modules[path]
         if side == "in":
             def pre(mod, args, kwargs, tap=tap):
-                out[tap] = to_numpy(_first_tensor(args, kwargs))
+                if tap not in out:  # a module called twice per forward: its first call is the tap
+                    out[tap] = to_numpy(_first_tensor(args, kwargs))
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         else:
             def post(mod, args, output, tap=tap):
-                y = output[0] if isinstance(output, (tuple, list)) else output
-                out[tap] = to_numpy(y)
+                if tap not in out:
+                    y = output[0] if isinstance(output, (tuple, list)) else output
+                    out[tap] = to_numpy(y)
 
             handles.append(mod.register_forward_hook(post))
     # registered after the taps: an "in" tap records what the library computed, before the feed replaces it
