@@ -18,6 +18,7 @@ BUILTIN = {
     "keras": ("parity.adapters.keras_hub", "KerasAdapter", {}),
     "keras-jax": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "jax"}),
     "keras-torch": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "torch"}),
+    "litgpt": ("parity.adapters.litgpt_pkg", "LitgptAdapter", {}),
 }
 DEFAULT_IMPLS = ("litgpt-style", "hf", "keras")
 

@@ -163,7 +163,8 @@ class HFAdapter(Adapter):
             + (", cast after multiply" if "type_as" in norm_src else ""),
             "embed_scale": None if scale is None else f"{float(scale):.6g} in {str(scale.dtype).replace('torch.', '')}",
             "query_scale": attn[0].scaling,
-            "rope_inv_freq_dtype": str(getattr(m, "rotary_emb", None) and m.rotary_emb.inv_freq.dtype),
+            "rope_inv_freq_dtype": {k: str(b.dtype).replace("torch.", "") for k, b in m.named_buffers()
+                                    if k.endswith("inv_freq")},
             "rope_parameters": getattr(cfg, "rope_parameters", None),
             "attn_softcap": getattr(attn[0], "attn_logit_softcapping", None),
             "final_softcap": getattr(cfg, "final_logit_softcapping", None),
