@@ -51,9 +51,26 @@ def diagnose(report) -> None:
                 "severity": "note" if precision else "divergence", "source": "probe",
             })
         if first is not None and not any(p.cause not in PRECISION_ONLY for p in found):
-            report.diagnosis.append({
-                "impl": impl, "dtype": dtype, "cause": "unexplained", "tap": first.tap,
-                "evidence": f"first divergence at {first.tap} (max abs {first.max_abs:.3g}, allowed "
-                f"{first.atol:.3g}); no probe explains it",
-                "severity": "divergence", "source": "first-divergence",
-            })
+            report.diagnosis.append(_counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order))
+
+
+def trace_for(report, impl, dtype, prompt):
+    return report.trace(impl, dtype, prompt, "cumulative")
+
+
+def _counterfactual(report, trace, first, order) -> dict:
+    from parity.counterfactuals import explain
+
+    where = f"first divergence at {first.tap} (max abs {first.max_abs:.3g}, allowed {first.atol:.3g})"
+    best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order)
+    entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence"}
+    if best and best["explains"]:
+        runner = (f"; next best {best['runner_up']!r} uses {best['runner_up_score']:.3g}x"
+                  if best["runner_up"] else "")
+        return {**entry, "cause": best["cause"], "source": "counterfactual",
+                "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it, using "
+                            f"{best['score']:.3g}x of the tolerance through layer end{runner}"}
+    closest = f"; closest single change {best['label']!r} still uses {best['score']:.3g}x of the tolerance" \
+        if best else ""
+    return {**entry, "cause": "unexplained", "source": "first-divergence",
+            "evidence": f"{where}; no probe and no single-change counterfactual explains it{closest}"}

@@ -35,6 +35,7 @@ class PortOptions:
     softmax_lowp: bool = False  # softmax-precision: softmax in the activation dtype
     final_norm: bool = True  # final-norm-missing when False
     qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
+    skip_qk_norm: bool = False  # qk-norm-missing: the q/k norms hold weights but do nothing
     extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
 
 
@@ -144,8 +145,9 @@ class CausalSelfAttention(nn.Module):
         self.attn = nn.Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, bias=False)
         self.proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
         if s.qk_norm:
-            self.norm_q = RMSNorm(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
-            self.norm_k = RMSNorm(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+            qk = SkippedNorm if opts.skip_qk_norm else RMSNorm
+            self.norm_q = qk(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+            self.norm_k = qk(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
         else:
             self.norm_q = self.norm_k = nn.Identity()
         self.q_rot, self.k_rot, self.scores, self.probs = Tap(), Tap(), Tap(), Tap()

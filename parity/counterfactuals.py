@@ -1,0 +1,128 @@
+"""Counterfactuals: re-run the reference port with one numeric choice changed.
+
+When no probe names a divergence (attention faults leave no single-op
+fingerprint in the canonical taps), each candidate cause is reproduced by the
+lit-gpt-style port with exactly one field of the spec or of `PortOptions`
+changed, run in the implementation's own dtype on the same tokens, and
+compared with the implementation's trace. The candidate whose trace the
+implementation matches (within tolerance, through the end of the first
+divergent layer) explains it; the report gives its score and how much better
+it is than the runner-up. When none matches, the answer is "unexplained".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parity.spec import GemmaSpec
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    cause: str
+    label: str
+    spec_changes: tuple = ()
+    options: tuple = ()
+
+    def adapter(self):
+        from parity.adapters.litgpt_style import LitgptStyleAdapter
+        from parity.litgpt_style import PortOptions
+
+        return LitgptStyleAdapter(PortOptions(**dict(self.options)), dict(self.spec_changes), name=f"cf:{self.label}")
+
+
+def candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """One-change variants of the correct port, each tagged with the cause it would be."""
+    c = [
+        Counterfactual("rope-layout", "rope pairs interleaved", options=(("rope_layout", "interleaved"),)),
+        Counterfactual("rope-precision", "rope angles in the activation dtype", options=(("rope_lowp", True),)),
+        Counterfactual("softmax-precision", "softmax in the activation dtype", options=(("softmax_lowp", True),)),
+        Counterfactual("gelu-exact", "exact GELU", (("gelu_approximate", "none"),)),
+        Counterfactual("act-lowp", "GELU op by op", options=(("gelu_lowp", True),)),
+        Counterfactual("geglu-swapped", "GELU on up", options=(("geglu_swapped", True),)),
+        Counterfactual("norm-unit-offset-missing", "norm without (1 + w)", (("norm_unit_offset", False),)),
+        Counterfactual("norm-unit-offset-lowp", "(1 + w) in param dtype", options=(("offset_lowp", True),)),
+        Counterfactual("norm-cast-order", "cast before multiply", options=(("norm_cast", "before"),)),
+        Counterfactual("embed-scale-missing", "no embedding scale", (("embed_scale", False),)),
+        Counterfactual("embed-scale-dtype", "embedding scale in fp32", (("embed_scale_dtype", "float32"),)),
+        Counterfactual("final-norm-missing", "no final norm", options=(("final_norm", False),)),
+    ]
+    if spec.norm_placement == "pre":
+        c.append(Counterfactual("norm-placement", "norms after sub-layers too", options=(("extra_post_norms", True),)))
+    # query scale: the usual wrong choices, where they differ from the spec's
+    d = spec.head_dim
+    scalars = {d, spec.hidden_size // spec.num_heads, 2 * d, max(d // 2, 1), 1, 224, 256, 144}
+    for q in sorted(scalars):
+        if abs(1.0 / q**0.5 - spec.query_scale) > 1e-9:
+            c.append(Counterfactual("query-scale", f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
+    # rope bases: Gemma's two bases, and local/global swapped
+    b = spec.rope_base
+    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b}):
+        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", (("rope_base", base),)))
+    if spec.rope_local_base is not None:
+        c.append(Counterfactual("rope-base", "local and global bases swapped",
+                                (("rope_base", spec.rope_local_base), ("rope_local_base", spec.rope_base))))
+    if spec.rope_scaling_factor != 1.0:
+        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    if spec.attn_softcap is not None:
+        c.append(Counterfactual("attn-softcap-missing", "no attention softcap", (("attn_softcap", None),)))
+    if spec.final_softcap is not None:
+        c.append(Counterfactual("final-softcap-missing", "no final softcap", (("final_softcap", None),)))
+    if spec.sliding_window:
+        w = spec.sliding_window
+        for lab, ch in ((f"window {w - 1}", w - 1), (f"window {w + 1}", w + 1)):
+            c.append(Counterfactual("sliding-window", lab, (("sliding_window", ch),)))
+        flipped = tuple("global" if t == "local" else "local" for t in spec.layer_types)
+        if "local" in flipped:
+            c.append(Counterfactual("sliding-window", "local and global layers swapped", (("layer_types", flipped),)))
+        c.append(Counterfactual("sliding-window", "no sliding window",
+                                (("layer_types", ("global",) * spec.num_layers), ("sliding_window", None),
+                                 ("rope_local_base", None), ("rope_base", spec.rope_base))))
+    if spec.qk_norm:
+        c.append(Counterfactual("qk-norm-missing", "QK-norm after RoPE", options=(("qk_norm_after_rope", True),)))
+        c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
+    return c
+
+
+def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
+    try:
+        spec.replace(**dict(cf.spec_changes))
+        return True
+    except ValueError:
+        return False
+
+
+def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[str, int]) -> dict | None:
+    """Rank counterfactuals by how well they reproduce `trace` up to `until_tap`'s layer.
+
+    Score: the worst share of tolerance used over the compared taps (<= 1 means
+    the implementation matches that counterfactual within tolerance).
+    """
+    from parity.capture import capture
+    from parity.compare import compare_trace
+    from parity.render import tol_used
+    from parity.taps import layer_of
+
+    layer = layer_of(until_tap)
+    last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
+    scored = []
+    for cf in candidates(spec):
+        if not _valid(cf, spec):
+            continue
+        try:
+            got = capture(cf.adapter(), spec, weights, trace.dtype, {trace.prompt: trace.tokens})[0]
+        except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
+            continue
+        rs = [r for r in compare_trace(got, trace, table, "cumulative") if order.get(r.tap, 10**6) <= last]
+        if rs:
+            scored.append((max(tol_used(r) for r in rs), cf))
+    if not scored:
+        return None
+    scored.sort(key=lambda x: x[0])
+    best_score, best = scored[0]
+    runner = scored[1] if len(scored) > 1 else (float("inf"), None)
+    return {
+        "cause": best.cause, "label": best.label, "score": best_score,
+        "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
+        "explains": best_score <= 1.0,
+    }
