@@ -10,7 +10,7 @@ from typing import Callable
 
 from parity.errors import ParityInputError
 from parity.spec import GemmaSpec
-from parity.taps import layer_of, tap_names
+from parity.taps import layer_of, tap_names, tap_order
 from parity.trace import Trace
 from parity.weights import Weights
 
@@ -73,7 +73,7 @@ def capture(
             result = adapter.run(model, ids, feed=feed)
             unavailable = dict(getattr(adapter, "cannot", {}) or {})
             unavailable.update(result.unavailable)
-            order = [t for t in tap_names(spec) if t in result.taps]
+            order = [t for t in tap_order(spec) if t in result.taps]
             extra = [t for t in result.taps if t not in order]  # attention internals etc.
             traces.append(Trace(
                 impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),

@@ -11,14 +11,14 @@ diagnosis says so ("unexplained") rather than guess.
 from __future__ import annotations
 
 from parity.probes import run_probes
-from parity.taps import tap_names
+from parity.taps import tap_order
 
 # a different rounding order, not a different function: named, reported, not failed on its own
 PRECISION_ONLY = {"act-lowp", "softmax-precision"}
 
 
 def _order(spec) -> dict[str, int]:
-    return {t: i for i, t in enumerate(tap_names(spec))}
+    return {t: i for i, t in enumerate(tap_order(spec))}
 
 
 def diagnose(report) -> None:

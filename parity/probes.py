@@ -309,7 +309,38 @@ def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] |
     layers = list(range(spec.num_layers)) if layers is None else layers
     out = [probe_embedding(trace, spec, weights)]
     for i in layers:
-        out += [probe_attn_norm(trace, spec, weights, i), probe_norm_placement(trace, spec, i),
-                probe_gelu(trace, i), probe_geglu(trace, spec, i)]
+        out += [probe_attn_norm(trace, spec, weights, i), probe_attention_mask(trace, spec, i),
+                probe_norm_placement(trace, spec, i), probe_gelu(trace, i), probe_geglu(trace, spec, i)]
     out.append(probe_final_norm(trace, spec, weights))
     return out
+
+
+# ------------------------------------------------------------------ attention mask and window
+def probe_attention_mask(trace: Trace, spec: GemmaSpec, layer: int) -> Probe:
+    """Read the mask off the attention probabilities: masked keys get exactly zero.
+
+    Random weights keep every visible probability far above underflow, so the
+    zero pattern is the mask: causal, and for a local layer, the window.
+    """
+    tap = f"layers.{layer}.attn.probs"
+    probs = trace.taps.get(tap)
+    if probs is None:
+        return Probe("attention-mask", tap, "cannot tell: attention probabilities not exposed", None)
+    visible = np.asarray(probs) != 0  # [heads, T, T]
+    T = visible.shape[-1]
+    i, j = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    future = bool((visible & (j > i)[None]).any())
+    span = int(np.max(np.where(visible, i - j + 1, 0)))  # widest look-back seen, the query itself included
+    want = spec.window_for(layer)
+    expected = min(want, T) if want else T
+    ev = {"tokens": T, "widest look-back": span, "expected": expected, "sees the future": future}
+    if future:
+        return Probe("attention-mask", tap, "keys after the query are visible: the mask is not causal",
+                     "sliding-window", ev)
+    if span != expected:
+        what = f"window {want}" if want else "no window (global layer)"
+        return Probe("attention-mask", tap, f"queries look back over {span} tokens, the spec says {what}",
+                     "sliding-window", ev)
+    kind = f"local, window {want}" if want else "global, causal"
+    return Probe("attention-mask", tap, f"mask is {kind}" + ("" if T > (want or 0) else
+                 f" (prompt of {T} tokens is too short to see the window)"), None, ev)

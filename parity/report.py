@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         req = build_request(args)
         if args.taps:
-            from parity.taps import select_taps, tap_names
+            from parity.taps import select_taps, tap_order
 
-            select_taps(tap_names(req.spec), args.taps)  # validate before running
+            select_taps(tap_order(req.spec), args.taps)  # validate before running
         out = check_out_dir(args.out)
         from parity.harness import run
 

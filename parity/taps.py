@@ -25,6 +25,20 @@ def layer_tap_names(spec: GemmaSpec, i: int) -> list[str]:
     return names
 
 
+INTERNAL_TAPS = ("attn.probs",)  # attention internals, where an implementation exposes them
+
+
+def tap_order(spec: GemmaSpec) -> list[str]:
+    """Canonical taps with the optional attention internals in their forward position."""
+    out = []
+    for t in tap_names(spec):
+        i = layer_of(t)
+        if i is not None and t == f"layers.{i}.attn":
+            out += [f"layers.{i}.{x}" for x in INTERNAL_TAPS]
+        out.append(t)
+    return out
+
+
 def tap_names(spec: GemmaSpec, layers: list[int] | None = None) -> list[str]:
     """All canonical taps for the spec in forward order (optionally only some layers)."""
     chosen = range(spec.num_layers) if layers is None else layers
@@ -83,7 +97,7 @@ def expand_tap_map(template: dict[str, tuple[str, str]], spec: GemmaSpec) -> dic
     Taps of the spec that the template lacks are left out (the adapter says why).
     """
     out = {}
-    for tap in tap_names(spec):
+    for tap in tap_order(spec):
         i = layer_of(tap)
         key = tap if i is None else tap.replace(f"layers.{i}.", "layers.{}.", 1)
         if key in template:

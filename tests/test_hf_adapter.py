@@ -5,7 +5,7 @@ import pytest
 
 from parity.adapters import get_adapter
 from parity.errors import ParityInputError
-from parity.taps import tap_names
+from parity.taps import tap_order
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def hf():
 
 def test_every_canonical_tap(hf, tiny, tiny_weights, tokens):
     taps = hf.run(hf.build(tiny, tiny_weights, "float32"), tokens).taps
-    assert set(taps) == set(tap_names(tiny))  # execution order differs (act before up); capture reorders
+    assert set(taps) == set(tap_order(tiny))  # execution order differs (act before up); capture reorders
     assert taps["logits"].shape == (len(tokens), tiny.vocab_size)
     assert taps["layers.0.mlp.gate"].shape == (len(tokens), tiny.intermediate_size)
 

@@ -41,6 +41,7 @@ NAME_MAP = {k: k for k in (
 _COMMON_TAPS = {
     "embed": ("model.embed_tokens", "out"),  # GemmaTextScaledWordEmbedding applies sqrt(hidden) itself
     "layers.{}.attn_norm": ("model.layers.{}.input_layernorm", "out"),
+    "layers.{}.attn.probs": ("model.layers.{}.self_attn", "out1"),  # eager attention returns its weights
     "layers.{}.attn": ("model.layers.{}.self_attn", "out"),
     "layers.{}.mlp.gate": ("model.layers.{}.mlp.gate_proj", "out"),
     "layers.{}.mlp.up": ("model.layers.{}.mlp.up_proj", "out"),

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-# tap name -> (module path, "in" | "out")
+# tap name -> (module path, "in" | "out" | "out1"); "out1" is the second output (HF attention's probabilities)
 TapMap = dict[str, tuple[str, str]]
 
 
@@ -77,7 +77,11 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
                     y = output[0] if isinstance(output, (tuple, list)) else output
                     out[tap] = to_numpy(y)
 
-            handles.append(mod.register_forward_hook(post))
+            def post1(mod, args, output, tap=tap):
+                if tap not in out and isinstance(output, (tuple, list)) and output[1] is not None:
+                    out[tap] = to_numpy(output[1])
+
+            handles.append(mod.register_forward_hook(post1 if side == "out1" else post))
     # registered after the taps: an "in" tap records what the library computed, before the feed replaces it
     for path, value in (feed or {}).items():
         def pre(mod, args, kwargs, value=value):

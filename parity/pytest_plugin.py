@@ -1,4 +1,4 @@
-"""Fixtures and options of the parity suite (`pytest parity`).
+"""The pytest plugin (entry point `pytest11: parity`): options, fixtures, and the parity suite's set-up.
 
 One harness run per session (every implementation, every dtype, cumulative
 and isolated); each test reads the part it checks, parametrised over
