@@ -13,3 +13,8 @@ class ParityInputError(ValueError):
 
 class BackendMissing(ParityInputError):
     """An optional implementation's library is not installed."""
+
+
+class Unsupported(ParityInputError):
+    """The implementation cannot express this spec or dtype: an error when asked for by name,
+    a skip (said in the report) when it is only one of the default implementations."""

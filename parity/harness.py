@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from parity.adapters import DEFAULT_IMPLS, get_adapter
 from parity.capture import Progress, capture
 from parity.compare import TapResult, compare_trace, first_divergence
-from parity.errors import BackendMissing, ParityInputError
+from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.prompts import default_prompts, validate_tokens
 from parity.spec import GemmaSpec
 from parity.tolerances import TOLERANCES, Tolerance
@@ -97,8 +97,9 @@ def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str
         seen.add(name)
         adapter = _adapter(req, name)
         try:
-            adapter.check(req.spec, req.dtypes[0] if req.dtypes else "float32")
-        except BackendMissing as e:
+            for d in req.dtypes or ["float32"]:
+                adapter.check(req.spec, d)
+        except (BackendMissing, Unsupported) as e:
             if explicit:
                 raise
             skipped[name] = str(e)
@@ -133,7 +134,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     ref_adapter = _adapter(req, ref_name)
     ref_traces = {t.prompt: t for t in capture(ref_adapter, spec, weights, ref_dtype, prompts, progress=progress)}
     traces = list(ref_traces.values())
-    effective = {ref_name: ref_traces[next(iter(prompts))].effective}
+    effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
     modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
     runs, results = [], []
     selected = None if req.layers is None else set(req.layers)
@@ -145,7 +146,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                 got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
                               progress=progress)
                 traces += got
-                effective.setdefault(adapter.name, got[0].effective if got else {})
+                effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode})
                 for t in got:
                     for r in compare_trace(ref_traces[t.prompt], t, table, mode):

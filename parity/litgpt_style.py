@@ -172,8 +172,11 @@ class CausalSelfAttention(nn.Module):
         if s.attn_softcap is not None:
             scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
         scores = self.scores(scores + mask.to(scores.dtype))
-        sdt = scores.dtype if self.opts.softmax_lowp else _compute_dtype(scores.dtype)
-        probs = self.probs(F.softmax(scores.to(sdt), dim=-1).to(q.dtype))
+        if self.opts.softmax_lowp:  # op by op in the activation dtype, each op rounded
+            e = torch.exp(scores - scores.amax(-1, keepdim=True))
+            probs = self.probs(e / e.sum(-1, keepdim=True))
+        else:
+            probs = self.probs(F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype))
         y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim)  # [B, T, H * hd]
         return self.proj(y)
 
@@ -241,6 +244,7 @@ class GPT(nn.Module):
         if s.tied_head:
             self.lm_head.weight = self.wte.weight
         self.final_softcap = Softcap(s.final_softcap) if s.final_softcap else nn.Identity()
+        self.rope_cos = Tap()  # layer 0's cos table, [1, T, head_dim], for the rope-precision probe
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: [B, T] token ids -> logits [B, T, vocab]."""
@@ -249,5 +253,7 @@ class GPT(nn.Module):
         dtype = x.dtype
         for i, block in enumerate(self.h):
             cos, sin = rope_cache(self.s, i, T, dtype, self.opts)
+            if i == 0:
+                cos = self.rope_cos(cos[None])[0]
             x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
         return self.final_softcap(self.lm_head(self.ln_f(x)))

@@ -22,7 +22,10 @@ def ulp_of(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+    """Root mean square over the finite elements (masked attention scores hold -inf)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
 
 
 def allowed_error(ref: np.ndarray, atol: float, rtol: float) -> np.ndarray:
@@ -35,16 +38,18 @@ def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol: float,
     b = np.asarray(ref, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"shape {a.shape} != reference shape {b.shape}")
-    diff = np.abs(a - b)
-    finite = np.isfinite(a).all()
-    if not finite:
-        diff = np.where(np.isfinite(a), diff, np.inf)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(a == b, 0.0, np.abs(a - b))  # equal infinities (masked scores) agree
+    finite = bool(np.array_equal(np.isfinite(a), np.isfinite(b)))  # inf only where the reference has it
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    b = np.where(np.isfinite(b), b, 0.0)
     flat = int(np.argmax(diff)) if diff.size else 0
     where = tuple(int(i) for i in np.unravel_index(flat, diff.shape)) if diff.size else ()
     absb = np.abs(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(absb > 0, diff / absb, np.where(diff > 0, np.inf, 0.0))
     bad = diff > allowed_error(b, atol, rtol)
+    a = np.where(np.isfinite(a), a, 0.0)
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     cos = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 and finite else float("nan")
     ulps = diff / ulp_of(b, dtype if dtype in _FORMATS else "float64")

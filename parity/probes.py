@@ -307,11 +307,12 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
 # ------------------------------------------------------------------ all of them
 def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None) -> list[Probe]:
     layers = list(range(spec.num_layers)) if layers is None else layers
-    out = [probe_embedding(trace, spec, weights)]
+    out = [probe_embedding(trace, spec, weights), probe_rope_precision(trace, spec)]
     for i in layers:
-        out += [probe_attn_norm(trace, spec, weights, i), probe_attention_mask(trace, spec, i),
+        out += [probe_attn_norm(trace, spec, weights, i), probe_softmax(trace, i), probe_attention_mask(trace, spec, i),
                 probe_norm_placement(trace, spec, i), probe_gelu(trace, i), probe_geglu(trace, spec, i)]
     out.append(probe_final_norm(trace, spec, weights))
+    out.append(probe_lm_head(trace, spec, weights))
     return out
 
 
@@ -344,3 +345,89 @@ def probe_attention_mask(trace: Trace, spec: GemmaSpec, layer: int) -> Probe:
     kind = f"local, window {want}" if want else "global, causal"
     return Probe("attention-mask", tap, f"mask is {kind}" + ("" if T > (want or 0) else
                  f" (prompt of {T} tokens is too short to see the window)"), None, ev)
+
+
+# ------------------------------------------------------------------ output head
+def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: float = 0.95) -> Probe:
+    """logits = softcap(final_norm @ embedding^T): tied head, with the spec's final softcap."""
+    x, y = trace.taps.get("final_norm"), trace.taps.get("logits")
+    if x is None or y is None:
+        return Probe("lm-head", "logits", "cannot tell: final_norm or logits not captured", None)
+    dtype = trace.dtype
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    raw = np.asarray(x, np.float64) @ round_to(head, dtype).T  # [T, vocab]
+    cands = {"tied head, no softcap": raw}
+    if spec.final_softcap:
+        cands[f"tied head, softcap {spec.final_softcap:g}"] = np.tanh(raw / spec.final_softcap) * spec.final_softcap
+    # a matmul in low precision accumulates differently: judge by closeness, not bits
+    scale = np.sqrt(np.mean(np.asarray(y, np.float64) ** 2)) or 1.0
+    tol = {"float64": 1e-9, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    scores = {k: float(np.mean(np.abs(np.asarray(y, np.float64) - v) <= tol * scale)) for k, v in cands.items()}
+    best, score, _ = _pick(scores)
+    ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
+    if score < min_agreement:
+        return Probe("lm-head", "logits", "logits are not final_norm times the embedding: the head is not tied "
+                     "to the embedding", "lm-head-untied", ev)
+    expected = f"tied head, softcap {spec.final_softcap:g}" if spec.final_softcap else "tied head, no softcap"
+    if best != expected:
+        return Probe("lm-head", "logits", f"logits are {best}, the spec has a final softcap", "final-softcap-missing", ev)
+    return Probe("lm-head", "logits", f"logits are {best}", None, ev)
+
+
+# ------------------------------------------------------------------ rotary table precision
+def probe_rope_precision(trace: Trace, spec: GemmaSpec, min_agreement: float = 0.98) -> Probe:
+    """Which arithmetic produced layer 0's cos table: fp32 angles, a rounded inv_freq, or low-precision angles."""
+    cos = trace.taps.get("rope.cos")
+    if cos is None:
+        return Probe("rope-precision", "rope.cos", "cannot tell: the rotary table is not exposed", None)
+    dtype = trace.dtype
+    if dtype == "float64":
+        return Probe("rope-precision", "rope.cos", "float64 run: nothing to round", None)
+    T, hd = cos.shape
+    base, factor = spec.rope_base_for(0), spec.rope_factor_for(0)
+    f32 = np.float32
+    idx = np.arange(0, hd, 2, dtype=np.int64).astype(f32)
+    inv32 = (f32(1.0) / (f32(base) ** (idx / f32(hd)))).astype(f32)  # [hd / 2], as HF computes it
+    pos32 = (np.arange(T).astype(f32) / f32(factor)).astype(f32)
+
+    def table(inv, pos, t=np.float32):
+        ang = (pos.astype(t)[:, None] * inv.astype(t)[None, :]).astype(t)  # [T, hd / 2]
+        return np.cos(np.concatenate([ang, ang], axis=-1).astype(np.float64))
+
+    cands = {"fp32 angles, cos rounded once": table(inv32, pos32)}
+    if dtype in ("bfloat16", "float16"):
+        low = np_dtype(dtype)
+        cands[f"inv_freq rounded to {dtype}"] = table(round_to(inv32, dtype).astype(f32), pos32)
+        cands[f"angles in {dtype}"] = table(inv32.astype(low), pos32.astype(low), low)
+    scores = {k: agreement(cos, v, dtype) for k, v in cands.items()}
+    best, score, lead = _pick(scores)
+    ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "positions": T}
+    if score < min_agreement:
+        return Probe("rope-precision", "rope.cos", f"no candidate explains the cos table (best {score:.1%})",
+                     "unexplained", ev)
+    cause = None if best.startswith("fp32") or lead < 0.01 else "rope-precision"
+    return Probe("rope-precision", "rope.cos", f"rotary table from {best}", cause, ev)
+
+
+# ------------------------------------------------------------------ softmax precision
+def probe_softmax(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
+    """Softmax of the implementation's own scores: in fp32 rounded once, or op by op in the dtype."""
+    tap = f"layers.{layer}.attn.probs"
+    scores, probs = trace.taps.get(f"layers.{layer}.attn.scores"), trace.taps.get(tap)
+    if scores is None or probs is None:
+        return Probe("softmax", tap, "cannot tell: attention scores not exposed", None)
+    dtype = trace.dtype
+    s = np.asarray(scores, np.float64)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    cands = {"fp32, rounded once": e / e.sum(-1, keepdims=True)}
+    if dtype in ("bfloat16", "float16"):
+        el = round_to(np.exp(round_to(s - s.max(-1, keepdims=True), dtype)), dtype)
+        cands[f"op by op in {dtype}"] = el / round_to(el.sum(-1, keepdims=True), dtype)
+    scores_ = {k: agreement(probs, v, dtype) for k, v in cands.items()}
+    best, score, lead = _pick(scores_)
+    ev = {"agreement": {k: round(v, 4) for k, v in scores_.items()}}
+    if score < min_agreement:
+        return Probe("softmax", tap, f"no softmax candidate explains the probabilities (best {score:.1%})",
+                     "unexplained", ev)
+    cause = None if best.startswith("fp32") or lead < 0.01 else "softmax-precision"
+    return Probe("softmax", tap, f"softmax {best}", cause, ev)

@@ -25,13 +25,16 @@ def layer_tap_names(spec: GemmaSpec, i: int) -> list[str]:
     return names
 
 
-INTERNAL_TAPS = ("attn.probs",)  # attention internals, where an implementation exposes them
+INTERNAL_TAPS = ("attn.scores", "attn.probs")  # attention internals, where an implementation exposes them
+GLOBAL_INTERNAL_TAPS = ("rope.cos",)  # layer 0's rotary cos table
 
 
 def tap_order(spec: GemmaSpec) -> list[str]:
     """Canonical taps with the optional attention internals in their forward position."""
     out = []
     for t in tap_names(spec):
+        if t == "layers.0.attn_norm":
+            out += list(GLOBAL_INTERNAL_TAPS)
         i = layer_of(t)
         if i is not None and t == f"layers.{i}.attn":
             out += [f"layers.{i}.{x}" for x in INTERNAL_TAPS]

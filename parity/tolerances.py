@@ -63,7 +63,7 @@ TOLERANCES: dict[str, Tolerance] = {
 
 
 def depth_of(tap: str, num_layers: int) -> int:
-    if tap == "embed":
+    if tap == "embed" or tap.startswith("rope."):
         return 0
     if tap.startswith("layers."):
         return int(tap.split(".")[1]) + 1

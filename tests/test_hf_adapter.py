@@ -15,7 +15,8 @@ def hf():
 
 def test_every_canonical_tap(hf, tiny, tiny_weights, tokens):
     taps = hf.run(hf.build(tiny, tiny_weights, "float32"), tokens).taps
-    assert set(taps) == set(tap_order(tiny))  # execution order differs (act before up); capture reorders
+    # execution order differs (act before up); capture reorders. Scores are inline in HF's eager attention.
+    assert set(taps) == {t for t in tap_order(tiny) if not t.endswith("attn.scores")}
     assert taps["logits"].shape == (len(tokens), tiny.vocab_size)
     assert taps["layers.0.mlp.gate"].shape == (len(tokens), tiny.intermediate_size)
 

@@ -32,6 +32,8 @@ def adapter():
         a.check(SPEC, "float32")
     except BackendMissing as e:
         pytest.skip(str(e))
+    except ParityInputError as e:  # keras already imported on another backend in this process
+        pytest.skip(str(e))
     return a
 
 
@@ -85,6 +87,8 @@ def expected_shape(tap: str) -> tuple[int, int]:
     T = len(TOKENS)
     if tap == "logits":
         return (T, SPEC.vocab_size)
+    if tap.endswith("attn.probs"):
+        return (SPEC.num_heads, T, T)
     if tap.endswith(("mlp.gate", "mlp.up", "mlp.act", "mlp.hidden")):
         return (T, SPEC.intermediate_size)
     return (T, SPEC.hidden_size)
@@ -95,12 +99,25 @@ def expected_shape(tap: str) -> tuple[int, int]:
 def test_every_tap_present_with_its_shape(runs, dtype):
     result = runs(dtype)
     assert result.unavailable == {}
-    assert list(result.taps) == [t for t in tap_names(SPEC) if t in result.taps]  # forward order
-    assert set(result.taps) == set(tap_names(SPEC))
+    probs = {f"layers.{i}.attn.probs" for i in range(SPEC.num_layers)}  # optional attention internals
+    assert set(result.taps) - probs == set(tap_names(SPEC))
+    canonical = [t for t in result.taps if t not in probs]
+    assert canonical == [t for t in tap_names(SPEC) if t in result.taps]  # forward order
     for tap, a in result.taps.items():
         assert a.shape == expected_shape(tap), tap
         assert a.dtype == np.float32, tap  # bf16 widened (exactly)
         assert np.isfinite(a).all(), tap
+
+
+def test_attention_probabilities_are_causal_rows_per_head(runs, reference):
+    T = len(TOKENS)
+    taps = runs("float32").taps
+    for i in range(SPEC.num_layers):
+        p = taps[f"layers.{i}.attn.probs"]
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+        assert not p[:, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]].any()  # the future: exactly 0
+        if f"layers.{i}.attn.probs" in reference:  # same head order as the port
+            assert rel_err(p, reference[f"layers.{i}.attn.probs"]) < 1e-5
 
 
 def test_taps_are_the_values_that_flow_between_sub_layers(adapter, models, runs):
@@ -131,13 +148,17 @@ def test_float32_agrees_with_port_float64_at_every_tap(runs, reference):
 
 
 def test_bfloat16_stays_within_bf16_error_of_port_float64(runs, reference):
-    # bf16 keeps 8 bits: one rounding is up to 2**-9 relative; errors
-    # accumulate through the layers (measured worst here: ~0.06 x RMS)
+    # bf16 keeps 8 bits (one rounding: up to 2**-9 relative) and errors grow
+    # through the layers. Measured on tiny-gemma: worst max error 0.13 x RMS
+    # (layers.3.mlp.hidden, a product with heavy tails), worst mean error
+    # 0.010 x RMS (layers.3.mlp). A wrong weight layout or formula is ~1 x RMS.
     result = runs("bfloat16")
-    errs = {t: rel_err(result.taps[t], reference[t]) for t in tap_names(SPEC)}
-    worst = max(errs, key=errs.get)
-    assert errs[worst] < 0.15, f"{worst}: max error {errs[worst]:.3g} x RMS"
-    assert min(errs.values()) > 1e-3  # it really ran in bf16
+    worst_max = max(tap_names(SPEC), key=lambda t: rel_err(result.taps[t], reference[t]))
+    assert rel_err(result.taps[worst_max], reference[worst_max]) < 0.3, worst_max
+    for tap in tap_names(SPEC):
+        a, ref = np.asarray(result.taps[tap], np.float64), np.asarray(reference[tap], np.float64)
+        mean_err = np.abs(a - ref).mean() / np.sqrt(np.mean(ref**2))
+        assert 1e-4 < mean_err < 0.03, (tap, mean_err)  # really bf16, and no more than bf16 error
 
 
 def test_bfloat16_embed_scale_is_rounded_to_bf16(runs, weights):
@@ -238,7 +259,7 @@ def test_bad_feed_is_refused(adapter, models, feed):
 # ----------------------------------------------------------- effective
 def test_effective_reads_the_built_model(adapter, models):
     e32, e16 = adapter.effective(models("float32")), adapter.effective(models("bfloat16"))
-    assert e32["activation"].startswith("tanh")
+    assert e32["activation"].startswith("tanh") and e16["activation"].startswith("tanh")
     assert e32["geglu"] == "gelu(gate) * up"
     assert e32["norm"].startswith("(1 + w)")
     assert e32["norm_placement"] == "pre"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 
 from parity.adapters.base import Adapter, RunResult
-from parity.errors import BackendMissing, ParityInputError
+from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, to_hf_config
 from parity.taps import expand_tap_map
 from parity.weights import Weights, map_weights
@@ -89,18 +89,18 @@ class HFAdapter(Adapter):
         }
         for f, want in fixed.items():
             if getattr(spec, f) != want:
-                raise ParityInputError(
+                raise Unsupported(
                     f"hf cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} (it hard-codes {want!r}); "
                     "drop 'hf' from --impls for this spec"
                 )
         if spec.family == 1 and spec.gelu_approximate != "tanh":
             # GemmaConfig rewrites hidden_act="gelu" to gelu_pytorch_tanh, so the build would lie
-            raise ParityInputError(
+            raise Unsupported(
                 "hf cannot build gelu_approximate='none' for Gemma 1: GemmaConfig rewrites hidden_act "
                 "'gelu' to 'gelu_pytorch_tanh'; drop 'hf' from --impls for this spec"
             )
         if spec.family == 1 and (spec.query_pre_attn_scalar or spec.rope_scaling_factor != 1.0):
-            raise ParityInputError("hf Gemma 1 has no query_pre_attn_scalar or rope scaling; drop 'hf' from --impls")
+            raise Unsupported("hf Gemma 1 has no query_pre_attn_scalar or rope scaling; drop 'hf' from --impls")
 
     def _config(self, spec: GemmaSpec):
         import transformers
@@ -134,7 +134,10 @@ class HFAdapter(Adapter):
         return model
 
     def _tap_map(self, spec: GemmaSpec):
-        return expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
+        taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
+        if spec.family < 3:  # one rotary table for every layer; Gemma 3 computes one per layer type
+            taps["rope.cos"] = ("model.rotary_emb", "out")
+        return taps
 
     def run(self, model, tokens, feed=None) -> RunResult:
         import torch

@@ -35,7 +35,10 @@ What the installed keras-hub (0.32) does, read from its source
   which q and k are permuted into interleaved order
   ([a0, b0, a1, b1, ...] from halves a, b). Scores are unchanged, so only
   post-RoPE q/k taps (not produced here) would need un-permuting.
-- Softmax runs in a float32 `keras.layers.Softmax`; the logits are
+- Softmax runs in a float32 `keras.layers.Softmax` (recorded as the
+  `attn.probs` tap, before keras-hub casts it to the compute dtype); on
+  GPU/TPU keras-hub may take a fused `ops.dot_product_attention` path instead,
+  and then no probabilities exist. The logits are
   `token_embedding(x, reverse=True)` (tied), as `GemmaCausalLM` builds them.
 """
 
@@ -53,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from parity.adapters.base import DTYPES, Adapter, RunResult
-from parity.errors import BackendMissing, ParityInputError
+from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map, layer_of, tap_names
 from parity.weights import Weights, map_weights
@@ -84,6 +87,10 @@ REVERSE = ":reverse"  # token_embedding:reverse: the tied output projection, tok
 TAP_MAP = {
     "embed": ("decoder_block_0", "in"),  # x * cast(sqrt(hidden), x.dtype), done in the backbone's graph
     "layers.{}.attn_norm": ("decoder_block_{}/pre_attention_norm", "out"),
+    # attention internals: the float32 Softmax layer's output, before keras-hub casts it to the compute
+    # dtype; `.softmax` is an attribute (the layer's auto-generated name varies). [kv, group, T, S] is
+    # recorded as [heads, T, S] (head = kv * group_size + group, as HF/litgpt repeat kv heads)
+    "layers.{}.attn.probs": ("decoder_block_{}/attention/.softmax", "out"),
     "layers.{}.attn": ("decoder_block_{}/attention", "out"),
     "layers.{}.attn_residual": ("decoder_block_{}/pre_ffw_norm", "in"),
     "layers.{}.mlp_norm": ("decoder_block_{}/pre_ffw_norm", "out"),
@@ -147,7 +154,7 @@ class KerasModel:
     backend: str
     backbone: Any
     lm: Any  # GemmaCausalLM(backbone, preprocessor=None): its output is the logits
-    observed: dict = field(default_factory=dict)  # what the last run saw of the GELU call
+    observed: dict = field(default_factory=dict)  # what the last run saw of the GELU call (for effective)
 
 
 class KerasAdapter(Adapter):
@@ -210,14 +217,14 @@ class KerasAdapter(Adapter):
         if dtype not in DTYPES:
             raise ParityInputError(f"{self.name}: dtype {dtype!r} is not one of {DTYPES}")
         if dtype == "float64":
-            raise ParityInputError(
+            raise Unsupported(
                 f"{self.name}: cannot run float64: keras-hub's RMSNormalization and RoPE compute in float32 "
                 "whatever the dtype (and JAX runs float64 as float32 unless x64 is enabled); "
                 "use float32, bfloat16 or float16"
             )
 
         def refuse(field_: str, why: str) -> None:
-            raise ParityInputError(
+            raise Unsupported(
                 f"{self.name}: spec {spec.name!r} has {field_}={getattr(spec, field_)!r}, but {why}; "
                 f"drop {self.name} from --impls for this spec"
             )
@@ -250,7 +257,7 @@ class KerasAdapter(Adapter):
     # -------------------------------------------------------------- build
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> KerasModel:
         self.check(spec, dtype)
-        keras, hub = self._import()
+        _, hub = self._import()
         backbone = hub.models.GemmaBackbone(
             vocabulary_size=spec.vocab_size,
             num_layers=spec.num_layers,
@@ -282,7 +289,8 @@ class KerasAdapter(Adapter):
         bad = [t for t in tokens if not (isinstance(t, (int, np.integer)) and 0 <= t < spec.vocab_size)]
         if not tokens or bad:
             raise ParityInputError(
-                f"{self.name}: tokens must be a non-empty list of ids in [0, {spec.vocab_size}); got {bad[:3] or tokens}"
+                f"{self.name}: tokens must be a non-empty list of ids in [0, {spec.vocab_size}); "
+                f"got {bad[:3] or tokens}"
             )
         tap_map = expand_tap_map(TAP_MAP, spec)
         feeds = _feeds(spec, feed, len(tokens))
@@ -291,11 +299,15 @@ class KerasAdapter(Adapter):
         with _recording(model, tap_map, feeds) as (taps, observed):
             model.lm(inputs, training=False)  # keras-hub's own eager forward pass, logits included
         model.observed = observed
-        unavailable = {
-            t: observed.get("missing", {}).get(t, "not produced during the forward pass; "
-                                                  "the installed keras-hub's call structure differs")
-            for t in tap_names(spec) if t not in taps
-        }
+        unavailable = {}
+        for t in tap_map:
+            if t in taps:
+                continue
+            if t.endswith(".attn.probs") and _fused(model):
+                why = "keras-hub ran its fused attention op (ops.dot_product_attention): no probabilities exist"
+            else:
+                why = "not produced during the forward pass; the installed keras-hub's call structure differs"
+            unavailable[t] = observed["missing"].get(t, why)
         return RunResult(dict(taps), unavailable)
 
     # ---------------------------------------------------------- effective
@@ -304,9 +316,8 @@ class KerasAdapter(Adapter):
         from keras import ops
 
         spec, bb = model.spec, model.backbone
-        if "gelu_args" not in model.observed:  # nothing run yet: a short probe forward pass
-            v = spec.vocab_size
-            self.run(model, [spec.bos_token_id] + [i % v for i in (3, 4, 5)])
+        # a short probe forward pass: what the GELU call is given and returns, which projection it gates
+        self.run(model, [spec.bos_token_id] + [i % spec.vocab_size for i in (3, 4, 5)])
         obs = model.observed
         blocks = bb.transformer_layers
         att = [b.attention for b in blocks]
@@ -324,10 +335,7 @@ class KerasAdapter(Adapter):
             d = a.head_dim if a.query_head_dim_normalize else a.hidden_dim // a.num_query_heads
             return 1 / math.sqrt(d)
 
-        try:
-            fused = bool(att[0]._use_fused_attention_op())
-        except Exception:  # a private helper; older/newer versions may lack it
-            fused = None
+        fused = _fused(model)
         rope = att[0].rope_layer
         norm_scale = float(ops.convert_to_numpy(ops.cast(ops.sqrt(bb.hidden_dim), cdt)))
         return {
@@ -362,6 +370,14 @@ class KerasAdapter(Adapter):
 
 
 # ------------------------------------------------------------------ helpers
+def _fused(model: KerasModel) -> bool | None:
+    """Whether keras-hub's attention takes its fused path here (GPU/TPU with a fused op); None: unknown."""
+    try:
+        return bool(model.backbone.transformer_layers[0].attention._use_fused_attention_op())
+    except Exception:  # a private helper; other versions may lack it
+        return None
+
+
 def _verify(model: KerasModel, name: str) -> None:
     """Read the built layers back and refuse a model that is not the spec (keras-hub versions move)."""
     s, bb = model.spec, model.backbone
@@ -431,9 +447,16 @@ def _to_numpy(x) -> np.ndarray:
 
 def _sub_layer(root, path: str):
     """A keras layer by a path of layer names, e.g. decoder_block_0/pre_ffw_norm."""
+    import keras
+
     first, *rest = path.split("/")
     layer = root.get_layer(first)
     for part in rest:
+        if part.startswith("."):  # an attribute, for a sub-layer whose name keras generated
+            layer = getattr(layer, part[1:], None)
+            if not isinstance(layer, keras.layers.Layer):
+                raise KeyError(f"no keras layer at attribute {part[1:]!r} on the path {path!r}")
+            continue
         # direct sub-layers as keras tracks them (what Model.layers lists); not vars(): the torch
         # backend keeps sub-layers in torch.nn.Module._modules
         subs = [s for s in layer._flatten_layers(include_self=False, recursive=False) if s.name == part]
@@ -455,10 +478,12 @@ def _fed(value: np.ndarray, like):
 
 def _gelu_observation(x, y, args, kwargs, original, obs: dict) -> None:
     """Which GELU block 0 evaluated: its resolved arguments, and its numbers against both formulas."""
+    approximate = None
     try:
         bound = inspect.signature(original).bind(x, *args, **kwargs)
         bound.apply_defaults()
-        obs["gelu_args"] = f"gelu(approximate={bound.arguments.get('approximate')!r})"
+        approximate = bound.arguments.get("approximate")
+        obs["gelu_args"] = f"gelu(approximate={approximate!r})"
     except (TypeError, ValueError):
         obs["gelu_args"] = f"gelu(args={args!r}, kwargs={kwargs!r})"
     xi = np.asarray(_to_numpy(x), np.float64).ravel()[:4096]
@@ -468,7 +493,11 @@ def _gelu_observation(x, y, args, kwargs, original, obs: dict) -> None:
     et, ee = float(np.abs(yo - tanh).max()), float(np.abs(yo - exact).max())
     obs["gelu_evidence"] = f"output vs tanh-GELU max err {et:.2g}, vs exact {ee:.2g}"
     rt, re_ = float(np.mean((yo - tanh) ** 2)), float(np.mean((yo - exact) ** 2))
-    obs["gelu_kind"] = "tanh" if rt < re_ / 4 else ("exact" if re_ < rt / 4 else "undetermined in this dtype")
+    if rt < re_ / 4 or re_ < rt / 4:  # the numbers decide
+        obs["gelu_kind"] = "tanh" if rt < re_ else "exact"
+    else:  # 16-bit rounding hides the difference: say what the argument asks for
+        by_arg = {True: "tanh", False: "exact"}.get(approximate, "?")
+        obs["gelu_kind"] = f"{by_arg} by its argument (the two formulas are indistinguishable at this precision)"
     obs["gelu_in"] = _to_numpy(x)
 
 
@@ -516,7 +545,10 @@ def _recording(model: KerasModel, tap_map: dict[str, tuple[str, str]], feeds: di
                     current.pop()
             for tap, side in entries:
                 if side == "out":
-                    taps[tap] = _to_numpy(y[0] if isinstance(y, (tuple, list)) else y)
+                    a = _to_numpy(y[0] if isinstance(y, (tuple, list)) else y)
+                    if tap.endswith(".attn.probs"):
+                        a = a.reshape(-1, *a.shape[-2:])  # [kv, group, T, S] -> [heads, T, S]
+                    taps[tap] = a
             return y
 
         return call
@@ -525,7 +557,14 @@ def _recording(model: KerasModel, tap_map: dict[str, tuple[str, str]], feeds: di
     acts = gelu_original = None
     try:
         for path in sorted(layer_paths):
-            layer = _sub_layer(bb, path.removesuffix(REVERSE))
+            try:
+                layer = _sub_layer(bb, path.removesuffix(REVERSE))
+            except (KeyError, ValueError) as e:  # keras-hub renamed or restructured a layer
+                if path in feeds:
+                    raise ParityInputError(f"keras: cannot feed {path}: {e}") from None
+                for tap, _side in by_path.get(path, []):
+                    observed["missing"][tap] = f"no keras-hub layer {path} in this version ({e})"
+                continue
             installed.append((layer, layer.__dict__.get("call")))
             object.__setattr__(layer, "call", wrap(layer, path))  # bypass keras attribute tracking
 

@@ -35,6 +35,8 @@ NAME_MAP_SANDWICH = {
 TAP_MAP = {
     "embed": ("embed_scale", "out"),
     "layers.{}.attn_norm": ("h.{}.norm_1", "out"),
+    "rope.cos": ("rope_cos", "out"),
+    "layers.{}.attn.scores": ("h.{}.attn.scores", "out"),
     "layers.{}.attn.probs": ("h.{}.attn.probs", "out"),
     "layers.{}.attn": ("h.{}.attn", "out"),
     "layers.{}.post_attn_norm": ("h.{}.post_attention_norm", "out"),

@@ -1,0 +1,203 @@
+"""Injected faults, one or more per cause id in DIVERGENCES.md.
+
+Each fault is applied to a real implementation: HF transformers with one of
+its own modules patched on the built model, or the lit-gpt-style port built
+with one field changed. Every factory is a plain adapter factory, so the same
+faults run through `--impls tests.faults:<factory>` as any plug-in would.
+
+`exempt` maps a dtype to the measured reason the fault cannot show there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Callable
+
+from parity.adapters.hf import HFAdapter
+from parity.adapters.litgpt_style import LitgptStyleAdapter
+from parity.litgpt_style import PortOptions
+
+
+class PatchedHF(HFAdapter):
+    """transformers' model, built normally, then one of its own modules patched."""
+
+    def __init__(self, name: str, patch: Callable, build_like_to: bool = False) -> None:
+        self.name, self.patch, self.build_like_to = name, patch, build_like_to
+
+    def build(self, spec, weights, dtype):
+        if self.build_like_to:  # build fp32, then .to(dtype): casts the RoPE inv_freq buffer too
+            model = super().build(spec, weights, "float32")
+            from parity.adapters.torch_setup import torch_dtype
+
+            model = model.to(torch_dtype(dtype))
+        else:
+            model = super().build(spec, weights, dtype)
+        self.patch(model)
+        return model
+
+
+def _each_layer(model, fn):
+    for layer in model.model.layers:
+        fn(layer)
+
+
+def _hf_exact_gelu(model):
+    from transformers.activations import GELUActivation
+
+    _each_layer(model, lambda layer: setattr(layer.mlp, "act_fn", GELUActivation()))
+
+
+def _hf_swapped(model):
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    _each_layer(model, lambda layer: setattr(layer.mlp, "forward", MethodType(forward, layer.mlp)))
+
+
+def _norms(model):
+    import torch.nn as nn
+
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and isinstance(m, nn.Module)]
+
+
+def _hf_no_offset(model):
+    def forward(self, x):
+        return (self._norm(x.float()) * self.weight.float()).type_as(x)
+
+    for n in _norms(model):
+        n.forward = MethodType(forward, n)
+
+
+def _hf_llama_cast(model):
+    def forward(self, x):  # Llama order: cast the normalised activation first, then multiply
+        return self._norm(x.float()).type_as(x) * (1.0 + self.weight.float()).type_as(x)
+
+    for n in _norms(model):
+        n.forward = MethodType(forward, n)
+
+
+def _hf_no_embed_scale(model):
+    emb = model.model.embed_tokens
+    emb.forward = MethodType(lambda self, ids: super(type(self), self).forward(ids), emb)
+
+
+def _hf_query_scale(model):
+    s = model.parity_spec
+    _each_layer(model, lambda layer: setattr(layer.self_attn, "scaling", 1.0 / math.sqrt(s.hidden_size / s.num_heads)))
+
+
+def _hf_untied_head(model):
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        w = torch.randn(model.lm_head.weight.shape, generator=g) / math.sqrt(model.lm_head.weight.shape[1])
+        model.lm_head.weight = torch.nn.Parameter(w.to(model.lm_head.weight.dtype))
+
+
+class HalfWidthMLP(LitgptStyleAdapter):
+    """keras-hub's intermediate_dim read as HF's intermediate_size: half-width GeGLU halves."""
+
+    def __init__(self) -> None:
+        super().__init__(name="half-width-mlp")
+
+    def build(self, spec, weights, dtype):
+        import dataclasses
+
+        half = spec.intermediate_size // 2
+        t = dict(weights.tensors)
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}.mlp."
+            t[p + "gate_proj.weight"] = t[p + "gate_proj.weight"][:half]
+            t[p + "up_proj.weight"] = t[p + "up_proj.weight"][:half]
+            t[p + "down_proj.weight"] = t[p + "down_proj.weight"][:, :half]
+        small = spec.replace(intermediate_size=half)
+        return super().build(small, dataclasses.replace(weights, spec=small, tensors=t), dtype)
+
+
+def port(name, options=None, **spec_changes):
+    return lambda: LitgptStyleAdapter(PortOptions(**(options or {})), spec_changes, name=name)
+
+
+def hf(name, patch, **kw):
+    return lambda: PatchedHF(name, patch, **kw)
+
+
+FP32_NO_EFFECT = "fp32 computes this op in fp32 either way: the fault is the identity in float32"
+
+
+@dataclass
+class Fault:
+    name: str
+    cause: str
+    first_tap: str
+    factory: Callable
+    spec: str = "tiny-gemma"
+    exempt: dict = field(default_factory=dict)  # dtype -> measured reason it cannot show
+    note_only: bool = False  # a precision choice: named as a note, the report does not fail on it alone
+
+
+FAULTS = [
+    Fault("hf exact GELU", "gelu-exact", "layers.0.mlp.act", hf("hf-exact-gelu", _hf_exact_gelu)),
+    Fault("port exact GELU", "gelu-exact", "layers.0.mlp.act", port("port-exact-gelu", gelu_approximate="none")),
+    Fault("hf GELU on up", "geglu-swapped", "layers.0.mlp.act", hf("hf-swapped", _hf_swapped)),
+    Fault("half-width GeGLU", "geglu-width", "layers.0.mlp.gate", HalfWidthMLP),
+    Fault("hf norm without (1 + w)", "norm-unit-offset-missing", "layers.0.attn_norm", hf("hf-no-offset", _hf_no_offset)),
+    Fault("(1 + w) in bf16", "norm-unit-offset-lowp", "layers.0.attn_norm",
+          port("offset-lowp", {"offset_lowp": True}), exempt={"float32": FP32_NO_EFFECT}),
+    Fault("hf Llama cast order", "norm-cast-order", "layers.0.attn_norm", hf("hf-llama-cast", _hf_llama_cast),
+          exempt={"float32": FP32_NO_EFFECT}),
+    Fault("norms after sub-layers", "norm-placement", "layers.0.attn_residual",
+          port("extra-post-norms", {"extra_post_norms": True})),
+    Fault("hf no embedding scale", "embed-scale-missing", "embed", hf("hf-no-embed-scale", _hf_no_embed_scale)),
+    Fault("embedding scale in fp32", "embed-scale-dtype", "embed", port("embed-scale-fp32", embed_scale_dtype="float32"),
+          exempt={"float32": FP32_NO_EFFECT}),
+    Fault("interleaved rope", "rope-layout", "layers.0.attn.probs", port("rope-interleaved", {"rope_layout": "interleaved"})),
+    Fault("hf .to(dtype) rounds inv_freq", "rope-precision", "rope.cos",
+          hf("hf-cast-to", lambda m: None, build_like_to=True), exempt={"float32": FP32_NO_EFFECT}),
+    Fault("rope base 20000", "rope-base", "layers.0.attn.probs", port("rope-base-2x", rope_base=20_000.0)),
+    Fault("hf query scale 1/sqrt(hidden/heads)", "query-scale", "layers.0.attn.probs",
+          hf("hf-query-scale", _hf_query_scale)),
+    Fault("GELU op by op", "act-lowp", "layers.0.mlp.act", port("gelu-op-by-op", {"gelu_lowp": True}),
+          exempt={"float32": FP32_NO_EFFECT}, note_only=True),
+    Fault("softmax in bf16", "softmax-precision", "layers.0.attn.probs", port("softmax-lowp", {"softmax_lowp": True}),
+          exempt={"float32": FP32_NO_EFFECT}, note_only=True),
+    Fault("no final norm", "final-norm-missing", "final_norm", port("no-final-norm", {"final_norm": False})),
+    Fault("hf untied head", "lm-head-untied", "logits", hf("hf-untied-head", _hf_untied_head)),
+    # Gemma 2/3 causes, on their tiny presets
+    Fault("no attention softcap", "attn-softcap-missing", "layers.0.attn.probs",
+          port("no-attn-softcap", attn_softcap=None), spec="tiny-gemma2"),
+    Fault("no final softcap", "final-softcap-missing", "logits", port("no-final-softcap", final_softcap=None),
+          spec="tiny-gemma2"),
+    Fault("window off by one", "sliding-window", "layers.0.attn.probs", port("window-plus-one", sliding_window=17),
+          spec="tiny-gemma2"),
+    Fault("QK-norm skipped", "qk-norm-missing", "layers.0.attn.probs", port("no-qk-norm", {"skip_qk_norm": True}),
+          spec="tiny-gemma3"),
+]
+
+
+def detect(fault: Fault, dtype: str) -> dict:
+    """Run the harness on the fault in one dtype; say whether it was detected, located and named."""
+    from parity.harness import Request, run
+    from parity.presets import PRESETS
+    from parity.prompts import default_prompts
+    from parity.render import to_json
+
+    spec = PRESETS[fault.spec]
+    adapter = fault.factory()
+    report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
+                         prompts={"long": default_prompts(spec)["long"]}))
+    data = to_json(report)
+    mine = [d for d in report.diagnosis if d["impl"] == adapter.name]
+    lead = data["first_divergence"]
+    located_tap = lead["tap"] if lead else (mine[0]["tap"] if mine else None)
+    return {
+        "fault": fault.name, "cause": fault.cause, "dtype": dtype,
+        "detected": not report.passed,
+        "located": located_tap == fault.first_tap, "first_tap": located_tap,
+        "named": bool(mine) and mine[0]["cause"] == fault.cause,
+        "named_as": [d["cause"] + (" (note)" if d["severity"] == "note" else "") for d in mine],
+        "evidence": mine[0]["evidence"] if mine else "",
+    }
