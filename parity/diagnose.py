@@ -38,7 +38,8 @@ def diagnose(report) -> None:
         results = report.run_results(impl, dtype, mode)
         failed = [r for r in results if not r.passed]
         first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
-        found = sorted((p for p in probes if p.cause), key=lambda p: order.get(p.tap, 10**6))
+        # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
+        found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
         seen = set()
         for p in found:
             if p.cause in seen:

@@ -70,6 +70,7 @@ CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"
 
 class HFAdapter(Adapter):
     name = "hf"
+    _scales_in_embedding = True
 
     def version(self) -> str:
         import torch
@@ -131,10 +132,14 @@ class HFAdapter(Adapter):
                 p.copy_(torch.from_numpy(mapped[k]))
         model.eval()
         model.parity_spec = spec
+        self._scales_in_embedding = hasattr(model.model.embed_tokens, "embed_scale")
         return model
 
     def _tap_map(self, spec: GemmaSpec):
         taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
+        if not self._scales_in_embedding:
+            # transformers before ~5.5 scales by sqrt(hidden) inline in GemmaModel.forward
+            taps["embed"] = ("model.layers.0", "in")
         if spec.family < 3:  # one rotary table for every layer; Gemma 3 computes one per layer type
             taps["rope.cos"] = ("model.rotary_emb", "out")
         return taps
