@@ -105,24 +105,34 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
 
     layer = layer_of(until_tap)
     last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
+    def score(adapter) -> float | None:
+        try:
+            got = capture(adapter, spec, weights, trace.dtype, {trace.prompt: trace.tokens})[0]
+        except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
+            return None
+        rs = [r for r in compare_trace(got, trace, table, "cumulative") if order.get(r.tap, 10**6) <= last]
+        return max(tol_used(r) for r in rs) if rs else None
+
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+
+    # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
+    baseline = score(LitgptStyleAdapter(name="cf:unchanged"))
     scored = []
     for cf in candidates(spec):
         if not _valid(cf, spec):
             continue
-        try:
-            got = capture(cf.adapter(), spec, weights, trace.dtype, {trace.prompt: trace.tokens})[0]
-        except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
-            continue
-        rs = [r for r in compare_trace(got, trace, table, "cumulative") if order.get(r.tap, 10**6) <= last]
-        if rs:
-            scored.append((max(tol_used(r) for r in rs), cf))
+        sc = score(cf.adapter())
+        if sc is not None:
+            scored.append((sc, cf))
     if not scored:
         return None
     scored.sort(key=lambda x: x[0])
     best_score, best = scored[0]
     runner = scored[1] if len(scored) > 1 else (float("inf"), None)
+    # a change explains the trace only if it matches and the unchanged port does not
     return {
         "cause": best.cause, "label": best.label, "score": best_score,
         "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
-        "explains": best_score <= 1.0,
+        "baseline_score": baseline,
+        "explains": best_score <= 1.0 and (baseline is None or baseline > 1.0),
     }

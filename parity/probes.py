@@ -74,11 +74,21 @@ def agreement(actual: np.ndarray, candidate: np.ndarray, dtype: str) -> float:
     return float(np.mean(np.abs(a - c) <= ULPS_WIDE * (ulp_of(c, dtype) + floor)))
 
 
-def _pick(scores: dict[str, float]) -> tuple[str, float, float]:
-    """Best candidate, its score, and its lead over the runner-up."""
+TIE_MARGIN = 0.005  # the correct candidate wins any tie within half a percent of the elements
+
+
+def _pick(scores: dict[str, float], correct: str | None = None) -> tuple[str, float, float]:
+    """Best candidate, its score, and its lead over the runner-up.
+
+    When the correct candidate explains the data as well as the best (within
+    TIE_MARGIN), it is chosen: tiny tensors or small activations make several
+    candidates agree, and a tie is no evidence of a fault.
+    """
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     best, s = ranked[0]
-    second = ranked[1][1] if len(ranked) > 1 else 0.0
+    if correct in scores and scores[correct] >= s - TIE_MARGIN:
+        best, s = correct, scores[correct]
+    second = max((v for k, v in scores.items() if k != best), default=0.0)
     return best, s, s - second
 
 
@@ -124,7 +134,7 @@ def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
     up = trace.taps.get(f"layers.{layer}.mlp.up")
     if up is not None and up.shape == x.shape:
         scores["gelu applied to mlp.up"] = max(agreement(y, v, trace.dtype) for v in gelu_candidates(up, trace.dtype).values())
-    best, score, lead = _pick(scores)
+    best, score, lead = _pick(scores, "tanh, rounded once")
     evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": lead, "elements": int(y.size)}
     if score < min_agreement:
         return Probe("gelu", tap, f"no GELU candidate explains mlp.act (best {best!r} at {score:.1%})",
@@ -157,7 +167,7 @@ def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float 
         "act * up": agreement(hidden, np.asarray(act, np.float64) * up, dtype),
         "act * gate": agreement(hidden, np.asarray(act, np.float64) * gate, dtype),
     }
-    best, score, lead = _pick(scores)
+    best, score, lead = _pick(scores, "act * up")
     evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "widths": widths}
     if score < min_agreement:
         return Probe("geglu", tap, f"mlp.hidden is neither act * up nor act * gate (best {score:.1%})",
@@ -251,7 +261,8 @@ def probe_rmsnorm(trace: Trace, spec: GemmaSpec, weights: dict, tap: str, x: np.
     dtype = trace.dtype
     scores = {k: agreement(y, v, dtype) for k, v in rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype).items()}
     # eps: only visible when rows are tiny; record the best eps among a few for the evidence
-    best, score, lead = _pick(scores)
+    correct = "(1 + w), multiply in fp32, cast after" if spec.norm_unit_offset else "w without the unit offset"
+    best, score, lead = _pick(scores, correct)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": round(lead, 4)}
     if score < min_agreement:
         return Probe("norm", tap, f"no RMSNorm candidate explains it (best {best!r} at {score:.1%})", "unexplained", ev)
@@ -291,7 +302,8 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
         "no scale": rows,
     }
     scores = {k: agreement(y, v, dtype) for k, v in cands.items()}
-    best, score, lead = _pick(scores)
+    correct = next(iter(cands)) if spec.embed_scale else "no scale"
+    best, score, lead = _pick(scores, correct)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
     if score < min_agreement:
         return Probe("embedding", "embed", f"no candidate explains the embedding (best {score:.1%})", "unexplained", ev)
@@ -363,12 +375,12 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
     scale = np.sqrt(np.mean(np.asarray(y, np.float64) ** 2)) or 1.0
     tol = {"float64": 1e-9, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
     scores = {k: float(np.mean(np.abs(np.asarray(y, np.float64) - v) <= tol * scale)) for k, v in cands.items()}
-    best, score, _ = _pick(scores)
+    expected = f"tied head, softcap {spec.final_softcap:g}" if spec.final_softcap else "tied head, no softcap"
+    best, score, _ = _pick(scores, expected)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
     if score < min_agreement:
         return Probe("lm-head", "logits", "logits are not final_norm times the embedding: the head is not tied "
                      "to the embedding", "lm-head-untied", ev)
-    expected = f"tied head, softcap {spec.final_softcap:g}" if spec.final_softcap else "tied head, no softcap"
     if best != expected:
         return Probe("lm-head", "logits", f"logits are {best}, the spec has a final softcap", "final-softcap-missing", ev)
     return Probe("lm-head", "logits", f"logits are {best}", None, ev)
@@ -400,7 +412,7 @@ def probe_rope_precision(trace: Trace, spec: GemmaSpec, min_agreement: float = 0
         cands[f"inv_freq rounded to {dtype}"] = table(round_to(inv32, dtype).astype(f32), pos32)
         cands[f"angles in {dtype}"] = table(inv32.astype(low), pos32.astype(low), low)
     scores = {k: agreement(cos, v, dtype) for k, v in cands.items()}
-    best, score, lead = _pick(scores)
+    best, score, lead = _pick(scores, "fp32 angles, cos rounded once")
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "positions": T}
     if score < min_agreement:
         return Probe("rope-precision", "rope.cos", f"no candidate explains the cos table (best {score:.1%})",
@@ -424,7 +436,7 @@ def probe_softmax(trace: Trace, layer: int, min_agreement: float = 0.98) -> Prob
         el = round_to(np.exp(round_to(s - s.max(-1, keepdims=True), dtype)), dtype)
         cands[f"op by op in {dtype}"] = el / round_to(el.sum(-1, keepdims=True), dtype)
     scores_ = {k: agreement(probs, v, dtype) for k, v in cands.items()}
-    best, score, lead = _pick(scores_)
+    best, score, lead = _pick(scores_, "fp32, rounded once")
     ev = {"agreement": {k: round(v, 4) for k, v in scores_.items()}}
     if score < min_agreement:
         return Probe("softmax", tap, f"no softmax candidate explains the probabilities (best {score:.1%})",

@@ -208,7 +208,8 @@ def to_hf_config(s: GemmaSpec) -> dict:
         "pad_token_id": 0,
     }
     if s.family >= 2:
-        cfg["query_pre_attn_scalar"] = s.query_pre_attn_scalar or s.head_dim
+        q = s.query_pre_attn_scalar or s.head_dim
+        cfg["query_pre_attn_scalar"] = int(q) if float(q).is_integer() else q  # HF's config wants an int
         cfg["attn_logit_softcapping"] = s.attn_softcap
         cfg["final_logit_softcapping"] = s.final_softcap
         cfg["sliding_window"] = s.sliding_window

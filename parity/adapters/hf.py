@@ -100,6 +100,11 @@ class HFAdapter(Adapter):
                 "hf cannot build gelu_approximate='none' for Gemma 1: GemmaConfig rewrites hidden_act "
                 "'gelu' to 'gelu_pytorch_tanh'; drop 'hf' from --impls for this spec"
             )
+        try:  # transformers validates its configs (e.g. hidden_size divisible by heads for Gemma 2)
+            self._config(spec)
+        except Exception as e:  # huggingface_hub's validation errors are not ValueErrors
+            msg = str(e).strip().splitlines()[-1].strip()
+            raise Unsupported(f"hf refuses this spec: {msg}; drop 'hf' from --impls for it") from None
         if spec.family == 1 and (spec.query_pre_attn_scalar or spec.rope_scaling_factor != 1.0):
             raise Unsupported("hf Gemma 1 has no query_pre_attn_scalar or rope scaling; drop 'hf' from --impls")
 
