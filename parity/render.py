@@ -167,6 +167,8 @@ def print_terminal(report, console=None) -> None:
 
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     s = report.spec
+    color = "green" if report.passed else "red"
+    console.print(f"[bold {color}]{headline(report)}[/bold {color}]")  # the verdict and its cause lead
     console.print(f"[bold]parity[/bold] {s.name} (Gemma {s.family}, {s.num_layers} layers), weights "
                   f"{report.weights_hash} ({report.weights_source}), reference {report.reference}")
     for impl, eff in report.effective.items():
