@@ -85,3 +85,93 @@ def capture(
     finally:
         adapter.release(model)
         del model
+
+
+# ------------------------------------------------------------- in another process
+def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
+    from pathlib import Path
+
+    return Path(out_dir) / f"{impl}@{dtype}.{mode}.{prompt}.safetensors"
+
+
+def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
+                          mode: str = "cumulative", references: dict[str, Trace] | None = None,
+                          progress: Progress | None = None) -> list[Trace]:
+    """Run one implementation in a fresh Python process and read its traces back from files.
+
+    For implementations that cannot share a process with others (keras on a
+    second backend), and the shape of issue-sized runs: one implementation
+    resident at a time, traces on disk.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from parity.trace import load_trace
+    from parity.weights import save_weights
+
+    say = progress or (lambda _msg: None)
+    with tempfile.TemporaryDirectory(prefix="parity-capture-") as tmp:
+        tmp = Path(tmp)
+        save_weights(weights, tmp / "weights.safetensors")
+        (tmp / "prompts.json").write_text(json.dumps(prompts))
+        cmd = [sys.executable, "-m", "parity.capture", "--impl", impl, "--dtype", dtype, "--mode", mode,
+               "--weights", str(tmp / "weights.safetensors"), "--prompts", str(tmp / "prompts.json"),
+               "--out", str(tmp / "out")]
+        if references:
+            for name, t in references.items():
+                t.save(tmp / "refs" / f"{name}.safetensors")
+            cmd += ["--references", str(tmp / "refs")]
+        say(f"{impl} {dtype} {mode}: running in a separate process")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            if proc.returncode == 2:
+                raise ParityInputError(last.removeprefix("parity: error: "))
+            raise RuntimeError(f"capturing {impl}@{dtype} in a separate process failed: {last}")
+        return [load_trace(trace_file(tmp / "out", impl, dtype, mode, p)) for p in prompts]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parity.capture`: capture one implementation's traces into files."""
+    import argparse
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from parity.adapters import get_adapter
+    from parity.trace import load_trace
+    from parity.weights import load_weights
+
+    ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
+    ap.add_argument("--impl", required=True)
+    ap.add_argument("--dtype", required=True)
+    ap.add_argument("--weights", required=True, help="canonical weights written by parity (spec in metadata)")
+    ap.add_argument("--prompts", required=True, help="JSON file: prompt name -> token ids")
+    ap.add_argument("--mode", default="cumulative")
+    ap.add_argument("--references", help="directory of reference traces, <prompt>.safetensors (isolated mode)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    try:
+        weights = load_weights(a.weights)
+        prompts = json.loads(Path(a.prompts).read_text())
+        refs = None
+        if a.references:
+            refs = {p: load_trace(Path(a.references) / f"{p}.safetensors") for p in prompts}
+        adapter = get_adapter(a.impl)
+        for t in capture(adapter, weights.spec, weights, a.dtype, prompts, mode=a.mode, references=refs):
+            t.save(trace_file(a.out, a.impl, a.dtype, a.mode, t.prompt))
+        return 0
+    except ParityInputError as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -24,7 +24,7 @@ def _order(spec) -> dict[str, int]:
 def diagnose(report) -> None:
     """Fill report.probes and report.diagnosis (in place)."""
     spec = report.spec
-    weights = report.weights.tensors
+    weights = report.weights.tensors if report.weights is not None else {}
     order = _order(spec)
     prompt = "long" if "long" in report.prompts else next(iter(report.prompts))
     for run in report.runs:
@@ -51,7 +51,13 @@ def diagnose(report) -> None:
                 "evidence": f"{p.name} probe: {p.sentence()}",
                 "severity": "note" if precision else "divergence", "source": "probe",
             })
-        if first is not None and not any(p.cause not in PRECISION_ONLY for p in found):
+        if first is not None and not any(p.cause not in PRECISION_ONLY for p in found) and report.weights is None:
+            report.diagnosis.append({
+                "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
+                "source": "first-divergence",
+                "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals need the "
+                            "weights (pass --weights)"})
+        elif first is not None and not any(p.cause not in PRECISION_ONLY for p in found):
             report.diagnosis.append(_counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order))
 
 

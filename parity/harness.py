@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from parity.adapters import DEFAULT_IMPLS, get_adapter
-from parity.capture import Progress, capture
+from parity.capture import Progress, capture, capture_in_subprocess
 from parity.compare import TapResult, compare_trace, first_divergence
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.prompts import default_prompts, validate_tokens
@@ -142,9 +142,14 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         for d in req.dtypes:
             if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
                 continue  # the reference against itself says nothing
+            own_process = getattr(adapter, "needs_own_process", lambda: False)()
             for mode in modes:
-                got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
-                              progress=progress)
+                if own_process:
+                    got = capture_in_subprocess(name, spec, weights, d, prompts, mode=mode, references=ref_traces,
+                                                progress=progress)
+                else:
+                    got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
+                                  progress=progress)
                 traces += got
                 effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode})
@@ -156,6 +161,53 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
         traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights,
+    )
+    from parity.diagnose import diagnose
+
+    diagnose(report)
+    return report
+
+
+def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, weights: Weights | None = None,
+                tolerances: dict[str, Tolerance] | None = None, layers: list[int] | None = None) -> Report:
+    """A report from trace files captured elsewhere (another process, another machine).
+
+    The reference is the trace set whose impl@dtype is `reference`, else the
+    first trace's. Weight-based probes and counterfactuals need the weights;
+    without them those probes say "cannot tell".
+    """
+    from parity.spec import GemmaSpec
+
+    if not traces:
+        raise ParityInputError("no traces given; pass --trace FILE at least twice")
+    ref_key = reference if any((t.impl, t.dtype) == tuple(reference) for t in traces) \
+        else (traces[0].impl, traces[0].dtype)
+    refs = {t.prompt: t for t in traces if (t.impl, t.dtype) == ref_key and t.mode == "cumulative"}
+    if not refs:
+        raise ParityInputError(f"no cumulative trace of the reference {ref_key[0]}@{ref_key[1]} among the traces")
+    spec = GemmaSpec.from_dict(next(iter(refs.values())).spec)
+    if weights is not None and weights.hash != next(iter(refs.values())).weights_hash:
+        raise ParityInputError("--weights are not the weights the traces were captured from (hash differs)")
+    table = tolerances or TOLERANCES
+    runs, results, effective = [], [], {}
+    selected = None if layers is None else set(layers)
+    for t in traces:
+        if (t.impl, t.dtype) == ref_key and t.mode == "cumulative":
+            continue
+        if t.prompt not in refs:
+            raise ParityInputError(f"trace {t.label} prompt {t.prompt!r} has no reference trace of that prompt")
+        run_ = {"impl": t.impl, "version": t.version, "dtype": t.dtype, "mode": t.mode}
+        if run_ not in runs:
+            runs.append(run_)
+        effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
+        for r in compare_trace(refs[t.prompt], t, table, t.mode):
+            if selected is None or r.layer is None or r.layer in selected:
+                results.append(r)
+    report = Report(
+        spec=spec, weights_hash=next(iter(refs.values())).weights_hash,
+        weights_source=weights.source if weights else "from traces", reference=f"{ref_key[0]}@{ref_key[1]}",
+        prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
+        skipped={}, effective=effective, tolerances=table, weights=weights,
     )
     from parity.diagnose import diagnose
 

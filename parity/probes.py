@@ -290,8 +290,8 @@ def probe_final_norm(trace: Trace, spec: GemmaSpec, weights: dict) -> Probe:
 # ------------------------------------------------------------------ embedding
 def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: float = 0.98) -> Probe:
     y = trace.taps.get("embed")
-    if y is None:
-        return Probe("embedding", "embed", "cannot tell: embed not captured", None)
+    if y is None or "model.embed_tokens.weight" not in weights:
+        return Probe("embedding", "embed", "cannot tell: embed or the embedding weights missing", None)
     dtype = trace.dtype
     rows = np.asarray(weights["model.embed_tokens.weight"], np.float64)[np.asarray(trace.tokens)]
     rows = round_to(rows, dtype)
@@ -363,7 +363,7 @@ def probe_attention_mask(trace: Trace, spec: GemmaSpec, layer: int) -> Probe:
 def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: float = 0.95) -> Probe:
     """logits = softcap(final_norm @ embedding^T): tied head, with the spec's final softcap."""
     x, y = trace.taps.get("final_norm"), trace.taps.get("logits")
-    if x is None or y is None:
+    if x is None or y is None or "model.embed_tokens.weight" not in weights:
         return Probe("lm-head", "logits", "cannot tell: final_norm or logits not captured", None)
     dtype = trace.dtype
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])

@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="cumulative", help="cumulative, isolated or both")
     p.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
     p.add_argument("--reference", default="litgpt-style@float64", help="impl@dtype every run is compared to")
+    p.add_argument("--trace", action="append", help="compare traces captured elsewhere instead of running "
+                                                     "(repeatable; written by --save-traces or python -m parity.capture)")
+    p.add_argument("--save-traces", action="store_true", help="also write every trace under OUT/traces/")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -55,6 +58,11 @@ def build_request(args):
     from parity.weights import load_weights
 
     spec = resolve_spec(args.spec)
+    if args.trace and not args.spec:  # the traces carry their spec
+        from parity.spec import GemmaSpec
+        from parity.trace import load_trace
+
+        spec = GemmaSpec.from_dict(load_trace(args.trace[0]).spec)
     weights = load_weights(args.weights, spec) if args.weights else None
     prompts = None
     if args.tokens:
@@ -114,17 +122,28 @@ def main(argv: list[str] | None = None) -> int:
 
             select_taps(tap_order(req.spec), args.taps)  # validate before running
         out = check_out_dir(args.out)
-        from parity.harness import run
+        from parity.harness import from_traces, run
 
         start = time.perf_counter()
         progress = None if args.quiet else _progress()
-        report = run(req, progress=progress)
+        if args.trace:
+            from parity.trace import load_trace
+
+            report = from_traces([load_trace(p) for p in args.trace], req.reference, req.weights, req.tolerances,
+                                 req.layers if args.layers != "all" else None)
+        else:
+            report = run(req, progress=progress)
         if progress:
             progress.done()
         from parity.render import print_terminal
 
         print_terminal(report)
         files = write_report(report, out, args.taps)
+        if args.save_traces:
+            from parity.capture import trace_file
+
+            for t in report.traces:
+                files.append(t.save(trace_file(out / "traces", t.impl, t.dtype, t.mode, t.prompt)))
         print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
         return 0 if report.passed else 1
     except ParityInputError as e:

@@ -166,6 +166,11 @@ class KerasAdapter(Adapter):
         self.backend = backend or DEFAULT_BACKEND
         self.name = "keras" if backend is None else f"keras-{backend}"
 
+    def needs_own_process(self) -> bool:
+        """keras reads its backend once per process: another backend already loaded means a subprocess."""
+        keras = sys.modules.get("keras")
+        return keras is not None and keras.config.backend() != self.backend
+
     # ------------------------------------------------------------- set-up
     def version(self) -> str:
         def v(pkg: str) -> str | None:
@@ -252,6 +257,12 @@ class KerasAdapter(Adapter):
             refuse("rope_scaling_factor", "CachedGemmaAttention applies no RoPE scaling")
         if not math.isclose(spec.query_scale, 1 / math.sqrt(spec.head_dim), rel_tol=1e-12):
             refuse("query_pre_attn_scalar", "GemmaDecoderBlock always scales q by 1/sqrt(head_dim)")
+        if self.needs_own_process():  # the harness runs it in a fresh process: only check it is installed
+            import importlib.util
+
+            if not (importlib.util.find_spec("keras_hub") or importlib.util.find_spec("keras_nlp")):
+                raise BackendMissing(f"{self.name}: keras-hub is not installed; pip install keras-hub")
+            return
         self._import()
 
     # -------------------------------------------------------------- build
