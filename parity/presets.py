@@ -67,10 +67,18 @@ _CONFIGS: list[dict] = [
         sliding_window=4096, layer_types=_gemma2_types(46),
     ),
     dict(
-        # Tiny Gemma 2: even layers local; window 16 < the long prompt; query
-        # scalar 48 != head_dim 32 (as 27B); softcaps lowered so the random
-        # activations reach them (scores ~3, logits ~4).
+        # Tiny Gemma 2 (2B/9B relationships): even layers local; window 16 < the
+        # long prompt; query_pre_attn_scalar = head_dim as in 2B and 9B; softcaps
+        # lowered so the random activations reach them (scores ~3, logits ~4).
         name="tiny-gemma2", family=2, vocab_size=512, hidden_size=96, intermediate_size=256,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, max_position=512,
+        norm_placement="sandwich", query_pre_attn_scalar=32, attn_softcap=5.0, final_softcap=3.0,
+        sliding_window=16, layer_types=_gemma2_types(4),
+    ),
+    dict(
+        # Tiny Gemma 2 with 27B's relationship: query_pre_attn_scalar (48) is
+        # hidden / heads (= 144 for 27B), not head_dim (32; 128 for 27B).
+        name="tiny-gemma2-27b", family=2, vocab_size=512, hidden_size=192, intermediate_size=512,
         num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, max_position=512,
         norm_placement="sandwich", query_pre_attn_scalar=48, attn_softcap=5.0, final_softcap=3.0,
         sliding_window=16, layer_types=_gemma2_types(4),
