@@ -61,7 +61,6 @@ def capture(
     say(f"{adapter.name} {dtype}: building")
     model = adapter.build(spec, weights, dtype)
     try:
-        effective = adapter.effective(model)
         traces = []
         for name, ids in prompts.items():
             say(f"{adapter.name} {dtype} {mode}: running prompt {name!r} ({len(ids)} tokens)")
@@ -79,8 +78,10 @@ def capture(
                 impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
                 weights_hash=weights.hash, tokens=list(ids), prompt=name, mode=mode,
                 taps={t: result.taps[t] for t in order + extra}, unavailable=unavailable,
-                effective=effective,
             ))
+        effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
+        for t in traces:
+            t.effective = effective
         return traces
     finally:
         adapter.release(model)
