@@ -129,7 +129,10 @@ class HFAdapter(Adapter):
         self.check(spec, dtype)
         config = self._config(spec)
         model_cls = getattr(transformers, CLASSES[spec.family])
-        model = model_cls._from_config(config, dtype=torch_dtype(dtype), attn_implementation="eager")
+        try:
+            model = model_cls._from_config(config, dtype=torch_dtype(dtype), attn_implementation="eager")
+        except TypeError:  # transformers 4.x calls it torch_dtype
+            model = model_cls._from_config(config, torch_dtype=torch_dtype(dtype), attn_implementation="eager")
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
         mapped = map_weights(weights.tensors, NAME_MAP, params, where=f"{self.name} weights")
         with torch.no_grad():
