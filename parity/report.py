@@ -94,6 +94,7 @@ def check_out_dir(out: str) -> Path:
 
 def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
     """Render everything first, then move the files into place: never a half-written report."""
+    from parity.html_report import to_html
     from parity.render import to_json, to_markdown
 
     data = to_json(report)
@@ -102,7 +103,8 @@ def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
 
         keep = set(select_taps([t["tap"] for t in data["taps"]], taps))
         data["taps"] = [t for t in data["taps"] if t["tap"] in keep]
-    files = {"report.json": json.dumps(data, indent=2) + "\n", "report.md": to_markdown(report)}
+    files = {"report.json": json.dumps(data, indent=2) + "\n", "report.md": to_markdown(report),
+             "report.html": to_html(report)}
     written = []
     for name, text in files.items():
         tmp = out / f".{name}.part"

@@ -1,0 +1,64 @@
+"""Every family on its tiny preset: Gemma 1 pre-norm, Gemma 2/3 sandwich, windows, softcaps, QK-norm.
+
+The main suite runs on --parity-spec (tiny-gemma by default); these checks run
+each family's tiny preset through every installed implementation that can
+express it, in float32 and bfloat16, cumulative and isolated, on a prompt
+longer than the sliding window.
+"""
+
+import pytest
+
+from parity import checks
+from parity.probes import probe_attention_mask, probe_lm_head
+
+FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_report(request):
+    from parity.harness import Request, run
+    from parity.presets import PRESETS
+    from parity.prompts import default_prompts
+
+    spec = PRESETS[request.param]
+    return run(Request(spec=spec, dtypes=["float32", "bfloat16"], mode="both",
+                       prompts={"long": default_prompts(spec)["long"]}))
+
+
+def _traces(report):
+    return [t for t in report.traces if t.mode == "cumulative" and (t.impl, t.dtype) != ("litgpt-style", "float64")]
+
+
+def test_family_norm_placement(family_report):
+    for t in _traces(family_report):
+        checks.check_norm_placement(t, family_report.spec)
+
+
+def test_family_window_and_mask_on_a_prompt_longer_than_the_window(family_report):
+    spec = family_report.spec
+    for t in _traces(family_report):
+        assert len(t.tokens) > (spec.sliding_window or 0)
+        for i in range(spec.num_layers):
+            p = probe_attention_mask(t, spec, i)
+            assert p.cause is None, f"{t.label} {p.sentence()}"
+
+
+def test_family_final_softcap(family_report):
+    for t in _traces(family_report):
+        p = probe_lm_head(t, family_report.spec, family_report.weights.tensors)
+        assert p.cause is None, f"{t.label} {p.sentence()}"
+
+
+def test_family_gelu_tanh_and_geglu(family_report):
+    for t in _traces(family_report):
+        checks.check_gelu_tanh(t, family_report.spec)
+        checks.check_geglu(t, family_report.spec)
+
+
+def test_family_within_tolerance_both_modes(family_report):
+    checks.check_within_tolerance(family_report.results, f"{family_report.spec.name}: taps beyond tolerance")
+
+
+def test_family_no_named_divergence(family_report):
+    found = family_report.divergent_causes
+    assert not found, "; ".join(f"{d['impl']}@{d['dtype']} {d['cause']} at {d['tap']}" for d in found)
