@@ -110,6 +110,12 @@ def headline(report) -> str:
 def to_markdown(report) -> str:
     s = report.spec
     lines = [f"## parity: {'✅ PASS' if report.passed else '❌ FAIL'}", "", f"**{headline(report)}**", ""]
+    firsts = report.first_divergences()
+    if firsts:
+        f = firsts[0]
+        lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}, prompt {f.prompt}): "
+                  f"max abs {f.max_abs:.3g} where {f.atol:.3g} is allowed"
+                  + (f"; {len(firsts) - 1} more run(s) diverge" if len(firsts) > 1 else ""), ""]
     causes = [d for d in report.diagnosis]
     if causes:
         lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
