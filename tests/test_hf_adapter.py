@@ -48,7 +48,8 @@ def test_patched_library_block_shows_in_the_trace(hf, tiny, tiny_weights, tokens
     orig = modeling_gemma.GemmaDecoderLayer.forward
 
     def doubled_residual(self, hidden_states, *a, **kw):  # glue between sub-layers changed
-        return orig(self, hidden_states, *a, **kw) * 2
+        out = orig(self, hidden_states, *a, **kw)  # a tensor in transformers 5, a tuple in 4.x
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
 
     monkeypatch.setattr(modeling_gemma.GemmaDecoderLayer, "forward", doubled_residual)
     glued = hf.run(model, tokens).taps

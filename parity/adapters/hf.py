@@ -171,14 +171,19 @@ class HFAdapter(Adapter):
         norm_src = inspect.getsource(type(layer0.input_layernorm).forward)
         act = type(layer0.mlp.act_fn).__name__
         emb = m.embed_tokens
-        scale = emb.embed_scale.to(emb.weight.dtype) if hasattr(emb, "embed_scale") else None
+        import torch
+
+        scale = getattr(emb, "embed_scale", None)
+        if scale is not None:  # a buffer in transformers 5, a plain float in 4.x
+            scale = torch.as_tensor(scale).to(emb.weight.dtype)
         attn = [layer.self_attn for layer in m.layers]
         cfg = model.config
         return {
             "activation": f"{act} ({'tanh' if 'Tanh' in act or 'tanh' in act.lower() else 'exact'})",
             "norm": ("(1 + w) in fp32" if "1.0 + self.weight.float()" in norm_src else "see source")
             + (", cast after multiply" if "type_as" in norm_src else ""),
-            "embed_scale": None if scale is None else f"{float(scale):.6g} in {str(scale.dtype).replace('torch.', '')}",
+            "embed_scale": f"{float(scale):.6g} in {str(scale.dtype).replace('torch.', '')}" if scale is not None
+            else "sqrt(hidden) applied inline in the model's forward (this transformers version)",
             "query_scale": attn[0].scaling,
             "rope_inv_freq_dtype": {k: str(b.dtype).replace("torch.", "") for k, b in m.named_buffers()
                                     if k.endswith("inv_freq")},
