@@ -25,6 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0])
     p.add_argument("--spec", help="preset name (default tiny-gemma) or path to a HuggingFace config.json")
     p.add_argument("--weights", help="canonical weights (.safetensors, HF names); default: seeded random")
+    p.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory (HuggingFace, keras-hub preset, "
+                                                       "or litgpt with lit_model.safetensors): gives the spec and "
+                                                       "the weights; pickled checkpoints are refused")
     p.add_argument("--impls", help="comma-separated implementations (default: every installed built-in); "
                                    "names, entry points or module:factory")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (float64,float32,bfloat16,float16)")
@@ -57,18 +60,28 @@ def build_request(args):
     from parity.tolerances import load_overrides
     from parity.weights import load_weights
 
-    spec = resolve_spec(args.spec)
-    if args.trace and not args.spec:  # the traces carry their spec
-        from parity.spec import GemmaSpec
-        from parity.trace import load_trace
+    ckpt_dir = None
+    if args.checkpoint:
+        if args.spec or args.weights:
+            raise ParityInputError("--checkpoint gives both the spec and the weights; drop --spec and --weights")
+        from parity.checkpoints import load_checkpoint
 
-        spec = GemmaSpec.from_dict(load_trace(args.trace[0]).spec)
-    weights = load_weights(args.weights, spec) if args.weights else None
+        spec, weights = load_checkpoint(args.checkpoint)
+        p = Path(args.checkpoint)
+        ckpt_dir = str(p if p.is_dir() else p.parent)
+    else:
+        spec = resolve_spec(args.spec)
+        if args.trace and not args.spec:  # the traces carry their spec
+            from parity.spec import GemmaSpec
+            from parity.trace import load_trace
+
+            spec = GemmaSpec.from_dict(load_trace(args.trace[0]).spec)
+        weights = load_weights(args.weights, spec) if args.weights else None
     prompts = None
     if args.tokens:
         prompts = {f"tokens{i}": parse_tokens(t) for i, t in enumerate(args.tokens)}
     elif args.prompt:
-        tok_dir = str(Path(args.spec).parent) if args.spec and args.spec.endswith(".json") else None
+        tok_dir = ckpt_dir or (str(Path(args.spec).parent) if args.spec and args.spec.endswith(".json") else None)
         prompts = {f"prompt{i}": text_to_tokens(t, spec, tok_dir) for i, t in enumerate(args.prompt)}
     if "@" not in args.reference:
         raise ParityInputError(f"--reference {args.reference!r} must be impl@dtype, e.g. litgpt-style@float64")

@@ -104,3 +104,24 @@ def test_missing_optional_backend_is_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "pip install" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_checkpoint_directory_runs_the_same_report(tmp_path, tiny, tiny_weights):
+    from parity.adapters import get_adapter
+
+    model = get_adapter("hf").build(tiny, tiny_weights, "float32")
+    model.save_pretrained(tmp_path / "ckpt")
+    code = main(["--checkpoint", str(tmp_path / "ckpt"), "--impls", "litgpt-style,hf", "--dtypes", "float32",
+                 "--tokens", "2,5,9", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["weights"]["hash"] == tiny_weights.hash and data["spec"]["hidden_size"] == tiny.hidden_size
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    code = main(["--checkpoint", str(tmp_path / "ckpt"), "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "safetensors" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "report.json").exists()

@@ -1,0 +1,589 @@
+"""Load a real checkpoint directory into (spec, canonical weights), without executing pickled code.
+
+Three layouts are recognised, by the files in the directory:
+
+* **HuggingFace** — `config.json` (with a `model_type`) and `model.safetensors`,
+  or shards `model-0000X-of-0000N.safetensors` listed by
+  `model.safetensors.index.json`. The spec comes from `config.json`
+  (`parity.spec.from_hf_config`); a Gemma 3 multimodal config (`text_config`)
+  keeps its text weights under `language_model.model.*` (what transformers 5
+  writes) or `model.language_model.*` (its in-memory names); the vision tower
+  and projector are skipped.
+* **keras-hub preset** — what `backbone.save_to_preset(dir)` writes:
+  `config.json` (`{"module", "class_name": "GemmaBackbone", "config"}`),
+  `metadata.json`, and `model.weights.h5` (or `model.weights.json` with
+  `model_0000X.weights.h5` shards). Read with h5py alone: keras is not
+  imported. Keras 3 stores each layer's variables as datasets `0, 1, ...` in a
+  group `<attribute path>/vars` whose `name` attribute is the keras layer's name;
+  the variables are located by those layer names (`decoder_block_3/attention/query`),
+  i.e. by the keras-hub adapter's own `NAME_MAP`, and converted back to HF
+  layout by inverting its `to_keras_layout`.
+* **litgpt** — `model_config.yaml` and `lit_model.safetensors` (litgpt itself
+  writes `lit_model.pth`, a pickle, which is refused). The spec comes from the
+  litgpt `Config` fields; names go through the litgpt adapter's `NAME_MAP_*`
+  inverted, and the fused q/k/v is split back (0.5 `attn.qkv` [Q; K; V]
+  stacked, 0.4 `attn.attn` grouped per kv group).
+
+Pickles (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are never opened: a directory that
+only has those is refused with one line naming the file and the fix (convert
+to safetensors). Safetensors files are read by memory-mapping the file and
+viewing each tensor in its stored dtype (bf16 through ml_dtypes, so no torch is
+needed), then copied once to float32. Every path ends in
+`parity.weights.check_tensors`: a missing tensor, a wrong shape or a NaN is a
+one-line `ParityInputError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from parity.errors import ParityInputError
+from parity.spec import GemmaSpec, from_hf_config
+from parity.weights import Weights, canonical_shapes, check_tensors
+
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+KERAS_WEIGHTS = "model.weights.h5"
+KERAS_SHARDS = "model.weights.json"
+LIT_CONFIG = "model_config.yaml"
+LIT_WEIGHTS = "lit_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+EXPECTED = (
+    f"a HuggingFace directory (config.json + {HF_SINGLE}, or {HF_INDEX} + its shards), "
+    f"a keras-hub preset (config.json + metadata.json + {KERAS_WEIGHTS} or {KERAS_SHARDS}), "
+    f"or a litgpt directory ({LIT_CONFIG} + {LIT_WEIGHTS})"
+)
+
+
+def load_checkpoint(path: str | Path) -> tuple[GemmaSpec, Weights]:
+    """The spec and canonical (HF-named, float32) weights of a local checkpoint directory."""
+    d = Path(path)
+    if d.is_file():  # a file inside the checkpoint (config.json, model.safetensors, ...): its directory
+        if d.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(d.parent, d.name)
+        d = d.parent
+    if not d.is_dir():
+        raise ParityInputError(f"checkpoint {str(path)!r} does not exist; give a checkpoint directory: {EXPECTED}")
+    names = {p.name for p in d.iterdir() if p.is_file()}
+    hf_cfg = keras_cfg = None
+    if "config.json" in names:
+        cfg = _read_json(d / "config.json")
+        if isinstance(cfg, dict) and "class_name" in cfg and "config" in cfg:
+            keras_cfg = cfg
+        else:
+            hf_cfg = cfg
+    if LIT_WEIGHTS in names:
+        if LIT_CONFIG not in names:
+            raise ParityInputError(f"{d}: has {LIT_WEIGHTS} but no {LIT_CONFIG}; "
+                                   "copy the model_config.yaml litgpt wrote next to it")
+        return _load_litgpt(d)
+    if hf_cfg is not None and (HF_SINGLE in names or HF_INDEX in names):
+        return _load_hf(d, hf_cfg)
+    if keras_cfg is not None and (KERAS_WEIGHTS in names or KERAS_SHARDS in names):
+        return _load_keras(d, keras_cfg)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        _refuse_pickle(d, "lit_model.pth" if "lit_model.pth" in pickles else pickles[0])
+    found = sorted(names)
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} files)" if len(found) > 8 else "")
+    raise ParityInputError(f"{d}: no checkpoint layout recognised (found: {shown or 'no files'}); expected {EXPECTED}")
+
+
+def _refuse_pickle(d: Path, name: str) -> None:
+    how = ("safetensors.torch.save_file(torch.load('lit_model.pth', weights_only=True), 'lit_model.safetensors')"
+           if name == "lit_model.pth" else
+           "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir), which writes model.safetensors")
+    raise ParityInputError(
+        f"{d / name}: a pickled torch checkpoint, which parity never loads (unpickling runs code); "
+        f"convert to safetensors where you trust the file ({how})"
+    )
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"{p}: not valid JSON ({e}); fix or re-export the file") from None
+
+
+def _finish(spec: GemmaSpec, tensors: dict[str, np.ndarray], source: str) -> tuple[GemmaSpec, Weights]:
+    if spec.tied_head and "lm_head.weight" in tensors:
+        head = tensors.pop("lm_head.weight")
+        emb = tensors.get("model.embed_tokens.weight")
+        if emb is None or head.shape != emb.shape or not np.array_equal(head, emb):
+            raise ParityInputError(
+                f"{source}: the config ties the output head to the embedding, but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings to false in the config"
+            )
+    check_tensors(spec, tensors, where=source)
+    return spec, Weights(spec, tensors, source=source)
+
+
+# ------------------------------------------------------------ safetensors
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bfloat16"}  # safetensors is little-endian
+
+
+class _SafeTensors:
+    """A safetensors file memory-mapped, tensors viewed in their stored dtype (no pickle, no torch)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise ParityInputError(f"{path}: not a readable safetensors file ({e}); re-export it") from None
+        if not isinstance(header, dict) or not all(
+                isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= set(e)
+                for k, e in header.items() if k != "__metadata__"):
+            raise ParityInputError(f"{path}: safetensors header is malformed; re-export the file")
+        header.pop("__metadata__", None)
+        self.header, self.start, self.size = header, 8 + n, size - 8 - n
+        self._map = np.memmap(path, dtype=np.uint8, mode="r", offset=self.start, shape=(self.size,)) \
+            if self.size else np.zeros(0, np.uint8)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def float32(self, name: str) -> np.ndarray:
+        e = self.header[name]
+        dt = _ST_DTYPES.get(e.get("dtype"))
+        if dt is None:
+            raise ParityInputError(f"{self.path}: tensor {name!r} is stored as {e.get('dtype')}; "
+                                   f"parity reads {sorted(_ST_DTYPES)}: re-export it in one of those")
+        if dt == "bfloat16":
+            import ml_dtypes
+
+            dt = ml_dtypes.bfloat16
+        dt = np.dtype(dt)
+        shape = tuple(int(s) for s in e["shape"])
+        lo, hi = (int(x) for x in e["data_offsets"])
+        if not (0 <= lo <= hi <= self.size) or hi - lo != math.prod(shape) * dt.itemsize:
+            raise ParityInputError(f"{self.path}: tensor {name!r} has offsets {lo}..{hi} that do not hold "
+                                   f"{shape} {e['dtype']}; the file is truncated or corrupt: re-export it")
+        a = self._map[lo:hi].view(dt).reshape(shape)
+        return a.astype(np.float32)  # the one in-memory copy; the map is only read
+
+
+# --------------------------------------------------------------- HuggingFace
+# Gemma 3 multimodal: text weights' prefixes (transformers 5 writes the first, holds the second in memory)
+_MM_TEXT = (("language_model.model.", "model."), ("model.language_model.", "model."),
+            ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def _load_hf(d: Path, cfg) -> tuple[GemmaSpec, Weights]:
+    spec = from_hf_config(cfg, where=str(d / "config.json"))
+    multimodal = "text_config" in cfg
+    if (d / HF_SINGLE).is_file():
+        files = {n: HF_SINGLE for n in _SafeTensors(d / HF_SINGLE).keys()}
+    else:
+        files = _hf_index(d)
+    opened: dict[str, _SafeTensors] = {}
+    tensors: dict[str, np.ndarray] = {}
+    for name, shard in files.items():
+        canon = _hf_canonical(name, multimodal)
+        if canon is None:
+            continue
+        if shard not in opened:
+            opened[shard] = _SafeTensors(d / shard)
+        st = opened[shard]
+        if name not in st.header:
+            raise ParityInputError(f"{d / HF_INDEX}: lists tensor {name!r} in {shard}, which does not hold it; "
+                                   "the index and the shards disagree: re-save the checkpoint")
+        if canon in tensors:
+            raise ParityInputError(f"{d}: two tensors map to {canon!r} (one is {name!r}); remove the duplicate")
+        tensors[canon] = st.float32(name)
+    return _finish(spec, tensors, f"{d} (hf)")
+
+
+def _hf_index(d: Path) -> dict[str, str]:
+    index = _read_json(d / HF_INDEX)
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise ParityInputError(f"{d / HF_INDEX}: has no weight_map; re-save the checkpoint with save_pretrained")
+    for shard in sorted(set(wm.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise ParityInputError(f"{d / HF_INDEX}: shard {shard!r} is not a .safetensors file name in the "
+                                   "directory; fix the index")
+        if not (d / shard).is_file():
+            raise ParityInputError(f"{d / HF_INDEX}: lists shard {shard!r}, which is missing from {d}; "
+                                   "copy every shard of the checkpoint")
+    return dict(wm)
+
+
+def _hf_canonical(name: str, multimodal: bool) -> str | None:
+    """The canonical name of a checkpoint tensor, or None for tensors that are not weights of the text model."""
+    if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
+        return None
+    if not multimodal:
+        return name
+    for prefix, canon in _MM_TEXT:
+        if name.startswith(prefix):
+            return canon + name[len(prefix):]
+    return None  # vision tower, multimodal projector
+
+
+# ----------------------------------------------------------------- keras-hub
+KERAS_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")  # Gemma 1/2, and Gemma 3 text
+KERAS_MAX_POSITION = 8192  # keras-hub's Gemma backbones have no position limit; Gemma 1/2's context length
+
+
+def keras_name_map(spec: GemmaSpec) -> dict[str, str]:
+    """canonical -> keras variable path for the spec: the keras-hub adapter's own literal maps."""
+    from parity.adapters import keras_hub
+
+    if hasattr(keras_hub, "name_map"):
+        return keras_hub.name_map(spec)
+    # an adapter that maps Gemma 1 only: Gemma 2's post norms, as keras-hub's convert_gemma.py ports them
+    sandwich = {
+        "model.layers.{}.post_attention_layernorm.weight": "decoder_block_{}/post_attention_norm/scale",
+        "model.layers.{}.pre_feedforward_layernorm.weight": "decoder_block_{}/pre_ffw_norm/scale",
+        "model.layers.{}.post_feedforward_layernorm.weight": "decoder_block_{}/post_ffw_norm/scale",
+    }
+    return {**keras_hub.NAME_MAP, **(sandwich if spec.norm_placement == "sandwich" else {})}
+
+
+def _keras_spec(d: Path, cfg: dict) -> GemmaSpec:
+    """The spec a keras-hub backbone config computes (what its layers hard-code included)."""
+    where = d / "config.json"
+    cls = cfg.get("class_name")
+    if cls not in KERAS_BACKBONES:
+        raise ParityInputError(f"{where}: class_name {cls!r} is not one of keras-hub's {KERAS_BACKBONES}; "
+                               "export the model to a HuggingFace directory instead")
+    c = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+
+    def refuse(field: str, why: str) -> None:
+        raise ParityInputError(f"{where}: {field}={c.get(field)!r} {why}")
+
+    need = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
+            "intermediate_dim", "head_dim")
+    missing = [k for k in need if k not in c]
+    if missing:
+        raise ParityInputError(f"{where}: {cls} config has no {missing[0]!r}; re-save the preset")
+    eps = float(c.get("layer_norm_epsilon", 1e-6))
+    if eps != 1e-6:
+        refuse("layer_norm_epsilon", "reaches only keras-hub's final norm (its decoder blocks use 1e-6), which "
+               "one spec cannot express; use 1e-6")
+    post_attn, post_ffw = bool(c.get("use_post_attention_norm")), bool(c.get("use_post_ffw_norm"))
+    if post_attn != post_ffw:
+        refuse("use_post_attention_norm", f"but use_post_ffw_norm={post_ffw}; a spec has pre-norm or sandwich "
+               "norms, not one of each")
+    sliding = bool(c.get("use_sliding_window_attention"))
+    attn_cap, final_cap = c.get("attention_logit_soft_cap"), c.get("final_logit_soft_cap")
+    n, heads, hd, hidden = int(c["num_layers"]), int(c["num_query_heads"]), int(c["head_dim"]), int(c["hidden_dim"])
+    scalar = hd if c.get("query_head_dim_normalize", True) else hidden // heads  # what the attention divides by
+    kw: dict = dict(
+        name=d.name or "keras-hub", vocab_size=int(c["vocabulary_size"]), hidden_size=hidden, num_layers=n,
+        num_heads=heads, num_kv_heads=int(c["num_key_value_heads"]), head_dim=hd, max_position=KERAS_MAX_POSITION,
+        norm_eps=eps, norm_placement="sandwich" if post_attn else "pre", gelu_approximate="tanh", tied_head=True,
+    )
+    if cls == "Gemma3Backbone":
+        for f, ok in (("vision_encoder", None), ("is_embedding_model", False),
+                      ("use_bidirectional_attention", False), ("local_rope_scaling_factor", 1.0)):
+            if c.get(f, ok) != ok:
+                refuse(f, f"is not the text-only causal Gemma 3 that parity compares (needs {ok!r})")
+        # Gemma3Backbone: the window on layers i % 6 < 5; rope 10_000 there, 1_000_000 on the others
+        local = [sliding and i % 6 < 5 for i in range(n)]
+        kw.update(family=3, intermediate_size=int(c["intermediate_dim"]), qk_norm=bool(c.get("use_query_key_norm",
+                  True)), rope_base=1_000_000.0, rope_scaling_factor=float(c.get("global_rope_scaling_factor", 1.0)),
+                  rope_local_base=10_000.0 if any(local) else None)
+    else:
+        if c["intermediate_dim"] % 2:
+            refuse("intermediate_dim", "is odd; GemmaBackbone splits it into two equal GeGLU halves")
+        # GemmaBackbone: the window on even layers, rope 10_000 everywhere
+        local = [sliding and i % 2 == 0 for i in range(n)]
+        family = 2 if (post_attn or sliding or attn_cap is not None or final_cap is not None) else 1
+        kw.update(family=family, intermediate_size=int(c["intermediate_dim"]) // 2, rope_base=10_000.0)
+    if kw["family"] == 1:
+        kw["query_pre_attn_scalar"] = None if scalar == hd else scalar
+    else:
+        kw.update(query_pre_attn_scalar=scalar, attn_softcap=attn_cap, final_softcap=final_cap)
+        if any(local):
+            kw["layer_types"] = tuple("local" if x else "global" for x in local)
+            kw["sliding_window"] = int(c.get("sliding_window_size", 4096))
+    return GemmaSpec(**kw)
+
+
+def _load_keras(d: Path, cfg: dict) -> tuple[GemmaSpec, Weights]:
+    spec = _keras_spec(d, cfg)
+    name_map = keras_name_map(spec)
+    wanted: dict[str, str] = {}  # keras layer path -> canonical name
+    for canon in _expand(name_map, spec):
+        var = _fill(name_map, canon)
+        wanted[var.rsplit("/", 1)[0]] = canon
+    groups = _keras_groups(d)
+    unused = sorted(p for p, g in groups.items() if g["data"] and p not in wanted)
+    if unused:
+        raise ParityInputError(f"{d}: keras layer {unused[0]!r} holds variables that a Gemma backbone does not "
+                               "have (LoRA, quantization?); merge or drop them and re-save the preset")
+    raw = {}
+    for layer, canon in wanted.items():
+        data = groups.get(layer, {}).get("data", {})
+        if not data:
+            raise ParityInputError(f"{d}: keras layer {layer!r} has no weights in the preset (tensor {canon!r}); "
+                                   "the preset does not match its config.json: re-save it")
+        if set(data) != {"0"}:
+            raise ParityInputError(f"{d}: keras layer {layer!r} holds {len(data)} variables, a Gemma backbone "
+                                   "holds one (untied or quantized embeddings?); re-save a plain GemmaBackbone")
+        raw[canon] = _h5_float32(data["0"], layer)
+    return _finish(spec, _from_keras_layout(raw, spec, str(d)), f"{d} (keras-hub)")
+
+
+def _expand(name_map: dict, spec: GemmaSpec) -> list[str]:
+    """The canonical names the spec needs that the map covers."""
+    return [k for k in canonical_shapes(spec) if re.sub(r"\.\d+\.", ".{}.", k, count=1) in name_map]
+
+
+def _fill(name_map: dict, canon: str) -> str:
+    m = re.search(r"\.(\d+)\.", canon)
+    key = re.sub(r"\.\d+\.", ".{}.", canon, count=1)
+    return name_map[key].format(m.group(1)) if m else name_map[key]
+
+
+def _keras_groups(d: Path) -> dict[str, dict]:
+    """keras layer path (layer names joined by '/') -> {"data": {index: dataset}} over every weights file."""
+    try:
+        import h5py
+    except ImportError:
+        raise ParityInputError("reading a keras-hub preset needs h5py: pip install h5py") from None
+    if (d / KERAS_WEIGHTS).is_file():
+        files = [d / KERAS_WEIGHTS]
+    else:
+        index = _read_json(d / KERAS_SHARDS)
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise ParityInputError(f"{d / KERAS_SHARDS}: has no weight_map; re-save the preset")
+        shards = sorted({s for v in wm.values() for s in (v if isinstance(v, list) else [v])})
+        for s in shards:
+            if not isinstance(s, str) or Path(s).name != s or not (d / s).is_file():
+                raise ParityInputError(f"{d / KERAS_SHARDS}: lists shard {s!r}, which is missing from {d}; "
+                                       "copy every shard of the preset")
+        files = [d / s for s in shards]
+    names: dict[str, str] = {}  # h5 group path -> keras layer name (from the vars group's "name" attribute)
+    data: dict[str, dict] = {}  # h5 group path -> {index: dataset}
+    for fp in files:
+        try:
+            f = h5py.File(fp, "r")
+        except OSError as e:
+            raise ParityInputError(f"{fp}: not a readable HDF5 file ({e}); re-save the preset") from None
+        found: list[str] = []
+        f.visit(lambda n, found=found: found.append(n) if n == "vars" or n.endswith("/vars") else None)
+        for n in found:
+            g = f[n]
+            if not isinstance(g, h5py.Group):
+                continue
+            owner = n[: -len("vars")].rstrip("/")
+            if "name" in g.attrs:
+                names[owner] = str(g.attrs["name"])
+            for k in g:
+                if g.get(k, getlink=True).__class__ is not h5py.HardLink:  # as keras refuses soft/external links
+                    raise ParityInputError(f"{fp}: {n}/{k} is a link, not stored data; re-save the preset")
+                data.setdefault(owner, {})[k] = g[k]
+    # "layers/gemma_decoder_block_1/attention/query_dense" -> "decoder_block_1/attention/query": each
+    # ancestor that is a keras layer contributes its name; containers ("layers") contribute nothing
+    out: dict[str, dict] = {}
+    for owner, held in data.items():
+        parts = owner.split("/")
+        prefixes = ["/".join(parts[:i + 1]) for i in range(len(parts))]
+        layer = "/".join(names.get(p, parts[i]) for i, p in enumerate(prefixes) if p in names or p == owner)
+        if layer in out:
+            raise ParityInputError(f"{d}: two keras layers with weights are named {layer!r}; re-save the preset")
+        out[layer] = {"data": held}
+    return out
+
+
+def _h5_float32(ds, layer: str) -> np.ndarray:
+    a = ds[()]
+    if ds.attrs.get("dtype") == "bfloat16" and a.dtype.itemsize == 2:  # keras writes bf16 as 2-byte opaque
+        import ml_dtypes
+
+        a = a.view(ml_dtypes.bfloat16)
+    elif a.dtype.kind != "f":
+        raise ParityInputError(f"keras layer {layer!r} stores {a.dtype}, not floating point; "
+                               "dequantize and re-save the preset")
+    return a.astype(np.float32, copy=False)
+
+
+def _from_keras_layout(raw: dict[str, np.ndarray], spec: GemmaSpec, where: str) -> dict[str, np.ndarray]:
+    """The inverse of parity.adapters.keras_hub.to_keras_layout: keras-hub layouts back to HF [out, in]."""
+    h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    out = {}
+    for name in list(raw):
+        t = raw.pop(name)  # one tensor in two layouts at a time, not the whole model
+        try:
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                n = nq if name.endswith("q_proj.weight") else nkv
+                t = t.reshape(n, h, hd).transpose(0, 2, 1).reshape(n * hd, h)  # "ndh" [n, h, hd] -> [n*hd, h]
+            elif name.endswith("o_proj.weight"):
+                t = t.reshape(nq * hd, h).T  # "nhd" [nq, hd, h] -> [h, nq*hd]
+            elif name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+                t = t.T  # [in, out] -> [out, in]
+        except ValueError:
+            raise ParityInputError(f"{where}: keras weight for {name!r} has shape {t.shape}, which does not fit "
+                                   "the config's sizes; the preset and its config.json disagree") from None
+        out[name] = np.ascontiguousarray(t)
+    return out
+
+
+# -------------------------------------------------------------------- litgpt
+# litgpt Config fields that must hold these values for the model to be a Gemma the spec describes
+_LIT_FIXED = {
+    "mlp_class_name": "GemmaMLP", "norm_class_name": "RMSNorm", "parallel_residual": False,
+    "shared_attention_norm": False, "bias": False, "attn_bias": False, "lm_head_bias": False,
+    "rotary_percentage": 1.0, "rope_condense_ratio": 1, "rope_interleave": False, "n_expert": 0,
+    "latent_attention": None, "norm_qk_type": "default", "norm_1": True, "norm_2": True,
+}
+
+
+def _litgpt_spec(d: Path, c: dict) -> GemmaSpec:
+    where = d / LIT_CONFIG
+
+    def bad(field: str, why: str) -> None:
+        raise ParityInputError(f"{where}: {field}={c.get(field)!r} {why}")
+
+    for f, want in _LIT_FIXED.items():
+        if f in c and c[f] != want:
+            bad(f, f"is not Gemma's ({want!r}); parity compares Gemma models only")
+    for f in ("n_layer", "n_embd", "n_head", "vocab_size"):
+        if not isinstance(c.get(f), int):
+            bad(f, "must be an integer; re-save model_config.yaml from the litgpt Config")
+    n, heads, hidden = c["n_layer"], c["n_head"], c["n_embd"]
+    if c.get("post_attention_norm", False) != c.get("post_mlp_norm", False):
+        bad("post_attention_norm", f"but post_mlp_norm={c.get('post_mlp_norm')!r}; a spec has pre-norm or "
+            "sandwich norms, not one of each")
+    adj = c.get("rope_adjustments")
+    if adj is not None and set(adj) != {"factor"}:
+        bad("rope_adjustments", "is not a plain linear factor; parity's spec has linear rope scaling only")
+    gelu = c.get("gelu_approximate", "none")
+    if gelu not in ("tanh", "none"):
+        bad("gelu_approximate", "is not 'tanh' or 'none'")
+    # per-layer windows: 0.5 sliding_window_indices (default: every layer), 0.4 sliding_window_layer_placing
+    window = c.get("sliding_window_size")
+    if window is None:
+        local = [0] * n
+    elif c.get("sliding_window_indices") is not None:
+        local = [int(x) for x in c["sliding_window_indices"]][:n]
+    elif c.get("sliding_window_layer_placing") == "interleaved":
+        local = [int(i % 2 == 0) for i in range(n)]
+    else:
+        local = [1] * n
+    rope_local = c.get("rope_local_base_freq")
+    if rope_local is not None:
+        rope_idx = [int(x) for x in (c.get("rope_indices") or [1] * n)][:n]
+        if rope_idx != local:
+            bad("rope_indices", f"differs from the sliding-window layers {local}; a spec gives the local rope "
+                "base to exactly the windowed layers")
+    qk_norm = bool(c.get("norm_qk", False))
+    sandwich = bool(c.get("post_attention_norm", False))
+    factor = float(adj["factor"]) if adj else 1.0
+    if qk_norm or (rope_local is not None and float(rope_local) != float(c.get("rope_base", 10000))) \
+            or factor != 1.0:
+        family = 3
+    elif sandwich or any(local) or c.get("attention_logit_softcapping") is not None \
+            or c.get("final_logit_softcapping") is not None:
+        family = 2
+    else:
+        family = 1
+    head = c.get("head_size") or hidden // heads
+    scalar = c.get("attention_scores_scalar")
+    kw: dict = dict(
+        family=family, name=c.get("name") or d.name, vocab_size=int(c.get("padded_vocab_size") or c["vocab_size"]),
+        hidden_size=hidden, intermediate_size=int(c.get("intermediate_size") or 4 * hidden), num_layers=n,
+        num_heads=heads, num_kv_heads=int(c.get("n_query_groups") or heads), head_dim=int(head),
+        max_position=int(c.get("block_size", 4096)), norm_eps=float(c.get("norm_eps", 1e-5)),
+        norm_unit_offset="Gemma" in str(c.get("name", "")),  # litgpt's rule (Config.norm_class)
+        norm_placement="sandwich" if sandwich else "pre", gelu_approximate=gelu,
+        embed_scale=bool(c.get("scale_embeddings", False)), rope_base=float(c.get("rope_base", 10000)),
+        query_pre_attn_scalar=None if (family == 1 and scalar in (None, head)) else (scalar or None),
+        qk_norm=qk_norm, tied_head=True,  # decided from the weights in _load_litgpt
+    )
+    if family >= 2:
+        kw.update(attn_softcap=c.get("attention_logit_softcapping"),
+                  final_softcap=c.get("final_logit_softcapping"), rope_scaling_factor=factor)
+        if any(local):
+            kw["layer_types"] = tuple("local" if x else "global" for x in local)
+            kw["sliding_window"] = int(window)
+        if family == 3 and rope_local is not None and any(local):
+            kw["rope_local_base"] = float(rope_local)
+    return GemmaSpec(**kw)
+
+
+def _load_litgpt(d: Path) -> tuple[GemmaSpec, Weights]:
+    import dataclasses
+
+    from parity.adapters.litgpt_pkg import NAME_MAP_PRE, NAME_MAP_SANDWICH, QKV_TARGET
+
+    try:
+        import yaml
+    except ImportError:
+        raise ParityInputError("reading model_config.yaml needs pyyaml: pip install pyyaml") from None
+    try:
+        c = yaml.safe_load((d / LIT_CONFIG).read_text())  # safe_load: plain data only, never python objects
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        msg = str(e).replace("\n", " ")
+        raise ParityInputError(f"{d / LIT_CONFIG}: not plain YAML ({msg}); re-save it with litgpt's save_config") \
+            from None
+    if not isinstance(c, dict):
+        raise ParityInputError(f"{d / LIT_CONFIG}: expected a mapping of litgpt Config fields")
+    spec = _litgpt_spec(d, c)
+    base = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
+    inverse = {v: k for k, v in base.items() if v is not None and "qkv" not in k}
+    for target in QKV_TARGET.values():
+        inverse[target] = "model.layers.{}.self_attn.qkv.weight"
+    st = _SafeTensors(d / LIT_WEIGHTS)
+    tensors: dict[str, np.ndarray] = {}
+    layouts = set()
+    for name in st.keys():
+        key = re.sub(r"\.\d+\.", ".{}.", name, count=1)
+        if key not in inverse:
+            raise ParityInputError(f"{d / LIT_WEIGHTS}: tensor {name!r} is not a litgpt Gemma parameter this "
+                                   "spec has; check model_config.yaml matches the weights")
+        m = re.search(r"\.(\d+)\.", name)
+        canon = inverse[key].format(m.group(1)) if m else inverse[key]
+        if key.endswith(("attn.qkv.weight", "attn.attn.weight")):
+            layouts.add("stacked" if key.endswith("qkv.weight") else "grouped")
+        tensors[canon] = st.float32(name)
+    if len(layouts) > 1:
+        raise ParityInputError(f"{d / LIT_WEIGHTS}: mixes attn.qkv (litgpt 0.5) and attn.attn (0.4) tensors; "
+                               "re-save it from one litgpt version")
+    _split_qkv(tensors, spec, layouts.pop() if layouts else "stacked", str(d / LIT_WEIGHTS))
+    head, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is not None and emb is not None and head.shape == emb.shape and np.array_equal(head, emb):
+        del tensors["lm_head.weight"]  # litgpt stores the tied head as a copy of the embedding
+    else:
+        spec = dataclasses.replace(spec, tied_head=False)
+    return _finish(spec, tensors, f"{d} (litgpt)")
+
+
+def _split_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec, layout: str, where: str) -> None:
+    """The inverse of parity.adapters.litgpt_pkg.fuse_qkv, in place."""
+    hd, kv, g = spec.head_dim, spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        fused = tensors.pop(p + "qkv.weight", None)
+        if fused is None:
+            continue  # check_tensors names the missing q/k/v
+        want = ((spec.num_heads + 2 * kv) * hd, spec.hidden_size)
+        if fused.shape != want:
+            raise ParityInputError(f"{where}: layer {i}'s fused qkv has shape {fused.shape}, the config needs "
+                                   f"{want}; the weights and model_config.yaml disagree")
+        if layout == "stacked":  # [Q; K; V]
+            q, k, v = np.split(fused, [spec.num_heads * hd, (spec.num_heads + kv) * hd], axis=0)
+        else:  # per kv group: its g query heads, its key head, its value head
+            grouped = fused.reshape(kv, (g + 2) * hd, -1)
+            q = grouped[:, : g * hd].reshape(-1, fused.shape[1])
+            k = grouped[:, g * hd: (g + 1) * hd].reshape(-1, fused.shape[1])
+            v = grouped[:, (g + 1) * hd:].reshape(-1, fused.shape[1])
+        for n, t in zip("qkv", (q, k, v)):
+            tensors[p + n + "_proj.weight"] = np.ascontiguousarray(t)
