@@ -25,8 +25,22 @@ def family_report(request):
                        prompts={"long": default_prompts(spec)["long"]}))
 
 
+# Known library divergences, asserted separately so they stay detected (see KNOWN_DIVERGENCES)
+KERAS_27B = ("tiny-gemma2-27b", "keras")
+KNOWN_DIVERGENCES = {
+    KERAS_27B: "keras-hub 0.32's GemmaDecoderBlock builds its attention with query_head_dim_normalize=True "
+               "whatever it is given: q scaled by 1/sqrt(32) not 1/sqrt(48) (27B: 1/sqrt(128) not 1/sqrt(144)); "
+               "attn.probs max abs 0.080 vs 1.6e-5 allowed in float32, logits KL 6e-3",
+}
+
+
+def _known(report, impl):
+    return (report.spec.name, impl) in KNOWN_DIVERGENCES
+
+
 def _traces(report):
-    return [t for t in report.traces if t.mode == "cumulative" and (t.impl, t.dtype) != ("litgpt-style", "float64")]
+    return [t for t in report.traces if t.mode == "cumulative" and (t.impl, t.dtype) != ("litgpt-style", "float64")
+            and not _known(report, t.impl)]
 
 
 def test_family_norm_placement(family_report):
@@ -56,9 +70,19 @@ def test_family_gelu_tanh_and_geglu(family_report):
 
 
 def test_family_within_tolerance_both_modes(family_report):
-    checks.check_within_tolerance(family_report.results, f"{family_report.spec.name}: taps beyond tolerance")
+    rs = [r for r in family_report.results if not _known(family_report, r.impl)]
+    checks.check_within_tolerance(rs, f"{family_report.spec.name}: taps beyond tolerance")
 
 
 def test_family_no_named_divergence(family_report):
-    found = family_report.divergent_causes
+    found = [d for d in family_report.divergent_causes if not _known(family_report, d["impl"])]
     assert not found, "; ".join(f"{d['impl']}@{d['dtype']} {d['cause']} at {d['tap']}" for d in found)
+
+
+def test_known_library_divergences_stay_detected_and_named(family_report):
+    """If a library fixes one of these, this fails: update KNOWN_DIVERGENCES and the README's findings."""
+    for (spec, impl), why in KNOWN_DIVERGENCES.items():
+        if spec != family_report.spec.name or not any(r["impl"] == impl for r in family_report.runs):
+            continue
+        causes = {d["cause"] for d in family_report.divergent_causes if d["impl"] == impl}
+        assert causes == {"query-scale"}, f"{impl} on {spec}: expected query-scale ({why}), got {causes}"

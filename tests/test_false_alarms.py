@@ -1,8 +1,9 @@
 """False alarms: correct implementations on hypothesis-generated tiny specs and prompts never diverge.
 
 Every installed built-in that can express the drawn spec runs in float32,
-bfloat16 and float16 (keras-hub only takes Gemma 1 with its fixed epsilon and
-rope base, and is skipped, as the report says, elsewhere). CI draws a few
+bfloat16 and float16 (keras-hub refuses some epsilons and rope bases, and is
+skipped, as the report says; it is left out where the query scalar is not
+head_dim, its known divergence). CI draws a few
 examples; PARITY_HYPOTHESIS_EXAMPLES=300 is the long run.
 """
 
@@ -24,7 +25,11 @@ EXAMPLES = int(os.environ.get("PARITY_HYPOTHESIS_EXAMPLES", "6"))
 @given(spec=gemma_specs(), data=st.data())
 def test_correct_implementations_never_diverge(spec, data):
     tokens = data.draw(token_prompts(spec, min_len=2, max_len=40), label="tokens")
-    report = run(Request(spec=spec, dtypes=["float32", "bfloat16", "float16"], prompts={"p": tokens}))
+    impls = None  # every installed built-in that can express the spec
+    if spec.query_pre_attn_scalar not in (None, spec.head_dim):
+        # keras-hub 0.32 drops a query scalar other than head_dim (a known divergence, see README findings)
+        impls = ["litgpt-style", "hf"]
+    report = run(Request(spec=spec, impls=impls, dtypes=["float32", "bfloat16", "float16"], prompts={"p": tokens}))
     bad = [r.message() for r in report.results if not r.passed][:3]
     assert report.passed, f"false alarm on {spec}: {report.divergent_causes[:2]} {bad}"
 
