@@ -85,4 +85,4 @@ def test_known_library_divergences_stay_detected_and_named(family_report):
         if spec != family_report.spec.name or not any(r["impl"] == impl for r in family_report.runs):
             continue
         causes = {d["cause"] for d in family_report.divergent_causes if d["impl"] == impl}
-        assert causes == {"query-scale"}, f"{impl} on {spec}: expected query-scale ({why}), got {causes}"
+        assert "query-scale" in causes, f"{impl} on {spec}: expected query-scale ({why}), got {causes}"
