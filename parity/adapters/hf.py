@@ -155,11 +155,10 @@ class HFAdapter(Adapter):
     def run(self, model, tokens, feed=None) -> RunResult:
         import torch
 
-        from parity.adapters.litgpt_style import _feeds
-        from parity.adapters.torch_hooks import recording, to_numpy
+        from parity.adapters.torch_hooks import module_feeds, recording, to_numpy
 
         tap_map = self._tap_map(model.parity_spec)
-        with torch.no_grad(), recording(model, tap_map, _feeds(tap_map, feed)) as taps:
+        with torch.no_grad(), recording(model, tap_map, module_feeds(tap_map, feed, "hf")) as taps:
             out = model(input_ids=torch.tensor([tokens]), use_cache=False)
         taps = dict(taps)
         taps["logits"] = to_numpy(out.logits)  # after the final softcap, which no module produces

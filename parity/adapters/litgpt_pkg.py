@@ -274,7 +274,7 @@ class LitgptAdapter(Adapter):
     def run(self, model, tokens, feed=None) -> RunResult:
         import torch
 
-        from parity.adapters.torch_hooks import recording, to_numpy
+        from parity.adapters.torch_hooks import module_feeds, recording, to_numpy
 
         spec = model.parity_spec
         if len(tokens) > model.max_seq_length:
@@ -282,7 +282,7 @@ class LitgptAdapter(Adapter):
                                    f"{model.max_seq_length} (spec max_position); shorten the prompt")
         tap_map = expand_tap_map(TAP_MAP, spec)
         inline = expand_tap_map(INLINE_TAPS, spec)
-        feeds = _feeds(tap_map, feed)
+        feeds = module_feeds(tap_map, feed, "litgpt")
         with torch.no_grad(), recording(model, tap_map, feeds) as taps, \
                 _inline_recording(model, inline) as inline_taps:
             logits = model(torch.tensor([tokens]))
@@ -358,17 +358,6 @@ class LitgptAdapter(Adapter):
     def release(self, model) -> None:
         del model
 
-
-def _feeds(tap_map, feed):
-    """Isolated mode: tap -> reference input becomes module path -> array."""
-    if not feed:
-        return None
-    out = {}
-    for tap, value in feed.items():
-        if tap not in tap_map or tap_map[tap][1] != "out":
-            raise ParityInputError(f"cannot feed tap {tap!r}: it is not a litgpt sub-module output")
-        out[tap_map[tap][0]] = value
-    return out
 
 
 @contextmanager

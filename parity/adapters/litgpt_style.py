@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from parity.adapters.base import Adapter, RunResult
-from parity.errors import ParityInputError
 from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map
 from parity.weights import Weights, map_weights
@@ -112,10 +111,10 @@ class LitgptStyleAdapter(Adapter):
     def run(self, model, tokens, feed=None) -> RunResult:
         import torch
 
-        from parity.adapters.torch_hooks import recording
+        from parity.adapters.torch_hooks import module_feeds, recording
 
         tap_map = expand_tap_map(TAP_MAP, model.s)
-        feeds = _feeds(tap_map, feed)
+        feeds = module_feeds(tap_map, feed, "litgpt-style")
         with torch.no_grad(), recording(model, tap_map, feeds) as taps:
             model(torch.tensor([tokens]))
         return RunResult(dict(taps))
@@ -140,14 +139,3 @@ class LitgptStyleAdapter(Adapter):
             "tied_head": s.tied_head,
         }
 
-
-def _feeds(tap_map, feed):
-    """Isolated mode: tap -> reference input becomes module path -> array."""
-    if not feed:
-        return None
-    out = {}
-    for tap, value in feed.items():
-        if tap not in tap_map or tap_map[tap][1] != "out":
-            raise ParityInputError(f"cannot feed tap {tap!r}: it is not a sub-module output here")
-        out[tap_map[tap][0]] = value
-    return out

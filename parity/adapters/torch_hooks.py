@@ -49,6 +49,20 @@ def _replace_first(args, kwargs, new):
     raise RuntimeError("no tensor input to replace")
 
 
+def module_feeds(tap_map: TapMap, feed: dict[str, np.ndarray] | None, impl: str) -> dict | None:
+    """Isolated mode: tap -> reference input becomes module path -> array (only sub-module outputs)."""
+    from parity.errors import ParityInputError
+
+    if not feed:
+        return None
+    out = {}
+    for tap, value in feed.items():
+        if tap not in tap_map or tap_map[tap][1] != "out":
+            raise ParityInputError(f"cannot feed tap {tap!r}: it is not a {impl} sub-module output")
+        out[tap_map[tap][0]] = value
+    return out
+
+
 @contextmanager
 def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | None = None) -> Iterator[dict]:
     """Yield a dict that fills with tap -> array while the model runs.
