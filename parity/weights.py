@@ -15,7 +15,8 @@ import hashlib
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,28 +77,71 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return _round_bf16(w.astype(np.float32))
 
 
+def param_count(spec: GemmaSpec) -> int:
+    return sum(math.prod(s) for s in canonical_shapes(spec).values())
+
+
 @dataclass
 class Weights:
+    """The canonical tensors: in memory (a dict) or in a file (`weight_store.StoredTensors`).
+
+    Adapters fill their parameters through `read_into`, which works for both
+    and never holds a second full copy of a stored tensor.
+    """
+
     spec: GemmaSpec
-    tensors: dict[str, np.ndarray]
+    tensors: Mapping[str, np.ndarray]
     source: str = "random"
+    _hash: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stored(self) -> bool:
+        return hasattr(self.tensors, "read_into")
 
     @property
     def hash(self) -> str:
+        if not self.stored:
+            return self._compute_hash()  # a dict can be edited in place (fault tests do): never cached
+        if self._hash is None:
+            self._hash = self.tensors.metadata.get("weights_hash") or self._compute_hash()
+        return self._hash
+
+    def _compute_hash(self) -> str:
         h = hashlib.sha256()
         for k in sorted(self.tensors):
-            t = np.ascontiguousarray(self.tensors[k])
             h.update(k.encode())
+            if self.stored:  # float32 blocks, the same bytes as the in-memory arrays
+                h.update(b"float32")
+                for _, block in self.tensors.blocks(k):
+                    h.update(np.ascontiguousarray(block).tobytes())
+                continue
+            t = np.ascontiguousarray(self.tensors[k])
             h.update(str(t.dtype).encode())
             h.update(t.tobytes())
         return h.hexdigest()[:16]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors.shape(name) if self.stored else tuple(self.tensors[name].shape)
+
+    def read_into(self, name: str, out: np.ndarray, row0: int = 0) -> None:
+        """Fill `out` (any float dtype, ml_dtypes.bfloat16 included) with rows row0.. of `name`."""
+        if self.stored:
+            self.tensors.read_into(name, out, row0)
+        else:
+            out[...] = self.tensors[name][row0:row0 + (out.shape[0] if out.ndim else 1)]
+
+    def rows(self, name: str, ids) -> np.ndarray:
+        """float32 rows `ids` of a matrix (an embedding lookup) without reading the rest."""
+        if self.stored:
+            return self.tensors.rows(name, ids)
+        return np.asarray(self.tensors[name])[np.asarray(list(ids), dtype=np.int64)]
 
     def check(self) -> None:
         """Every tensor the spec needs is here, with its shape, finite, and nothing else."""
         check_tensors(self.spec, self.tensors, where=self.source)
 
 
-def check_tensors(spec: GemmaSpec, tensors: dict[str, np.ndarray], where: str) -> None:
+def check_tensors(spec: GemmaSpec, tensors: Mapping[str, np.ndarray], where: str) -> None:
     want = canonical_shapes(spec)
     missing = sorted(set(want) - set(tensors))
     if missing:
@@ -111,14 +155,19 @@ def check_tensors(spec: GemmaSpec, tensors: dict[str, np.ndarray], where: str) -
             f"{where}: {len(extra)} tensor(s) the spec does not use, first {extra[0]!r}; "
             "the weights do not match the spec (check num_layers, tied_head and norm placement)"
         )
+    stored = hasattr(tensors, "read_into")
     for k, shape in want.items():
-        got = tuple(tensors[k].shape)
+        got = tuple(tensors.shape(k) if stored else tensors[k].shape)
         if got != shape:
             raise ParityInputError(
                 f"{where}: tensor {k!r} has shape {got}, the spec needs {shape}; the weights and spec disagree"
             )
-        if not np.isfinite(tensors[k]).all():
-            n = int((~np.isfinite(tensors[k])).sum())
+    if stored and tensors.metadata.get("generator") == "parity":
+        return  # generated here, finite by construction; scanning 10 GB would cost a minute
+    for k in want:
+        blocks = tensors.blocks(k) if stored else [(0, tensors[k])]
+        n = sum(int((~np.isfinite(b)).sum()) for _, b in blocks)
+        if n:
             raise ParityInputError(
                 f"{where}: tensor {k!r} holds {n} NaN/inf value(s); the checkpoint is corrupt, re-export it"
             )
@@ -136,30 +185,34 @@ def save_weights(w: Weights, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     import json
 
+    if w.stored:  # already a file: write it out tensor by tensor would need the whole thing in memory
+        import shutil
+
+        shutil.copyfile(w.tensors.path, p)
+        return p
     save_file(w.tensors, str(p), metadata={"spec": json.dumps(w.spec.to_dict()), "source": w.source})
     return p
 
 
 def load_weights(path: str | Path, spec: GemmaSpec | None = None) -> Weights:
-    """Load safetensors written by `save_weights` (or any file in canonical HF names)."""
+    """Canonical weights from a safetensors file (written by `save_weights` or any file in HF names).
+
+    Nothing is read but the header until an adapter asks for a tensor: the
+    file may be larger than memory allows twice.
+    """
     import json
 
-    from safetensors import safe_open
+    from parity.weight_store import StoredTensors
 
     p = Path(path)
     if not p.is_file():
         raise ParityInputError(f"weights file {str(p)!r} does not exist; give an existing .safetensors path")
-    try:
-        with safe_open(str(p), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ParityInputError(f"{p}: not a readable safetensors file ({e}); re-export it") from None
+    tensors = StoredTensors(p)
     if spec is None:
-        if "spec" not in meta:
+        if "spec" not in tensors.metadata:
             raise ParityInputError(f"{p}: has no spec in its metadata; pass --spec with the matching config")
-        spec = GemmaSpec.from_dict(json.loads(meta["spec"]))
-    w = Weights(spec, tensors, source=str(p))
+        spec = GemmaSpec.from_dict(json.loads(tensors.metadata["spec"]))
+    w = Weights(spec, tensors, source=tensors.metadata.get("source") if tensors.metadata.get("generator") else str(p))
     w.check()
     return w
 
