@@ -1,17 +1,33 @@
 """Compare a trace with the reference trace, tap by tap, in forward order.
 
 Sees only `tap -> array` and metadata: no framework is imported here.
+
+Reduced taps (parity.trace.ReducedTap, a trace saved with `reduce_over`) are
+compared on the rows both sides hold (a full array is reduced to the other
+side's rows), with the atol the full comparison would use (the reference's
+full-tensor RMS); the result says `sampled` and how many elements it compared.
+Every row's max |x|, RMS and non-finite count are compared too, with bounds
+that any pair passing the elementwise check satisfies (|max|a| - max|b|| and
+|rms(a) - rms(b)| are at most atol + rtol * the reference's), so a row that
+breaks them fails the full comparison as well: that is how a fault in an
+unsampled row can still be seen. One that keeps those statistics within bounds
+is not seen (for logits, top-1 agreement over every position still counts an
+argmax it changes).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from parity.errors import ParityInputError
 from parity.metrics import compare_arrays, logit_metrics
 from parity.taps import layer_of
 from parity.tolerances import TOLERANCES, Tolerance, growth
-from parity.trace import Trace
+from parity.trace import ReducedTap, Trace, reduce_at
+
+STAT_SLACK = 1e-12  # relative rounding allowed in the row statistics' bounds (float64 sums)
 
 
 @dataclass
@@ -22,20 +38,28 @@ class TapResult:
     prompt: str
     tap: str
     layer: int | None
-    max_abs: float
+    max_abs: float  # over the elements compared (sampled rows, for a reduced tap)
     max_rel: float
     atol: float  # absolute, as applied to this tap
     rtol: float
     passed: bool
-    mismatched: int = 0
-    numel: int = 0
-    mismatch_fraction: float = 0.0
+    mismatched: int = 0  # among the elements compared
+    numel: int = 0  # of the full tensor
+    mismatch_fraction: float = 0.0  # mismatched / sampled_numel
     max_ulp: float = 0.0
     cosine: float = 1.0
-    ref_rms: float = 0.0
-    where: list = field(default_factory=list)
+    ref_rms: float = 0.0  # of the reference's full tensor
+    where: list = field(default_factory=list)  # index into the full tensor
     needed_atol: float = 0.0
     logits: dict | None = None
+    sampled: bool = False  # compared on some rows of a reduced tap, not on the whole tensor
+    sampled_numel: int | None = None  # elements compared; numel unless sampled
+    reason: str = ""  # why it failed, where the numbers above do not say it
+    stat_rows_failed: int = 0  # rows whose max |x|, RMS or non-finite count rule out passing
+
+    def __post_init__(self):
+        if self.sampled_numel is None:
+            self.sampled_numel = self.numel
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -45,13 +69,18 @@ class TapResult:
 
     def message(self) -> str:
         """torch.testing's shape: how many failed, worst abs and rel and where, the tolerance, what would pass."""
-        pct = 100.0 * self.mismatched / max(self.numel, 1)
+        head = f"{self.impl}@{self.dtype} {self.mode} {self.tap} [{self.prompt}]: "
+        if self.reason and not self.sampled_numel:  # nothing was compared
+            return head + self.reason
+        pct = 100.0 * self.mismatched / max(self.sampled_numel, 1)
+        counted = (f"{self.mismatched} / {self.sampled_numel} sampled elements (of {self.numel})" if self.sampled
+                   else f"{self.mismatched} / {self.numel} elements")
         return (
-            f"{self.impl}@{self.dtype} {self.mode} {self.tap} [{self.prompt}]: "
-            f"{self.mismatched} / {self.numel} elements ({pct:.1f}%) beyond tolerance; "
+            head + f"{counted} ({pct:.1f}%) beyond tolerance; "
             f"greatest absolute difference {self.max_abs:.3g} at index {tuple(self.where)} "
             f"(up to {self.atol:.3g} allowed), greatest relative difference {self.max_rel:.3g} "
             f"(up to {self.rtol:.3g} allowed); atol {self.needed_atol:.3g} with this rtol would have passed"
+            + (f"; {self.reason}" if self.reason else "")
         )
 
 
@@ -71,36 +100,129 @@ def check_comparable(ref: Trace, other: Trace) -> None:
 def compare_trace(
     ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None
 ) -> list[TapResult]:
+    """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time."""
     check_comparable(ref, other)
     table = table or TOLERANCES
     mode = mode or other.mode
     tol = table[other.dtype]
     n_layers = int(ref.spec["num_layers"])
     out = []
-    for tap, actual in other.taps.items():
+    for tap in other.taps:
         if tap not in ref.taps:
             continue  # an extra tap the reference does not expose (attention internals)
-        expected = ref.taps[tap]
-        if actual.shape != expected.shape:
-            # a shape mismatch is a divergence, not bad input: report it as a total failure
-            out.append(TapResult(other.impl, other.dtype, mode, other.prompt, tap, layer_of(tap),
-                                 float("inf"), float("inf"), 0.0, tol.rtol, False,
-                                 numel=int(expected.size), mismatched=int(expected.size)))
-            continue
-        from parity.metrics import rms
+        # read here, so a lazy trace holds only this pair while it is compared
+        out.append(_compare_tap(tap, other.taps[tap], ref.taps[tap], other, mode, tol, n_layers))
+    return out
 
-        atol_abs = tol.atol * rms(expected) * growth(tap, n_layers, mode)
-        m = compare_arrays(actual, expected, other.dtype, atol_abs, tol.rtol)
-        r = TapResult(
-            impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap),
-            max_abs=m["max_abs"], max_rel=m["max_rel"], atol=atol_abs, rtol=tol.rtol,
-            passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
-            mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
-            ref_rms=m["ref_rms"], where=m["where"], needed_atol=m["needed_atol"],
+
+def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int) -> TapResult:
+    base = dict(impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap))
+    if isinstance(actual, ReducedTap) or isinstance(expected, ReducedTap):
+        return _compare_reduced(base, actual, expected, tol, growth(tap, n_layers, mode))
+    if actual.shape != expected.shape:
+        return _failed(base, tol, expected.size, False,
+                       f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}")
+    from parity.metrics import rms
+
+    atol_abs = tol.atol * rms(expected) * growth(tap, n_layers, mode)
+    m = compare_arrays(actual, expected, other.dtype, atol_abs, tol.rtol)
+    r = TapResult(
+        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=atol_abs, rtol=tol.rtol,
+        passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
+        mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
+        ref_rms=m["ref_rms"], where=m["where"], needed_atol=m["needed_atol"],
+    )
+    if tap == "logits":
+        r.logits = logit_metrics(actual, expected)
+    return r
+
+
+def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str) -> TapResult:
+    """Nothing could be compared (a shape mismatch, no common rows): a divergence, not bad input, so a total failure."""
+    return TapResult(**base, max_abs=float("inf"), max_rel=float("inf"), atol=0.0, rtol=tol.rtol, passed=False,
+                     numel=int(numel), mismatched=int(numel), sampled=sampled, sampled_numel=0,
+                     reason=reason)
+
+
+def _compare_reduced(base: dict, actual, expected, tol: Tolerance, grow: float) -> TapResult:
+    """Either side reduced: the usual metrics on the rows both hold, plus every row's statistics."""
+    shape_a, shape_e = tuple(actual.shape), tuple(expected.shape)
+    numel = int(np.prod(shape_e))
+    if shape_a != shape_e:
+        return _failed(base, tol, numel, True, f"shape {shape_a} != reference shape {shape_e}")
+    idx_a = actual.row_index if isinstance(actual, ReducedTap) else None
+    idx_e = expected.row_index if isinstance(expected, ReducedTap) else None
+    rows = idx_e if idx_a is None else idx_a if idx_e is None else np.intersect1d(idx_a, idx_e)
+    if rows.size == 0:
+        return _failed(base, tol, numel, True, f"no rows in common: reduced to rows {idx_a.tolist()}, "
+                       f"the reference to rows {idx_e.tolist()}; reduce both with the same max_rows")
+    a, e = (_reduced_to(base["tap"], v, rows) for v in (actual, expected))
+    atol_abs = tol.atol * e.rms * grow  # the reference's full-tensor RMS: the atol a full comparison uses
+    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], atol_abs, tol.rtol)
+    bad, need, reasons = _stats_beyond(a, e, atol_abs, tol.rtol)
+    r = TapResult(
+        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=atol_abs, rtol=tol.rtol,
+        passed=m["mismatched"] == 0 and m["finite"] and not reasons, mismatched=m["mismatched"], numel=numel,
+        mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
+        ref_rms=_zero_filled_rms(e),
+        where=[int(rows[m["where"][0]])] + m["where"][1:] if m["where"] else [],
+        needed_atol=max(m["needed_atol"], need), sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
+        stat_rows_failed=int(bad.size),
+    )
+    if base["tap"] == "logits":
+        r.logits = _reduced_logit_metrics(a, e, rows)
+    return r
+
+
+def _reduced_to(tap: str, v, rows: np.ndarray) -> ReducedTap:
+    return v if isinstance(v, ReducedTap) else reduce_at(tap, v, rows)
+
+
+def _zero_filled_rms(v: ReducedTap) -> float:
+    """compare_arrays' ref_rms: RMS with the non-finite values (masked scores) counted as zeros."""
+    finite = v.numel - int(v.row_nonfinite.sum())
+    return float(np.sqrt(v.rms**2 * finite / v.numel)) if v.numel else 0.0
+
+
+def _rows_of(v: ReducedTap, rows: np.ndarray) -> np.ndarray:
+    return v.rows[np.searchsorted(v.row_index, rows)]
+
+
+def _stats_beyond(a: ReducedTap, e: ReducedTap, atol: float, rtol: float) -> tuple[np.ndarray, float, list[str]]:
+    """Rows whose statistics no passing pair could have, a lower bound on the atol needed, and why.
+
+    If |a - e| <= atol + rtol |e| elementwise (and inf only where e has the same inf), then over each
+    row's finite values |max|a| - max|e|| <= atol + rtol max|e| and (Minkowski) |rms(a) - rms(e)| <=
+    rms(a - e) <= atol + rtol rms(e), and the non-finite counts agree. Any NaN fails elementwise too.
+    """
+    need = np.maximum(np.abs(a.row_max_abs - e.row_max_abs) - rtol * e.row_max_abs,
+                      np.abs(a.row_rms - e.row_rms) - rtol * e.row_rms)
+    slack = STAT_SLACK * np.maximum(a.row_max_abs, e.row_max_abs)
+    nonfinite = a.row_nonfinite != e.row_nonfinite
+    bad = np.flatnonzero((need > atol + slack) | nonfinite)
+    reasons = []
+    if bad.size:
+        i = int(bad[0])
+        reasons.append(
+            f"{bad.size} of {len(need)} rows have statistics no passing comparison has (first: row {i}, "
+            f"max|x| {a.row_max_abs[i]:.6g} vs reference {e.row_max_abs[i]:.6g}, RMS {a.row_rms[i]:.6g} vs "
+            f"{e.row_rms[i]:.6g}, non-finite {int(a.row_nonfinite[i])} vs {int(e.row_nonfinite[i])}; "
+            f"allowed difference {atol:.3g} + {rtol:.3g} x reference)"
         )
-        if tap == "logits":
-            r.logits = logit_metrics(actual, expected)
-        out.append(r)
+    if a.nan_count or e.nan_count:
+        reasons.append(f"NaN in {a.nan_count} element(s), in the reference {e.nan_count}")
+    lower = float(np.inf) if nonfinite.any() else float(need.max(initial=0.0))
+    return bad, max(lower, 0.0), reasons
+
+
+def _reduced_logit_metrics(a: ReducedTap, e: ReducedTap, rows: np.ndarray) -> dict:
+    """KL and top-k overlap on the rows compared; top-1 agreement over every position where both have top ids."""
+    out = logit_metrics(_rows_of(a, rows), _rows_of(e, rows))
+    out["kl_rows"] = int(rows.size)
+    out["top1_positions"] = int(rows.size)
+    if a.top_ids is not None and e.top_ids is not None:
+        out["top1_agree"] = float((a.top_ids[:, 0] == e.top_ids[:, 0]).mean())
+        out["top1_positions"] = int(len(e.top_ids))
     return out
 
 

@@ -90,3 +90,44 @@ def logit_metrics(actual: np.ndarray, ref: np.ndarray, k: int = 5) -> dict:
         "top1_agree": float((top_ref[:, 0] == top_act[:, 0]).mean()),
         f"top{k}_overlap": float(np.mean(overlap)),
     }
+
+
+def row_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row (first axis): max |x| and RMS over the finite values, the count of non-finite values, of NaNs.
+
+    A row without finite values has max |x| and RMS 0. Rows are taken one at a time, so a float32 tap
+    is never copied whole to float64 here.
+    """
+    x = np.asarray(x)
+    rows = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)
+    n = rows.shape[0]
+    max_abs, row_rms = np.zeros(n), np.zeros(n)
+    nonfinite, nans = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for i, row in enumerate(rows):
+        row = np.asarray(row, dtype=np.float64)
+        finite = row[np.isfinite(row)]
+        nonfinite[i] = row.size - finite.size
+        nans[i] = int(np.isnan(row).sum()) if nonfinite[i] else 0
+        if finite.size:
+            max_abs[i] = np.abs(finite).max()
+            row_rms[i] = np.sqrt(np.mean(np.square(finite)))
+    return max_abs, row_rms, nonfinite, nans
+
+
+def top_ids(x: np.ndarray, k: int = 5) -> np.ndarray:
+    """The k largest entries' indices along the last axis of a [rows, n] array, largest first, int64.
+
+    Deterministic: equal values rank by lower index (np.argmax's choice for the first), NaN ranks lowest.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"top_ids needs a [rows, n] array, got shape {x.shape}")
+    k = min(k, x.shape[1])
+    out = np.zeros((x.shape[0], k), np.int64)
+    for i, row in enumerate(x):
+        row = np.where(np.isnan(row), -np.inf, np.asarray(row, dtype=np.float64))
+        cand = np.arange(row.size)
+        if row.size > k:
+            cand = np.flatnonzero(row >= np.partition(row, row.size - k)[row.size - k])  # ties may add a few
+        out[i] = cand[np.lexsort((cand, -row[cand]))[:k]]
+    return out

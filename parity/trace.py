@@ -4,17 +4,154 @@ Saved as safetensors (tap -> array, metadata as JSON) so capture and
 comparison can run in different processes or on different machines. Low
 precision taps are stored widened to float32, which holds every bf16/fp16
 value exactly; `dtype` records what they were.
+
+Real sizes make a trace large (Gemma-2B, 128 tokens, float64: ~1.8 GB; the
+logits alone are 128 x 256000), hence two things:
+
+* `load_trace(path, lazy=True)` gives `Trace.taps` as a read-only mapping that
+  reads each tap from the file when asked and keeps nothing, so a comparison
+  holds one pair of taps at a time. `Trace.save` writes tap by tap.
+* `Trace.save(path, reduce_over=n)` stores each tap of more than n elements
+  reduced (`ReducedTap`): up to 16 whole rows along the first (token) axis,
+  per-row max |x|, RMS and non-finite counts for every row, the logits' top-5
+  ids for every position, and the full tensor's RMS and max |x|. In the file a
+  reduced tap T is the tensors `T::rows`, `T::row_index`, `T::row_max_abs`,
+  `T::row_rms`, `T::row_nonfinite` (and `T::top_ids` for logits), plus an
+  entry in the parity_trace metadata's `reduced` dict with its full shape and
+  whole-tensor numbers. The price: an error confined to unsampled rows is seen
+  only through those statistics (see parity.compare).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from parity.errors import ParityInputError
+from parity.metrics import rms, row_stats, top_ids
+
+MAX_ROWS = 16  # whole rows a reduced tap keeps
+TOP_K = 5  # logits ids kept per position
+SEP = "::"  # reduced tap T is stored as T::rows, T::row_index, ...
+
+
+@dataclass(frozen=True, eq=False)
+class ReducedTap:
+    """A tap stored reduced: some whole rows, statistics of every row, and of the whole tensor."""
+
+    shape: tuple[int, ...]  # of the full tensor
+    rows: np.ndarray  # [R, *shape[1:]], the full tensor's rows `row_index`
+    row_index: np.ndarray  # [R] int64, ascending
+    row_max_abs: np.ndarray  # [shape[0]] float64, max |x| over each row's finite values
+    row_rms: np.ndarray  # [shape[0]] float64, RMS over each row's finite values
+    row_nonfinite: np.ndarray  # [shape[0]] int64, how many values of each row are inf or NaN
+    top_ids: np.ndarray | None  # [shape[0], 5] int64, largest first (logits only)
+    rms: float  # of the full tensor's finite values (parity.metrics.rms)
+    max_abs: float  # of the full tensor's finite values
+    numel: int
+    nan_count: int = 0  # NaNs in the full tensor
+
+    @property
+    def size(self) -> int:
+        return self.numel
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def parts(self) -> dict[str, np.ndarray]:
+        """The arrays stored for it, by the suffix after `T::`."""
+        out = {"rows": self.rows, "row_index": self.row_index, "row_max_abs": self.row_max_abs,
+               "row_rms": self.row_rms, "row_nonfinite": self.row_nonfinite}
+        if self.top_ids is not None:
+            out["top_ids"] = self.top_ids
+        return out
+
+    def meta(self) -> dict:
+        return {"shape": list(self.shape), "numel": self.numel, "rms": self.rms, "max_abs": self.max_abs,
+                "nan_count": self.nan_count, "top_ids": self.top_ids is not None}
+
+
+def row_indices(n_rows: int, max_rows: int = MAX_ROWS) -> np.ndarray:
+    """The rows a reduced tap keeps: all of them, or the first, the last and evenly spaced ones between.
+
+    A function of the number of rows only, so two traces of the same prompt keep the same rows.
+    """
+    if max_rows < 2:
+        raise ValueError(f"max_rows={max_rows}: keep at least 2 rows (the first and the last)")
+    if n_rows <= max_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    # the spacing is (n_rows - 1) / (max_rows - 1) > 1, so the rounded positions are distinct
+    return np.rint(np.linspace(0, n_rows - 1, max_rows)).astype(np.int64)
+
+
+def reduce_tap(name: str, array: np.ndarray, max_rows: int = MAX_ROWS) -> ReducedTap:
+    """`array` (widened as a saved trace widens it) reduced to `row_indices(len(array), max_rows)`."""
+    a = _widen(np.asarray(array))
+    if a.ndim == 0:
+        raise ValueError(f"tap {name!r} is a scalar: nothing to reduce")
+    return reduce_at(name, a, row_indices(a.shape[0], max_rows))
+
+
+def reduce_at(name: str, array: np.ndarray, row_index: np.ndarray) -> ReducedTap:
+    """`array` reduced to the given rows (ascending), with every row's statistics."""
+    a = _widen(np.asarray(array))
+    idx = np.asarray(row_index, dtype=np.int64)
+    row_max_abs, row_rms, nonfinite, nans = row_stats(a)
+    return ReducedTap(
+        shape=tuple(int(n) for n in a.shape), rows=np.ascontiguousarray(a[idx]), row_index=idx,
+        row_max_abs=row_max_abs, row_rms=row_rms, row_nonfinite=nonfinite,
+        top_ids=top_ids(a, TOP_K) if name == "logits" and a.ndim == 2 else None,
+        rms=rms(a), max_abs=float(row_max_abs.max()) if row_max_abs.size else 0.0, numel=int(a.size),
+        nan_count=int(nans.sum()),
+    )
+
+
+class LazyTaps(Mapping):
+    """Read-only `tap -> array | ReducedTap` over a trace file, in forward order.
+
+    Each access opens the file and reads that tap; nothing is kept, so the file must stay where it is.
+    """
+
+    def __init__(self, path: str | Path, order: list[str], reduced: dict[str, dict]):
+        self._path, self._order, self._reduced = str(path), tuple(order), dict(reduced)
+        self._names = frozenset(self._order)
+
+    def __getitem__(self, name: str) -> np.ndarray | ReducedTap:
+        if name not in self._names:
+            raise KeyError(name)
+        from safetensors import safe_open
+
+        with safe_open(self._path, framework="numpy") as f:
+            return _read_tap(f, name, self._reduced.get(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __repr__(self) -> str:
+        return f"LazyTaps({self._path!r}, {len(self)} taps)"
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """Shape and dtype of a whole stored tap without reading it; None for a reduced one."""
+        if name in self._reduced:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self._path, framework="numpy") as f:
+            s = f.get_slice(name)
+            return tuple(s.get_shape()), np.dtype(_FROM_ST[s.get_dtype()])
 
 
 @dataclass
@@ -27,7 +164,8 @@ class Trace:
     tokens: list[int]
     prompt: str = "prompt"
     mode: str = "cumulative"
-    taps: dict[str, np.ndarray] = field(default_factory=dict)  # forward order
+    # forward order; a dict, or a LazyTaps from load_trace(lazy=True); values may be ReducedTap
+    taps: Mapping[str, np.ndarray | ReducedTap] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why this impl cannot give it
     effective: dict = field(default_factory=dict)  # what the built model actually computes
 
@@ -43,14 +181,32 @@ class Trace:
             "effective": self.effective,
         }
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
+    def save(self, path: str | Path, reduce_over: int | None = None) -> Path:
+        """Write the trace, tap by tap; taps of more than `reduce_over` elements (and ReducedTaps) reduced."""
+        if reduce_over is not None and reduce_over < 0:
+            raise ValueError(f"reduce_over={reduce_over}: give an element count >= 0, or None to keep every tap whole")
         p = Path(path)
+        entries, reduced = [], {}
+        for name in self.taps:
+            lay = _layout(self.taps, name)
+            if lay is not None and not (reduce_over is not None and lay[0] and math.prod(lay[0]) > reduce_over):
+                entries.append((name, lay[0], lay[1], lambda name=name: _widen(np.asarray(self.taps[name]))))
+                continue
+            if SEP in name:
+                raise ValueError(f"tap {name!r}: {SEP!r} is reserved for the parts of reduced taps; rename the tap")
+            red = self.taps[name] if lay is None else reduce_tap(name, self.taps[name])
+            reduced[name] = red.meta()
+            entries += [(name + SEP + k, v.shape, v.dtype, lambda v=v: v) for k, v in red.parts().items()]
+        meta = self.meta()
+        if reduced:
+            meta["reduced"] = reduced
         p.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.ascontiguousarray(_widen(v)) for k, v in self.taps.items()}
         tmp = p.with_suffix(p.suffix + ".part")
-        save_file(arrays, str(tmp), metadata={"parity_trace": json.dumps(self.meta())})
+        try:
+            write_safetensors(tmp, entries, {"parity_trace": json.dumps(meta)})
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(p)  # never leave a half-written trace under the real name
         return p
 
@@ -61,7 +217,80 @@ def _widen(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def load_trace(path: str | Path) -> Trace:
+def _layout(taps: Mapping, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and stored (widened) dtype of a whole tap, None for a ReducedTap; reads nothing from a file."""
+    if isinstance(taps, LazyTaps):
+        return taps.layout(name)
+    v = taps[name]
+    if isinstance(v, ReducedTap):
+        return None
+    v = np.asarray(v)
+    return v.shape, np.dtype(np.float64 if v.dtype == np.float64 else np.float32)
+
+
+# ------------------------------------------------------------------------------------- safetensors I/O
+
+_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+          "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_FROM_ST = {v: k for k, v in _TO_ST.items()}
+
+# (name, shape, dtype, fetch): fetch() gives the array when its turn to be written comes
+TensorEntry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written one tensor at a time, so only one is in memory (safe_open reads it).
+
+    Layout: 8-byte little-endian header length, the JSON header (dtype, shape, data_offsets per tensor,
+    `__metadata__`) padded with spaces to a multiple of 8, then each tensor's little-endian bytes in order.
+    """
+    entries = list(entries)
+    header: dict = {}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        dt = np.dtype(dtype)
+        if name in header or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} given twice or reserved")
+        if dt.name not in _TO_ST:
+            raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code; use one of {sorted(_TO_ST)}")
+        nbytes = dt.itemsize * math.prod(shape)
+        header[name] = {"dtype": _TO_ST[dt.name], "shape": [int(n) for n in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, fetch in entries:
+            a = np.asarray(fetch())
+            if a.shape != tuple(shape) or a.dtype.name != np.dtype(dtype).name:
+                raise ValueError(f"tensor {name!r} is {a.dtype}{list(a.shape)} when written, "
+                                 f"{np.dtype(dtype)}{list(shape)} when announced")
+            f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+
+
+def _stored_names(name: str, red: dict | None) -> list[str]:
+    if red is None:
+        return [name]
+    parts = ["rows", "row_index", "row_max_abs", "row_rms", "row_nonfinite"] + (["top_ids"] if red["top_ids"] else [])
+    return [name + SEP + k for k in parts]
+
+
+def _read_tap(f, name: str, red: dict | None) -> np.ndarray | ReducedTap:
+    if red is None:
+        return f.get_tensor(name)
+    part = {n.split(SEP)[-1]: f.get_tensor(n) for n in _stored_names(name, red)}
+    return ReducedTap(shape=tuple(red["shape"]), rows=part["rows"], row_index=part["row_index"],
+                      row_max_abs=part["row_max_abs"], row_rms=part["row_rms"], row_nonfinite=part["row_nonfinite"],
+                      top_ids=part.get("top_ids"), rms=float(red["rms"]), max_abs=float(red["max_abs"]),
+                      numel=int(red["numel"]), nan_count=int(red["nan_count"]))
+
+
+def load_trace(path: str | Path, lazy: bool = False) -> Trace:
+    """A saved trace; with lazy=True its taps are read from the file when asked for (LazyTaps)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -70,12 +299,19 @@ def load_trace(path: str | Path) -> Trace:
     try:
         with safe_open(str(p), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["parity_trace"])
-            taps = {k: f.get_tensor(k) for k in meta["order"]}
+            order, reduced = meta.pop("order"), meta.pop("reduced", {})
+            stored = set(f.keys())
+            missing = [n for k in order for n in _stored_names(k, reduced.get(k)) if n not in stored]
+            if missing:
+                raise ParityInputError(f"{p}: tensors {missing[:3]} of the trace are not in the file "
+                                       f"({len(missing)} missing); capture it again")
+            taps = LazyTaps(p, order, reduced) if lazy else {k: _read_tap(f, k, reduced.get(k)) for k in order}
+    except ParityInputError:
+        raise
     except (KeyError, json.JSONDecodeError):
         raise ParityInputError(f"{p}: a safetensors file but not a parity trace (no parity_trace metadata)") from None
     except Exception as e:
         raise ParityInputError(f"{p}: not a readable trace ({e}); capture it again") from None
-    order = meta.pop("order")
     t = Trace(**meta)
-    t.taps = {k: taps[k] for k in order}
+    t.taps = taps
     return t

@@ -45,6 +45,12 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
 
 
+def _bfloat16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
@@ -101,14 +107,17 @@ class StoredTensors(Mapping):
             raise KeyError(name)
         return self._entries[name][1]
 
-    def _read(self, fd: int, name: str, row0: int, nrows: int) -> np.ndarray:
-        """Rows [row0, row0 + nrows) as float32 (float64 stays float64), shape [nrows, ...]."""
+    def _read(self, fd: int, name: str, row0: int, nrows: int, raw: bool = False) -> np.ndarray:
+        """Rows [row0, row0 + nrows) as float32 (float64 stays float64; raw: as stored), shape [nrows, ...]."""
         dtype, shape, offset = self._entries[name]
         np_dtype, width = _DTYPES[dtype]
         row = math.prod(shape[1:]) if len(shape) > 1 else 1
         buf = os.pread(fd, nrows * row * width, offset + row0 * row * width)
         a = np.frombuffer(buf, dtype=np_dtype)
-        a = bf16_to_f32(a) if dtype == "BF16" else a.astype(np.float32) if dtype == "F16" else a
+        if dtype == "BF16" and not raw:
+            a = bf16_to_f32(a)
+        elif dtype == "F16" and not raw:
+            a = a.astype(np.float32)
         return a.reshape((nrows,) + tuple(shape[1:]) if len(shape) > 1 else (nrows,))
 
     def read_into(self, name: str, out: np.ndarray, row0: int = 0) -> None:
@@ -118,11 +127,13 @@ class StoredTensors(Mapping):
         if tuple(out.shape[1:]) != tuple(shape[1:]) or row0 + n > shape[0]:
             raise ValueError(f"{name}: rows {row0}..{row0 + n} of shape {shape} do not fit a buffer {out.shape}")
         step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        raw = out.dtype == _bfloat16() and self._entries[name][0] == "BF16"
+        dest = out.view(np.uint16) if raw else out  # bfloat16 to bfloat16: copy the bits, convert nothing
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for r in range(0, n, step):
                 k = min(step, n - r)
-                out[r:r + k] = self._read(fd, name, row0 + r, k)
+                dest[r:r + k] = self._read(fd, name, row0 + r, k, raw=raw)
         finally:
             os.close(fd)
 

@@ -217,6 +217,39 @@ def load_weights(path: str | Path, spec: GemmaSpec | None = None) -> Weights:
     return w
 
 
+# ------------------------------------------------------------------ filling
+@dataclass(frozen=True)
+class Part:
+    """What one target tensor is made of: row ranges of canonical tensors, stacked in order.
+
+    Adapters plan with Parts (which `map_weights` checks by shape like
+    arrays) and then `fill` their own parameter buffers from them, so a
+    stored tensor is never materialised a second time.
+    """
+
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[str, int, int], ...]  # (canonical name, first row, row count)
+
+
+def parts(weights: Weights) -> dict[str, Part]:
+    out = {}
+    for k in weights.tensors:
+        shape = weights.shape(k)
+        out[k] = Part(shape, ((k, 0, shape[0]),))
+    return out
+
+
+def fill(weights: Weights, part: Part, out: np.ndarray) -> np.ndarray:
+    """Write `part` into `out` (shape part.shape, any float dtype) a row block at a time."""
+    if tuple(out.shape) != part.shape:
+        raise ValueError(f"buffer {tuple(out.shape)} does not match {part.shape}")
+    row = 0
+    for name, row0, n in part.pieces:
+        weights.read_into(name, out[row:row + n], row0)
+        row += n
+    return out
+
+
 # ------------------------------------------------------------------ name maps
 _LAYER = re.compile(r"\.(\d+)\.")
 

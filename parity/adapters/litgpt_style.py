@@ -7,7 +7,7 @@ import numpy as np
 from parity.adapters.base import Adapter, RunResult
 from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map
-from parity.weights import Weights, map_weights
+from parity.weights import Part, Weights, fill, map_weights, parts
 
 # canonical (HF) name -> port name; `{}` is the layer index
 NAME_MAP_PRE = {
@@ -53,22 +53,29 @@ TAP_MAP = {
 }
 
 
-def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
+def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec) -> dict[str, Part]:
     """Replace each layer's q, k, v with litgpt's fused layout (each used exactly once).
 
     Per kv group: that group's query heads, then its key head, then its value
     head. A plain [Q; K; V] stack is wrong whenever num_kv_heads > 1.
     """
-    out = dict(tensors)
+    out = dict(plan)
     hd, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
     for i in range(spec.num_layers):
         p = f"model.layers.{i}.self_attn."
         q, k, v = (out.pop(p + n + "_proj.weight") for n in "qkv")
-        q = q.reshape(spec.num_kv_heads, g * hd, -1)  # [KV, g * hd, hidden]
-        k = k.reshape(spec.num_kv_heads, hd, -1)  # [KV, hd, hidden]
-        v = v.reshape(spec.num_kv_heads, hd, -1)
-        out[p + "qkv.weight"] = np.concatenate([q, k, v], axis=1).reshape(-1, q.shape[-1])
+        pieces = []
+        for group in range(spec.num_kv_heads):  # rows of q_proj are heads x head_dim, group-major
+            pieces += [(q.pieces[0][0], group * g * hd, g * hd), (k.pieces[0][0], group * hd, hd),
+                       (v.pieces[0][0], group * hd, hd)]
+        out[p + "qkv.weight"] = Part(((g + 2) * hd * spec.num_kv_heads, q.shape[1]), tuple(pieces))
     return out
+
+
+def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
+    """The fused layout as arrays (for tests and converters)."""
+    w = Weights(spec, tensors)
+    return {k: fill(w, part, np.empty(part.shape, np.float32)) for k, part in fuse_qkv_parts(parts(w), spec).items()}
 
 
 class LitgptStyleAdapter(Adapter):
@@ -94,19 +101,20 @@ class LitgptStyleAdapter(Adapter):
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str):
         import torch
 
+        from parity.adapters.torch_load import fill_parameters, materialize
         from parity.adapters.torch_setup import torch_dtype
         from parity.litgpt_style import GPT, PortOptions
 
         if self.spec_changes:
             spec = spec.replace(**self.spec_changes)
-        model = GPT(spec, self.options or PortOptions())
+        with torch.device("meta"):  # no storage, no random init: the weights are written once, below
+            model = GPT(spec, self.options or PortOptions())
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}
         name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
-        mapped = map_weights(fuse_qkv(weights.tensors, spec), name_map, params, where=f"{self.name} weights")
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                p.copy_(torch.from_numpy(mapped[k]))
-        return model.to(torch_dtype(dtype)).eval()
+        plan = map_weights(fuse_qkv_parts(parts(weights), spec), name_map, params, where=f"{self.name} weights")
+        materialize(model, torch_dtype(dtype))
+        fill_parameters(model, plan, weights)
+        return model.eval()
 
     def run(self, model, tokens, feed=None) -> RunResult:
         import torch
