@@ -182,7 +182,12 @@ class Trace:
         }
 
     def save(self, path: str | Path, reduce_over: int | None = None) -> Path:
-        """Write the trace, tap by tap; taps of more than `reduce_over` elements (and ReducedTaps) reduced."""
+        """Write the trace, tap by tap; taps of more than `reduce_over` elements (and ReducedTaps) reduced.
+
+        A whole tap is read only when its turn to be written comes (a LazyTaps gives its shape and dtype
+        without reading it), so one is in memory at a time; taps to reduce are reduced first, and their
+        parts (no more than the file will hold) kept until written.
+        """
         if reduce_over is not None and reduce_over < 0:
             raise ValueError(f"reduce_over={reduce_over}: give an element count >= 0, or None to keep every tap whole")
         p = Path(path)
