@@ -15,7 +15,7 @@ from parity.adapters.base import Adapter, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, to_hf_config
 from parity.taps import expand_tap_map
-from parity.weights import Weights, map_weights
+from parity.weights import Weights, map_weights, parts
 
 # canonical names are HF names: the map is the identity, kept literal so the
 # every-tensor-used-once check runs like every other adapter's
@@ -124,24 +124,54 @@ class HFAdapter(Adapter):
         import torch
         import transformers
 
+        from parity.adapters.torch_load import fill_parameters, materialize
         from parity.adapters.torch_setup import torch_dtype
 
         self.check(spec, dtype)
         config = self._config(spec)
         model_cls = getattr(transformers, CLASSES[spec.family])
-        try:
-            model = model_cls._from_config(config, dtype=torch_dtype(dtype), attn_implementation="eager")
-        except TypeError:  # transformers 4.x calls it torch_dtype
-            model = model_cls._from_config(config, torch_dtype=torch_dtype(dtype), attn_implementation="eager")
+        with torch.device("meta"):  # no storage, no random init: the weights are written once, below
+            model = self._from_config(model_cls, config, dtype)
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
-        mapped = map_weights(weights.tensors, NAME_MAP, params, where=f"{self.name} weights")
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                p.copy_(torch.from_numpy(mapped[k]))
+        plan = map_weights(parts(weights), NAME_MAP, params, where=f"{self.name} weights")
+        materialize(model, torch_dtype(dtype))
+        self._init_buffers(model, model_cls, spec, dtype)
+        fill_parameters(model, plan, weights)
         model.eval()
         model.parity_spec = spec
         self._scales_in_embedding = hasattr(model.model.embed_tokens, "embed_scale")
         return model
+
+    @staticmethod
+    def _from_config(model_cls, config, dtype: str):
+        from parity.adapters.torch_setup import torch_dtype
+
+        try:
+            return model_cls._from_config(config, dtype=torch_dtype(dtype), attn_implementation="eager")
+        except TypeError:  # transformers 4.x calls it torch_dtype
+            return model_cls._from_config(config, torch_dtype=torch_dtype(dtype), attn_implementation="eager")
+
+    def _init_buffers(self, model, model_cls, spec: GemmaSpec, dtype: str) -> None:
+        """Buffers computed at init (RoPE inv_freq, the embedding scale) from a small twin built for real.
+
+        The twin has the same config but one head and a tiny vocabulary and MLP,
+        which the buffers do not depend on, so transformers' own code computes
+        them, in this version's way, without the full-size random init.
+        """
+        import torch
+
+        small = spec.replace(vocab_size=16, intermediate_size=8, num_heads=1, num_kv_heads=1)
+        twin = dict(self._from_config(model_cls, self._config(small), dtype).named_buffers())
+        for name, buf in model.named_buffers():
+            if name not in twin or twin[name].shape != buf.shape:
+                raise RuntimeError(f"hf: buffer {name!r} {tuple(buf.shape)} has no twin to compute it from; "
+                                   "this transformers builds buffers parity does not know: update adapters/hf.py")
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            persistent = attr not in mod._non_persistent_buffers_set
+            mod.register_buffer(attr, twin[name].clone(), persistent=persistent)
+        if any(b.is_meta for b in model.buffers()):
+            raise RuntimeError("hf: a buffer is still on the meta device after the build; update adapters/hf.py")
 
     def _tap_map(self, spec: GemmaSpec):
         taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)

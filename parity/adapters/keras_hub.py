@@ -198,28 +198,38 @@ FEED_MAP = {
 }
 
 
-def to_keras_layout(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
-    """Reshape/transpose canonical (HF, torch Linear [out, in]) tensors into keras-hub's layouts.
+def keras_layout(name: str, t: np.ndarray, spec: GemmaSpec) -> np.ndarray:
+    """Reshape/transpose one canonical (HF, torch Linear [out, in]) tensor into keras-hub's layout.
 
-    Names are kept, so `map_weights` can then check names and shapes. The
-    same conversion as keras-hub's own convert_gemma.py / convert_gemma3.py;
+    The same conversion as keras-hub's own convert_gemma.py / convert_gemma3.py;
     no head permutation is needed because keras-hub rotates half-split like HF
     (GemmaBackbone permutes q, k only after RoPE; Gemma3Backbone not at all).
     q/k norm weights [head_dim] and the GeGLU halves of either width convention
     need nothing more (the widths are the backbone's intermediate_dim choice).
+    Embeddings [vocab, h] and norm scales [h] are as HF stores them.
     """
     h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            n = nq if name.endswith("q_proj.weight") else nkv
-            t = t.reshape(n, hd, h).transpose(0, 2, 1)  # [n*hd, h] -> [n, hd, h] -> EinsumDense "ndh": [n, h, hd]
-        elif name.endswith("o_proj.weight"):
-            t = t.T.reshape(nq, hd, h)  # [h, nq*hd] -> [nq*hd, h] -> "nhd": [nq, hd, h]
-        elif name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
-            t = t.T  # [out, in] -> "df"/"fd": [in, out]
-        out[name] = np.ascontiguousarray(t)  # embeddings [vocab, h] and norm scales [h] are as HF stores them
-    return out
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        n = nq if name.endswith("q_proj.weight") else nkv
+        return t.reshape(n, hd, h).transpose(0, 2, 1)  # [n*hd, h] -> [n, hd, h] -> EinsumDense "ndh": [n, h, hd]
+    if name.endswith("o_proj.weight"):
+        return t.T.reshape(nq, hd, h)  # [h, nq*hd] -> [nq*hd, h] -> "nhd": [nq, hd, h]
+    if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+        return t.T  # [out, in] -> "df"/"fd": [in, out]
+    return t
+
+
+def to_keras_layout(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
+    """Every canonical tensor in keras-hub's layout (names kept, for `map_weights`)."""
+    return {name: np.ascontiguousarray(keras_layout(name, t, spec)) for name, t in tensors.items()}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A canonical tensor as keras will hold it: its keras shape, for `map_weights`, read only when assigned."""
+
+    name: str
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -337,10 +347,20 @@ class KerasAdapter(Adapter):
         if len(variables) != len(backbone.weights):
             raise RuntimeError(f"{self.name}: two backbone variables share a path; cannot map weights by path")
         shapes = {p: tuple(v.shape) for p, v in variables.items()}
-        mapped = map_weights(to_keras_layout(weights.tensors, spec), name_map(spec), shapes,
-                             where=f"{self.name} weights")
+        planned = {name: _Planned(name, keras_layout(name, np.empty(weights.shape(name), np.uint8), spec).shape)
+                   for name in weights.tensors}
+        plan = map_weights(planned, name_map(spec), shapes, where=f"{self.name} weights")
+        import ml_dtypes
+
+        # one tensor at a time, so at most one extra tensor is in memory beside the model; bfloat16
+        # buffers for a bfloat16 model on JAX (which takes ml_dtypes arrays as they are)
+        buf_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" and self.backend == "jax" else np.float32
         for path, v in variables.items():
-            v.assign(mapped[path])  # cast to the variable dtype; canonical weights are bf16/fp16-exact
+            name = plan[path].name
+            t = np.empty(weights.shape(name), buf_dtype)
+            weights.read_into(name, t)
+            v.assign(keras_layout(name, t, spec))  # cast to the variable dtype; canonical weights are bf16-exact
+            del t
         model = KerasModel(spec, dtype, self.backend, backbone, lm, requested=kwargs)
         model.differences = _differences(model)
         return model
