@@ -97,12 +97,16 @@ def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
 
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
                           mode: str = "cumulative", references: dict[str, Trace] | None = None,
-                          progress: Progress | None = None) -> list[Trace]:
+                          progress: Progress | None = None, out_dir=None, reduce_over: int | None = None,
+                          full_taps: str | None = None) -> list[Trace]:
     """Run one implementation in a fresh Python process and read its traces back from files.
 
     For implementations that cannot share a process with others (keras on a
-    second backend), and the shape of issue-sized runs: one implementation
-    resident at a time, traces on disk.
+    second backend), and for real sizes: one implementation resident at a
+    time, its memory returned to the system when the process ends, traces on
+    disk. Stored weights and traces already on disk are passed by path, never
+    copied. With `out_dir` the traces stay there and come back lazily (read tap
+    by tap); without it they are read whole from a temporary directory.
     """
     import json
     import subprocess
@@ -116,15 +120,23 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
     say = progress or (lambda _msg: None)
     with tempfile.TemporaryDirectory(prefix="parity-capture-") as tmp:
         tmp = Path(tmp)
-        save_weights(weights, tmp / "weights.safetensors")
+        wpath = weights.tensors.path if weights.stored else save_weights(weights, tmp / "weights.safetensors")
         (tmp / "prompts.json").write_text(json.dumps(prompts))
+        out = Path(out_dir) if out_dir is not None else tmp / "out"
         cmd = [sys.executable, "-m", "parity.capture", "--impl", impl, "--dtype", dtype, "--mode", mode,
-               "--weights", str(tmp / "weights.safetensors"), "--prompts", str(tmp / "prompts.json"),
-               "--out", str(tmp / "out")]
+               "--weights", str(wpath), "--prompts", str(tmp / "prompts.json"), "--out", str(out)]
+        cmd += ["--spec-json", json.dumps(spec.to_dict())]  # the weights file may hold a deeper spec
+        if reduce_over is not None:
+            cmd += ["--reduce-over", str(reduce_over)]
+        if full_taps:
+            cmd += ["--full-taps", full_taps]
         if references:
+            refs = {}
             for name, t in references.items():
-                t.save(tmp / "refs" / f"{name}.safetensors")
-            cmd += ["--references", str(tmp / "refs")]
+                source = getattr(t.taps, "path", None)  # a lazily read trace is already a file
+                refs[name] = str(source) if source else str(t.save(tmp / "refs" / f"{name}.safetensors"))
+            (tmp / "refs.json").write_text(json.dumps(refs))
+            cmd += ["--references", str(tmp / "refs.json")]
         say(f"{impl} {dtype} {mode}: running in a separate process")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -132,12 +144,14 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             if proc.returncode == 2:
                 raise ParityInputError(last.removeprefix("parity: error: "))
             raise RuntimeError(f"capturing {impl}@{dtype} in a separate process failed: {last}")
-        return [load_trace(trace_file(tmp / "out", impl, dtype, mode, p)) for p in prompts]
+        lazy = out_dir is not None
+        return [load_trace(trace_file(out, impl, dtype, mode, p), lazy=lazy) for p in prompts]
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m parity.capture`: capture one implementation's traces into files."""
     import argparse
+    import fnmatch
     import json
     import os
     import sys
@@ -154,18 +168,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", required=True, help="canonical weights written by parity (spec in metadata)")
     ap.add_argument("--prompts", required=True, help="JSON file: prompt name -> token ids")
     ap.add_argument("--mode", default="cumulative")
-    ap.add_argument("--references", help="directory of reference traces, <prompt>.safetensors (isolated mode)")
+    ap.add_argument("--references", help="JSON file: prompt -> reference trace file (isolated mode)")
+    ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
+    ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
+    ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     try:
         weights = load_weights(a.weights)
         prompts = json.loads(Path(a.prompts).read_text())
+        spec = weights.spec
+        if a.spec_json:
+            from parity.spec import GemmaSpec
+
+            spec = GemmaSpec.from_dict(json.loads(a.spec_json))
+            if spec != weights.spec:
+                weights = weights.truncated(spec)
         refs = None
         if a.references:
-            refs = {p: load_trace(Path(a.references) / f"{p}.safetensors") for p in prompts}
+            refs = {p: load_trace(f, lazy=True) for p, f in json.loads(Path(a.references).read_text()).items()}
         adapter = get_adapter(a.impl)
-        for t in capture(adapter, weights.spec, weights, a.dtype, prompts, mode=a.mode, references=refs):
-            t.save(trace_file(a.out, a.impl, a.dtype, a.mode, t.prompt))
+        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=a.mode, references=refs):
+            keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
+            t.save(trace_file(a.out, a.impl, a.dtype, a.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
         return 0
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)

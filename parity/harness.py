@@ -20,6 +20,26 @@ from parity.weights import Weights, random_weights
 
 MODES = ("cumulative", "isolated", "both")
 REFERENCE = ("litgpt-style", "float64")
+LARGE_BYTES = 1 << 30  # float32 weights beyond this: stored weights, one process per implementation
+REDUCE_OVER = 1 << 24  # 16M elements: a Gemma logits tap of 128 tokens (32M) is stored reduced
+
+
+def is_large(spec: GemmaSpec) -> bool:
+    import os
+
+    from parity.weights import param_count
+
+    return param_count(spec) * 4 > int(os.environ.get("PARITY_LARGE_OVER", LARGE_BYTES))
+
+
+def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
+    """The spec's first n layers, as a model of their own (the final norm and head on top of layer n-1)."""
+    if not 1 <= n <= spec.num_layers:
+        raise ParityInputError(f"--first-layers {n} is outside 1..{spec.num_layers} (the spec's layers); "
+                               "give a depth the spec has")
+    if n == spec.num_layers:
+        return spec
+    return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")
 
 
 @dataclass
@@ -35,6 +55,11 @@ class Request:
     tolerances: dict[str, Tolerance] | None = None
     reference: tuple[str, str] = REFERENCE
     adapters: dict | None = None  # name -> adapter instance, overriding the registry (tests, plug-ins)
+    first_layers: int | None = None  # run only the spec's first N layers (final norm and head on top)
+    separate_processes: bool | None = None  # one process per implementation and dtype; None: at real sizes
+    trace_dir: str | None = None  # where traces go; None: a temporary directory (separate processes only)
+    reduce_over: int | None = REDUCE_OVER  # taps of more elements are stored reduced (separate processes)
+    full_taps: str | None = None  # glob patterns of taps never reduced
 
 
 @dataclass
@@ -119,20 +144,46 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             raise ParityInputError(f"unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
     if not req.dtypes:
         raise ParityInputError("no dtypes given; use e.g. --dtypes float32,bfloat16")
-    weights = req.weights or random_weights(spec, req.seed)
+    large = is_large(spec)
+    if req.weights is not None:
+        weights = req.weights
+    elif large:
+        from parity.weight_store import stored_random_weights
+
+        weights = stored_random_weights(spec, req.seed, progress)
+    else:
+        weights = random_weights(spec, req.seed)
     if weights.spec != spec:
         raise ParityInputError("the weights were made for a different spec; pass the spec they came with")
     weights.check()
+    if req.first_layers is not None:
+        spec = truncate(spec, req.first_layers)
+        weights = weights.truncated(spec)
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
     table = req.tolerances or TOLERANCES
     impls, skipped = resolve_impls(req)
     for name, adapter in impls:
         for d in req.dtypes:
             adapter.check(spec, d)  # refuse unsupported combinations before any work
+    separate = large if req.separate_processes is None else req.separate_processes
+    trace_dir = req.trace_dir
+    if separate and trace_dir is None:
+        import shutil
+        import tempfile
+
+        trace_dir = tempfile.mkdtemp(prefix="parity-traces-")
+    stored = dict(out_dir=trace_dir, reduce_over=req.reduce_over, full_taps=req.full_taps) if separate else {}
+
+    def take(name, adapter, dtype, mode, refs=None):
+        own = separate or getattr(adapter, "needs_own_process", lambda: False)()
+        if own:
+            return capture_in_subprocess(name, spec, weights, dtype, prompts, mode=mode, references=refs,
+                                         progress=progress, **stored)
+        return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress)
 
     ref_name, ref_dtype = req.reference
     ref_adapter = _adapter(req, ref_name)
-    ref_traces = {t.prompt: t for t in capture(ref_adapter, spec, weights, ref_dtype, prompts, progress=progress)}
+    ref_traces = {t.prompt: t for t in take(ref_name, ref_adapter, ref_dtype, "cumulative")}
     traces = list(ref_traces.values())
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
     modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
@@ -142,14 +193,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         for d in req.dtypes:
             if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
                 continue  # the reference against itself says nothing
-            own_process = getattr(adapter, "needs_own_process", lambda: False)()
             for mode in modes:
-                if own_process:
-                    got = capture_in_subprocess(name, spec, weights, d, prompts, mode=mode, references=ref_traces,
-                                                progress=progress)
-                else:
-                    got = capture(adapter, spec, weights, d, prompts, mode=mode, references=ref_traces,
-                                  progress=progress)
+                got = take(name, adapter, d, mode, ref_traces)
                 traces += got
                 effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode})
@@ -162,6 +207,10 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
         traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights,
     )
+    if separate and req.trace_dir is None:
+        import weakref
+
+        weakref.finalize(report, shutil.rmtree, trace_dir, True)  # the lazy traces read from there until then
     from parity.diagnose import diagnose
 
     diagnose(report)

@@ -13,14 +13,16 @@ the implementation is correct), and the numbers that support it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from parity.metrics import ulp_of
 from parity.spec import GemmaSpec
-from parity.trace import Trace
+from parity.trace import ReducedTap, Trace
 
 ULPS_WIDE = 16  # fp32/fp64: several ops each round; 16 ulps is still far below any real fault
 
@@ -317,8 +319,28 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
 
 
 # ------------------------------------------------------------------ all of them
+class _WholeTaps(Mapping):
+    """A trace's taps with the reduced ones left out: a probe needs every element or says "cannot tell"."""
+
+    def __init__(self, taps: Mapping) -> None:
+        self._taps = taps
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._taps[name]
+        if isinstance(v, ReducedTap):
+            raise KeyError(name)
+        return v
+
+    def __iter__(self):
+        return iter(self._taps)
+
+    def __len__(self) -> int:
+        return len(self._taps)
+
+
 def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None) -> list[Probe]:
     layers = list(range(spec.num_layers)) if layers is None else layers
+    trace = dataclasses.replace(trace, taps=_WholeTaps(trace.taps))
     out = [probe_embedding(trace, spec, weights), probe_rope_precision(trace, spec)]
     for i in layers:
         out += [probe_attn_norm(trace, spec, weights, i), probe_softmax(trace, i), probe_attention_mask(trace, spec, i),

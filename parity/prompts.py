@@ -14,6 +14,8 @@ from parity.spec import GemmaSpec
 
 SHORT_LEN = 8
 LONG_LEN = 48  # > the tiny presets' window of 16, with positions well past it
+LONG_LEN_REAL = 128  # real widths: bf16 error accumulates over a realistic span of positions
+REAL_WIDTH = 1024  # hidden sizes from here on are real models' (Gemma 3 1B: 1152)
 FIRST_ORDINARY_ID = 3  # 0 pad, 1 eos, 2 bos in Gemma's vocabulary
 
 
@@ -21,7 +23,7 @@ def default_prompts(spec: GemmaSpec, seed: int = 1234) -> dict[str, list[int]]:
     rng = np.random.default_rng(seed)
     hi = spec.vocab_size
     lo = FIRST_ORDINARY_ID if hi > FIRST_ORDINARY_ID + 1 else 0
-    long_len = min(LONG_LEN, spec.max_position)
+    long_len = min(LONG_LEN_REAL if spec.hidden_size >= REAL_WIDTH else LONG_LEN, spec.max_position)
     return {
         "short": [spec.bos_token_id] + rng.integers(lo, hi, SHORT_LEN - 1).tolist(),
         "long": [spec.bos_token_id] + rng.integers(lo, hi, long_len - 1).tolist(),

@@ -44,6 +44,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="append", help="compare traces captured elsewhere instead of running "
                                                      "(repeatable; written by --save-traces or python -m parity.capture)")
     p.add_argument("--save-traces", action="store_true", help="also write every trace under OUT/traces/")
+    p.add_argument("--first-layers", type=int, metavar="N", help="run only the spec's first N layers, with the "
+                                                                  "final norm and head on top (real sizes)")
+    p.add_argument("--separate-processes", action="store_true", default=None,
+                   help="capture each implementation and dtype in its own process (default at real sizes: "
+                        "float32 weights over 1 GiB)")
+    p.add_argument("--reduce-over", type=int, metavar="N", default=1 << 24,
+                   help="store taps of more than N elements as statistics plus 16 sampled rows (separate "
+                        "processes; default 16777216: a 256k-vocabulary logits tap); 0 reduces every tap")
+    p.add_argument("--full-taps", metavar="GLOBS", help="taps kept whole whatever their size, e.g. 'logits'")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -89,7 +98,9 @@ def build_request(args):
     return Request(
         spec=spec, impls=_split(args.impls), dtypes=_split(args.dtypes) or [],
         layers=parse_layers(args.layers, spec.num_layers), prompts=prompts, seed=args.seed, mode=args.mode,
-        weights=weights, tolerances=load_overrides(), reference=ref,
+        weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
+        separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
+        trace_dir=str(Path(args.out) / "traces") if args.save_traces else None,
     )
 
 
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             from parity.trace import load_trace
 
-            report = from_traces([load_trace(p) for p in args.trace], req.reference, req.weights, req.tolerances,
+            report = from_traces([load_trace(p, lazy=True) for p in args.trace], req.reference, req.weights, req.tolerances,
                                  req.layers if args.layers != "all" else None)
         else:
             report = run(req, progress=progress)
@@ -158,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             from parity.capture import trace_file
 
             for t in report.traces:
-                files.append(t.save(trace_file(out / "traces", t.impl, t.dtype, t.mode, t.prompt)))
+                f = trace_file(out / "traces", t.impl, t.dtype, t.mode, t.prompt)
+                if getattr(t.taps, "path", None) != f:  # captured in another process: already there
+                    t.save(f)
+                files.append(f)
         print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
         return 0 if report.passed else 1
     except ParityInputError as e:

@@ -140,6 +140,10 @@ class LazyTaps(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self._names
 
+    @property
+    def path(self) -> Path:
+        return Path(self._path)
+
     def __repr__(self) -> str:
         return f"LazyTaps({self._path!r}, {len(self)} taps)"
 
@@ -181,8 +185,9 @@ class Trace:
             "effective": self.effective,
         }
 
-    def save(self, path: str | Path, reduce_over: int | None = None) -> Path:
-        """Write the trace, tap by tap; taps of more than `reduce_over` elements (and ReducedTaps) reduced.
+    def save(self, path: str | Path, reduce_over: int | None = None, keep: Iterable[str] = ()) -> Path:
+        """Write the trace, tap by tap; taps of more than `reduce_over` elements (and ReducedTaps) reduced,
+        except those named in `keep` (the full tensor kept where asked).
 
         A whole tap is read only when its turn to be written comes (a LazyTaps gives its shape and dtype
         without reading it), so one is in memory at a time; taps to reduce are reduced first, and their
@@ -191,10 +196,11 @@ class Trace:
         if reduce_over is not None and reduce_over < 0:
             raise ValueError(f"reduce_over={reduce_over}: give an element count >= 0, or None to keep every tap whole")
         p = Path(path)
-        entries, reduced = [], {}
+        entries, reduced, keep = [], {}, set(keep)
         for name in self.taps:
             lay = _layout(self.taps, name)
-            if lay is not None and not (reduce_over is not None and lay[0] and math.prod(lay[0]) > reduce_over):
+            big = reduce_over is not None and lay is not None and lay[0] and math.prod(lay[0]) > reduce_over
+            if lay is not None and (not big or name in keep):
                 entries.append((name, lay[0], lay[1], lambda name=name: _widen(np.asarray(self.taps[name]))))
                 continue
             if SEP in name:

@@ -155,6 +155,13 @@ class StoredTensors(Mapping):
         finally:
             os.close(fd)
 
+    def subset(self, names, metadata: dict) -> "StoredTensors":
+        """The same file, seen through fewer tensors (a truncated depth)."""
+        out = object.__new__(StoredTensors)
+        out.path, out._base, out.metadata = self.path, self._base, dict(metadata)
+        out._entries = {k: self._entries[k] for k in names}
+        return out
+
     def nbytes_as(self, itemsize: int) -> int:
         return sum(math.prod(s) for _, s, _ in self._entries.values()) * itemsize
 

@@ -12,6 +12,7 @@ starts from the same numbers and the measured error is the computation's.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import zlib
@@ -140,6 +141,22 @@ class Weights:
         """Every tensor the spec needs is here, with its shape, finite, and nothing else."""
         check_tensors(self.spec, self.tensors, where=self.source)
 
+    def truncated(self, spec: GemmaSpec) -> "Weights":
+        """The tensors of `spec`, a shallower version of this spec (its first layers), nothing copied.
+
+        A stored subset's hash is derived from the whole file's and the depth
+        rather than read, so every process agrees on it without a pass over it.
+        """
+        if spec.replace(num_layers=self.spec.num_layers, layer_types=self.spec.layer_types, name=self.spec.name) \
+                != self.spec or spec.num_layers > self.spec.num_layers:
+            raise ParityInputError(f"spec {spec.name!r} is not a truncation of {self.spec.name!r}")
+        names = list(canonical_shapes(spec))
+        if self.stored:
+            h = hashlib.sha256(f"{self.hash}/first {spec.num_layers} layers".encode()).hexdigest()[:16]
+            meta = {**self.tensors.metadata, "weights_hash": h, "spec": json.dumps(spec.to_dict())}
+            return Weights(spec, self.tensors.subset(names, meta), source=self.source)
+        return Weights(spec, {k: self.tensors[k] for k in names}, source=self.source)
+
 
 def check_tensors(spec: GemmaSpec, tensors: Mapping[str, np.ndarray], where: str) -> None:
     want = canonical_shapes(spec)
@@ -183,8 +200,6 @@ def save_weights(w: Weights, path: str | Path) -> Path:
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    import json
-
     if w.stored:  # already a file: write it out tensor by tensor would need the whole thing in memory
         import shutil
 
@@ -200,8 +215,6 @@ def load_weights(path: str | Path, spec: GemmaSpec | None = None) -> Weights:
     Nothing is read but the header until an adapter asks for a tensor: the
     file may be larger than memory allows twice.
     """
-    import json
-
     from parity.weight_store import StoredTensors
 
     p = Path(path)

@@ -10,6 +10,7 @@ Attention is eager: the SDPA path silently drops Gemma 2's attention softcap.
 from __future__ import annotations
 
 import inspect
+import math
 
 from parity.adapters.base import Adapter, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
@@ -124,8 +125,8 @@ class HFAdapter(Adapter):
         import torch
         import transformers
 
-        from parity.adapters.torch_load import fill_parameters, materialize
-        from parity.adapters.torch_setup import torch_dtype
+        from parity.adapters.torch_load import load
+        from parity.adapters.torch_setup import stream_layers, torch_dtype
 
         self.check(spec, dtype)
         config = self._config(spec)
@@ -134,9 +135,11 @@ class HFAdapter(Adapter):
             model = self._from_config(model_cls, config, dtype)
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
         plan = map_weights(parts(weights), NAME_MAP, params, where=f"{self.name} weights")
-        materialize(model, torch_dtype(dtype))
+        dt = torch_dtype(dtype)
+        nbytes = sum(math.prod(s) for s in params.values()) * dt.itemsize
+        streamed = [f"model.layers.{i}" for i in range(spec.num_layers)] if stream_layers(nbytes) else None
+        load(model, plan, weights, dt, streamed)
         self._init_buffers(model, model_cls, spec, dtype)
-        fill_parameters(model, plan, weights)
         model.eval()
         model.parity_spec = spec
         self._scales_in_embedding = hasattr(model.model.embed_tokens, "embed_scale")

@@ -24,12 +24,17 @@ def numpy_view(t) -> np.ndarray:
     return t.numpy()
 
 
-def materialize(module, dtype) -> None:
-    """Meta parameters -> uninitialised CPU storage in `dtype`, keeping tied parameters tied."""
+def materialize(module, dtype, skip=()) -> None:
+    """Meta parameters -> uninitialised CPU storage in `dtype`, keeping tied parameters tied.
+
+    `skip`: qualified-name prefixes left on the meta device (streamed layers).
+    """
     import torch
 
-    ties = {}  # id(param) -> first (module, name) holding it
-    for mod in module.modules():
+    ties = {}  # id(param) -> every (module, attribute) holding it
+    for mod_name, mod in module.named_modules():
+        if any((mod_name + ".").startswith(p) for p in skip):
+            continue
         for name, p in mod.named_parameters(recurse=False):
             ties.setdefault(id(p), []).append((mod, name))
     for holders in ties.values():
@@ -40,20 +45,47 @@ def materialize(module, dtype) -> None:
             setattr(m, n, new)
 
 
-def fill_parameters(model, plan: dict[str, Part], weights: Weights) -> None:
-    """Fill every named parameter from its Part (the plan comes from `map_weights` over `parts`)."""
+def fill_parameters(model, plan: dict[str, Part], weights: Weights, prefix: str = "") -> None:
+    """Fill every materialised parameter from its Part (the plan comes from `map_weights` over `parts`)."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            fill(weights, plan[name], numpy_view(p))
+            if not p.is_meta:
+                fill(weights, plan[prefix + name], numpy_view(p))
 
 
 def release_parameters(module) -> None:
-    """Back to the meta device: the storage is freed, the module tree stays (layer streaming)."""
+    """Back to the meta device: the storage is freed, the module tree stays."""
     import torch
 
     for mod in module.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
             setattr(mod, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                   requires_grad=False))
+
+
+def load(model, plan: dict[str, Part], weights: Weights, dtype, layers: list[str] | None = None) -> None:
+    """Give a meta-built model its weights; with `layers` (module paths), stream those instead.
+
+    A streamed layer gets its weights from the store just before it runs and
+    gives them back right after, so at most one layer's weights are resident
+    beside the embedding and the head: a Gemma-2-27B shape in bfloat16 needs
+    about 1.1 GB per layer instead of 54 GB.
+    """
+    skip = [p + "." for p in layers or ()]
+    materialize(model, dtype, skip)
+    fill_parameters(model, plan, weights)
+    for path in layers or ():
+        layer = model.get_submodule(path)
+
+        def fetch(module, args, _prefix=path + "."):
+            materialize(module, dtype)
+            fill_parameters(module, plan, weights, _prefix)
+
+        def drop(module, args, output):
+            release_parameters(module)
+
+        layer.register_forward_pre_hook(fetch)
+        layer.register_forward_hook(drop)
+    model.parity_streamed = list(layers or ())

@@ -28,3 +28,31 @@ def configure() -> None:
 
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "1")))
     _configured = True
+
+
+def stream_layers(weight_bytes: int) -> bool:
+    """Whether to hold one layer's weights at a time (PARITY_STREAM: auto, always, never).
+
+    auto streams when the model's weights would take more than 85% of the
+    memory available now: a float64 reference of a Gemma-2B shape (20 GB)
+    streams on a 24 GB machine, its bfloat16 and float32 runs do not.
+    """
+    how = os.environ.get("PARITY_STREAM", "auto")
+    if how not in ("auto", "always", "never"):
+        from parity.errors import ParityInputError
+
+        raise ParityInputError(f"PARITY_STREAM={how!r}; use auto, always or never")
+    if how != "auto":
+        return how == "always"
+    return weight_bytes > 0.85 * available_memory()
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: never stream on a guess
