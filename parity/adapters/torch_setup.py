@@ -33,7 +33,7 @@ def configure() -> None:
 def stream_layers(weight_bytes: int) -> bool:
     """Whether to hold one layer's weights at a time (PARITY_STREAM: auto, always, never).
 
-    auto streams when the model's weights would take more than 85% of the
+    auto streams when the model's weights would take more than 80% of the
     memory available now: a float64 reference of a Gemma-2B shape (20 GB)
     streams on a 24 GB machine, its bfloat16 and float32 runs do not.
     """
@@ -44,7 +44,7 @@ def stream_layers(weight_bytes: int) -> bool:
         raise ParityInputError(f"PARITY_STREAM={how!r}; use auto, always or never")
     if how != "auto":
         return how == "always"
-    return weight_bytes > 0.85 * available_memory()
+    return weight_bytes > 0.8 * available_memory()
 
 
 def available_memory() -> int:
