@@ -138,14 +138,27 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             (tmp / "refs.json").write_text(json.dumps(refs))
             cmd += ["--references", str(tmp / "refs.json")]
         say(f"{impl} {dtype} {mode}: running in a separate process")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        import os
+        import time
+
+        start = time.perf_counter()
+        with open(tmp / "stderr", "w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the running max
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            stderr = err.read()
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            last = (stderr.strip().splitlines() or ["(no output)"])[-1]
             if proc.returncode == 2:
                 raise ParityInputError(last.removeprefix("parity: error: "))
             raise RuntimeError(f"capturing {impl}@{dtype} in a separate process failed: {last}")
         lazy = out_dir is not None
-        return [load_trace(trace_file(out, impl, dtype, mode, p), lazy=lazy) for p in prompts]
+        traces = [load_trace(trace_file(out, impl, dtype, mode, p), lazy=lazy) for p in prompts]
+        for t in traces:  # kept in memory for the report's runs, not in the trace file
+            t.resources = {"process": "separate", "wall_s": round(time.perf_counter() - start, 2),
+                           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        return traces
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,7 +197,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                 got = take(name, adapter, d, mode, ref_traces)
                 traces += got
                 effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
-                runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode})
+                runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
+                             **(got[0].resources if got else {})})
                 for t in got:
                     for r in compare_trace(ref_traces[t.prompt], t, table, mode):
                         if selected is None or r.layer is None or r.layer in selected:

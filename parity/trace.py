@@ -172,6 +172,7 @@ class Trace:
     taps: Mapping[str, np.ndarray | ReducedTap] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why this impl cannot give it
     effective: dict = field(default_factory=dict)  # what the built model actually computes
+    resources: dict = field(default_factory=dict, compare=False)  # its capture's wall time, peak RSS (not saved)
 
     @property
     def label(self) -> str:
