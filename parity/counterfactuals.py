@@ -103,13 +103,24 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     from parity.render import tol_used
     from parity.taps import layer_of
 
+    import dataclasses
+
+    from parity.harness import truncate
+
     layer = layer_of(until_tap)
     last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
+    # only the layers up to the divergence matter: run a model that deep (at real sizes, the difference
+    # between re-running 18 layers twenty times and re-running one), and read the trace's taps once
+    run_spec = truncate(spec, layer + 1) if layer is not None else spec
+    run_weights = weights.truncated(run_spec) if run_spec != spec else weights
+    trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
+
     def score(adapter) -> float | None:
         try:
-            got = capture(adapter, spec, weights, trace.dtype, {trace.prompt: trace.tokens})[0]
+            got = capture(adapter, run_spec, run_weights, trace.dtype, {trace.prompt: trace.tokens})[0]
         except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
             return None
+        got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
         rs = [r for r in compare_trace(got, trace, table, "cumulative") if order.get(r.tap, 10**6) <= last]
         return max(tol_used(r) for r in rs) if rs else None
 
@@ -118,8 +129,8 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
     baseline = score(LitgptStyleAdapter(name="cf:unchanged"))
     scored = []
-    for cf in candidates(spec):
-        if not _valid(cf, spec):
+    for cf in candidates(run_spec):
+        if not _valid(cf, run_spec):
             continue
         sc = score(cf.adapter())
         if sc is not None:

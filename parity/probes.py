@@ -295,7 +295,11 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
     if y is None or "model.embed_tokens.weight" not in weights:
         return Probe("embedding", "embed", "cannot tell: embed or the embedding weights missing", None)
     dtype = trace.dtype
-    rows = np.asarray(weights["model.embed_tokens.weight"], np.float64)[np.asarray(trace.tokens)]
+    emb = "model.embed_tokens.weight"
+    if hasattr(weights, "rows"):  # stored weights: read the prompt's rows, not a 256k-row table
+        rows = np.asarray(weights.rows(emb, trace.tokens), np.float64)
+    else:
+        rows = np.asarray(weights[emb], np.float64)[np.asarray(trace.tokens)]
     rows = round_to(rows, dtype)
     root = math.sqrt(spec.hidden_size)
     cands = {
