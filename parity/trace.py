@@ -226,7 +226,7 @@ class Trace:
 def _widen(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.float64:
         return a
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)
 
 
 def _layout(taps: Mapping, name: str) -> tuple[tuple[int, ...], np.dtype] | None:

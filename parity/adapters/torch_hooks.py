@@ -18,10 +18,10 @@ TapMap = dict[str, tuple[str, str]]
 def to_numpy(t) -> np.ndarray:
     import torch
 
-    t = t.detach()
+    t = t.detach()[0]  # drop the batch dimension
     if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()  # exact: every bf16/fp16 value is an fp32 value
-    return t[0].cpu().numpy().copy()  # drop the batch dimension
+        return t.float().numpy()  # exact (every bf16/fp16 value is an fp32 value), and already a new tensor
+    return t.cpu().numpy().copy()  # the module's own output may be modified in place later
 
 
 def _first_tensor(args, kwargs):
