@@ -176,18 +176,28 @@ def main(argv: list[str] | None = None) -> int:
     from parity.weights import load_weights
 
     ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
-    ap.add_argument("--impl", required=True)
-    ap.add_argument("--dtype", required=True)
-    ap.add_argument("--weights", required=True, help="canonical weights written by parity (spec in metadata)")
-    ap.add_argument("--prompts", required=True, help="JSON file: prompt name -> token ids")
+    ap.add_argument("--check", action="store_true", help="only check --impls (default: every built-in) can "
+                                                          "run --spec-json in --dtypes; print JSON")
+    ap.add_argument("--impls", help="with --check: comma-separated implementations")
+    ap.add_argument("--dtypes", help="with --check: comma-separated dtypes")
+    ap.add_argument("--reference", default="litgpt-style@float64", help="with --check: impl@dtype")
+    ap.add_argument("--impl", required="--check" not in (argv or sys.argv))
+    ap.add_argument("--dtype", required="--check" not in (argv or sys.argv))
+    ap.add_argument("--weights", required="--check" not in (argv or sys.argv),
+                    help="canonical weights written by parity (spec in metadata)")
+    ap.add_argument("--prompts", required="--check" not in (argv or sys.argv),
+                    help="JSON file: prompt name -> token ids")
     ap.add_argument("--mode", default="cumulative")
     ap.add_argument("--references", help="JSON file: prompt -> reference trace file (isolated mode)")
     ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
     ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
     ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required="--check" not in (argv or sys.argv))
     a = ap.parse_args(argv)
     try:
+        if a.check:
+            print(json.dumps(_check(a)))
+            return 0
         weights = load_weights(a.weights)
         prompts = json.loads(Path(a.prompts).read_text())
         spec = weights.spec
@@ -208,6 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
+
+
+def _check(a) -> dict:
+    import json
+
+    from parity.harness import Request, _adapter, resolve_impls
+    from parity.spec import GemmaSpec
+
+    spec = GemmaSpec.from_dict(json.loads(a.spec_json))
+    ref_name, _, ref_dtype = a.reference.partition("@")
+    req = Request(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","))
+    impls, skipped = resolve_impls(req)
+    for _, adapter in impls:
+        for d in req.dtypes:
+            adapter.check(spec, d)
+    ref = _adapter(req, ref_name)
+    ref.check(spec, ref_dtype)
+    return {"impls": {n: {"name": ad.name, "version": ad.version()} for n, ad in impls}, "skipped": skipped,
+            "reference": [ref.name, ref.version()]}
 
 
 if __name__ == "__main__":

@@ -133,6 +133,41 @@ def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str
     return out, skipped
 
 
+@dataclass
+class Elsewhere:
+    """An implementation known by name and version only: it is checked and run in other processes."""
+
+    name: str
+    version_text: str
+
+    def version(self) -> str:
+        return self.version_text
+
+    def needs_own_process(self) -> bool:
+        return True
+
+
+def resolve_elsewhere(req: Request, spec: GemmaSpec):
+    """`resolve_impls` and the checks, run in a child process (`python -m parity.capture --check`)."""
+    import json
+    import subprocess
+    import sys
+
+    ref_name, ref_dtype = req.reference
+    cmd = [sys.executable, "-m", "parity.capture", "--check", "--spec-json", json.dumps(spec.to_dict()),
+           "--dtypes", ",".join(req.dtypes), "--reference", f"{ref_name}@{ref_dtype}"]
+    if req.impls is not None:
+        cmd += ["--impls", ",".join(req.impls)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 2:
+        raise ParityInputError((proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("parity: error: "))
+    if proc.returncode != 0:
+        raise RuntimeError(f"checking the implementations failed: {proc.stderr.strip()[-500:]}")
+    got = json.loads(proc.stdout)
+    impls = [(n, Elsewhere(a["name"], a["version"])) for n, a in got["impls"].items()]
+    return impls, got["skipped"], Elsewhere(*got["reference"])
+
+
 def run(req: Request, progress: Progress | None = None) -> Report:
     spec = req.spec
     if req.mode not in MODES:
@@ -161,11 +196,18 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         weights = weights.truncated(spec)
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
     table = req.tolerances or TOLERANCES
-    impls, skipped = resolve_impls(req)
-    for name, adapter in impls:
-        for d in req.dtypes:
-            adapter.check(spec, d)  # refuse unsupported combinations before any work
     separate = large if req.separate_processes is None else req.separate_processes
+    ref_name, ref_dtype = req.reference
+    if separate and not req.adapters:
+        # the frameworks are imported only by the processes that run them: this one stays small (about
+        # 1 GB less with tensorflow, JAX and torch), which counts when a child holds 10 GB of weights
+        impls, skipped, ref_adapter = resolve_elsewhere(req, spec)
+    else:
+        impls, skipped = resolve_impls(req)
+        for name, adapter in impls:
+            for d in req.dtypes:
+                adapter.check(spec, d)  # refuse unsupported combinations before any work
+        ref_adapter = _adapter(req, ref_name)
     trace_dir = req.trace_dir
     if separate and trace_dir is None:
         import shutil
@@ -181,8 +223,6 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                                          progress=progress, **stored)
         return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress)
 
-    ref_name, ref_dtype = req.reference
-    ref_adapter = _adapter(req, ref_name)
     ref_traces = {t.prompt: t for t in take(ref_name, ref_adapter, ref_dtype, "cumulative")}
     traces = list(ref_traces.values())
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}

@@ -139,3 +139,22 @@ def test_real_widths_get_a_128_token_long_prompt():
     assert len(default_prompts(PRESETS["gemma-2b"])["long"]) == 128
     assert len(default_prompts(SPEC)["long"]) == 48
     json.dumps(default_prompts(PRESETS["gemma-2b"]))
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_with_separate_processes_the_report_process_imports_no_framework(tmp_path, separate):
+    """The frameworks live in the capture processes only: the report process stays small."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json\n"
+            "from parity.harness import Request, run\n"
+            "from parity.presets import PRESETS\n"
+            "r = run(Request(spec=PRESETS['tiny-gemma'], impls=['litgpt-style', 'hf'], dtypes=['float32'],"
+            " prompts={'p': [2, 5, 9]}, separate_processes=%s))\n" % separate +
+            "print(json.dumps([r.passed, r.runs[0]['version'], [m for m in ('torch', 'transformers', 'tensorflow',"
+            " 'jax', 'keras') if m in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    passed, version, imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert passed and version.startswith("parity")
+    assert (imported == []) if separate else ("torch" in imported)  # the check tells the two apart
