@@ -52,17 +52,25 @@ def capture(
     weights: Weights,
     dtype: str,
     prompts: dict[str, list[int]],
-    mode: str = "cumulative",
+    mode: str | list[str] = "cumulative",
     references: dict[str, Trace] | None = None,
     progress: Progress | None = None,
+    spill: Callable[[Trace], Trace] | None = None,
 ) -> list[Trace]:
+    """Every prompt in every mode (a str or a list: the model is built once for all of them).
+
+    `spill`, when given, takes each trace as soon as it is complete and returns
+    what to keep instead (a lazily read file), so a process holds the model and
+    one trace rather than the model and all of them.
+    """
     say = progress or (lambda _msg: None)
     adapter.check(spec, dtype)
     say(f"{adapter.name} {dtype}: building")
     model = adapter.build(spec, weights, dtype)
+    modes = [mode] if isinstance(mode, str) else list(mode)
     try:
         traces = []
-        for name, ids in prompts.items():
+        for mode, (name, ids) in ((m, p) for m in modes for p in prompts.items()):
             say(f"{adapter.name} {dtype} {mode}: running prompt {name!r} ({len(ids)} tokens)")
             feed = None
             if mode == "isolated":
@@ -74,11 +82,13 @@ def capture(
             unavailable.update(result.unavailable)
             order = [t for t in tap_order(spec) if t in result.taps]
             extra = [t for t in result.taps if t not in order]  # attention internals etc.
-            traces.append(Trace(
+            trace = Trace(
                 impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
                 weights_hash=weights.hash, tokens=list(ids), prompt=name, mode=mode,
                 taps={t: result.taps[t] for t in order + extra}, unavailable=unavailable,
-            ))
+            )
+            del result
+            traces.append(spill(trace) if spill else trace)
         effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
         for t in traces:
             t.effective = effective
@@ -96,7 +106,7 @@ def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
 
 
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
-                          mode: str = "cumulative", references: dict[str, Trace] | None = None,
+                          mode: str | list[str] = "cumulative", references: dict[str, Trace] | None = None,
                           progress: Progress | None = None, out_dir=None, reduce_over: int | None = None,
                           full_taps: str | None = None) -> list[Trace]:
     """Run one implementation in a fresh Python process and read its traces back from files.
@@ -123,7 +133,8 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
         wpath = weights.tensors.path if weights.stored else save_weights(weights, tmp / "weights.safetensors")
         (tmp / "prompts.json").write_text(json.dumps(prompts))
         out = Path(out_dir) if out_dir is not None else tmp / "out"
-        cmd = [sys.executable, "-m", "parity.capture", "--impl", impl, "--dtype", dtype, "--mode", mode,
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        cmd = [sys.executable, "-m", "parity.capture", "--impl", impl, "--dtype", dtype, "--mode", ",".join(modes),
                "--weights", str(wpath), "--prompts", str(tmp / "prompts.json"), "--out", str(out)]
         cmd += ["--spec-json", json.dumps(spec.to_dict())]  # the weights file may hold a deeper spec
         if reduce_over is not None:
@@ -137,7 +148,7 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
                 refs[name] = str(source) if source else str(t.save(tmp / "refs" / f"{name}.safetensors"))
             (tmp / "refs.json").write_text(json.dumps(refs))
             cmd += ["--references", str(tmp / "refs.json")]
-        say(f"{impl} {dtype} {mode}: running in a separate process")
+        say(f"{impl} {dtype} {'+'.join(modes)}: running in a separate process")
         import os
         import time
 
@@ -154,7 +165,7 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
                 raise ParityInputError(last.removeprefix("parity: error: "))
             raise RuntimeError(f"capturing {impl}@{dtype} in a separate process failed: {last}")
         lazy = out_dir is not None
-        traces = [load_trace(trace_file(out, impl, dtype, mode, p), lazy=lazy) for p in prompts]
+        traces = [load_trace(trace_file(out, impl, dtype, m, p), lazy=lazy) for m in modes for p in prompts]
         for t in traces:  # kept in memory for the report's runs, not in the trace file
             t.resources = {"process": "separate", "wall_s": round(time.perf_counter() - start, 2),
                            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
@@ -211,9 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.references:
             refs = {p: load_trace(f, lazy=True) for p, f in json.loads(Path(a.references).read_text()).items()}
         adapter = get_adapter(a.impl)
-        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=a.mode, references=refs):
+        out = Path(a.out)
+
+        def spill(t):  # to disk at once, whole (effective is known only after every run): one trace in memory
+            return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
+
+        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=a.mode.split(","), references=refs,
+                         spill=spill):
             keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
-            t.save(trace_file(a.out, a.impl, a.dtype, a.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
+            t.save(trace_file(out, a.impl, a.dtype, t.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
+            t.taps.path.unlink()
         return 0
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)

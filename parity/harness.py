@@ -233,13 +233,14 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         for d in req.dtypes:
             if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
                 continue  # the reference against itself says nothing
-            for mode in modes:
-                got = take(name, adapter, d, mode, ref_traces)
-                traces += got
-                effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
+            todo = modes
+            got = take(name, adapter, d, todo, ref_traces)  # one build for every mode
+            traces += got
+            effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
+            for mode in todo:
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
                              **(got[0].resources if got else {})})
-                for t in got:
+                for t in (t for t in got if t.mode == mode):
                     for r in compare_trace(ref_traces[t.prompt], t, table, mode):
                         if selected is None or r.layer is None or r.layer in selected:
                             results.append(r)
