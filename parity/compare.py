@@ -115,6 +115,29 @@ def compare_trace(
     return out
 
 
+def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None) -> list[list[TapResult]]:
+    """`compare_trace` for several traces of the same prompt at once: each reference tap is read once.
+
+    At real sizes the reference trace is the largest file (float64) and is read
+    lazily; comparing run by run would read it once per run.
+    """
+    for o in others:
+        check_comparable(ref, o)
+    table = table or TOLERANCES
+    n_layers = int(ref.spec["num_layers"])
+    out: list[list[TapResult]] = [[] for _ in others]
+    order = list(dict.fromkeys(t for o in others for t in o.taps))  # the runs' forward order, merged
+    for tap in order:
+        if tap not in ref.taps:
+            continue
+        expected = ref.taps[tap]
+        for i, o in enumerate(others):
+            if tap in o.taps:
+                out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers))
+        del expected
+    return out
+
+
 def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int) -> TapResult:
     base = dict(impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap))
     if isinstance(actual, ReducedTap) or isinstance(expected, ReducedTap):

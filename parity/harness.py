@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from parity.adapters import DEFAULT_IMPLS, get_adapter
 from parity.capture import Progress, capture, capture_in_subprocess
-from parity.compare import TapResult, compare_trace, first_divergence
+from parity.compare import TapResult, compare_trace, compare_traces, first_divergence
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.prompts import default_prompts, validate_tokens
 from parity.spec import GemmaSpec
@@ -233,17 +233,20 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         for d in req.dtypes:
             if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
                 continue  # the reference against itself says nothing
-            todo = modes
-            got = take(name, adapter, d, todo, ref_traces)  # one build for every mode
+            got = take(name, adapter, d, modes, ref_traces)  # one build for every mode
             traces += got
             effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
-            for mode in todo:
+            for mode in modes:
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
                              **(got[0].resources if got else {})})
-                for t in (t for t in got if t.mode == mode):
-                    for r in compare_trace(ref_traces[t.prompt], t, table, mode):
-                        if selected is None or r.layer is None or r.layer in selected:
-                            results.append(r)
+    # compared once everything is captured: each reference tap is read once for every run
+    by_run: dict[tuple, list[TapResult]] = {(r["impl"], r["dtype"], r["mode"]): [] for r in runs}
+    for prompt, ref in ref_traces.items():
+        others = [t for t in traces[len(ref_traces):] if t.prompt == prompt]
+        for t, rs in zip(others, compare_traces(ref, others, table)):
+            by_run[(t.impl, t.dtype, t.mode)] += [r for r in rs if selected is None or r.layer is None
+                                                  or r.layer in selected]
+    results = [r for rs in by_run.values() for r in rs]
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
