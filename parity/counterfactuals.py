@@ -128,6 +128,11 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
 
     # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
     baseline = score(LitgptStyleAdapter(name="cf:unchanged"))
+    if baseline is not None and baseline <= 1.0:
+        # the correct port reproduces it: no single change can explain it better (and at real sizes
+        # each candidate is a model run), so the candidates are not run
+        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
+                "baseline_score": baseline, "explains": False}
     scored = []
     for cf in candidates(run_spec):
         if not _valid(cf, run_spec):

@@ -78,7 +78,7 @@ def _counterfactual(report, trace, first, order) -> dict:
                 "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it, using "
                             f"{best['score']:.3g}x of the tolerance through layer end{runner}"}
     closest = f"; closest single change {best['label']!r} still uses {best['score']:.3g}x of the tolerance" \
-        if best else ""
+        if best and best["label"] else ""
     if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
         closest = (f"; the correct port run in {first.dtype} reproduces it (uses {best['baseline_score']:.3g}x "
                    "of the tolerance): honest rounding beyond this dtype's tolerance at this tap, not a wrong formula")

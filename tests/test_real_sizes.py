@@ -158,3 +158,19 @@ def test_with_separate_processes_the_report_process_imports_no_framework(tmp_pat
     passed, version, imported = json.loads(out.stdout.strip().splitlines()[-1])
     assert passed and version.startswith("parity")
     assert (imported == []) if separate else ("torch" in imported)  # the check tells the two apart
+
+
+def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candidate(weights, monkeypatch):
+    """A tolerance too tight for the shape (as bf16 attention probabilities at 128 tokens and 18 layers
+    are for the tiny-calibrated table): the unchanged port reproduces the run, so no candidate is run."""
+    from parity import counterfactuals
+    from parity.harness import Request, run
+    from parity.tolerances import TOLERANCES, Tolerance
+
+    tight = {**TOLERANCES, "bfloat16": Tolerance(1e-4, 1e-4, "too tight on purpose")}
+    monkeypatch.setattr(counterfactuals, "candidates", lambda spec: pytest.fail("candidates were run"))
+    r = run(Request(spec=SPEC, impls=["hf"], dtypes=["bfloat16"], prompts=PROMPTS, weights=weights,
+                    tolerances=tight))
+    assert not r.passed
+    (d,) = r.divergent_causes
+    assert d["cause"] == "unexplained" and "the correct port run in bfloat16 reproduces it" in d["evidence"]
