@@ -182,18 +182,24 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     large = is_large(spec)
     if req.weights is not None:
         weights = req.weights
-    elif large:
-        from parity.weight_store import stored_random_weights
-
-        weights = stored_random_weights(spec, req.seed, progress)
+        if weights.spec != spec:
+            raise ParityInputError("the weights were made for a different spec; pass the spec they came with")
+        weights.check()
+        if req.first_layers is not None:
+            spec = truncate(spec, req.first_layers)
+            weights = weights.truncated(spec)
     else:
-        weights = random_weights(spec, req.seed)
-    if weights.spec != spec:
-        raise ParityInputError("the weights were made for a different spec; pass the spec they came with")
-    weights.check()
-    if req.first_layers is not None:
-        spec = truncate(spec, req.first_layers)
-        weights = weights.truncated(spec)
+        if req.first_layers is not None:
+            # random weights are seeded per tensor by name: the shallow spec's are the deep one's first
+            # layers, so only those are generated (a Gemma-2-27B shape's 54 GB never are)
+            spec = truncate(spec, req.first_layers)
+        if large:
+            from parity.weight_store import stored_random_weights
+
+            weights = stored_random_weights(spec, req.seed, progress)
+        else:
+            weights = random_weights(spec, req.seed)
+        weights.check()
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
     table = req.tolerances or TOLERANCES
     separate = large if req.separate_processes is None else req.separate_processes

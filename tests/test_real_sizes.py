@@ -112,6 +112,10 @@ def test_first_layers_runs_the_first_layers_of_the_same_model(weights):
     layer_taps = [k for k in b if k.startswith(("embed", "layers.0.", "layers.1."))]
     assert len(layer_taps) > 20 and all(np.array_equal(a[k], b[k]) for k in layer_taps)
     assert "layers.2.out" in a and "layers.2.out" not in b
+    # without weights given, only the first layers' random weights are made: the same values
+    gen = run(Request(spec=SPEC, impls=["hf"], dtypes=["float32"], prompts=PROMPTS, first_layers=2))
+    c = gen.trace("hf", "float32", "long").taps
+    assert all(np.array_equal(a[k], c[k]) for k in layer_taps)
 
 
 def test_first_layers_outside_the_spec_is_bad_input(tmp_path, capsys):
