@@ -56,6 +56,7 @@ class TapResult:
     sampled_numel: int | None = None  # elements compared; numel unless sampled
     reason: str = ""  # why it failed, where the numbers above do not say it
     stat_rows_failed: int = 0  # rows whose max |x|, RMS or non-finite count rule out passing
+    waived: str = ""  # the waiver accepting this tap's cause (parity.waivers.apply_waivers), if any
 
     def __post_init__(self):
         if self.sampled_numel is None:
@@ -250,8 +251,8 @@ def _reduced_logit_metrics(a: ReducedTap, e: ReducedTap, rows: np.ndarray) -> di
 
 
 def first_divergence(results: list[TapResult]) -> TapResult | None:
-    """The first failing tap in forward order (results are already in forward order per run)."""
+    """The first failing tap in forward order (results are already in forward order per run); waived ones pass."""
     for r in results:
-        if not r.passed:
+        if not r.passed and not r.waived:
             return r
     return None

@@ -97,7 +97,10 @@ def _cause_text(causes: list[dict]) -> str:
 def headline(report) -> str:
     if report.passed:
         notes = [d for d in report.diagnosis if d["severity"] == "note"]
+        waived = [d for d in report.diagnosis if d["severity"] == "waived"]
         extra = f"; notes: {', '.join(sorted({d['cause'] for d in notes}))}" if notes else ""
+        if waived:
+            extra += f"; waived: {', '.join(sorted({d['impl'] + ' ' + d['cause'] for d in waived}))}"
         return f"PASS: {len(report.runs)} run(s) agree with {report.reference} within tolerance{extra}"
     causes = report.divergent_causes
     if causes:

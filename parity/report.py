@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    help="store taps of more than N elements as statistics plus 16 sampled rows (separate "
                         "processes; default 16777216: a 256k-vocabulary logits tap); 0 reduces every tap")
     p.add_argument("--full-taps", metavar="GLOBS", help="taps kept whole whatever their size, e.g. 'logits'")
+    p.add_argument("--waivers", metavar="FILE", help="accepted divergences (the format of fixtures/waivers.toml): "
+                                                      "a waived cause and its taps count as passing, and say why")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
             select_taps(tap_order(req.spec), args.taps)  # validate before running
         out = check_out_dir(args.out)
+        if args.waivers:  # read before any work: a malformed file is bad input
+            from parity.waivers import load_waivers
+
+            waivers = load_waivers(args.waivers)
         from parity.harness import from_traces, run
 
         start = time.perf_counter()
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                                  req.layers if args.layers != "all" else None)
         else:
             report = run(req, progress=progress)
+        if args.waivers:
+            from parity.waivers import apply_waivers
+
+            apply_waivers(report, waivers)
         if progress:
             progress.done()
         from parity.render import print_terminal

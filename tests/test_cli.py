@@ -125,3 +125,24 @@ def test_pickled_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "safetensors" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_waivers_make_an_accepted_divergence_pass_and_say_so(tmp_path):
+    import json
+
+    from parity.report import main
+
+    waivers = tmp_path / "w.toml"
+    waivers.write_text('[[waiver]]\nimpl = "swapped-geglu"\ntap = "*"\ndtype = "*"\ncause = "geglu-swapped"\n'
+                       'reason = "known, fix pending"\nexpires = 2999-01-01\n')
+    args = ["--impls", "tests.variants:swapped_geglu", "--dtypes", "float32", "--tokens", "2,17,301,5", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 1
+    assert main(args + ["--out", str(tmp_path / "b"), "--waivers", str(waivers)]) == 0
+    data = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert data["passed"] and data["first_divergence"] is None
+    assert "waived: swapped-geglu geglu-swapped" in (tmp_path / "b" / "report.md").read_text()
+    assert {d["severity"] for d in data["diagnosis"]} == {"waived"}
+    assert any(t["waived"].startswith("known, fix pending") for t in data["taps"] if not t["passed"])
+    expired = waivers.read_text().replace("2999-01-01", "2000-01-01")
+    waivers.write_text(expired)
+    assert main(args + ["--out", str(tmp_path / "c"), "--waivers", str(waivers)]) == 1  # expired: fails again
