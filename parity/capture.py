@@ -6,18 +6,39 @@ next is built, so only one implementation is resident at a time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 from parity.errors import ParityInputError
 from parity.spec import GemmaSpec
 from parity.taps import layer_of, tap_names, tap_order
-from parity.trace import Trace
+from parity.trace import ReducedTap, Trace, widen
 from parity.weights import Weights
 
 Progress = Callable[[str], None]
 
 
-def isolated_feed(spec: GemmaSpec, ref: Trace) -> dict:
+class Feed(Mapping):
+    """tap -> the reference's input to it, read from the reference trace when asked (it may be a file)."""
+
+    def __init__(self, ref: Trace, sources: dict[str, str]) -> None:
+        self.ref, self.sources = ref, sources
+
+    def __getitem__(self, tap: str):
+        value = self.ref.taps[self.sources[tap]]
+        if isinstance(value, ReducedTap):
+            raise ParityInputError(f"isolated mode needs the reference's whole {self.sources[tap]!r}, but its trace "
+                                   "holds it reduced; capture the reference without --reduce-over")
+        return value
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def isolated_feed(spec: GemmaSpec, ref: Trace) -> Feed:
     """For every sub-layer, the reference's value of the tap that feeds it.
 
     Feeding the input of the module that produces tap X with the reference's
@@ -28,7 +49,7 @@ def isolated_feed(spec: GemmaSpec, ref: Trace) -> dict:
         i = layer_of(tap)
         if i is None:
             if tap == "final_norm":
-                feed[tap] = ref.taps[f"layers.{spec.num_layers - 1}.out"]
+                feed[tap] = f"layers.{spec.num_layers - 1}.out"
             continue
         p = f"layers.{i}."
         prev = "embed" if i == 0 else f"layers.{i - 1}.out"
@@ -42,8 +63,8 @@ def isolated_feed(spec: GemmaSpec, ref: Trace) -> dict:
             p + "out": prev,
         }.get(tap)
         if source is not None and source in ref.taps:
-            feed[tap] = ref.taps[source]
-    return feed
+            feed[tap] = source
+    return Feed(ref, feed)
 
 
 def capture(
@@ -87,6 +108,8 @@ def capture(
                 weights_hash=weights.hash, tokens=list(ids), prompt=name, mode=mode,
                 taps={t: result.taps[t] for t in order + extra}, unavailable=unavailable,
             )
+            if spill is None:  # kept in memory: float32 (exact), as every consumer of a trace expects
+                trace.taps = {k: widen(v) for k, v in trace.taps.items()}
             del result
             traces.append(spill(trace) if spill else trace)
         effective = adapter.effective(model)  # after the runs: an adapter may read what they observed

@@ -93,7 +93,7 @@ def row_indices(n_rows: int, max_rows: int = MAX_ROWS) -> np.ndarray:
 
 def reduce_tap(name: str, array: np.ndarray, max_rows: int = MAX_ROWS) -> ReducedTap:
     """`array` (widened as a saved trace widens it) reduced to `row_indices(len(array), max_rows)`."""
-    a = _widen(np.asarray(array))
+    a = widen(np.asarray(array))
     if a.ndim == 0:
         raise ValueError(f"tap {name!r} is a scalar: nothing to reduce")
     return reduce_at(name, a, row_indices(a.shape[0], max_rows))
@@ -101,7 +101,7 @@ def reduce_tap(name: str, array: np.ndarray, max_rows: int = MAX_ROWS) -> Reduce
 
 def reduce_at(name: str, array: np.ndarray, row_index: np.ndarray) -> ReducedTap:
     """`array` reduced to the given rows (ascending), with every row's statistics."""
-    a = _widen(np.asarray(array))
+    a = widen(np.asarray(array))
     idx = np.asarray(row_index, dtype=np.int64)
     row_max_abs, row_rms, nonfinite, nans = row_stats(a)
     return ReducedTap(
@@ -202,7 +202,7 @@ class Trace:
             lay = _layout(self.taps, name)
             big = reduce_over is not None and lay is not None and lay[0] and math.prod(lay[0]) > reduce_over
             if lay is not None and (not big or name in keep):
-                entries.append((name, lay[0], lay[1], lambda name=name: _widen(np.asarray(self.taps[name]))))
+                entries.append((name, lay[0], lay[1], lambda name=name: widen(np.asarray(self.taps[name]))))
                 continue
             if SEP in name:
                 raise ValueError(f"tap {name!r}: {SEP!r} is reserved for the parts of reduced taps; rename the tap")
@@ -223,7 +223,7 @@ class Trace:
         return p
 
 
-def _widen(a: np.ndarray) -> np.ndarray:
+def widen(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.float64:
         return a
     return a.astype(np.float32, copy=False)
