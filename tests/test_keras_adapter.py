@@ -527,3 +527,13 @@ def test_27b_query_scaling_is_asked_for_and_dropped_by_keras_hub(gemma2_27b):
 def test_27b_float32_agrees_with_port_float64(gemma2_27b):
     bad = [r for r in gemma2_27b.compare() if not r.passed]
     assert not bad, f"{bad[0].tap}: {rel_err(gemma2_27b.result.taps[bad[0].tap], gemma2_27b.ref[bad[0].tap]):.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_variables_hold_the_weights_in_their_own_dtype(models, weights, dtype):
+    """The variables are initialised from the weights (no random init): each holds its declared dtype
+    (a float32 value in a float16 variable would compute in float32) and the canonical values."""
+    m = models(dtype)
+    assert {str(v.value.dtype) for v in m.backbone.weights} == {dtype}
+    emb = np.asarray(m.backbone.token_embedding.embeddings.value, np.float32)
+    np.testing.assert_array_equal(emb, weights.tensors["model.embed_tokens.weight"].astype(dtype).astype(np.float32))

@@ -366,8 +366,8 @@ class KerasAdapter(Adapter):
             plan = map_weights(planned, name_map(spec), shapes, where=f"{self.name} weights")
             deferred = all(getattr(v, "_value", 0) is None and hasattr(v, "_initializer") for v in variables.values())
             if deferred:
-                for path, v in variables.items():
-                    v._initializer = lambda shape, dtype=None, _p=path: load(_p)
+                for path, v in variables.items():  # in the variable's dtype, as assign would cast it
+                    v._initializer = lambda shape, dtype=None, _p=path: keras.ops.convert_to_tensor(load(_p), dtype)
         if not deferred:
             for path, v in variables.items():
                 v.assign(load(path))  # cast to the variable dtype; canonical weights are bf16-exact
