@@ -209,24 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     from parity.trace import load_trace
     from parity.weights import load_weights
 
+    checking = "--check" in (sys.argv[1:] if argv is None else argv)  # --check needs no capture arguments
     ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
     ap.add_argument("--check", action="store_true", help="only check --impls (default: every built-in) can "
                                                           "run --spec-json in --dtypes; print JSON")
     ap.add_argument("--impls", help="with --check: comma-separated implementations")
     ap.add_argument("--dtypes", help="with --check: comma-separated dtypes")
     ap.add_argument("--reference", default="litgpt-style@float64", help="with --check: impl@dtype")
-    ap.add_argument("--impl", required="--check" not in (argv or sys.argv))
-    ap.add_argument("--dtype", required="--check" not in (argv or sys.argv))
-    ap.add_argument("--weights", required="--check" not in (argv or sys.argv),
+    ap.add_argument("--impl", required=not checking)
+    ap.add_argument("--dtype", required=not checking)
+    ap.add_argument("--weights", required=not checking,
                     help="canonical weights written by parity (spec in metadata)")
-    ap.add_argument("--prompts", required="--check" not in (argv or sys.argv),
+    ap.add_argument("--prompts", required=not checking,
                     help="JSON file: prompt name -> token ids")
     ap.add_argument("--mode", default="cumulative")
     ap.add_argument("--references", help="JSON file: prompt -> reference trace file (isolated mode)")
     ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
     ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
     ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
-    ap.add_argument("--out", required="--check" not in (argv or sys.argv))
+    ap.add_argument("--out", required=not checking)
     a = ap.parse_args(argv)
     try:
         if a.check:
