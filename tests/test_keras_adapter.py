@@ -190,6 +190,7 @@ def test_exact_gelu_patched_into_the_block_shows_at_act_only(adapter, models, ru
     assert gemma_decoder_block.keras.activations is keras.activations  # what the block looks up
     tanh_gelu = keras.activations.gelu
     model, base = models("float32"), runs("float32").taps  # before the patch, whatever ran first
+    monkeypatch.setattr(model, "clean", model.clean)  # effective() reads the last unfed run: restored after
     monkeypatch.setattr(keras.activations, "gelu", lambda x, approximate=False: tanh_gelu(x, approximate=False))
     patched = adapter.run(model, TOKENS).taps
     np.testing.assert_array_equal(patched["layers.0.mlp.gate"], base["layers.0.mlp.gate"])
@@ -211,6 +212,7 @@ def test_swapped_geglu_patched_into_block_call_shows_in_trace(adapter, models, r
     exec(compile(src.replace(line, "keras.activations.gelu(x2, approximate=True) * x1"),
                  "<patched GemmaDecoderBlock.call>", "exec"), vars(gemma_decoder_block), namespace)
     model, base = models("float32"), runs("float32").taps  # before the patch, whatever ran first
+    monkeypatch.setattr(model, "clean", model.clean)  # effective() reads the last unfed run: restored after
     monkeypatch.setattr(GemmaDecoderBlock, "call", namespace["call"])
     patched = adapter.run(model, TOKENS).taps
     np.testing.assert_array_equal(patched["layers.0.mlp.gate"], base["layers.0.mlp.gate"])
