@@ -157,13 +157,16 @@ class HFAdapter(Adapter):
     def _init_buffers(self, model, model_cls, spec: GemmaSpec, dtype: str) -> None:
         """Buffers computed at init (RoPE inv_freq, the embedding scale) from a small twin built for real.
 
-        The twin has the same config but one head and a tiny vocabulary and MLP,
-        which the buffers do not depend on, so transformers' own code computes
-        them, in this version's way, without the full-size random init.
+        The twin has the same config but one head, one layer of each type and a
+        tiny vocabulary and MLP, which the buffers do not depend on, so
+        transformers' own code computes them, in this version's way, without the
+        full-size random init; a buffer the twin lacks is an error, not a guess.
         """
         import torch
 
-        small = spec.replace(vocab_size=16, intermediate_size=8, num_heads=1, num_kv_heads=1)
+        types = tuple(dict.fromkeys(spec.layer_types))  # one layer of each type: the buffers are per model
+        small = spec.replace(vocab_size=16, intermediate_size=8, num_heads=1, num_kv_heads=1,
+                             num_layers=len(types), layer_types=types)
         twin = dict(self._from_config(model_cls, self._config(small), dtype).named_buffers())
         for name, buf in model.named_buffers():
             if name not in twin or twin[name].shape != buf.shape:
