@@ -265,18 +265,14 @@ def main(argv: list[str] | None = None) -> int:
 def _check(a) -> dict:
     import json
 
-    from parity.harness import Request, _adapter, resolve_impls
+    from parity.harness import Request, checked_impls
     from parity.spec import GemmaSpec
 
     spec = GemmaSpec.from_dict(json.loads(a.spec_json))
     ref_name, _, ref_dtype = a.reference.partition("@")
-    req = Request(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","))
-    impls, skipped = resolve_impls(req)
-    for _, adapter in impls:
-        for d in req.dtypes:
-            adapter.check(spec, d)
-    ref = _adapter(req, ref_name)
-    ref.check(spec, ref_dtype)
+    req = Request(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
+                  reference=(ref_name, ref_dtype))
+    impls, skipped, ref = checked_impls(req, spec)
     return {"impls": {n: {"name": ad.name, "version": ad.version()} for n, ad in impls}, "skipped": skipped,
             "reference": [ref.name, ref.version()]}
 

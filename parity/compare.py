@@ -17,6 +17,7 @@ argmax it changes).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -102,18 +103,9 @@ def compare_trace(
     ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None
 ) -> list[TapResult]:
     """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time."""
-    check_comparable(ref, other)
-    table = table or TOLERANCES
-    mode = mode or other.mode
-    tol = table[other.dtype]
-    n_layers = int(ref.spec["num_layers"])
-    out = []
-    for tap in other.taps:
-        if tap not in ref.taps:
-            continue  # an extra tap the reference does not expose (attention internals)
-        # read here, so a lazy trace holds only this pair while it is compared
-        out.append(_compare_tap(tap, other.taps[tap], ref.taps[tap], other, mode, tol, n_layers))
-    return out
+    if mode is not None and mode != other.mode:
+        other = dataclasses.replace(other, mode=mode)
+    return compare_traces(ref, [other], table)[0]
 
 
 def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None) -> list[list[TapResult]]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from parity.adapters import DEFAULT_IMPLS, get_adapter
 from parity.capture import Progress, capture, capture_in_subprocess
-from parity.compare import TapResult, compare_trace, compare_traces, first_divergence
+from parity.compare import TapResult, compare_traces, first_divergence
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.prompts import default_prompts, validate_tokens
 from parity.spec import GemmaSpec
@@ -133,6 +133,18 @@ def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str
     return out, skipped
 
 
+def checked_impls(req: Request, spec: GemmaSpec):
+    """`resolve_impls`, then every run and the reference checked against `spec`: unsupported
+    combinations are refused before any work. Returns (impls, skipped, reference adapter)."""
+    impls, skipped = resolve_impls(req)
+    for _, adapter in impls:
+        for d in req.dtypes:
+            adapter.check(spec, d)
+    ref = _adapter(req, req.reference[0])
+    ref.check(spec, req.reference[1])
+    return impls, skipped, ref
+
+
 @dataclass
 class Elsewhere:
     """An implementation known by name and version only: it is checked and run in other processes."""
@@ -209,11 +221,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         # 1 GB less with tensorflow, JAX and torch), which counts when a child holds 10 GB of weights
         impls, skipped, ref_adapter = resolve_elsewhere(req, spec)
     else:
-        impls, skipped = resolve_impls(req)
-        for name, adapter in impls:
-            for d in req.dtypes:
-                adapter.check(spec, d)  # refuse unsupported combinations before any work
-        ref_adapter = _adapter(req, ref_name)
+        impls, skipped, ref_adapter = checked_impls(req, spec)
     trace_dir = req.trace_dir
     if separate and trace_dir is None:
         import shutil
@@ -233,8 +241,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     traces = list(ref_traces.values())
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
     modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
-    runs, results = [], []
-    selected = None if req.layers is None else set(req.layers)
+    runs = []
     for name, adapter in impls:
         for d in req.dtypes:
             if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
@@ -245,14 +252,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             for mode in modes:
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
                              **(got[0].resources if got else {})})
-    # compared once everything is captured: each reference tap is read once for every run
-    by_run: dict[tuple, list[TapResult]] = {(r["impl"], r["dtype"], r["mode"]): [] for r in runs}
-    for prompt, ref in ref_traces.items():
-        others = [t for t in traces[len(ref_traces):] if t.prompt == prompt]
-        for t, rs in zip(others, compare_traces(ref, others, table)):
-            by_run[(t.impl, t.dtype, t.mode)] += [r for r in rs if selected is None or r.layer is None
-                                                  or r.layer in selected]
-    results = [r for rs in by_run.values() for r in rs]
+    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
@@ -266,6 +266,27 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
     diagnose(report)
     return report
+
+
+def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, Tolerance],
+                 layers: list[int] | None = None) -> list[TapResult]:
+    """Every trace against its prompt's reference, once all are captured, so each reference tap is read once.
+
+    Results are grouped by run (impl, dtype, mode) in order of first appearance, each run's traces in the
+    order given: the forward order `first_divergence` relies on. `layers` keeps those layers' taps (and the
+    taps of no layer).
+    """
+    per_trace: dict[int, list[TapResult]] = {}
+    for prompt, ref in refs.items():
+        group = [t for t in others if t.prompt == prompt]
+        for t, rs in zip(group, compare_traces(ref, group, table)):
+            per_trace[id(t)] = rs
+    selected = None if layers is None else set(layers)
+    out = []
+    for key in dict.fromkeys((t.impl, t.dtype, t.mode) for t in others):
+        for t in (t for t in others if (t.impl, t.dtype, t.mode) == key):
+            out += [r for r in per_trace[id(t)] if selected is None or r.layer is None or r.layer in selected]
+    return out
 
 
 def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, weights: Weights | None = None,
@@ -289,8 +310,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     if weights is not None and weights.hash != next(iter(refs.values())).weights_hash:
         raise ParityInputError("--weights are not the weights the traces were captured from (hash differs)")
     table = tolerances or TOLERANCES
-    runs, results, effective = [], [], {}
-    selected = None if layers is None else set(layers)
+    runs, others, effective = [], [], {}
     for t in traces:
         if (t.impl, t.dtype) == ref_key and t.mode == "cumulative":
             continue
@@ -300,9 +320,8 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         if run_ not in runs:
             runs.append(run_)
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
-        for r in compare_trace(refs[t.prompt], t, table, t.mode):
-            if selected is None or r.layer is None or r.layer in selected:
-                results.append(r)
+        others.append(t)
+    results = compare_runs(refs, others, table, layers)
     report = Report(
         spec=spec, weights_hash=next(iter(refs.values())).weights_hash,
         weights_source=weights.source if weights else "from traces", reference=f"{ref_key[0]}@{ref_key[1]}",
