@@ -10,7 +10,6 @@ Attention is eager: the SDPA path silently drops Gemma 2's attention softcap.
 from __future__ import annotations
 
 import inspect
-import math
 
 from parity.adapters.base import Adapter, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
@@ -126,7 +125,7 @@ class HFAdapter(Adapter):
         import transformers
 
         from parity.adapters.torch_load import load
-        from parity.adapters.torch_setup import stream_layers, torch_dtype
+        from parity.adapters.torch_setup import torch_dtype
 
         self.check(spec, dtype)
         config = self._config(spec)
@@ -136,9 +135,7 @@ class HFAdapter(Adapter):
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
         plan = map_weights(parts(weights), NAME_MAP, params, where=f"{self.name} weights")
         dt = torch_dtype(dtype)
-        nbytes = sum(math.prod(s) for s in params.values()) * dt.itemsize
-        streamed = [f"model.layers.{i}" for i in range(spec.num_layers)] if stream_layers(nbytes) else None
-        load(model, plan, weights, dt, streamed)
+        load(model, plan, weights, dt, [f"model.layers.{i}" for i in range(spec.num_layers)])
         self._init_buffers(model, model_cls, spec, dtype)
         model.eval()
         model.parity_spec = spec

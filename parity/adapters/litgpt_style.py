@@ -78,12 +78,6 @@ def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.nd
     return {k: fill(w, part, np.empty(part.shape, np.float32)) for k, part in fuse_qkv_parts(parts(w), spec).items()}
 
 
-def _nbytes(params: dict[str, tuple[int, ...]], dtype) -> int:
-    import math
-
-    return sum(math.prod(s) for s in params.values()) * dtype.itemsize
-
-
 class LitgptStyleAdapter(Adapter):
     name = "litgpt-style"
 
@@ -108,7 +102,7 @@ class LitgptStyleAdapter(Adapter):
         import torch
 
         from parity.adapters.torch_load import load
-        from parity.adapters.torch_setup import stream_layers, torch_dtype
+        from parity.adapters.torch_setup import torch_dtype
         from parity.litgpt_style import GPT, PortOptions
 
         if self.spec_changes:
@@ -119,8 +113,7 @@ class LitgptStyleAdapter(Adapter):
         name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
         plan = map_weights(fuse_qkv_parts(parts(weights), spec), name_map, params, where=f"{self.name} weights")
         dt = torch_dtype(dtype)
-        streamed = [f"h.{i}" for i in range(spec.num_layers)] if stream_layers(_nbytes(params, dt)) else None
-        load(model, plan, weights, dt, streamed)
+        load(model, plan, weights, dt, [f"h.{i}" for i in range(spec.num_layers)])
         return model.eval()
 
     def run(self, model, tokens, feed=None) -> RunResult:

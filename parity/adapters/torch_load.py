@@ -65,18 +65,23 @@ def release_parameters(module) -> None:
                                                   requires_grad=False))
 
 
-def load(model, plan: dict[str, Part], weights: Weights, dtype, layers: list[str] | None = None) -> None:
-    """Give a meta-built model its weights; with `layers` (module paths), stream those instead.
+def load(model, plan: dict[str, Part], weights: Weights, dtype, layers: list[str]) -> None:
+    """Give a meta-built model its weights, streaming its `layers` (module paths) when it is too big.
 
-    A streamed layer gets its weights from the store just before it runs and
-    gives them back right after, so at most one layer's weights are resident
-    beside the embedding and the head: a Gemma-2-27B shape in bfloat16 needs
-    about 1.1 GB per layer instead of 54 GB.
+    Whether to stream is `torch_setup.stream_layers` of the model's size in
+    `dtype`. A streamed layer gets its weights from the store just before it
+    runs and gives them back right after, so at most one layer's weights are
+    resident beside the embedding and the head: a Gemma-2-27B shape in
+    bfloat16 needs about 1.1 GB per layer instead of 54 GB.
     """
-    skip = [p + "." for p in layers or ()]
+    from parity.adapters.torch_setup import stream_layers
+
+    nbytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # tied parameters counted once
+    layers = layers if stream_layers(nbytes) else []
+    skip = [p + "." for p in layers]
     materialize(model, dtype, skip)
     fill_parameters(model, plan, weights)
-    for path in layers or ():
+    for path in layers:
         layer = model.get_submodule(path)
 
         def fetch(module, args, _prefix=path + "."):
@@ -88,4 +93,4 @@ def load(model, plan: dict[str, Part], weights: Weights, dtype, layers: list[str
 
         layer.register_forward_pre_hook(fetch)
         layer.register_forward_hook(drop)
-    model.parity_streamed = list(layers or ())
+    model.parity_streamed = list(layers)
