@@ -250,6 +250,27 @@ _FROM_ST = {v: k for k, v in _TO_ST.items()}
 TensorEntry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
 
+def safetensors_header(tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
+                       metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file whose tensors follow in this order.
+
+    tensors: (name, safetensors dtype code, shape, bytes per element). The JSON is padded with spaces to a
+    multiple of 8, so the data starts aligned; equal inputs give equal lengths (the weight store rewrites
+    its header in place once the weights' hash is known).
+    """
+    header: dict = {}
+    offset = 0
+    for name, code, shape, itemsize in tensors:
+        nbytes = itemsize * math.prod(shape)
+        header[name] = {"dtype": code, "shape": [int(n) for n in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file written one tensor at a time, so only one is in memory (safe_open reads it).
 
@@ -257,25 +278,18 @@ def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata
     `__metadata__`) padded with spaces to a multiple of 8, then each tensor's little-endian bytes in order.
     """
     entries = list(entries)
-    header: dict = {}
-    offset = 0
+    seen: set[str] = set()
     for name, shape, dtype, _ in entries:
         dt = np.dtype(dtype)
-        if name in header or name == "__metadata__":
+        if name in seen or name == "__metadata__":
             raise ValueError(f"tensor name {name!r} given twice or reserved")
+        seen.add(name)
         if dt.name not in _TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code; use one of {sorted(_TO_ST)}")
-        nbytes = dt.itemsize * math.prod(shape)
-        header[name] = {"dtype": _TO_ST[dt.name], "shape": [int(n) for n in shape],
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    header = safetensors_header([(n, _TO_ST[np.dtype(d).name], s, np.dtype(d).itemsize) for n, s, d, _ in entries],
+                                metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(header)
         for name, shape, dtype, fetch in entries:
             a = np.asarray(fetch())
             if a.shape != tuple(shape) or a.dtype.name != np.dtype(dtype).name:

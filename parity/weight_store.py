@@ -45,6 +45,11 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
 
 
+def _rows_per_block(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor per block of about CHUNK_ELEMENTS elements (at least one)."""
+    return max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+
+
 def _bfloat16():
     import ml_dtypes
 
@@ -126,7 +131,7 @@ class StoredTensors(Mapping):
         n = out.shape[0] if out.ndim else 1
         if tuple(out.shape[1:]) != tuple(shape[1:]) or row0 + n > shape[0]:
             raise ValueError(f"{name}: rows {row0}..{row0 + n} of shape {shape} do not fit a buffer {out.shape}")
-        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        step = _rows_per_block(shape)
         raw = out.dtype == _bfloat16() and self._entries[name][0] == "BF16"
         dest = out.view(np.uint16) if raw else out  # bfloat16 to bfloat16: copy the bits, convert nothing
         fd = os.open(self.path, os.O_RDONLY)
@@ -147,7 +152,7 @@ class StoredTensors(Mapping):
     def blocks(self, name: str):
         """(row0, float32 block) pairs covering the tensor: for scans and hashes."""
         shape = self.shape(name)
-        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        step = _rows_per_block(shape)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for r in range(0, shape[0], step):
@@ -167,18 +172,6 @@ class StoredTensors(Mapping):
 
 
 # ------------------------------------------------------------------ writing
-def _write_header(f, entries: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
-    header, offset = {"__metadata__": metadata}, 0
-    for name, (dtype, shape) in entries.items():
-        size = math.prod(shape) * _DTYPES[dtype][1]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-
-
 def _random_blocks(name: str, shape: tuple[int, ...], seed: int):
     """float32 blocks of rows equal to `weights.random_tensor(name, shape, seed)`, generated in order."""
     from parity.weights import random_tensor
@@ -187,7 +180,7 @@ def _random_blocks(name: str, shape: tuple[int, ...], seed: int):
         yield random_tensor(name, shape, seed)
         return
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    step = max(1, CHUNK_ELEMENTS // shape[1])
+    step = _rows_per_block(shape)
     for r in range(0, shape[0], step):
         k = min(step, shape[0] - r)
         w = (rng.standard_normal((k, shape[1])) / math.sqrt(shape[1])).astype(np.float32)
@@ -204,6 +197,7 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     Tensors are written in sorted name order so the SHA-256 of their float32
     values (`Weights.hash`) is computed on the way, without a second pass.
     """
+    from parity.trace import safetensors_header
     from parity.weights import canonical_shapes
 
     shapes = dict(sorted(canonical_shapes(spec).items()))
@@ -216,8 +210,8 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
             # the hash goes in the header, which comes first: reserve it, then rewrite it at the end
             meta = {"spec": json.dumps(spec.to_dict()), "source": f"random(seed={seed})", "generator": "parity",
                     "weights_hash": "0" * 16}
-            entries = {k: ("BF16", s) for k, s in shapes.items()}
-            _write_header(f, entries, meta)
+            entries = [(k, "BF16", s, 2) for k, s in shapes.items()]
+            f.write(safetensors_header(entries, meta))
             for i, (name, shape) in enumerate(shapes.items()):
                 if progress and i % 16 == 0:
                     progress(f"generating random weights: {name} ({i + 1}/{len(shapes)})")
@@ -228,7 +222,7 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
                     f.write(bf16_bits(block).tobytes())
             meta["weights_hash"] = h.hexdigest()[:16]
             f.seek(0)
-            _write_header(f, entries, meta)  # same length: only the hash's 16 characters changed
+            f.write(safetensors_header(entries, meta))  # same length: only the hash's 16 characters changed
         tmp.replace(p)
     finally:
         tmp.unlink(missing_ok=True)
