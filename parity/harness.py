@@ -29,7 +29,13 @@ def is_large(spec: GemmaSpec) -> bool:
 
     from parity.weights import param_count
 
-    return param_count(spec) * 4 > int(os.environ.get("PARITY_LARGE_OVER", LARGE_BYTES))
+    text = os.environ.get("PARITY_LARGE_OVER", str(LARGE_BYTES))
+    try:
+        over = int(text)
+    except ValueError:
+        raise ParityInputError(f"PARITY_LARGE_OVER={text!r} is not a byte count; give an integer, "
+                               f"e.g. {LARGE_BYTES}") from None
+    return param_count(spec) * 4 > over
 
 
 def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
@@ -184,6 +190,9 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     spec = req.spec
     if req.mode not in MODES:
         raise ParityInputError(f"--mode {req.mode!r} is not a mode; use one of {MODES}")
+    if req.reduce_over is not None and req.reduce_over < 0:
+        raise ParityInputError(f"--reduce-over {req.reduce_over} is negative; give an element count >= 0 "
+                               "(0 reduces every tap)")
     from parity.adapters.base import DTYPES
 
     for d in req.dtypes:

@@ -178,3 +178,21 @@ def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candi
     assert not r.passed
     (d,) = r.divergent_causes
     assert d["cause"] == "unexplained" and "the correct port run in bfloat16 reproduces it" in d["evidence"]
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["--reduce-over", "-3"], {}, "--reduce-over -3 is negative"),
+    ([], {"PARITY_LARGE_OVER": "lots"}, "PARITY_LARGE_OVER='lots' is not a byte count"),
+    ([], {"PARITY_STREAM": "sometimes"}, "PARITY_STREAM='sometimes'"),
+])
+def test_bad_real_size_settings_are_one_line_bad_input(tmp_path, capsys, monkeypatch, args, env, needle):
+    from parity.report import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    code = main(["--impls", "litgpt-style", "--dtypes", "float32", "--tokens", "2,3", "--quiet", "--out", str(out)]
+                + args)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (out / "report.json").exists()
