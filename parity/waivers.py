@@ -4,7 +4,7 @@
     impl = "swapped-geglu"        # the implementation's name, as in report.json "impl"
     tap = "*"                     # glob over tap names (fnmatch): "layers.*.mlp.*", "logits", "*"
     dtype = "float32"             # a dtype, or "*" for every dtype
-    cause = "geglu-swapped"       # a cause id from DIVERGENCES.md (or "unexplained")
+    cause = "geglu-swapped"       # a cause id from docs/causes.md (or "unexplained")
     reason = "upstream fix pending, see issue 12"
     expires = 2026-06-30          # a TOML date (or "2026-06-30"); the waiver holds through that day
 
@@ -37,17 +37,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from parity.causes import CAUSE_IDS, check_cause  # CAUSE_IDS stays importable from here
 from parity.errors import ParityInputError
 
-# The cause ids of shared/DIVERGENCES.md (never renamed there), plus "unexplained", which the diagnosis
-# uses when nothing names a divergence. tests/test_baseline.py checks this against the catalogue.
-CAUSE_IDS = frozenset({
-    "gelu-exact", "geglu-swapped", "geglu-width", "norm-unit-offset-missing", "norm-unit-offset-lowp",
-    "norm-cast-order", "norm-placement", "embed-scale-missing", "embed-scale-dtype", "rope-layout",
-    "rope-precision", "rope-base", "query-scale", "attn-softcap-missing", "final-softcap-missing",
-    "sliding-window", "qk-norm-missing", "act-lowp", "softmax-precision", "final-norm-missing",
-    "lm-head-untied", "unexplained",
-})
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 KEYS = ("impl", "tap", "dtype", "cause", "reason", "expires")
 
@@ -145,9 +137,7 @@ def parse_waivers(text: str, source: str = "waivers.toml") -> list[Waiver]:
         for k in ("impl", "tap", "dtype", "cause", "reason"):
             if not isinstance(e[k], str) or not e[k].strip():
                 raise ParityInputError(f"{where}: {k} = {e[k]!r} must be a non-empty string")
-        if e["cause"] not in CAUSE_IDS:
-            raise ParityInputError(f"{where}: cause {e['cause']!r} is not in the catalogue (DIVERGENCES.md); "
-                                   f"use one of {', '.join(sorted(CAUSE_IDS))}")
+        check_cause(e["cause"], where)
         if e["dtype"] != "*" and e["dtype"] not in DTYPES:
             raise ParityInputError(f"{where}: dtype {e['dtype']!r} is not a dtype; use one of {', '.join(DTYPES)} "
                                    "or '*'")

@@ -28,11 +28,16 @@ def test_fault_is_detected_located_named(fault, dtype):
 
 
 def test_every_gemma1_cause_has_a_fault():
-    import re
-    from pathlib import Path
+    from parity.causes import CAUSE_IDS, CAUSES
 
-    catalogue = Path(__file__).resolve().parents[2] / "shared" / "DIVERGENCES.md"
-    if not catalogue.exists():
-        pytest.skip("shared/DIVERGENCES.md is not beside this checkout")
-    ids = set(re.findall(r"^\| `([a-z0-9-]+)` \|", catalogue.read_text(), flags=re.M))
-    assert {f.cause for f in FAULTS} == ids, ids ^ {f.cause for f in FAULTS}
+    # catalogue ids that upcoming work will inject, with no fault in tests/faults.py yet: take an id out
+    # of this set when its fault lands (the assertion below fails until it is taken out)
+    NOT_YET_INJECTED = {"weights-swapped", "weights-transposed", "qkv-order", "softcap-misplaced", "logit-shift"}
+    injected = {f.cause for f in FAULTS}
+    assert injected <= CAUSE_IDS, f"faults name ids not in parity/causes.py: {sorted(injected - CAUSE_IDS)}"
+    assert NOT_YET_INJECTED <= CAUSE_IDS, sorted(NOT_YET_INJECTED - CAUSE_IDS)
+    assert not NOT_YET_INJECTED & injected, \
+        f"these now have a fault: remove them from NOT_YET_INJECTED: {sorted(NOT_YET_INJECTED & injected)}"
+    # every cause but the verdicts ("unexplained", "honest-rounding") needs a fault
+    wanted = {c.id for c in CAUSES if c.kind != "verdict"} - NOT_YET_INJECTED
+    assert wanted <= injected, f"causes with no fault in tests/faults.py: {sorted(wanted - injected)}"
