@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from parity.errors import ParityInputError
+from parity.errors import ImplementationError, ParityInputError
 from parity.spec import GemmaSpec
 from parity.taps import layer_of, tap_names, tap_order
 from parity.trace import ReducedTap, Trace, widen
@@ -85,9 +85,12 @@ def capture(
     one trace rather than the model and all of them.
     """
     say = progress or (lambda _msg: None)
-    adapter.check(spec, dtype)
-    say(f"{adapter.name} {dtype}: building")
-    model = adapter.build(spec, weights, dtype)
+    impl = getattr(adapter, "name", type(adapter).__name__)
+    with _phase(impl, dtype, "check()"):
+        adapter.check(spec, dtype)
+    say(f"{impl} {dtype}: building")
+    with _phase(impl, dtype, "build()"):
+        model = adapter.build(spec, weights, dtype)
     modes = [mode] if isinstance(mode, str) else list(mode)
     try:
         traces = []
@@ -98,7 +101,8 @@ def capture(
                 if not references or name not in references:
                     raise ParityInputError("isolated mode needs the reference trace of each prompt first")
                 feed = isolated_feed(spec, references[name])
-            result = adapter.run(model, ids, feed=feed)
+            with _phase(impl, dtype, f"run() ({mode}, prompt {name!r})"):
+                result = adapter.run(model, ids, feed=feed)
             unavailable = dict(getattr(adapter, "cannot", {}) or {})
             unavailable.update(result.unavailable)
             order = [t for t in tap_order(spec) if t in result.taps]
@@ -112,13 +116,35 @@ def capture(
                 trace.taps = {k: widen(v) for k, v in trace.taps.items()}
             del result
             traces.append(spill(trace) if spill else trace)
-        effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
+        with _phase(impl, dtype, "effective()"):
+            effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
         for t in traces:
             t.effective = effective
         return traces
     finally:
-        adapter.release(model)
+        with _phase(impl, dtype, "release()"):
+            adapter.release(model)
         del model
+
+
+class _phase:
+    """Turn an adapter's exception into ImplementationError (exit 3), naming the phase; bad input stays bad input."""
+
+    def __init__(self, impl: str, dtype: str, phase: str) -> None:
+        self.impl, self.dtype, self.phase = impl, dtype, phase
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (ParityInputError, ImplementationError, KeyboardInterrupt)):
+            return False
+        import traceback
+
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        raise ImplementationError(f"{self.impl}@{self.dtype}", self.phase, f"{kind.__name__}: {exc}".splitlines()[0],
+                                  "the traceback is in the log; fix the adapter or report it upstream",
+                                  traceback=text) from exc
 
 
 # ------------------------------------------------------------- in another process
@@ -186,7 +212,10 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             last = (stderr.strip().splitlines() or ["(no output)"])[-1]
             if proc.returncode == 2:
                 raise ParityInputError(last.removeprefix("parity: error: "))
-            raise RuntimeError(f"capturing {impl}@{dtype} in a separate process failed: {last}")
+            why = (f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+                   if proc.returncode < 0 else last.removeprefix("parity: implementation failed: "))
+            raise ImplementationError(f"{impl}@{dtype}", "capture in a separate process", why,
+                                      "the child's output is in the log", traceback=stderr)
         lazy = out_dir is not None
         traces = [load_trace(trace_file(out, impl, dtype, m, p), lazy=lazy) for m in modes for p in prompts]
         for t in traces:  # kept in memory for the report's runs, not in the trace file
@@ -260,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
+    except ImplementationError as e:
+        print(e.traceback, file=sys.stderr)
+        print(f"parity: implementation failed: {e}", file=sys.stderr)
+        return 3
 
 
 def _check(a) -> dict:

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from parity.errors import ParityInputError
-from parity.metrics import compare_arrays, logit_metrics
+from parity.metrics import compare_arrays, excess, logit_metrics, rms, row_norms
 from parity.taps import layer_of
-from parity.tolerances import TOLERANCES, Tolerance, growth
+from parity.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance, growth
 from parity.trace import ReducedTap, Trace, reduce_at
 
 STAT_SLACK = 1e-12  # relative rounding allowed in the row statistics' bounds (float64 sums)
@@ -58,6 +58,13 @@ class TapResult:
     reason: str = ""  # why it failed, where the numbers above do not say it
     stat_rows_failed: int = 0  # rows whose max |x|, RMS or non-finite count rule out passing
     waived: str = ""  # the waiver accepting this tap's cause (parity.waivers.apply_waivers), if any
+    # the verdict's numbers, in units of each row's RMS (parity.metrics.excess): the tap passes when
+    # stat <= bound, bound = max(floor, NOISE_MARGIN x noise)
+    stat: float = 0.0  # the atol this tap needs
+    bound: float = 0.0  # the atol it is allowed
+    floor: float = 0.0  # the fixed table's atol (x depth growth): below it nothing fails
+    noise: float | None = None  # the honest ensemble's largest stat at this tap (None: no honest runs)
+    basis: str = "table"  # "honest": the bound came from the honest runs; "table": from the fixed table alone
 
     def __post_init__(self):
         if self.sampled_numel is None:
@@ -100,19 +107,22 @@ def check_comparable(ref: Trace, other: Trace) -> None:
 
 
 def compare_trace(
-    ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None
+    ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None, noise=None
 ) -> list[TapResult]:
     """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time."""
     if mode is not None and mode != other.mode:
         other = dataclasses.replace(other, mode=mode)
-    return compare_traces(ref, [other], table)[0]
+    return compare_traces(ref, [other], table, noise)[0]
 
 
-def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None) -> list[list[TapResult]]:
+def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None,
+                   noise=None) -> list[list[TapResult]]:
     """`compare_trace` for several traces of the same prompt at once: each reference tap is read once.
 
     At real sizes the reference trace is the largest file (float64) and is read
-    lazily; comparing run by run would read it once per run.
+    lazily; comparing run by run would read it once per run. `noise` (a
+    parity.noise.NoiseModel) gives each tap's honest error; without it the
+    fixed table alone decides.
     """
     for o in others:
         check_comparable(ref, o)
@@ -126,64 +136,84 @@ def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] 
         expected = ref.taps[tap]
         for i, o in enumerate(others):
             if tap in o.taps:
-                out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers))
+                honest = noise.at(o.dtype, o.mode, o.prompt, tap) if noise is not None else None
+                out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers, honest))
         del expected
     return out
 
 
-def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int) -> TapResult:
+def bound_for(floor: float, noise: float | None) -> tuple[float, str]:
+    """The atol a tap is allowed (row-RMS units) and where it came from: beyond the table AND beyond
+    NOISE_MARGIN times what correct implementations err here, or it passes."""
+    if noise is None:
+        return floor, "table"
+    honest = NOISE_MARGIN * noise
+    return (honest, "honest") if honest > floor else (floor, "table")
+
+
+def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int,
+                 noise: float | None = None) -> TapResult:
     base = dict(impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap))
+    floor = tol.atol * growth(tap, n_layers, mode)
+    bound, basis = bound_for(floor, noise)
+    verdict = dict(bound=bound, floor=floor, noise=noise, basis=basis)
     if isinstance(actual, ReducedTap) or isinstance(expected, ReducedTap):
-        return _compare_reduced(base, actual, expected, tol, growth(tap, n_layers, mode))
+        return _compare_reduced(base, actual, expected, tol, verdict)
     if actual.shape != expected.shape:
         return _failed(base, tol, expected.size, False,
-                       f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}")
-    from parity.metrics import rms
-
-    atol_abs = tol.atol * rms(expected) * growth(tap, n_layers, mode)
-    m = compare_arrays(actual, expected, other.dtype, atol_abs, tol.rtol)
+                       f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict)
+    norms = row_norms(expected)  # [..., 1]: each row's RMS
+    m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
+    stat = excess(actual, expected, tol.rtol) if m["finite"] else float("inf")
+    tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
     r = TapResult(
-        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=atol_abs, rtol=tol.rtol,
+        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * tap_rms, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
-        ref_rms=m["ref_rms"], where=m["where"], needed_atol=m["needed_atol"],
+        ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, **verdict,
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)
     return r
 
 
-def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str) -> TapResult:
+def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str, verdict: dict) -> TapResult:
     """Nothing could be compared (a shape mismatch, no common rows): a divergence, not bad input, so a total failure."""
     return TapResult(**base, max_abs=float("inf"), max_rel=float("inf"), atol=0.0, rtol=tol.rtol, passed=False,
                      numel=int(numel), mismatched=int(numel), sampled=sampled, sampled_numel=0,
-                     reason=reason)
+                     reason=reason, stat=float("inf"), **verdict)
 
 
-def _compare_reduced(base: dict, actual, expected, tol: Tolerance, grow: float) -> TapResult:
+def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict) -> TapResult:
     """Either side reduced: the usual metrics on the rows both hold, plus every row's statistics."""
     shape_a, shape_e = tuple(actual.shape), tuple(expected.shape)
     numel = int(np.prod(shape_e))
     if shape_a != shape_e:
-        return _failed(base, tol, numel, True, f"shape {shape_a} != reference shape {shape_e}")
+        return _failed(base, tol, numel, True, f"shape {shape_a} != reference shape {shape_e}", verdict)
     idx_a = actual.row_index if isinstance(actual, ReducedTap) else None
     idx_e = expected.row_index if isinstance(expected, ReducedTap) else None
     rows = idx_e if idx_a is None else idx_a if idx_e is None else np.intersect1d(idx_a, idx_e)
     if rows.size == 0:
         return _failed(base, tol, numel, True, f"no rows in common: reduced to rows {idx_a.tolist()}, "
-                       f"the reference to rows {idx_e.tolist()}; reduce both with the same max_rows")
+                       f"the reference to rows {idx_e.tolist()}; reduce both with the same max_rows", verdict)
     a, e = (_reduced_to(base["tap"], v, rows) for v in (actual, expected))
-    atol_abs = tol.atol * e.rms * grow  # the reference's full-tensor RMS: the atol a full comparison uses
-    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], atol_abs, tol.rtol)
-    bad, need, reasons = _stats_beyond(a, e, atol_abs, tol.rtol)
+    # each row judged against its own RMS, which a reduced tap keeps for every row (parity.metrics.row_norms)
+    whole = e.rms or 1.0
+    row_rms = np.where(e.row_rms > 0, e.row_rms, whole)  # [rows]
+    sampled = row_rms[rows].reshape((-1,) + (1,) * (len(shape_e) - 1))
+    bound = verdict["bound"]
+    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], bound * sampled, tol.rtol)
+    bad, need, reasons = _stats_beyond(a, e, bound * row_rms, tol.rtol)
+    stat = max(excess(_rows_of(a, rows), _rows_of(e, rows), tol.rtol, sampled) if m["finite"] else float("inf"),
+               float(np.max(need / row_rms, initial=0.0)))
     r = TapResult(
-        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=atol_abs, rtol=tol.rtol,
+        **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * whole, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"] and not reasons, mismatched=m["mismatched"], numel=numel,
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
         ref_rms=_zero_filled_rms(e),
         where=[int(rows[m["where"][0]])] + m["where"][1:] if m["where"] else [],
-        needed_atol=max(m["needed_atol"], need), sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
-        stat_rows_failed=int(bad.size),
+        needed_atol=stat * whole, sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
+        stat_rows_failed=int(bad.size), stat=stat, **verdict,
     )
     if base["tap"] == "logits":
         r.logits = _reduced_logit_metrics(a, e, rows)
@@ -204,8 +234,10 @@ def _rows_of(v: ReducedTap, rows: np.ndarray) -> np.ndarray:
     return v.rows[np.searchsorted(v.row_index, rows)]
 
 
-def _stats_beyond(a: ReducedTap, e: ReducedTap, atol: float, rtol: float) -> tuple[np.ndarray, float, list[str]]:
-    """Rows whose statistics no passing pair could have, a lower bound on the atol needed, and why.
+def _stats_beyond(a: ReducedTap, e: ReducedTap, atol, rtol: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Rows whose statistics no passing pair could have, per row a lower bound on the atol needed, and why.
+
+    `atol` is per row (an array over the rows) or one number.
 
     If |a - e| <= atol + rtol |e| elementwise (and inf only where e has the same inf), then over each
     row's finite values |max|a| - max|e|| <= atol + rtol max|e| and (Minkowski) |rms(a) - rms(e)| <=
@@ -219,16 +251,17 @@ def _stats_beyond(a: ReducedTap, e: ReducedTap, atol: float, rtol: float) -> tup
     reasons = []
     if bad.size:
         i = int(bad[0])
+        allowed = float(np.broadcast_to(atol, need.shape)[i])
         reasons.append(
             f"{bad.size} of {len(need)} rows have statistics no passing comparison has (first: row {i}, "
             f"max|x| {a.row_max_abs[i]:.6g} vs reference {e.row_max_abs[i]:.6g}, RMS {a.row_rms[i]:.6g} vs "
             f"{e.row_rms[i]:.6g}, non-finite {int(a.row_nonfinite[i])} vs {int(e.row_nonfinite[i])}; "
-            f"allowed difference {atol:.3g} + {rtol:.3g} x reference)"
+            f"allowed difference {allowed:.3g} + {rtol:.3g} x reference)"
         )
     if a.nan_count or e.nan_count:
         reasons.append(f"NaN in {a.nan_count} element(s), in the reference {e.nan_count}")
-    lower = float(np.inf) if nonfinite.any() else float(need.max(initial=0.0))
-    return bad, max(lower, 0.0), reasons
+    lower = np.where(nonfinite, np.inf, np.maximum(need, 0.0))
+    return bad, lower, reasons
 
 
 def _reduced_logit_metrics(a: ReducedTap, e: ReducedTap, rows: np.ndarray) -> dict:

@@ -92,16 +92,19 @@ def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
         return False
 
 
-def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[str, int]) -> dict | None:
+def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[str, int],
+            noise=None) -> dict | None:
     """Rank counterfactuals by how well they reproduce `trace` up to `until_tap`'s layer.
 
-    Score: the worst share of tolerance used over the compared taps (<= 1 means
-    the implementation matches that counterfactual within tolerance).
+    Score: the worst share of its bound used over the compared taps, the
+    implementation's trace judged against the counterfactual's with the same
+    bounds as the verdict (the honest noise where there is a noise model): <= 1
+    means re-running the port with that change brings the error into honest noise.
     """
     from parity.capture import capture
     from parity.compare import compare_trace
-    from parity.render import tol_used
     from parity.taps import layer_of
+    from parity.verdict import used
 
     import dataclasses
 
@@ -121,8 +124,8 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
             return None
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
-        rs = [r for r in compare_trace(got, trace, table, "cumulative") if order.get(r.tap, 10**6) <= last]
-        return max(tol_used(r) for r in rs) if rs else None
+        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
+        return max(used(r) for r in rs) if rs else None
 
     from parity.adapters.litgpt_style import LitgptStyleAdapter
 
@@ -151,4 +154,5 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
         "baseline_score": baseline,
         "explains": best_score <= 1.0 and (baseline is None or baseline > 1.0),
+        "ranked": [(cf.label, sc) for sc, cf in scored[:5]],
     }

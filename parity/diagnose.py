@@ -10,11 +10,12 @@ diagnosis says so ("unexplained") rather than guess.
 
 from __future__ import annotations
 
+from parity.causes import NOTE_CAUSES
 from parity.probes import run_probes
 from parity.taps import tap_order
 
-# a different rounding order, not a different function: named, reported, not failed on its own
-PRECISION_ONLY = {"act-lowp", "softmax-precision"}
+# a different rounding order, not a different function: named, reported, never failed on its own
+PRECISION_ONLY = NOTE_CAUSES
 
 
 def _order(spec) -> dict[str, int]:
@@ -22,7 +23,15 @@ def _order(spec) -> dict[str, int]:
 
 
 def diagnose(report) -> None:
-    """Fill report.probes and report.diagnosis (in place)."""
+    """Fill report.probes and report.diagnosis (in place).
+
+    Every failing cumulative run's first divergence gets exactly one entry
+    marked `"explains": <its tap>`: the probe cause at or before that tap
+    (upstream faults propagate), else a counterfactual that brings the error
+    back into honest noise, else `unexplained` with the closest candidates. A
+    cause found at a later tap never stands in for it. Precision causes stay
+    notes unless they are what explains the first divergence.
+    """
     spec = report.spec
     weights = report.weights.tensors if report.weights is not None else {}
     order = _order(spec)
@@ -38,26 +47,34 @@ def diagnose(report) -> None:
         results = report.run_results(impl, dtype, mode)
         failed = [r for r in results if not r.passed]
         first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
+        at_first = order.get(first.tap, 10**6) if first is not None else None
         # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
         found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
-        seen = set()
+        seen, explained = set(), False
         for p in found:
             if p.cause in seen:
                 continue
             seen.add(p.cause)
-            precision = p.cause in PRECISION_ONLY and first is None
-            report.diagnosis.append({
+            upstream = at_first is not None and order.get(p.tap, 10**6) <= at_first
+            note = p.cause in PRECISION_ONLY and not (first is not None and p.tap == first.tap)
+            entry = {
                 "impl": impl, "dtype": dtype, "cause": p.cause, "tap": p.tap,
                 "evidence": f"{p.name} probe: {p.sentence()}",
-                "severity": "note" if precision else "divergence", "source": "probe",
-            })
-        if first is not None and not any(p.cause not in PRECISION_ONLY for p in found) and report.weights is None:
+                "severity": "note" if note else "divergence", "source": "probe",
+            }
+            if upstream and not note and not explained:
+                entry["explains"] = first.tap
+                explained = True
+            report.diagnosis.append(entry)
+        if first is None or explained:
+            continue
+        if report.weights is None:
             report.diagnosis.append({
                 "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
-                "source": "first-divergence",
+                "source": "first-divergence", "explains": first.tap,
                 "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals need the "
                             "weights (pass --weights)"})
-        elif first is not None and not any(p.cause not in PRECISION_ONLY for p in found):
+        else:
             report.diagnosis.append(_counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order))
 
 
@@ -68,19 +85,24 @@ def trace_for(report, impl, dtype, prompt):
 def _counterfactual(report, trace, first, order) -> dict:
     from parity.counterfactuals import explain
 
-    where = f"first divergence at {first.tap} (max abs {first.max_abs:.3g}, allowed {first.atol:.3g})"
-    best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order)
-    entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence"}
+    from parity.verdict import ratio, used
+
+    where = (f"first divergence at {first.tap} ({ratio(used(first))} of its bound: needs {first.stat:.3g} x row RMS, "
+             f"allowed {first.bound:.3g}, {first.basis})")
+    best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
+    entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
+             "explains": first.tap}
     if best and best["explains"]:
-        runner = (f"; next best {best['runner_up']!r} uses {best['runner_up_score']:.3g}x"
+        runner = (f"; next best {best['runner_up']!r} uses {ratio(best['runner_up_score'])}"
                   if best["runner_up"] else "")
         return {**entry, "cause": best["cause"], "source": "counterfactual",
-                "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it, using "
-                            f"{best['score']:.3g}x of the tolerance through layer end{runner}"}
-    closest = f"; closest single change {best['label']!r} still uses {best['score']:.3g}x of the tolerance" \
-        if best and best["label"] else ""
+                "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it within honest "
+                            f"noise ({ratio(best['score'])} of the bound through the layer's end){runner}"}
+    ranked = best.get("ranked", []) if best else []
+    closest = ("; closest single changes: " + ", ".join(f"{lab!r} {ratio(sc)}" for lab, sc in ranked[:3])) \
+        if ranked else ""
     if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
-        closest = (f"; the correct port run in {first.dtype} reproduces it (uses {best['baseline_score']:.3g}x "
-                   "of the tolerance): honest rounding beyond this dtype's tolerance at this tap, not a wrong formula")
+        closest = (f"; the correct port run in {first.dtype} reproduces it ({ratio(best['baseline_score'])} of the "
+                   "bound): honest rounding at this tap, not a wrong formula")
     return {**entry, "cause": "unexplained", "source": "first-divergence",
-            "evidence": f"{where}; no probe and no single-change counterfactual explains it{closest}"}
+            "evidence": f"{where}; no probe and no single-change counterfactual brings it into honest noise{closest}"}

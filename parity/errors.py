@@ -18,3 +18,17 @@ class BackendMissing(ParityInputError):
 class Unsupported(ParityInputError):
     """The implementation cannot express this spec or dtype: an error when asked for by name,
     a skip (said in the report) when it is only one of the default implementations."""
+
+
+class ImplementationError(RuntimeError):
+    """An implementation failed to build or run (exit status 3): not a verdict about its numbers.
+
+    One line names the implementation, the phase and the error; the traceback,
+    where there is one, goes to a log file rather than the terminal.
+    """
+
+    exit_code = 3
+
+    def __init__(self, impl: str, phase: str, error: str, fix: str = "", traceback: str = "") -> None:
+        self.impl, self.phase, self.error, self.fix, self.traceback = impl, phase, error, fix, traceback
+        super().__init__(f"{impl} failed in {phase}: {error}" + (f"; {fix}" if fix else ""))

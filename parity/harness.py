@@ -6,12 +6,14 @@ argument parsing and no printing (progress goes through a callback).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from parity.adapters import DEFAULT_IMPLS, get_adapter
 from parity.capture import Progress, capture, capture_in_subprocess
 from parity.compare import TapResult, compare_traces, first_divergence
 from parity.errors import BackendMissing, ParityInputError, Unsupported
+from parity.noise import LARGE_MEMBERS, SMALL_MEMBERS, NoiseModel, factory_spec, measure, members
 from parity.prompts import default_prompts, validate_tokens
 from parity.spec import GemmaSpec
 from parity.tolerances import TOLERANCES, Tolerance
@@ -66,6 +68,8 @@ class Request:
     trace_dir: str | None = None  # where traces go; None: a temporary directory (separate processes only)
     reduce_over: int | None = REDUCE_OVER  # taps of more elements are stored reduced (separate processes)
     full_taps: str | None = None  # glob patterns of taps never reduced
+    weights_profile: str = "default"  # statistics of the seeded random weights (parity.weights.PROFILES)
+    noise_members: int | None = None  # honest-ensemble size (parity.noise); None: 4, 2 at real sizes; 0: table only
 
 
 @dataclass
@@ -84,14 +88,22 @@ class Report:
     probes: list[dict] = field(default_factory=list)
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     weights: Weights | None = None
+    noise: NoiseModel | None = None  # the honest-noise model; None: the fixed table alone decided
 
     @property
     def divergent_causes(self) -> list[dict]:
         return [d for d in self.diagnosis if d["severity"] == "divergence"]
 
     @property
+    def verdict(self):
+        """The one verdict (parity.verdict.decide), computed from the current results and diagnosis."""
+        from parity.verdict import decide
+
+        return decide(self)
+
+    @property
     def passed(self) -> bool:
-        return all(r.passed or r.waived for r in self.results) and not self.divergent_causes
+        return self.verdict.passed
 
     def run_results(self, impl: str, dtype: str, mode: str) -> list[TapResult]:
         return [r for r in self.results if (r.impl, r.dtype, r.mode) == (impl, dtype, mode)]
@@ -217,9 +229,9 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         if large:
             from parity.weight_store import stored_random_weights
 
-            weights = stored_random_weights(spec, req.seed, progress)
+            weights = stored_random_weights(spec, req.seed, progress, req.weights_profile)
         else:
-            weights = random_weights(spec, req.seed)
+            weights = random_weights(spec, req.seed, req.weights_profile)
         weights.check()
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
     table = req.tolerances or TOLERANCES
@@ -261,11 +273,26 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             for mode in modes:
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
                              **(got[0].resources if got else {})})
-    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers)
+    count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
+    if count < 0:
+        raise ParityInputError(f"noise_members {count} is negative; give 0 (table only) or more members")
+    honest = []
+    for d in dict.fromkeys(req.dtypes) if count else ():
+        if d == ref_dtype:
+            continue  # the reference dtype's honest error is the reference's own: the table's floor decides
+        for m in members(count):
+            own = [dataclasses.replace(t, impl=m.impl) for t in traces  # the port already ran: reuse it
+                   if not m.options and (t.impl, t.dtype) == (ref_name, d) and t.mode in modes]
+            if own and len(own) == len(modes) * len(prompts):
+                honest += own
+                continue
+            honest += take(factory_spec(m) if separate else m.impl, m.adapter(), d, modes, ref_traces)
+    noise = measure(ref_traces, honest, table) if honest else None
+    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers, noise)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
-        traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights,
+        traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights, noise=noise,
     )
     if separate and req.trace_dir is None:
         import weakref
@@ -278,7 +305,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
 
 def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, Tolerance],
-                 layers: list[int] | None = None) -> list[TapResult]:
+                 layers: list[int] | None = None, noise: NoiseModel | None = None) -> list[TapResult]:
     """Every trace against its prompt's reference, once all are captured, so each reference tap is read once.
 
     Results are grouped by run (impl, dtype, mode) in order of first appearance, each run's traces in the
@@ -288,7 +315,7 @@ def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, T
     per_trace: dict[int, list[TapResult]] = {}
     for prompt, ref in refs.items():
         group = [t for t in others if t.prompt == prompt]
-        for t, rs in zip(group, compare_traces(ref, group, table)):
+        for t, rs in zip(group, compare_traces(ref, group, table, noise)):
             per_trace[id(t)] = rs
     selected = None if layers is None else set(layers)
     out = []

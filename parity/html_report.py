@@ -12,7 +12,8 @@ import json
 import math
 from html import escape
 
-from parity.render import headline, run_summary, tol_used
+from parity.render import tol_used
+from parity.verdict import decide, ratio, used
 from parity.taps import layer_of, tap_order
 
 PASS, FAIL, NOTE = "#1a7f37", "#cf222e", "#9a6700"  # the verdict colours (the test looks for them)
@@ -28,7 +29,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans
 h1{font-size:20px;margin:0 0 10px} h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #d0d7de}
 code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px}
 .verdict{color:#fff;font-weight:600;font-size:17px;padding:12px 16px;border-radius:6px;margin:0 0 6px}
-.pass{background:#1a7f37}.fail{background:#cf222e}
+.pass{background:#1a7f37}.fail{background:#cf222e}.waived{background:#9a6700}
 .meta{color:#57606a;margin:4px 0 0}
 table{border-collapse:collapse;margin:6px 0}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
@@ -48,11 +49,12 @@ details summary{cursor:pointer;color:#0969da;margin:6px 0}
 def to_html(report, *, prompt: str | None = None) -> str:
     """The whole report as one HTML page; `prompt` picks the plotted prompt (default: the longest)."""
     s = report.spec
-    ok = report.passed
-    title = f"parity {'PASS' if ok else 'FAIL'}: {s.name}"
+    v = decide(report)
+    ok = v.passed
+    title = f"parity {v.status}: {s.name}"
     body = [
         f'<h1>parity report: {_e(s.name)} (Gemma {_e(s.family)}, {_e(s.num_layers)} layers)</h1>',
-        f'<div class="verdict {"pass" if ok else "fail"}" id="verdict">{_e(headline(report))}</div>',
+        f'<div class="verdict {v.status.lower() if v.status != "PASS" else "pass"}" id="verdict">{_e(v.headline)}</div>',
         f'<p class="meta">reference <code>{_e(report.reference)}</code>; weights <code>{_e(report.weights_hash)}'
         f'</code> ({_e(report.weights_source)}); prompts '
         + ", ".join(f"<code>{_e(k)}</code> ({len(v)} tokens)" for k, v in report.prompts.items()) + "</p>",
@@ -125,22 +127,23 @@ def _plots_section(report, prompt: str | None) -> str:
 
 def _summary_section(report) -> str:
     out = ["<h2>Runs</h2>", "<table><tr><th>run</th><th>version</th><th>mode</th><th>taps passed</th>"
-           "<th>worst tap (share of tolerance)</th><th>first divergence</th><th>cause</th><th>verdict</th></tr>"]
-    for run in report.runs:
-        sm = run_summary(report, run)
-        w = sm["worst"]
+           "<th>worst tap (share of its bound)</th><th>first divergence</th><th>cause</th><th>verdict</th></tr>"]
+    for run, rv in zip(report.runs, decide(report).runs):
+        w = rv.worst
         worst = "-" if w is None else (f"<code>{_e(w.tap)}</code> [{_e(w.prompt)}] {_e(_g(w.max_abs))} "
-                                       f"({_e(_pct(tol_used(w)))})")
-        f = sm["first"]
+                                       f"({_e(ratio(used(w)))})")
+        f = rv.first
         first = "-" if f is None else f"<code>{_e(f.tap)}</code> [{_e(f.prompt)}]"
+        tag = {"note": " (note)", "waived": " (waived)"}
         causes = ", ".join(
             f'<code class="{"v-fail" if c["severity"] == "divergence" else "v-note"}">{_e(c["cause"])}</code>'
-            + (" (note)" if c["severity"] == "note" else "") for c in sm["causes"]) or "-"
-        v = sm["verdict"]
+            + tag.get(c["severity"], "") for c in rv.causes) or "-"
+        st = rv.status
+        cls = {"PASS": "v-pass", "WAIVED": "v-note", "FAIL": "v-fail"}[st]
         out.append(
-            f"<tr><td>{_e(sm['label'])}</td><td>{_e(run.get('version', ''))}</td><td>{_e(sm['mode'])}</td>"
-            f"<td class=\"num\">{sm['passed_taps']}/{sm['taps']}</td><td>{worst}</td><td>{first}</td>"
-            f"<td>{causes}</td><td class=\"{'v-pass' if v == 'PASS' else 'v-fail'}\">{_e(v)}</td></tr>"
+            f"<tr><td>{_e(rv.label)}</td><td>{_e(run.get('version', ''))}</td><td>{_e(rv.mode)}</td>"
+            f"<td class=\"num\">{rv.passed_taps}/{rv.taps}</td><td>{worst}</td><td>{first}</td>"
+            f"<td>{causes}</td><td class=\"{cls}\">{_e(st)}</td></tr>"
         )
     out.append("</table>")
     return "\n".join(out)
@@ -220,9 +223,9 @@ def _mode_plot(report, prompt: str, mode: str) -> str:
     for n, lab in enumerate(labels):
         pts = []
         for r in sorted((r for r in rs if f"{r.impl}@{r.dtype}" == lab), key=lambda r: xi[r.tap]):
-            y = _rel(r.max_abs, r.ref_rms)
-            tip = (f"{lab} {mode} {r.tap}: max_abs {_g(r.max_abs)}, /RMS {_g(y)}, atol {_g(r.atol)}, "
-                   f"{_pct(tol_used(r))} of tolerance, {'pass' if r.passed else 'FAIL'}")
+            y = r.stat if math.isfinite(r.stat) else _rel(r.max_abs, r.ref_rms)  # in row-RMS units, as the bound
+            tip = (f"{lab} {mode} {r.tap}: max_abs {_g(r.max_abs)}, needs {_g(y)} x row RMS, allowed {_g(r.bound)}, "
+                   f"{ratio(used(r))} of its bound ({r.basis}), {'pass' if r.passed else 'FAIL'}")
             pts.append((xi[r.tap], y, tip, not r.passed))
         dtype = lab.rsplit("@", 1)[1]
         series.append({"label": lab, "color": PALETTE[n % len(PALETTE)], "dash": DASH.get(dtype, ""), "points": pts})
@@ -231,11 +234,11 @@ def _mode_plot(report, prompt: str, mode: str) -> str:
     for dtype in dict.fromkeys(r.dtype for r in rs):
         tol = {}
         for r in rs:
-            if r.dtype == dtype and r.tap not in tol and r.atol > 0 and r.ref_rms > 0:
-                tol[r.tap] = r.atol / r.ref_rms
+            if r.dtype == dtype and r.bound > 0:
+                tol[r.tap] = max(tol.get(r.tap, 0.0), r.bound)
         if tol:
             pts = sorted((xi[t], v) for t, v in tol.items())
-            bands.append({"label": f"{dtype} tolerance (atol/RMS)", "color": BANDS.get(dtype, "#d0d7de"),
+            bands.append({"label": f"{dtype} bound (x row RMS)", "color": BANDS.get(dtype, "#d0d7de"),
                           "points": pts})
     bands.sort(key=lambda b: -max(v for _, v in b["points"]))  # widest first, so narrower ones show on top
 

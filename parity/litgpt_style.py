@@ -37,6 +37,10 @@ class PortOptions:
     qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
     skip_qk_norm: bool = False  # qk-norm-missing: the q/k norms hold weights but do nothing
     extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
+    # --- equally correct rounding orders (parity.noise's honest ensemble), not faults
+    scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
+    accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
+    perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,14 +99,32 @@ class GeluOpByOp(nn.Module):
         return x * cdf
 
 
+class Linear(nn.Linear):
+    """nn.Linear, or with `accum_split` two half-width partial products rounded to the dtype and added.
+
+    Another library's matmul sums in another order (XLA's blocking, a fused kernel, low-precision
+    accumulation): the split is one such order, as correct as the plain one.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, opts: PortOptions) -> None:
+        super().__init__(fan_in, fan_out, bias=False)
+        self.split = opts.accum_split and fan_in >= 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(x)
+        h = self.in_features // 2
+        return F.linear(x[..., :h], self.weight[:, :h]) + F.linear(x[..., h:], self.weight[:, h:])
+
+
 class GemmaMLP(nn.Module):
     """GeGLU: two half-width projections, gelu(gate) * up, then down."""
 
     def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
         super().__init__()
-        self.fc_1 = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)  # gate
-        self.fc_2 = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)  # up
-        self.proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)  # down
+        self.fc_1 = Linear(s.hidden_size, s.intermediate_size, opts)  # gate
+        self.fc_2 = Linear(s.hidden_size, s.intermediate_size, opts)  # up
+        self.proj = Linear(s.intermediate_size, s.hidden_size, opts)  # down
         self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
         self.swapped = opts.geglu_swapped
 
@@ -142,8 +164,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.s, self.layer, self.opts = s, layer, opts
         # fused qkv, litgpt layout: per kv group, its query heads, then its key head, then its value head
-        self.attn = nn.Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, bias=False)
-        self.proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
+        self.attn = Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, opts)
+        self.proj = Linear(s.num_heads * s.head_dim, s.hidden_size, opts)
         if s.qk_norm:
             qk = SkippedNorm if opts.skip_qk_norm else RMSNorm
             self.norm_q = qk(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
@@ -168,7 +190,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
-        scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, T]
+        if self.opts.scale_q_first:  # q rounded after scaling, then q.k
+            scores = (q * torch.tensor(s.query_scale, dtype=q.dtype)) @ k.transpose(-1, -2)  # [B, H, T, T]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, T]
         if s.attn_softcap is not None:
             scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
         scores = self.scores(scores + mask.to(scores.dtype))
@@ -203,14 +228,23 @@ class Block(nn.Module):
 
 
 class EmbedScale(nn.Module):
-    def __init__(self, s: GemmaSpec) -> None:
+    def __init__(self, s: GemmaSpec, perturb_seed: int | None = None) -> None:
         super().__init__()
         self.normalizer, self.in_fp32 = s.embed_normalizer, s.embed_scale_dtype == "float32"
+        self.perturb_seed = perturb_seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_fp32:  # the normaliser kept in fp32, the product rounded once
-            return (x.to(_compute_dtype(x.dtype)) * self.normalizer).to(x.dtype)
-        return x * torch.tensor(self.normalizer, dtype=x.dtype)  # rounded to the activation dtype first
+            y = (x.to(_compute_dtype(x.dtype)) * self.normalizer).to(x.dtype)
+        else:
+            y = x * torch.tensor(self.normalizer, dtype=x.dtype)  # rounded to the activation dtype first
+        if self.perturb_seed is None:
+            return y
+        # every element one ulp up or down (nextafter in the dtype): an input change the size of one rounding
+        g = torch.Generator().manual_seed(self.perturb_seed)
+        up = torch.rand(y.shape, generator=g) < 0.5
+        inf = torch.tensor(float("inf"), dtype=y.dtype)
+        return torch.where(up, torch.nextafter(y, inf), torch.nextafter(y, -inf))
 
 
 class Softcap(nn.Module):
@@ -237,10 +271,10 @@ class GPT(nn.Module):
         super().__init__()
         self.s, self.opts = s, opts
         self.wte = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.embed_scale = EmbedScale(s)
+        self.embed_scale = EmbedScale(s, opts.perturb_seed)
         self.h = nn.ModuleList(Block(s, i, opts) for i in range(s.num_layers))
         self.ln_f = (RMSNorm if opts.final_norm else SkippedNorm)(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)
-        self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
+        self.lm_head = Linear(s.hidden_size, s.vocab_size, opts)
         if s.tied_head:
             self.lm_head.weight = self.wte.weight
         self.final_softcap = Softcap(s.final_softcap) if s.final_softcap else nn.Identity()

@@ -28,6 +28,49 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
 
 
+def row_norms(ref: np.ndarray) -> np.ndarray:
+    """Each row's RMS over its finite values, shaped to broadcast against `ref`.
+
+    A row is one index of the first axis, as everywhere in a trace (a token of a
+    [T, hidden] tap, a head of [heads, T, T] attention, a reduced tap's rows).
+    Per row, not per tap: one massive activation (a BOS channel hundreds of
+    times the rest) inflates a whole-tap RMS and with it every other token's
+    bound. A row with no finite non-zero value falls back to the tap's RMS (and
+    1 if that is zero), so a bound is never zero by accident.
+    """
+    b = np.asarray(ref, dtype=np.float64)
+    if b.ndim < 2:
+        return np.full((1,) * max(b.ndim, 1), rms(b) or 1.0)
+    rows = b.reshape(b.shape[0], -1)
+    fin = np.isfinite(rows)
+    n = np.maximum(fin.sum(axis=1), 1)
+    r = np.sqrt((np.where(fin, rows, 0.0) ** 2).sum(axis=1) / n)
+    r = np.where(r > 0, r, rms(b) or 1.0)
+    return r.reshape((-1,) + (1,) * (b.ndim - 1))
+
+
+def excess(actual: np.ndarray, ref: np.ndarray, rtol: float, norms: np.ndarray | None = None) -> float:
+    """The atol this pair needs, in units of each row's RMS: max over elements of (|a - r| - rtol |r|) / rms(row).
+
+    The one error statistic of the verdict: the honest-noise model measures it
+    on correct runs, and a tap passes when its own is within the bound built
+    from theirs. inf when non-finite values differ. `norms` overrides the rows'
+    RMS (a reduced tap knows its rows' RMS from the whole tensor).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {a.shape} != reference shape {b.shape}")
+    if a.size == 0:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        diff = np.where(a == b, 0.0, np.abs(a - b))  # equal infinities (masked scores) agree
+    if np.isnan(diff).any():
+        return float("inf")
+    need = (diff - rtol * np.abs(np.where(np.isfinite(b), b, 0.0))) / (row_norms(b) if norms is None else norms)
+    return max(float(need.max()), 0.0)
+
+
 def allowed_error(ref: np.ndarray, atol: float, rtol: float) -> np.ndarray:
     """torch.testing's shape, |a - b| <= atol + rtol * |b|, elementwise."""
     return atol + rtol * np.abs(ref)

@@ -448,7 +448,8 @@ def pytest_testnodedown(node, error):
 
 def _summary(config, state) -> dict:
     """The summary as plain lines, in parts, so xdist workers can send it to the controller."""
-    from parity.render import run_summary, tol_used
+    from parity.render import cause_text, worst_text
+    from parity.verdict import decide
 
     out = {"runs": [], "waivers": [], "gates": [], "written": list(state.written)}
     report = state.report
@@ -459,22 +460,10 @@ def _summary(config, state) -> dict:
             f"({report.weights_source}), reference {report.reference}, prompts "
             + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()))
         rows = [("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict")]
-        for run in report.runs:
-            sm = run_summary(report, run)
-            rs = report.run_results(run["impl"], run["dtype"], run["mode"])
-            failing = [r for r in rs if not r.passed and not getattr(r, "waived", None)]
-            waived_taps = [r for r in rs if not r.passed and getattr(r, "waived", None)]
-            div = [c for c in sm["causes"] if c["severity"] == "divergence"]
-            verdict = "FAIL" if failing or div else ("WAIVED" if waived_taps or any(
-                c["severity"] == "waived" for c in sm["causes"]) else "PASS")
-            w = sm["worst"]
-            worst = "-" if w is None else f"{w.tap} [{w.prompt}] {w.max_abs:.2g} ({tol_used(w):.0%} of tol)"
-            first = sm["first"]
-            first_text = "-" if first is None else first.tap + (" (waived)" if getattr(first, "waived", None) else "")
-            causes = ", ".join(c["cause"] + (f" ({c['severity']})" if c["severity"] != "divergence" else "")
-                               for c in sm["causes"]) or "-"
-            rows.append((sm["label"], sm["mode"], f"{sm['passed_taps']}/{sm['taps']}", worst, first_text, causes,
-                         verdict))
+        for rv in decide(report).runs:
+            first_text = "-" if rv.first is None else rv.first.tap
+            rows.append((rv.label, rv.mode, f"{rv.passed_taps}/{rv.taps}", worst_text(rv.worst), first_text,
+                         cause_text(rv.causes), rv.status))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out["runs"] += ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
         for k, v in report.skipped.items():

@@ -7,15 +7,9 @@ import math
 from collections import defaultdict
 
 from parity.taps import layer_of
+from parity.verdict import decide, ratio, used
 
-
-def tol_used(r) -> float:
-    """How much of its tolerance a tap used: the atol that would pass over the atol allowed."""
-    if not math.isfinite(r.max_abs):
-        return math.inf
-    if r.atol <= 0:
-        return 0.0 if r.max_abs == 0 else math.inf
-    return r.needed_atol / r.atol
+tol_used = used  # the old name: how much of its bound a tap used
 
 
 def _num(x):
@@ -36,26 +30,36 @@ def causes_for(report, impl: str, dtype: str) -> list[dict]:
     return [d for d in report.diagnosis if d["impl"] == impl and d["dtype"] == dtype]
 
 
+def _at(f) -> dict:
+    return {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt}
+
+
 def to_json(report) -> dict:
-    firsts = report.first_divergences()
+    v = decide(report)
+    firsts = [r.first for r in v.runs if r.first is not None]
     lead = None
     if firsts:
-        f = firsts[0]
-        lead = {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt}
+        lead = _at(firsts[0])
     elif report.divergent_causes:  # a probe-only divergence (below the tolerance, named by a probe)
         d = report.divergent_causes[0]
         lead = {"impl": d["impl"], "dtype": d["dtype"], "mode": "cumulative", "tap": d["tap"],
                 "layer": layer_of(d["tap"]), "prompt": None}
     return _clean({
-        "passed": report.passed,
+        "passed": v.passed,
+        "status": v.status,
+        "headline": v.headline,
+        "verdicts": [{"impl": r.impl, "dtype": r.dtype, "mode": r.mode, "status": r.status, "taps": r.taps,
+                      "passed_taps": r.passed_taps, "honest_taps": r.honest_taps, "basis": r.basis,
+                      "first_divergence": _at(r.first) if r.first else None,
+                      "explained_by": (r.explanation or {}).get("cause") if r.first else None,
+                      "worst": {**_at(r.worst), "used": used(r.worst)} if r.worst else None} for r in v.runs],
+        "noise": None if report.noise is None else {"members": list(report.noise.members),
+                                                    "margin": _margin(), "per_family": report.noise.summary()},
         "reference": report.reference,
         "runs": report.runs,
         "taps": [r.to_json() for r in report.results],
         "first_divergence": lead,
-        "first_divergences": [
-            {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt}
-            for f in firsts
-        ],
+        "first_divergences": [_at(f) for f in firsts],
         "diagnosis": report.diagnosis,
         "probes": report.probes,
         "effective": report.effective,
@@ -68,62 +72,59 @@ def to_json(report) -> dict:
     })
 
 
+def _margin() -> float:
+    from parity.tolerances import NOISE_MARGIN
+
+    return NOISE_MARGIN
+
+
 def run_summary(report, run: dict) -> dict:
-    rs = report.run_results(run["impl"], run["dtype"], run["mode"])
-    worst = max(rs, key=tol_used) if rs else None
-    first = next((r for r in rs if not r.passed), None)
-    causes = causes_for(report, run["impl"], run["dtype"]) if run["mode"] == "cumulative" else []
-    div = [c for c in causes if c["severity"] == "divergence"]
-    return {
-        "label": f"{run['impl']}@{run['dtype']}", "mode": run["mode"],
-        "passed_taps": sum(r.passed for r in rs), "taps": len(rs),
-        "worst": worst, "first": first, "causes": causes,
-        "verdict": "PASS" if first is None and not div else "FAIL",
-    }
+    """One run's row, from the one verdict (kept for callers that take a dict)."""
+    rv = next(r for r in decide(report).runs if (r.impl, r.dtype, r.mode) == (run["impl"], run["dtype"], run["mode"]))
+    return {"label": rv.label, "mode": rv.mode, "passed_taps": rv.passed_taps, "taps": rv.taps, "worst": rv.worst,
+            "first": rv.first, "causes": list(rv.causes), "verdict": rv.status, "run": rv}
 
 
-def _worst_text(r) -> str:
+def worst_text(r) -> str:
     if r is None:
         return "-"
-    return f"{r.tap} [{r.prompt}] {r.max_abs:.2g} ({tol_used(r):.0%} of tol)"
+    return f"{r.tap} [{r.prompt}] {r.max_abs:.2g} ({ratio(used(r))} of bound)"
 
 
-def _cause_text(causes: list[dict]) -> str:
+_worst_text = worst_text
+
+
+def cause_text(causes) -> str:
     if not causes:
         return "-"
-    return ", ".join(c["cause"] + (" (note)" if c["severity"] == "note" else "") for c in causes)
+    tag = {"note": " (note)", "waived": " (waived)"}
+    return ", ".join(c["cause"] + tag.get(c["severity"], "") for c in causes)
+
+
+_cause_text = cause_text
 
 
 def headline(report) -> str:
-    if report.passed:
-        notes = [d for d in report.diagnosis if d["severity"] == "note"]
-        waived = [d for d in report.diagnosis if d["severity"] == "waived"]
-        extra = f"; notes: {', '.join(sorted({d['cause'] for d in notes}))}" if notes else ""
-        if waived:
-            extra += f"; waived: {', '.join(sorted({d['impl'] + ' ' + d['cause'] for d in waived}))}"
-        return f"PASS: {len(report.runs)} run(s) agree with {report.reference} within tolerance{extra}"
-    causes = report.divergent_causes
-    if causes:
-        c = causes[0]
-        return f"FAIL: {c['impl']}@{c['dtype']} diverges at {c['tap']}: cause {c['cause']}"
-    f = report.first_divergences()[0]
-    return f"FAIL: {f.impl}@{f.dtype} diverges at {f.tap}"
+    return decide(report).headline
 
 
 def to_markdown(report) -> str:
     s = report.spec
-    lines = [f"## parity: {'✅ PASS' if report.passed else '❌ FAIL'}", "", f"**{headline(report)}**", ""]
-    firsts = report.first_divergences()
+    v = decide(report)
+    mark = {"PASS": "✅ PASS", "WAIVED": "🟡 WAIVED", "FAIL": "❌ FAIL"}[v.status]
+    lines = [f"## parity: {mark}", "", f"**{v.headline}**", ""]
+    firsts = [r.first for r in v.runs if r.first is not None]
     if firsts:
         f = firsts[0]
         lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}, prompt {f.prompt}): "
-                  f"max abs {f.max_abs:.3g} where {f.atol:.3g} is allowed"
+                  f"{ratio(used(f))} of its bound (needs {f.stat:.3g} x row RMS, {f.bound:.3g} allowed: {f.basis}); "
+                  f"max abs {f.max_abs:.3g}"
                   + (f"; {len(firsts) - 1} more run(s) diverge" if len(firsts) > 1 else ""), ""]
     causes = [d for d in report.diagnosis]
     if causes:
         lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
         for d in causes:
-            sev = " (note)" if d["severity"] == "note" else ""
+            sev = {"note": " (note)", "waived": " (waived)"}.get(d["severity"], "")
             lines.append(f"| {d['impl']} | {d['dtype']} | `{d['cause']}`{sev} | `{d['tap']}` | {d['evidence']} |")
         lines.append("")
     lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
@@ -131,12 +132,11 @@ def to_markdown(report) -> str:
               + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()), ""]
     lines += ["| run | mode | taps passed | worst tap | first divergence | cause | verdict |",
               "|---|---|---|---|---|---|---|"]
-    for run in report.runs:
-        sm = run_summary(report, run)
-        first = f"`{sm['first'].tap}`" if sm["first"] else "-"
-        lines.append(f"| {sm['label']} | {sm['mode']} | {sm['passed_taps']}/{sm['taps']} | {_worst_text(sm['worst'])} "
-                     f"| {first} | {_cause_text(sm['causes'])} | {sm['verdict']} |")
-    lines += ["", "<details><summary>Per-layer error (share of tolerance used, worst tap of the layer)</summary>", ""]
+    for rv in v.runs:
+        first = f"`{rv.first.tap}`" if rv.first else "-"
+        lines.append(f"| {rv.label} | {rv.mode} | {rv.passed_taps}/{rv.taps} | {worst_text(rv.worst)} "
+                     f"| {first} | {cause_text(rv.causes)} | {rv.status} |")
+    lines += ["", "<details><summary>Per-layer error (share of the bound used, worst tap of the layer)</summary>", ""]
     lines += _layer_table(report)
     lines += ["", "</details>", ""]
     if report.skipped:
@@ -163,7 +163,7 @@ def _layer_table(report) -> list[str]:
         vals = []
         for run in runs:
             v = cell[(key, run)]
-            vals.append(("**" if v > 1 else "") + f"{v:.0%}" + ("**" if v > 1 else ""))
+            vals.append(("**" if v > 1 else "") + ratio(v) + ("**" if v > 1 else ""))
         out.append(f"| {key} | " + " | ".join(vals) + " |")
     return out
 
@@ -176,8 +176,9 @@ def print_terminal(report, console=None) -> None:
 
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     s = report.spec
-    color = "green" if report.passed else "red"
-    console.print(f"[bold {color}]{headline(report)}[/bold {color}]")  # the verdict and its cause lead
+    v = decide(report)
+    color = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[v.status]
+    console.print(f"[bold {color}]{v.headline}[/bold {color}]")  # the verdict and its cause lead
     console.print(f"[bold]parity[/bold] {s.name} (Gemma {s.family}, {s.num_layers} layers), weights "
                   f"{report.weights_hash} ({report.weights_source}), reference {report.reference}")
     for impl, eff in report.effective.items():
@@ -186,20 +187,18 @@ def print_terminal(report, console=None) -> None:
     table = Table(show_lines=False)
     for col in ("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict"):
         table.add_column(col)
-    for run in report.runs:
-        sm = run_summary(report, run)
-        style = "green" if sm["verdict"] == "PASS" else "red"
-        table.add_row(sm["label"], sm["mode"], f"{sm['passed_taps']}/{sm['taps']}", _worst_text(sm["worst"]),
-                      sm["first"].tap if sm["first"] else "-", _cause_text(sm["causes"]),
-                      f"[{style}]{sm['verdict']}[/{style}]")
+    for rv in v.runs:
+        style = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[rv.status]
+        table.add_row(rv.label, rv.mode, f"{rv.passed_taps}/{rv.taps}", worst_text(rv.worst),
+                      rv.first.tap if rv.first else "-", cause_text(rv.causes),
+                      f"[{style}]{rv.status}[/{style}]")
     console.print(table)
     for d in report.diagnosis:
         console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
                       soft_wrap=True)
     for k, v in report.skipped.items():
         console.print(f"  [yellow]skipped {k}[/yellow]: {v}")
-    color = "green" if report.passed else "red"
-    console.print(f"[bold {color}]{headline(report)}[/bold {color}]")
+    console.print(f"[bold {color}]{v.headline}[/bold {color}]")
 
 
 def _short(v) -> str:

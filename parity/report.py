@@ -1,7 +1,8 @@
 """`python -m parity.report`: run every implementation, compare layer by layer, write the report.
 
-Exit status: 0 parity holds, 1 a divergence beyond tolerance (or named by a
-probe), 2 bad input (one line naming the problem and the fix; nothing written).
+Exit status: 0 parity holds, 1 a divergence beyond honest noise (or a cause
+named by a probe), 2 bad input (one line naming the problem and the fix;
+nothing written), 3 an implementation failed to build or run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parity.errors import ParityInputError
+from parity.errors import ImplementationError, ParityInputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,7 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0])
+    from parity.weights import PROFILES
+
+    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0],
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", help="preset name (default tiny-gemma) or path to a HuggingFace config.json")
     p.add_argument("--weights", help="canonical weights (.safetensors, HF names); default: seeded random")
     p.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory (HuggingFace, keras-hub preset, "
@@ -38,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                                                       "else bytes); repeatable")
     g.add_argument("--tokens", action="append", help="comma-separated token ids; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--weights-profile", choices=PROFILES,
+                   help="statistics of the seeded random weights: default, or trained-like (heavy-tailed norm "
+                        "weights, a massive BOS activation, an attention sink)")
     p.add_argument("--mode", default="cumulative", help="cumulative, isolated or both")
     p.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
     p.add_argument("--reference", default="litgpt-style@float64", help="impl@dtype every run is compared to")
@@ -72,6 +79,9 @@ def build_request(args):
     from parity.weights import load_weights
 
     ckpt_dir = None
+    if args.weights_profile and (args.weights or args.checkpoint):
+        raise ParityInputError(f"--weights-profile {args.weights_profile} shapes the seeded random weights, but "
+                               f"--{'weights' if args.weights else 'checkpoint'} gives the weights; drop one of them")
     if args.checkpoint:
         if args.spec or args.weights:
             raise ParityInputError("--checkpoint gives both the spec and the weights; drop --spec and --weights")
@@ -103,6 +113,7 @@ def build_request(args):
         weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
         trace_dir=str(Path(args.out) / "traces") if args.save_traces else None,
+        weights_profile=args.weights_profile or "default",
     )
 
 
@@ -141,8 +152,17 @@ def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
     return [f for _, f in written]
 
 
+EXIT_CODES = """exit status:
+  0  parity: every implementation within honest noise, and no cause named
+  1  a divergence beyond honest noise, or a formula-level cause named by a probe
+  2  bad input (one line naming the value and the fix; nothing written)
+  3  an implementation failed to build or run (one line: implementation, phase, error;
+     the traceback in OUT/parity-error.log)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    out = None
     try:
         req = build_request(args)
         if args.taps:
@@ -188,6 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
+    except ImplementationError as e:
+        log = _log_failure(out, e.traceback or str(e))
+        print(f"parity: implementation failed: {e}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 -- a crash is never a verdict: not 1, which means "divergence"
+        import traceback
+
+        log = _log_failure(out, traceback.format_exc())
+        print(f"parity: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+              + (f" (traceback: {log})" if log else "") + "; please report it", file=sys.stderr)
+        return 3
+
+
+def _log_failure(out: Path | None, text: str) -> Path | None:
+    if out is None:
+        return None
+    try:
+        log = out / "parity-error.log"
+        log.write_text(text)
+        return log
+    except OSError:
+        return None
 
 
 class _progress:

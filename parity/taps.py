@@ -51,6 +51,12 @@ def tap_names(spec: GemmaSpec, layers: list[int] | None = None) -> list[str]:
     return names + ["final_norm", "logits"]
 
 
+def family_of(tap: str) -> str:
+    """The tap with its layer index replaced by `*` (`layers.3.mlp.act` -> `layers.*.mlp.act`)."""
+    i = layer_of(tap)
+    return tap if i is None else tap.replace(f"layers.{i}.", "layers.*.", 1)
+
+
 def layer_of(tap: str) -> int | None:
     m = re.match(r"layers\.(\d+)\.", tap)
     return int(m.group(1)) if m else None

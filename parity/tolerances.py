@@ -62,6 +62,13 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+# A tap is beyond honest noise when the atol it needs (in units of each row's RMS, parity.metrics.excess)
+# exceeds NOISE_MARGIN times the largest that any member of the honest ensemble (parity.noise) needs at
+# the same tap, on the same weights and tokens, in the same dtype and mode, and also exceeds the table
+# above (the floor: errors far below any fault never count). See parity/noise.py for the measurements.
+NOISE_MARGIN = 4.0
+
+
 def depth_of(tap: str, num_layers: int) -> int:
     if tap == "embed" or tap.startswith("rope."):
         return 0

@@ -178,8 +178,12 @@ FAULTS = [
 ]
 
 
-def detect(fault: Fault, dtype: str) -> dict:
-    """Run the harness on the fault in one dtype; say whether it was detected, located and named."""
+def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
+    """Run the harness on the fault in one dtype; say whether it was detected, located and named.
+
+    Named: the cause that explains the first divergence (not any cause found at a later tap); for a
+    fault that stays within noise, the cause a probe names.
+    """
     from parity.harness import Request, run
     from parity.presets import PRESETS
     from parity.prompts import default_prompts
@@ -187,17 +191,20 @@ def detect(fault: Fault, dtype: str) -> dict:
 
     spec = PRESETS[fault.spec]
     adapter = fault.factory()
+    extra = {} if profile == "default" else {"weights_profile": profile}
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
-                         prompts={"long": default_prompts(spec)["long"]}))
+                         prompts={"long": default_prompts(spec)["long"]}, **extra))
     data = to_json(report)
     mine = [d for d in report.diagnosis if d["impl"] == adapter.name]
     lead = data["first_divergence"]
     located_tap = lead["tap"] if lead else (mine[0]["tap"] if mine else None)
+    (rv,) = [r for r in report.verdict.runs if r.mode == "cumulative"]
+    why = rv.explanation if rv.first is not None else (mine[0] if mine else None)
     return {
-        "fault": fault.name, "cause": fault.cause, "dtype": dtype,
+        "fault": fault.name, "cause": fault.cause, "dtype": dtype, "profile": profile,
         "detected": not report.passed,
         "located": located_tap == fault.first_tap, "first_tap": located_tap,
-        "named": bool(mine) and mine[0]["cause"] == fault.cause,
+        "named": why is not None and why["cause"] == fault.cause,
         "named_as": [d["cause"] + (" (note)" if d["severity"] == "note" else "") for d in mine],
-        "evidence": mine[0]["evidence"] if mine else "",
+        "evidence": why["evidence"] if why else "",
     }

@@ -140,7 +140,11 @@ def test_waivers_make_an_accepted_divergence_pass_and_say_so(tmp_path):
     assert main(args + ["--out", str(tmp_path / "b"), "--waivers", str(waivers)]) == 0
     data = json.loads((tmp_path / "b" / "report.json").read_text())
     assert data["passed"] and data["first_divergence"] is None
-    assert "waived: swapped-geglu geglu-swapped" in (tmp_path / "b" / "report.md").read_text()
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "waived: swapped-geglu@float32 geglu-swapped" in md
+    assert data["status"] == "WAIVED" and md.startswith("## parity: 🟡 WAIVED")
+    assert [v["status"] for v in data["verdicts"]] == ["WAIVED"]  # the run table says it too, not FAIL
+    assert "| WAIVED |" in md and "| FAIL |" not in md
     assert {d["severity"] for d in data["diagnosis"]} == {"waived"}
     assert any(t["waived"].startswith("known, fix pending") for t in data["taps"] if not t["passed"])
     expired = waivers.read_text().replace("2999-01-01", "2000-01-01")

@@ -64,7 +64,7 @@ def test_passing_report_leads_with_the_verdict(good):
     assert re.search(r'<div class="plots">\s*<div class="plot"><svg.*?cumulative.*?</svg></div>\s*'
                      r'<div class="plot"><svg.*?isolated.*?</svg></div>', page, re.S)
     for label in ("litgpt-style@float32", "litgpt-style@bfloat16", "hf@float32", "hf@bfloat16",
-                  "float32 tolerance", "bfloat16 tolerance"):
+                  "float32 bound", "bfloat16 bound"):
         assert page.count(f">{label}") >= 2, label  # a legend entry in each plot
     assert ">tap beyond tolerance</text>" not in page  # no ring in the legend: nothing to ring
     assert page.count('class="v-pass">PASS</td>') == 8  # one row per run
@@ -76,7 +76,8 @@ def test_passing_report_leads_with_the_verdict(good):
 def test_failing_report_names_the_cause_and_the_tap(bad):
     page = to_html(bad)
     assert not bad.passed
-    assert headline(bad) == "FAIL: swapped-geglu@float32 diverges at layers.0.mlp.act: cause geglu-swapped"
+    assert re.fullmatch(r"FAIL: swapped-geglu@float32 diverges at layers\.0\.mlp\.act \(cumulative, \S+x of its bound\): "
+                        r"cause geglu-swapped", headline(bad)), headline(bad)
     verdict = re.search(r'<div class="verdict (\w+)" id="verdict">(.*?)</div>', page)
     assert verdict and verdict.group(1) == "fail" and verdict.group(2) == headline(bad)
     diagnosis = page[page.index("<h2>Diagnosis</h2>"):page.index("<h2>Error per tap</h2>")]

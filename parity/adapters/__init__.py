@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from parity.errors import ParityInputError
+from parity.errors import ImplementationError, ParityInputError
 
 BUILTIN = {
     "litgpt-style": ("parity.adapters.litgpt_style", "LitgptStyleAdapter", {}),
@@ -38,7 +38,7 @@ def get_adapter(name: str):
         return getattr(importlib.import_module(mod), cls)(**kw)
     plugins = _plugins()
     if name in plugins:
-        return plugins[name].load()()
+        return _made(name, lambda: plugins[name].load()())
     if ":" in name:
         mod_name, _, attr = name.partition(":")
         try:
@@ -46,7 +46,7 @@ def get_adapter(name: str):
         except (ImportError, AttributeError) as e:
             raise ParityInputError(f"--impls {name!r}: cannot load {attr!r} from {mod_name!r} ({e}); "
                                    "check the module is importable and the factory name") from None
-        adapter = factory()
+        adapter = _made(name, factory)
         for needed in ("name", "build", "run", "version"):
             if not hasattr(adapter, needed):
                 raise ParityInputError(f"--impls {name!r}: the factory's adapter has no {needed!r}; "
@@ -55,3 +55,17 @@ def get_adapter(name: str):
     raise ParityInputError(
         f"unknown implementation {name!r}; use one of {', '.join(known_names())} or module:factory"
     )
+
+
+def _made(name: str, factory):
+    """A plug-in's factory called; its exception is an implementation failure (exit 3), not a traceback."""
+    try:
+        return factory()
+    except ParityInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever a third-party factory raises
+        import traceback
+
+        raise ImplementationError(name, "its factory", f"{type(e).__name__}: {e}".splitlines()[0],
+                                  "the traceback is in the log; check the plug-in imports and builds",
+                                  traceback=traceback.format_exc()) from e

@@ -1,0 +1,126 @@
+"""The one verdict: per run PASS, FAIL or WAIVED, the first divergence, the worst tap, the causes.
+
+Every output (terminal, report.json, report.md, report.html, the pytest
+summary, the exit status) renders what `decide` returns; none of them decides
+anything on its own. Numbers shown to people are formatted here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PASS, FAIL, WAIVED = "PASS", "FAIL", "WAIVED"
+
+
+def used(r) -> float:
+    """How much of its bound a tap used: its statistic over the bound (inf when nothing could be compared)."""
+    if not math.isfinite(r.stat):
+        return math.inf
+    if r.bound <= 0:
+        return 0.0 if r.stat == 0 else math.inf
+    return r.stat / r.bound
+
+
+def ratio(x: float) -> str:
+    """A share of a bound, the one way it is written: `0.25x`, `3.1x`, `1.2e+05x`, `inf`."""
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.2g}x" if x < 1000 else f"{x:.1e}x"
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    impl: str
+    dtype: str
+    mode: str
+    status: str
+    taps: int  # taps compared
+    passed_taps: int  # within their bound (waived ones not counted)
+    honest_taps: int  # beyond the fixed table but within honest noise: reported, never a failure
+    first: object | None  # the first unwaived failing TapResult in forward order
+    worst: object | None  # the TapResult that used the largest share of its bound
+    causes: tuple  # this run's diagnosis entries (cumulative rows; probes read cumulative traces)
+    basis: str  # "honest" (every tap had honest runs), "table" (none did) or "mixed"
+
+    @property
+    def label(self) -> str:
+        return f"{self.impl}@{self.dtype}"
+
+    @property
+    def explanation(self) -> dict | None:
+        """The diagnosis entry that explains the first divergence (or says it is unexplained)."""
+        if self.first is None:
+            return None
+        return next((c for c in self.causes if c.get("explains") == self.first.tap), None)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    runs: tuple[RunVerdict, ...]
+    headline: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status != FAIL
+
+    @property
+    def lead(self) -> RunVerdict | None:
+        return next((r for r in self.runs if r.status == FAIL), None)
+
+
+def _run_verdict(report, run: dict) -> RunVerdict:
+    impl, dtype, mode = run["impl"], run["dtype"], run["mode"]
+    rs = report.run_results(impl, dtype, mode)
+    causes = tuple(d for d in report.diagnosis if (d["impl"], d["dtype"]) == (impl, dtype)) \
+        if mode == "cumulative" else ()
+    failing = [r for r in rs if not r.passed and not r.waived]
+    divergent = [c for c in causes if c["severity"] == "divergence"]
+    waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c["severity"] == "waived"]
+    status = FAIL if failing or divergent else WAIVED if waived else PASS
+    bases = {r.noise is not None for r in rs}
+    return RunVerdict(
+        impl=impl, dtype=dtype, mode=mode, status=status, taps=len(rs),
+        passed_taps=sum(r.passed for r in rs),
+        honest_taps=sum(r.passed and r.stat > r.floor for r in rs),
+        first=failing[0] if failing else None, worst=max(rs, key=used) if rs else None, causes=causes,
+        basis="honest" if bases == {True} else "table" if bases == {False} else "mixed",
+    )
+
+
+def decide(report) -> Verdict:
+    runs = tuple(_run_verdict(report, run) for run in report.runs)
+    # a probe-named divergence of a run whose only mode is isolated still fails the report
+    loose = [d for d in report.diagnosis if d["severity"] == "divergence"]
+    status = FAIL if any(r.status == FAIL for r in runs) or loose else \
+        WAIVED if any(r.status == WAIVED for r in runs) else PASS
+    return Verdict(status=status, runs=runs, headline=_headline(report, status, runs, loose))
+
+
+def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) -> str:
+    if status != FAIL:
+        n = len(runs)
+        text = f"{status}: {n} run(s) agree with {report.reference} within honest noise"
+        honest = sum(r.honest_taps for r in runs)
+        if honest:
+            text += f" ({honest} tap(s) beyond the fixed table reproduced by the honest runs: honest rounding)"
+        if all(r.basis == "table" for r in runs):
+            text = text.replace("within honest noise", "within the fixed table (no honest runs: table-based)")
+        notes = sorted({d["cause"] for d in report.diagnosis if d["severity"] == "note"})
+        waived = sorted({f"{d['impl']}@{d['dtype']} {d['cause']}" for d in report.diagnosis
+                         if d["severity"] == "waived"})
+        if notes:
+            text += f"; notes: {', '.join(notes)}"
+        if waived:
+            text += f"; waived: {', '.join(waived)}"
+        return text
+    lead = next((r for r in runs if r.first is not None), None)
+    if lead is not None:
+        f = lead.first
+        why = lead.explanation
+        cause = why["cause"] if why else "unexplained"
+        return (f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}, {ratio(used(f))} of its bound): "
+                f"cause {cause}")
+    d = loose[0]
+    return f"FAIL: {d['impl']}@{d['dtype']}: cause {d['cause']} at {d['tap']}, named by a probe (within noise)"

@@ -1,0 +1,45 @@
+"""Plug-ins that break while building or running, loadable with `--impls tests.broken_adapters:<name>`.
+
+Each wraps the real port and fails in one phase, as a third-party adapter can:
+the harness must say which implementation failed, in which phase, and exit 3,
+never read the crash as a divergence (exit 1).
+"""
+
+from parity.adapters.litgpt_style import LitgptStyleAdapter
+
+
+class _Failing(LitgptStyleAdapter):
+    phase = ""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"fails-in-{self.phase}")
+
+    def build(self, spec, weights, dtype):
+        if self.phase == "build":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().build(spec, weights, dtype)
+
+    def run(self, model, tokens, feed=None):
+        if self.phase == "run":
+            raise KeyError("model.layers.0.mlp")
+        return super().run(model, tokens, feed)
+
+
+class FailsInBuild(_Failing):
+    phase = "build"
+
+
+class FailsInRun(_Failing):
+    phase = "run"
+
+
+def fails_in_build():
+    return FailsInBuild()
+
+
+def fails_in_run():
+    return FailsInRun()
+
+
+def factory_raises():
+    raise ImportError("my_port needs flash-attn (simulated)")

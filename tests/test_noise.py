@@ -1,0 +1,69 @@
+"""The honest-noise model: measured in the run, it keeps honest rounding from failing and faults from passing."""
+
+import numpy as np
+import pytest
+
+from parity.harness import Request, run
+from parity.metrics import excess, row_norms
+from parity.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance
+
+TOKENS = {"p": [2, 17, 301, 5, 88, 260, 9, 140, 33, 7, 412, 3]}
+
+
+def _tight(dtype: str) -> dict:
+    """The table with a floor far below honest bf16 rounding, so that only the honest model can pass a tap."""
+    return {**TOLERANCES, dtype: Tolerance(1e-6, TOLERANCES[dtype].rtol, "test: a floor below honest rounding")}
+
+
+def test_every_run_measures_the_noise_of_correct_variants(tiny):
+    rep = run(Request(spec=tiny, impls=["litgpt-style"], dtypes=["bfloat16"], prompts=TOKENS, mode="both"))
+    assert rep.noise is not None and len(rep.noise.members) == 4
+    for mode in ("cumulative", "isolated"):
+        assert rep.noise.at("bfloat16", mode, "p", "layers.0.mlp.act") > 0
+    # the members are correct: each within its own ensemble's bound
+    assert rep.passed and all(r.basis in ("honest", "table") and r.noise is not None for r in rep.results)
+
+
+def test_honest_rounding_beyond_the_table_passes_and_says_so(tiny):
+    # a floor below bf16 rounding: the fixed table alone fails every correct bf16 run ...
+    table_only = run(Request(spec=tiny, impls=["hf"], dtypes=["bfloat16"], prompts=TOKENS, tolerances=_tight("bfloat16"),
+                             noise_members=0))
+    assert not table_only.passed and table_only.verdict.headline.startswith("FAIL")
+    # ... the honest model passes it: the port's variants err as much here, in this run
+    rep = run(Request(spec=tiny, impls=["hf"], dtypes=["bfloat16"], prompts=TOKENS, tolerances=_tight("bfloat16")))
+    assert rep.passed, rep.verdict.headline
+    (rv,) = rep.verdict.runs
+    assert rv.status == "PASS" and rv.honest_taps > 0 and rv.basis == "honest"
+    assert "honest rounding" in rep.verdict.headline
+    assert all(r.bound == pytest.approx(max(r.floor, NOISE_MARGIN * r.noise)) for r in rep.results)
+
+
+def test_a_fault_beyond_honest_noise_still_fails(tiny):
+    # rope base 20000 instead of 10000: beyond the table and beyond NOISE_MARGIN x the honest noise
+    rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["bfloat16"], prompts=TOKENS,
+                      tolerances=_tight("bfloat16"), adapters={"rope-base-fault": _rope_base_fault()}))
+    assert not rep.passed
+    failing = [r for r in rep.results if not r.passed]
+    assert rep.verdict.lead.first.tap == "rope.cos"  # every correct variant rounds the table alike: noise 0
+    beyond = [r for r in failing if r.basis == "honest"]
+    assert beyond and all(r.stat > NOISE_MARGIN * r.noise for r in beyond)
+    assert "layers.0.attn.scores" in {r.tap for r in beyond}
+
+
+def _rope_base_fault():
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+
+    return LitgptStyleAdapter(spec_changes={"rope_base": 20_000.0}, name="rope-base-fault")
+
+
+def test_one_massive_activation_does_not_loosen_the_other_rows():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 64))
+    ref[0, 5] = 5e4  # a BOS channel thousands of times the rest
+    bad = ref.copy()
+    bad[3] += 0.5  # half an RMS off on an ordinary token
+    # against each row's own RMS the error is 0.5; against the whole tap's RMS (inflated ~700x) it would vanish
+    assert excess(bad, ref, 0.0) == pytest.approx(0.5 / np.sqrt(np.mean(ref[3] ** 2)), rel=1e-9)
+    whole = np.sqrt(np.mean(ref**2))
+    assert 0.5 / whole < 1e-2 < excess(bad, ref, 0.0)
+    assert row_norms(ref).shape == (8, 1)
