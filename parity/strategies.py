@@ -8,6 +8,11 @@
         tokens = data.draw(token_prompts(spec))
         ...
 
+`weight_profiles()` draws the statistics of the seeded random weights
+(`parity.weights.PROFILES`: "default", or "trained-like" with heavy-tailed
+norm weights, a massive BOS activation and an attention sink), so a property
+holds on both: `random_weights(spec, seed, profile=data.draw(weight_profiles()))`.
+
 Plural nouns with keyword-only bounds, as hypothesis's own strategies; bad
 bounds raise `hypothesis.errors.InvalidArgument` naming the value.
 """
@@ -74,6 +79,13 @@ def gemma_specs(
     _check_range("max_vocab", 8, max_vocab, 8)
     _check_range("max_window", 2, max_window, 2)
     return _specs(tuple(families), min_layers, max_layers, max_hidden, max_vocab, max_window)
+
+
+def weight_profiles() -> st.SearchStrategy[str]:
+    """A weights profile of `parity.weights.random_weights` (every one of `parity.weights.PROFILES`)."""
+    from parity.weights import PROFILES
+
+    return st.sampled_from(PROFILES)
 
 
 def token_prompts(spec: GemmaSpec, *, min_len: int = 1, max_len: int = 40) -> st.SearchStrategy[list[int]]:

@@ -12,7 +12,9 @@ in the process's resident set until unmapped, page-cache reads do not.
 
 The values are bit-identical to `weights.random_tensor` (same generator
 stream per tensor, same float64 -> float32 -> bfloat16 rounding), so the
-stored and in-memory weights of one spec and seed have the same hash.
+stored and in-memory weights of one spec and seed have the same hash; so are
+the trained-like profile's (`weight_profiles.tensor_blocks`, a block of rows
+at a time), cached under a file name that says the profile.
 """
 
 from __future__ import annotations
@@ -172,10 +174,17 @@ class StoredTensors(Mapping):
 
 
 # ------------------------------------------------------------------ writing
-def _random_blocks(name: str, shape: tuple[int, ...], seed: int):
-    """float32 blocks of rows equal to `weights.random_tensor(name, shape, seed)`, generated in order."""
+def _random_blocks(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec | None = None,
+                   profile: str = "default"):
+    """float32 blocks of rows equal to `weights.random_tensor(name, shape, seed)`, generated in order
+    (for the trained-like profile: to `weight_profiles.trained_like_tensor(spec, name, shape, seed)`)."""
     from parity.weights import random_tensor
 
+    if profile != "default":
+        from parity.weight_profiles import tensor_blocks
+
+        yield from tensor_blocks(spec, name, shape, seed, rows=_rows_per_block(shape))
+        return
     if len(shape) == 1 or name.endswith("norm.weight"):
         yield random_tensor(name, shape, seed)
         return
@@ -191,14 +200,15 @@ def spec_digest(spec: GemmaSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=None) -> Path:
+def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=None,
+                         profile: str = "default") -> Path:
     """Generate the seeded random weights of `spec` into a bfloat16 safetensors file, block by block.
 
     Tensors are written in sorted name order so the SHA-256 of their float32
     values (`Weights.hash`) is computed on the way, without a second pass.
     """
     from parity.trace import safetensors_header
-    from parity.weights import canonical_shapes
+    from parity.weights import canonical_shapes, random_source
 
     shapes = dict(sorted(canonical_shapes(spec).items()))
     p = Path(path)
@@ -208,8 +218,8 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     try:
         with open(tmp, "wb") as f:
             # the hash goes in the header, which comes first: reserve it, then rewrite it at the end
-            meta = {"spec": json.dumps(spec.to_dict()), "source": f"random(seed={seed})", "generator": "parity",
-                    "weights_hash": "0" * 16}
+            meta = {"spec": json.dumps(spec.to_dict()), "source": random_source(seed, profile),
+                    "generator": "parity", "weights_hash": "0" * 16}
             entries = [(k, "BF16", s, 2) for k, s in shapes.items()]
             f.write(safetensors_header(entries, meta))
             for i, (name, shape) in enumerate(shapes.items()):
@@ -217,7 +227,7 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
                     progress(f"generating random weights: {name} ({i + 1}/{len(shapes)})")
                 h.update(name.encode())
                 h.update(b"float32")
-                for block in _random_blocks(name, shape, seed):
+                for block in _random_blocks(name, shape, seed, spec, profile):
                     h.update(np.ascontiguousarray(block).tobytes())
                     f.write(bf16_bits(block).tobytes())
             meta["weights_hash"] = h.hexdigest()[:16]
@@ -229,17 +239,19 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     return p
 
 
-def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None):
-    """The seeded random weights of `spec`, generated into the cache on first use, then read from there."""
-    from parity.weights import Weights, param_count
+def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile: str = "default"):
+    """The seeded random weights of `spec` (in `profile`), generated into the cache on first use, then read
+    from there. A profile other than the default is named in the file name: the two never collide."""
+    from parity.weights import Weights, check_profile, param_count, random_source
 
-    path = cache_dir() / "weights" / f"{spec_digest(spec)}-seed{seed}.safetensors"
+    suffix = "" if check_profile(profile) == "default" else f"-{profile}"
+    path = cache_dir() / "weights" / f"{spec_digest(spec)}-seed{seed}{suffix}.safetensors"
     if not path.is_file():
         try:
-            write_random_weights(spec, seed, path, progress)
+            write_random_weights(spec, seed, path, progress, profile)
         except OSError as e:
             raise ParityInputError(
                 f"cannot write random weights to {path.parent} ({e.strerror}); set PARITY_CACHE to a directory "
                 f"with {param_count(spec) * 2 / 1e9:.1f} GB free"
             ) from None
-    return Weights(spec, StoredTensors(path), source=f"random(seed={seed})")
+    return Weights(spec, StoredTensors(path), source=random_source(seed, profile))

@@ -7,6 +7,9 @@ drives every non-linearity into its curved region (std 1/sqrt(fan_in), not
 with RMSNorm weights away from zero (at zero a missing `(1 + w)` is
 invisible), and rounded to bfloat16-representable values so that every dtype
 starts from the same numbers and the measured error is the computation's.
+That is the default profile; the `trained-like` profile (parity.weight_profiles)
+has the statistics of released checkpoints instead: heavy-tailed norm weights,
+a massive activation on BOS and an attention sink.
 """
 
 from __future__ import annotations
@@ -190,9 +193,30 @@ def check_tensors(spec: GemmaSpec, tensors: Mapping[str, np.ndarray], where: str
             )
 
 
-def random_weights(spec: GemmaSpec, seed: int = 0) -> Weights:
-    tensors = {name: random_tensor(name, shape, seed) for name, shape in canonical_shapes(spec).items()}
-    return Weights(spec, tensors, source=f"random(seed={seed})")
+PROFILES = ("default", "trained-like")  # statistics of the seeded random weights (see parity.weight_profiles)
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ParityInputError(f"weights profile {profile!r} is not a profile; use one of {', '.join(PROFILES)}")
+    return profile
+
+
+def random_source(seed: int, profile: str = "default") -> str:
+    """The `source` of seeded random weights: the profile is named unless it is the default."""
+    return f"random(seed={seed})" if profile == "default" else f"random(seed={seed}, profile={profile})"
+
+
+def random_weights(spec: GemmaSpec, seed: int = 0, profile: str = "default") -> Weights:
+    """Seeded random weights: `default` (1/sqrt(fan_in), |w| in [0.1, 0.6] norms) or `trained-like`
+    (heavy-tailed norm weights, a massive BOS activation, an attention sink: `parity.weight_profiles`)."""
+    if check_profile(profile) == "default":
+        tensors = {name: random_tensor(name, shape, seed) for name, shape in canonical_shapes(spec).items()}
+    else:
+        from parity.weight_profiles import trained_like
+
+        tensors = trained_like(spec, seed)
+    return Weights(spec, tensors, source=random_source(seed, profile))
 
 
 def save_weights(w: Weights, path: str | Path) -> Path:
