@@ -262,25 +262,52 @@ def main(argv: list[str] | None = None) -> int:
         if a.check:
             print(json.dumps(_check(a)))
             return 0
-        weights = load_weights(a.weights)
-        prompts = json.loads(Path(a.prompts).read_text())
-        spec = weights.spec
+        from parity.adapters.base import DTYPES
+        from parity.prompts import validate_tokens
+
+        if a.dtype not in DTYPES:
+            raise ParityInputError(f"--dtype {a.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
+        modes = a.mode.split(",")
+        bad = [m for m in modes if m not in ("cumulative", "isolated")]
+        if bad or not modes:
+            raise ParityInputError(f"--mode {a.mode!r}: {bad[0] if bad else ''!r} is not a mode; use cumulative, "
+                                   "isolated or cumulative,isolated")
+        if "isolated" in modes and not a.references:
+            raise ParityInputError("--mode isolated needs --references (the reference's traces to feed)")
+        out = Path(a.out)
+        if out.exists() and not out.is_dir():
+            raise ParityInputError(f"--out {a.out!r} is an existing file; give a directory (created if missing)")
+        prompts = _read_json(a.prompts, "--prompts", "a JSON object of prompt name -> token ids")
+        if not isinstance(prompts, dict) or not prompts:
+            raise ParityInputError(f"--prompts {a.prompts!r} must hold a non-empty JSON object of prompt name -> "
+                                   "token ids, e.g. {\"p\": [2, 17, 301]}")
         if a.spec_json:
             from parity.spec import GemmaSpec
 
             spec = GemmaSpec.from_dict(json.loads(a.spec_json))
-            if spec != weights.spec:
-                weights = weights.truncated(spec)
+            weights = load_weights(a.weights, spec if _has_no_spec(a.weights) else None)
+        else:
+            if _has_no_spec(a.weights):
+                raise ParityInputError(f"--weights {a.weights!r} carries no spec in its metadata; give --spec-json "
+                                       "with the spec's JSON (python -m parity.report writes weights that carry it)")
+            weights = load_weights(a.weights)
+            spec = weights.spec
+        if spec != weights.spec:
+            weights = weights.truncated(spec)
+        for k, v in prompts.items():
+            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise ParityInputError(f"--prompts {a.prompts!r}: prompt {k!r} is not a list of token ids; give "
+                                       "e.g. [2, 17, 301]")
+        prompts = {k: validate_tokens(k, v, spec) for k, v in prompts.items()}
         refs = None
         if a.references:
             refs = {p: load_trace(f, lazy=True) for p, f in json.loads(Path(a.references).read_text()).items()}
         adapter = get_adapter(a.impl)
-        out = Path(a.out)
 
         def spill(t):  # to disk at once, whole (effective is known only after every run): one trace in memory
             return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
 
-        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=a.mode.split(","), references=refs,
+        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=modes, references=refs,
                          spill=spill):
             keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
             t.save(trace_file(out, a.impl, a.dtype, t.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
@@ -293,6 +320,29 @@ def main(argv: list[str] | None = None) -> int:
         print(e.traceback, file=sys.stderr)
         print(f"parity: implementation failed: {e}", file=sys.stderr)
         return 3
+
+
+def _read_json(path: str, flag: str, what: str):
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ParityInputError(f"{flag} {path!r} does not exist; give {what}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"{flag} {path!r} is not JSON ({e}); give {what}") from None
+
+
+def _has_no_spec(path: str) -> bool:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return False  # load_weights says it does not exist
+    from parity.weight_store import StoredTensors
+
+    return "spec" not in StoredTensors(path).metadata
 
 
 def _check(a) -> dict:

@@ -206,12 +206,19 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         raise ParityInputError(f"--reduce-over {req.reduce_over} is negative; give an element count >= 0 "
                                "(0 reduces every tap)")
     from parity.adapters.base import DTYPES
+    from parity.adapters.torch_setup import threads
 
     for d in req.dtypes:
         if d not in DTYPES:
             raise ParityInputError(f"unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
     if not req.dtypes:
         raise ParityInputError("no dtypes given; use e.g. --dtypes float32,bfloat16")
+    if req.reference[1] not in DTYPES:
+        raise ParityInputError(f"--reference {req.reference[0]}@{req.reference[1]}: {req.reference[1]!r} is not a "
+                               f"dtype; use one of {', '.join(DTYPES)} (e.g. litgpt-style@float64)")
+    if req.seed < 0:
+        raise ParityInputError(f"--seed {req.seed} is negative; give a seed >= 0")
+    threads()
     large = is_large(spec)
     if req.weights is not None:
         weights = req.weights
@@ -243,6 +250,17 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         impls, skipped, ref_adapter = resolve_elsewhere(req, spec)
     else:
         impls, skipped, ref_adapter = checked_impls(req, spec)
+    modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
+    planned = [(a.name, d) for _, a in impls for d in req.dtypes
+               if not ((a.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"])]
+    if not planned:
+        raise ParityInputError(f"nothing to compare: every run is the reference {ref_name}@{ref_dtype} itself; "
+                               "add an implementation or a dtype (e.g. --dtypes float32,bfloat16)")
+    names = [a.name for _, a in impls]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ParityInputError(f"two implementations are both named {dup[0]!r} (their rows would pool); give each "
+                               "adapter its own name")
     trace_dir = req.trace_dir
     if separate and trace_dir is None:
         import shutil
@@ -261,7 +279,6 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     ref_traces = {t.prompt: t for t in take(ref_name, ref_adapter, ref_dtype, "cumulative")}
     traces = list(ref_traces.values())
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
-    modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
     runs = []
     for name, adapter in impls:
         for d in req.dtypes:
@@ -286,7 +303,9 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             if own and len(own) == len(modes) * len(prompts):
                 honest += own
                 continue
-            honest += take(factory_spec(m) if separate else m.impl, m.adapter(), d, modes, ref_traces)
+            # in separate processes the child builds the member: this process imports no framework
+            honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
+                           ref_traces)
     noise = measure(ref_traces, honest, table) if honest else None
     results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers, noise)
     report = Report(
@@ -337,8 +356,11 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
 
     if not traces:
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
-    ref_key = reference if any((t.impl, t.dtype) == tuple(reference) for t in traces) \
-        else (traces[0].impl, traces[0].dtype)
+    if not any((t.impl, t.dtype) == tuple(reference) for t in traces):
+        have = ", ".join(sorted({f"{t.impl}@{t.dtype}" for t in traces}))
+        raise ParityInputError(f"--reference {reference[0]}@{reference[1]} is not among the traces ({have}); "
+                               "pass the reference's trace too, or --reference one of those")
+    ref_key = tuple(reference)
     refs = {t.prompt: t for t in traces if (t.impl, t.dtype) == ref_key and t.mode == "cumulative"}
     if not refs:
         raise ParityInputError(f"no cumulative trace of the reference {ref_key[0]}@{ref_key[1]} among the traces")
@@ -357,6 +379,9 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
             runs.append(run_)
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
         others.append(t)
+    if not others:
+        raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_key[0]}@{ref_key[1]}'s; "
+                               "pass at least one other trace with --trace")
     results = compare_runs(refs, others, table, layers)
     report = Report(
         spec=spec, weights_hash=next(iter(refs.values())).weights_hash,

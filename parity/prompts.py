@@ -44,6 +44,8 @@ def text_to_tokens(text: str, spec: GemmaSpec, tokenizer_dir: str | None = None)
     The byte fallback maps each UTF-8 byte b to FIRST_ORDINARY_ID + b (mod the
     vocabulary): reproducible, offline, and enough to drive random weights.
     """
+    if not text:
+        raise ParityInputError("--prompt '' is empty; give some text, or --tokens with at least one id")
     if tokenizer_dir:
         try:
             from transformers import AutoTokenizer

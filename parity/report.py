@@ -117,9 +117,14 @@ def build_request(args):
     )
 
 
+_CREATED: list[Path] = []  # directories check_out_dir made, removed again if bad input follows
+
+
 def check_out_dir(out: str) -> Path:
     """Fail before any work if the output directory cannot be written."""
     p = Path(out)
+    missing = [d for d in [p, *p.parents] if not d.exists()]
+    _CREATED[:] = missing  # deepest first
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".parity-probe-"):
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.passed else 1
     except ParityInputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
+        _remove_created()
         return 2
     except ImplementationError as e:
         log = _log_failure(out, e.traceback or str(e))
@@ -219,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
               + (f" (traceback: {log})" if log else "") + "; please report it", file=sys.stderr)
         return 3
+
+
+def _remove_created() -> None:
+    """Bad input leaves nothing behind: the output directories this run made, if still empty, go."""
+    for d in _CREATED:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (or not ours): keep it and its parents
+    _CREATED.clear()
 
 
 def _log_failure(out: Path | None, text: str) -> Path | None:

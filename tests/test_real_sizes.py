@@ -166,7 +166,8 @@ def test_with_separate_processes_the_report_process_imports_no_framework(tmp_pat
 
 def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candidate(weights, monkeypatch):
     """A tolerance too tight for the shape (as bf16 attention probabilities at 128 tokens and 18 layers
-    are for the tiny-calibrated table): the unchanged port reproduces the run, so no candidate is run."""
+    were for the tiny-calibrated table): the honest runs reproduce it, so it passes, said to be honest
+    rounding; without honest runs (table only) the unchanged port reproduces it and no candidate is run."""
     from parity import counterfactuals
     from parity.harness import Request, run
     from parity.tolerances import TOLERANCES, Tolerance
@@ -175,6 +176,9 @@ def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candi
     monkeypatch.setattr(counterfactuals, "candidates", lambda spec: pytest.fail("candidates were run"))
     r = run(Request(spec=SPEC, impls=["hf"], dtypes=["bfloat16"], prompts=PROMPTS, weights=weights,
                     tolerances=tight))
+    assert r.passed and r.verdict.runs[0].honest_taps > 0 and "honest rounding" in r.verdict.headline
+    r = run(Request(spec=SPEC, impls=["hf"], dtypes=["bfloat16"], prompts=PROMPTS, weights=weights,
+                    tolerances=tight, noise_members=0))
     assert not r.passed
     (d,) = r.divergent_causes
     assert d["cause"] == "unexplained" and "the correct port run in bfloat16 reproduces it" in d["evidence"]

@@ -26,8 +26,23 @@ def configure() -> None:
         return
     import torch
 
-    torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "1")))
+    torch.set_num_threads(threads())
     _configured = True
+
+
+def threads() -> int:
+    """PARITY_THREADS as a thread count; checked by the harness before any work (bad input, exit 2)."""
+    from parity.errors import ParityInputError
+
+    text = os.environ.get("PARITY_THREADS", "1")
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ParityInputError(f"PARITY_THREADS={text!r} is not a positive thread count; set it to 1 or more "
+                               "(1 is the default and fastest for tiny models)")
+    return n
 
 
 def stream_layers(weight_bytes: int) -> bool:
