@@ -9,6 +9,17 @@ rate over many elements tells them apart).
 
 Each probe returns a `Probe`: a verdict, the cause id it implies (or None when
 the implementation is correct), and the numbers that support it.
+
+A probe concludes only from what the dtype can carry. Values in the subnormal
+range (nonzero, below the dtype's smallest normal) are left out of every
+agreement: hardware may flush them to zero and they keep only a few bits
+(`trusted`). Where a formula cancels in the implementation's working precision
+(GELU's 1 + tanh near 0, see `gelu_trusted`), those elements are left out too.
+The evidence says how many elements were left out and why; when fewer than
+MIN_TRUSTED remain (and most of the tensor was left out), the probe says
+"cannot tell" (cause None) instead of deciding on a handful. The attention-mask probe reads the mask off the scores'
+-inf pattern where scores are exposed, and never reads a zero probability that
+could be an underflow as a masked key (see `probe_attention_mask`).
 """
 
 from __future__ import annotations
@@ -64,16 +75,70 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).astype(np_dtype(dtype)).astype(np.float64)
 
 
-def agreement(actual: np.ndarray, candidate: np.ndarray, dtype: str) -> float:
-    """Share of elements where the candidate, in `dtype`, equals what the implementation gave."""
+def agreement(actual: np.ndarray, candidate: np.ndarray, dtype: str, keep: np.ndarray | None = None) -> float:
+    """Share of elements (of those `keep` marks, default all) where the candidate, in `dtype`, equals
+    what the implementation gave."""
     a = np.asarray(actual, dtype=np.float64)
     c = round_to(candidate, dtype)
+    if keep is not None:
+        a, c = a[keep], c[keep]
+    if a.size == 0:
+        return 0.0
     if dtype in ("bfloat16", "float16"):
         return float(np.mean(a == c))
     # an absolute floor at the tensor's scale: a formula with cancellation (exact GELU's
     # 0.5 * x * (1 + erf) at x = -3) loses relative precision on its tiny outputs
     floor = ulp_of(np.array(np.sqrt(np.mean(c * c))), dtype)
-    return float(np.mean(np.abs(a - c) <= ULPS_WIDE * (ulp_of(c, dtype) + floor)))
+    with np.errstate(invalid="ignore"):  # inf - inf: equal infinities agree through a == c
+        return float(np.mean((a == c) | (np.abs(a - c) <= ULPS_WIDE * (ulp_of(c, dtype) + floor))))
+
+
+# ------------------------------------------------------------------ what a dtype can carry
+SMALLEST_NORMAL = {"float64": 2.0**-1022, "float32": 2.0**-126, "bfloat16": 2.0**-126, "float16": 2.0**-14}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+# At 98% a decision needs about a hundred elements: on fewer, one or two mismatches move a rate past the bar.
+MIN_TRUSTED = 100
+
+
+def trusted(dtype: str, *arrays: np.ndarray) -> np.ndarray:
+    """Elements that every array, rounded to `dtype`, holds as 0 or a normal number (or a non-finite).
+
+    A subnormal result is not evidence for or against a formula: flush-to-zero
+    hardware gives 0 there, and it keeps only a few bits, so a candidate and a
+    correct implementation can differ on it for reasons no formula explains.
+    """
+    keep = None
+    for a in arrays:
+        r = np.abs(round_to(a, dtype))
+        ok = ~((r > 0) & (r < SMALLEST_NORMAL[dtype]))
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+def _trust(ev: dict, keep: np.ndarray, why: str) -> None:
+    """Record in the evidence how many elements a probe decided on, and why the others were left out."""
+    n, k = int(keep.size), int(np.count_nonzero(keep))
+    ev["elements"], ev["trusted"] = n, k
+    if k < n:
+        ev["excluded"], ev["excluded because"] = n - k, why
+
+
+def _too_few(name: str, tap: str, dtype: str, keep: np.ndarray, why: str, ev: dict) -> Probe | None:
+    """ "cannot tell" when leaving out what the dtype cannot carry left fewer than MIN_TRUSTED elements,
+    and took most of the tensor.
+
+    A small tensor (hypothesis draws 2 tokens of 8 channels) with a few elements
+    left out is decided on as small tensors always were: every remaining element
+    is evidence, and the probes' tie rules cover small inputs.
+    """
+    n, k = int(keep.size), int(np.count_nonzero(keep))
+    if k < MIN_TRUSTED and k < n / 2:
+        return Probe(name, tap, f"cannot tell: only {k} of {n} elements are trustworthy in {dtype} ({why})",
+                     None, ev)
+    return None
+
+
+SUBNORMAL = "a value in the subnormal range"
 
 
 TIE_MARGIN = 0.005  # the correct candidate wins any tie within half a percent of the elements
@@ -124,20 +189,74 @@ def gelu_candidates(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
     return c
 
 
+# The candidates are exact in float64, but an implementation computes GELU's cdf, 0.5 * (1 + t) with
+# t = tanh(...) or erf(...), in fp32 (torch and XLA upcast bf16/fp16 elementwise ops; an op-by-op
+# implementation is its own candidate). fp32 tanh/erf are good to a few ulps, an absolute error of about
+# CDF_WORKING_ERROR = 2^-22 on t (|t| <= 1, the fp32 ulp below 1 is 2^-24), so 1 + t carries a relative
+# error of eps = 2^-22 / (1 + t) for negative x, where t -> -1 and 1 + t cancels. Rounding that cdf to a
+# dtype of unit roundoff u (bf16 2^-8, fp16 2^-11) flips the last bit on about eps / u of the elements, so
+# a correct implementation misses bit-for-bit agreement there for reasons no candidate explains. An
+# element is trusted when eps / u <= 1/16 (CDF_FLIP_SHARE), i.e. 1 + t >= 16 * 2^-22 / u:
+#   bf16: 1 + t >= 2^-10, x >= -3.25;    fp16: 1 + t >= 2^-7, x >= -2.65.
+# Measured with torch's bf16 GELU against the float64 candidate rounded once: agreement is 100% above -3,
+# 97% on [-3.5, -3), 82% on [-4, -3.5) and near 0 on [-8, -4.5) (where fp32's 1 + erf has one or two bits
+# left, and float64's own 1 + erf reaches 0 below -8.5). fp32/fp64 traces are compared within ULPS_WIDE
+# with an absolute floor at the tensor's scale, which already absorbs the cancellation: nothing is left out.
+CDF_WORKING_ERROR = 2.0**-22
+CDF_FLIP_SHARE = 1 / 16
+
+
+def gelu_cdf_floor(dtype: str) -> float:
+    """Smallest 1 + t (t = tanh(...) or erf(...)) at which a GELU in `dtype` is trusted bit for bit."""
+    return CDF_WORKING_ERROR / (CDF_FLIP_SHARE * UNIT_ROUNDOFF[dtype])
+
+
+def gelu_trusted(x: np.ndarray, dtype: str, cands: dict[str, np.ndarray], actual: np.ndarray) -> np.ndarray:
+    """Elements where GELU's candidates can be held to the implementation's output in `dtype`."""
+    from scipy.special import erfc, expit
+
+    keep = trusted(dtype, actual, *cands.values())
+    if dtype in ("bfloat16", "float16"):
+        x = np.asarray(x, np.float64)
+        # 1 + t computed without cancellation: 1 + erf(x / sqrt 2) = erfc(-x / sqrt 2), 1 + tanh(z) = 2 expit(2z)
+        one_plus_erf = erfc(-x / math.sqrt(2.0))
+        one_plus_tanh = 2.0 * expit(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+        keep = keep & (np.minimum(one_plus_erf, one_plus_tanh) >= gelu_cdf_floor(dtype))
+    return keep
+
+
+def _gelu_why(dtype: str) -> str:
+    if dtype in ("bfloat16", "float16"):
+        return f"1 + tanh or 1 + erf below {gelu_cdf_floor(dtype):.3g} cancels in fp32, or {SUBNORMAL}"
+    return SUBNORMAL
+
+
 def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
-    """Which GELU maps this implementation's own mlp.gate to its own mlp.act."""
+    """Which GELU maps this implementation's own mlp.gate to its own mlp.act.
+
+    Decided on the elements the dtype can be trusted with (`gelu_trusted`): where
+    the gate is so negative that 1 + tanh cancels, even the right formula misses
+    bit-for-bit agreement, so those elements are left out and counted in the evidence.
+    """
     tap = f"layers.{layer}.mlp.act"
     x, y = trace.taps.get(f"layers.{layer}.mlp.gate"), trace.taps.get(tap)
     if x is None or y is None:
         return Probe("gelu", tap, "cannot tell: mlp.gate or mlp.act not captured", None)
-    cands = gelu_candidates(x, trace.dtype)
-    scores = {k: agreement(y, v, trace.dtype) for k, v in cands.items()}
+    dtype = trace.dtype
+    cands = gelu_candidates(x, dtype)
+    keep = gelu_trusted(x, dtype, cands, y)
+    scores = {k: agreement(y, v, dtype, keep) for k, v in cands.items()}
     # the same candidates applied to the up projection tell a swapped GeGLU apart
     up = trace.taps.get(f"layers.{layer}.mlp.up")
     if up is not None and up.shape == x.shape:
-        scores["gelu applied to mlp.up"] = max(agreement(y, v, trace.dtype) for v in gelu_candidates(up, trace.dtype).values())
+        up_cands = gelu_candidates(up, dtype)
+        up_keep = gelu_trusted(up, dtype, up_cands, y)
+        scores["gelu applied to mlp.up"] = max(agreement(y, v, dtype, up_keep) for v in up_cands.values())
     best, score, lead = _pick(scores, "tanh, rounded once")
-    evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": lead, "elements": int(y.size)}
+    evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": lead}
+    _trust(evidence, keep, _gelu_why(dtype))
+    if (few := _too_few("gelu", tap, dtype, keep, _gelu_why(dtype), evidence)) is not None:
+        return few
     if score < min_agreement:
         return Probe("gelu", tap, f"no GELU candidate explains mlp.act (best {best!r} at {score:.1%})",
                      "unexplained", evidence)
@@ -165,12 +284,16 @@ def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float 
         return Probe("geglu", tap, f"projection widths {widths} do not all equal intermediate_size",
                      "geglu-width", {"widths": widths})
     dtype = trace.dtype
-    scores = {
-        "act * up": agreement(hidden, np.asarray(act, np.float64) * up, dtype),
-        "act * gate": agreement(hidden, np.asarray(act, np.float64) * gate, dtype),
-    }
+    # act * up of two dtype values is exact in fp32 and rounded once, so every product the dtype holds as
+    # a normal number is a fair test; a subnormal product (a tiny GELU output times a small up) is not
+    cands = {"act * up": np.asarray(act, np.float64) * up, "act * gate": np.asarray(act, np.float64) * gate}
+    keep = trusted(dtype, hidden, *cands.values())
+    scores = {k: agreement(hidden, v, dtype, keep) for k, v in cands.items()}
     best, score, lead = _pick(scores, "act * up")
     evidence = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "widths": widths}
+    _trust(evidence, keep, SUBNORMAL)
+    if (few := _too_few("geglu", tap, dtype, keep, SUBNORMAL, evidence)) is not None:
+        return few
     if score < min_agreement:
         return Probe("geglu", tap, f"mlp.hidden is neither act * up nor act * gate (best {score:.1%})",
                      "unexplained", evidence)
@@ -182,7 +305,8 @@ def _close(actual: np.ndarray, expected: np.ndarray, dtype: str) -> float:
     """Share of elements within two ulps of the expected value rounded to dtype."""
     a = np.asarray(actual, np.float64)
     e = round_to(expected, dtype)
-    return float(np.mean(np.abs(a - e) <= 2 * ulp_of(e, dtype) + 1e-300))
+    with np.errstate(invalid="ignore"):  # an overflowed residual: inf - inf is NaN, but inf == inf
+        return float(np.mean((a == e) | (np.abs(a - e) <= 2 * ulp_of(e, dtype) + 1e-300)))
 
 
 def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98) -> Probe:
@@ -261,11 +385,16 @@ def probe_rmsnorm(trace: Trace, spec: GemmaSpec, weights: dict, tap: str, x: np.
     if y is None or x is None or wname not in weights:
         return Probe("norm", tap, "cannot tell: tap or its input missing", None)
     dtype = trace.dtype
-    scores = {k: agreement(y, v, dtype) for k, v in rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype).items()}
-    # eps: only visible when rows are tiny; record the best eps among a few for the evidence
+    cands = rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype)
+    # a norm weight near -1 makes (1 + w) ~ 0: its outputs can fall below the smallest normal (fp16: 6.1e-5)
+    keep = trusted(dtype, y, *cands.values())
+    scores = {k: agreement(y, v, dtype, keep) for k, v in cands.items()}
     correct = "(1 + w), multiply in fp32, cast after" if spec.norm_unit_offset else "w without the unit offset"
     best, score, lead = _pick(scores, correct)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "lead": round(lead, 4)}
+    _trust(ev, keep, SUBNORMAL)
+    if (few := _too_few("norm", tap, dtype, keep, SUBNORMAL, ev)) is not None:
+        return few
     if score < min_agreement:
         return Probe("norm", tap, f"no RMSNorm candidate explains it (best {best!r} at {score:.1%})", "unexplained", ev)
     cause = NORM_CAUSES.get(best, "norm-unit-offset-lowp")
@@ -307,10 +436,14 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
         f"x * sqrt(hidden) in fp32 ({root:.6g})": rows * root,
         "no scale": rows,
     }
-    scores = {k: agreement(y, v, dtype) for k, v in cands.items()}
+    keep = trusted(dtype, y, *cands.values())  # tiny table entries: subnormal rows or products
+    scores = {k: agreement(y, v, dtype, keep) for k, v in cands.items()}
     correct = next(iter(cands)) if spec.embed_scale else "no scale"
     best, score, lead = _pick(scores, correct)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
+    _trust(ev, keep, SUBNORMAL)
+    if (few := _too_few("embedding", "embed", dtype, keep, SUBNORMAL, ev)) is not None:
+        return few
     if score < min_agreement:
         return Probe("embedding", "embed", f"no candidate explains the embedding (best {score:.1%})", "unexplained", ev)
     if best == "no scale":
@@ -355,34 +488,157 @@ def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] |
 
 
 # ------------------------------------------------------------------ attention mask and window
-def probe_attention_mask(trace: Trace, spec: GemmaSpec, layer: int) -> Probe:
-    """Read the mask off the attention probabilities: masked keys get exactly zero.
+# The largest true probability that may read as exactly 0 in a probs tap of each dtype. fp16 keeps
+# subnormals through the fp32 -> fp16 conversion (flush-to-zero is an fp32-arithmetic mode), so anything
+# below its smallest subnormal, 2^-24 = 6e-8, may round to 0. bf16 and fp32 probabilities come from fp32
+# arithmetic, which may flush below fp32's smallest normal, 2^-126.
+UNDERFLOW = {"float16": 2.0**-24, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022}
+# A zero reads as masked only when it would have to lie this many times further below the row's smallest
+# visible probability than the row's own spread (max / min) reaches, to be an underflow.
+SPREAD_MARGIN = 16.0
 
-    Random weights keep every visible probability far above underflow, so the
-    zero pattern is the mask: causal, and for a local layer, the window.
-    """
-    tap = f"layers.{layer}.attn.probs"
-    probs = trace.taps.get(tap)
-    if probs is None:
-        return Probe("attention-mask", tap, "cannot tell: attention probabilities not exposed", None)
-    visible = np.asarray(probs) != 0  # [heads, T, T]
-    T = visible.shape[-1]
+
+def _mask_geometry(T: int, want: int | None):
     i, j = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
-    future = bool((visible & (j > i)[None]).any())
-    span = int(np.max(np.where(visible, i - j + 1, 0)))  # widest look-back seen, the query itself included
+    expected = (j <= i) if want is None else (j <= i) & (i - j < want)
+    return i, j, expected
+
+
+def _mask_verdict(tap: str, spec: GemmaSpec, layer: int, visible: np.ndarray, hidden: np.ndarray,
+                  ev: dict) -> Probe | None:
+    """The verdict of a mask that differs from the spec's, from the pairs proven visible and those proven
+    masked (both [heads, T, T]); None when neither differs."""
     want = spec.window_for(layer)
-    expected = min(want, T) if want else T
-    ev = {"tokens": T, "widest look-back": span, "expected": expected, "sees the future": future}
+    T = visible.shape[-1]
+    i, j, expected = _mask_geometry(T, want)
+    future = bool((visible & (j > i)[None]).any())
+    span = int(np.max(np.where(visible, i - j + 1, 0), initial=0))  # widest look-back seen, the query included
+    expected_span = min(want, T) if want else T
+    wrong_visible = int(np.count_nonzero((visible & ~expected[None]).any(0)))
+    wrong_hidden = int(np.count_nonzero((hidden & expected[None]).any(0)))
+    ev.update({"tokens": T, "widest look-back": span, "expected": expected_span, "sees the future": future})
+    if wrong_visible or wrong_hidden:
+        ev.update({"visible pairs the spec masks": wrong_visible, "masked pairs the spec shows": wrong_hidden})
+    what = f"window {want}" if want else "no window (global layer)"
     if future:
         return Probe("attention-mask", tap, "keys after the query are visible: the mask is not causal",
                      "sliding-window", ev)
-    if span != expected:
-        what = f"window {want}" if want else "no window (global layer)"
+    if span > expected_span or (wrong_hidden and span < expected_span):
         return Probe("attention-mask", tap, f"queries look back over {span} tokens, the spec says {what}",
                      "sliding-window", ev)
+    if wrong_visible or wrong_hidden:
+        return Probe("attention-mask", tap, f"the mask differs from the spec's ({what}) at "
+                     f"{wrong_visible + wrong_hidden} query-key pairs", "sliding-window", ev)
+    return None
+
+
+def _row_rules_out_underflow(p: np.ndarray, shown: np.ndarray, dtype: str) -> np.ndarray:
+    """[heads, T]: rows whose visible probabilities show that a zero in them is not an underflow.
+
+    A zero in row (h, i) is read as masked only when (1) the row is spread, not
+    concentrated on a sink: it has at least 3 nonzero probabilities and at least
+    half of the keys the spec shows it (`shown`, [T]); and (2) its smallest nonzero
+    probability p_min is far above UNDERFLOW[dtype] compared with the row's spread:
+    p_min >= SPREAD_MARGIN * (p_max / p_min) * UNDERFLOW. A visible key reading 0 would
+    then have to score below the row's lowest visible key by more than the row's whole
+    range of scores (ln(p_max / p_min)) plus ln(SPREAD_MARGIN) nats. A sink row
+    ([1, 0, ..., 0], or one key near 1 and the rest in the 1e-7 range) fails both:
+    its zeros are what underflow looks like. Random weights spread the rows: in the
+    port's fp16 rows on the tiny presets the median p_min is 2e-3 to 7e-3 and the
+    median p_max / p_min 30 to 90, so p_min / UNDERFLOW (~5e4) is some 60 times the
+    16 * (p_max / p_min) the rule asks for.
+    """
+    nz = p != 0
+    n = nz.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmin = np.where(nz, p, np.inf).min(-1)
+        pmax = np.where(nz, p, 0.0).max(-1)
+        far = pmin * pmin >= SPREAD_MARGIN * UNDERFLOW[dtype] * pmax
+    return (n >= np.maximum(3, np.ceil(shown / 2.0))[None]) & far
+
+
+def probe_attention_mask(trace: Trace, spec: GemmaSpec, layer: int) -> Probe:
+    """The mask and window this implementation applies, from evidence its dtype can carry.
+
+    Where the scores are exposed with the mask added (`attn.scores`: masked keys
+    are -inf, or a finite mask constant at half the dtype's most negative value),
+    their pattern is the mask, whatever the probabilities underflow to.
+
+    Otherwise the probabilities: a nonzero probability is always a visible key, so
+    one for a key after the query proves a non-causal mask, and one further back
+    than the window proves a too-wide window. A zero is not always a masked key: with
+    an attention sink the other keys' probabilities fall below what the dtype holds
+    (fp16: 6e-8) and read 0. A key the spec shows that reads 0 in every head is
+    proven masked only when (a) at least half the heads' rows for that query rule out
+    underflow (`_row_rules_out_underflow`), and (b) the same key reads nonzero for
+    some other query (a key every head ignores everywhere, as a massive-activation
+    BOS scoring far below can be, is content, not mask). Zeros with no such proof
+    give "cannot tell" when they are what makes the look-back short; and a local
+    layer's window is confirmed only when some key just beyond it is proven masked
+    (a wider window whose extra keys underflowed would otherwise read the same).
+    """
+    tap = f"layers.{layer}.attn.probs"
+    dtype = trace.dtype
+    want = spec.window_for(layer)
+    scores = trace.taps.get(f"layers.{layer}.attn.scores")
+    if isinstance(scores, ReducedTap):
+        scores = None
+    if scores is not None:
+        s = np.asarray(scores, np.float64)
+        T = s.shape[-1]
+        s = s.reshape(-1, T, T)
+        floor = 0.5 * float(np.finfo(np.float32).min if dtype == "bfloat16" else np.finfo(np_dtype(dtype)).min)
+        hidden = np.isneginf(s) | (np.isfinite(s) & (s <= floor))
+        # scores with nothing masked are the logits before the mask (or a model without one): the
+        # probabilities decide then
+        if hidden.any() or T < 2:
+            visible = np.isfinite(s) & ~hidden
+            ev = {"read from": "scores (-inf pattern)"}
+            bad = _mask_verdict(tap, spec, layer, visible, hidden, ev)
+            return bad or _mask_ok(tap, want, T, ev)
+    probs = trace.taps.get(tap)
+    if probs is None or isinstance(probs, ReducedTap):
+        return Probe("attention-mask", tap, "cannot tell: attention probabilities not exposed", None)
+    p = np.asarray(probs, np.float64)
+    T = p.shape[-1]
+    p = p.reshape(-1, T, T)
+    visible = np.isfinite(p) & (p != 0)
+    i, j, expected = _mask_geometry(T, want)
+    zero = ~visible.any(0)  # [T, T]: 0 in every head (a mask is the same for every head)
+    decisive = _row_rules_out_underflow(np.where(np.isfinite(p), p, 0.0), expected.sum(-1), dtype)  # [H, T]
+    # a zero is proven masked when half the heads' rows for its query rule out underflow, and its key
+    # reads nonzero for some other query
+    provable = zero & (decisive.mean(0) >= 0.5)[:, None] & visible.any((0, 1))[None, :]
+    unproven = expected & zero & ~provable  # keys the spec shows that read 0, maybe by underflow
+    ev = {"read from": "probabilities"}
+    if (expected & zero).any():
+        ev.update({"pairs the spec shows at 0 in every head": int((expected & zero).sum()),
+                   "of them proven masked": int((expected & provable).sum())})
+    bad = _mask_verdict(tap, spec, layer, visible, np.broadcast_to(provable, visible.shape), ev)
+    if bad is not None:
+        return bad
+    why = f"in rows concentrated enough (an attention sink) that {dtype} underflow explains the zeros"
+    if ev["widest look-back"] < ev["expected"]:
+        return Probe("attention-mask", tap, f"cannot tell: queries look back over {ev['widest look-back']} tokens "
+                     f"where the spec says {ev['expected']}, but the keys further back read 0 {why}; the scores "
+                     "(not exposed) would settle it", None, ev)
+    if want is not None and T > want:
+        # the window's far edge: some key just beyond it must be provably masked, or a wider window whose
+        # extra keys underflowed would read the same
+        edge = (i - j == want) & provable
+        ev["masked just beyond the window"] = int(edge.sum())
+        if not edge.any():
+            return Probe("attention-mask", tap, f"cannot tell: queries look back over {want} tokens as the spec "
+                         f"says, but no key just beyond the window is provably masked ({why})", None, ev)
+    return _mask_ok(tap, want, T, ev, int(unproven.sum()))
+
+
+def _mask_ok(tap: str, want: int | None, T: int, ev: dict, unproven: int = 0) -> Probe:
     kind = f"local, window {want}" if want else "global, causal"
-    return Probe("attention-mask", tap, f"mask is {kind}" + ("" if T > (want or 0) else
-                 f" (prompt of {T} tokens is too short to see the window)"), None, ev)
+    note = "" if T > (want or 0) else f" (prompt of {T} tokens is too short to see the window)"
+    if unproven:
+        note += f" ({unproven} zero probabilities where the spec shows the key are read as underflow, not mask)"
+    return Probe("attention-mask", tap, f"mask is {kind}{note}", None, ev)
 
 
 # ------------------------------------------------------------------ output head
@@ -437,9 +693,15 @@ def probe_rope_precision(trace: Trace, spec: GemmaSpec, min_agreement: float = 0
         low = np_dtype(dtype)
         cands[f"inv_freq rounded to {dtype}"] = table(round_to(inv32, dtype).astype(f32), pos32)
         cands[f"angles in {dtype}"] = table(inv32.astype(low), pos32.astype(low), low)
-    scores = {k: agreement(cos, v, dtype) for k, v in cands.items()}
+    # the table does not depend on the weights and cos has no cancellation; only a cos within a subnormal
+    # of zero is left out, as everywhere
+    keep = trusted(dtype, cos, *cands.values())
+    scores = {k: agreement(cos, v, dtype, keep) for k, v in cands.items()}
     best, score, lead = _pick(scores, "fp32 angles, cos rounded once")
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}, "positions": T}
+    _trust(ev, keep, SUBNORMAL)
+    if (few := _too_few("rope-precision", "rope.cos", dtype, keep, SUBNORMAL, ev)) is not None:
+        return few
     if score < min_agreement:
         return Probe("rope-precision", "rope.cos", f"no candidate explains the cos table (best {score:.1%})",
                      "unexplained", ev)
@@ -461,9 +723,16 @@ def probe_softmax(trace: Trace, layer: int, min_agreement: float = 0.98) -> Prob
     if dtype in ("bfloat16", "float16"):
         el = round_to(np.exp(round_to(s - s.max(-1, keepdims=True), dtype)), dtype)
         cands[f"op by op in {dtype}"] = el / round_to(el.sum(-1, keepdims=True), dtype)
-    scores_ = {k: agreement(probs, v, dtype) for k, v in cands.items()}
+    # an attention sink leaves the other keys' probabilities tiny: in fp16 many are subnormal (below 6.1e-5),
+    # where flush-to-zero and lost bits decide, not the softmax's order; masked keys (exact 0 in every
+    # candidate) stay in
+    keep = trusted(dtype, probs, *cands.values())
+    scores_ = {k: agreement(probs, v, dtype, keep) for k, v in cands.items()}
     best, score, lead = _pick(scores_, "fp32, rounded once")
     ev = {"agreement": {k: round(v, 4) for k, v in scores_.items()}}
+    _trust(ev, keep, SUBNORMAL)
+    if (few := _too_few("softmax", tap, dtype, keep, SUBNORMAL, ev)) is not None:
+        return few
     if score < min_agreement:
         return Probe("softmax", tap, f"no softmax candidate explains the probabilities (best {score:.1%})",
                      "unexplained", ev)
