@@ -12,7 +12,6 @@ import json
 import math
 from html import escape
 
-from parity.render import tol_used
 from parity.verdict import decide, ratio, used
 from parity.taps import layer_of, tap_order
 
@@ -383,13 +382,6 @@ def _g(x) -> str:
     if isinstance(x, float):
         return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.3g}")
     return str(x)
-
-
-def _pct(x: float) -> str:
-    """A share of the tolerance: a percentage up to 10x, then a multiple."""
-    if not math.isfinite(x):
-        return "inf"
-    return f"{x:.0%}" if x < 10 else f"{x:.2g}x tolerance"
 
 
 def _darker(color: str, f: float = 0.7) -> str:

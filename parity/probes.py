@@ -281,7 +281,8 @@ def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float 
     widths = {"gate": int(gate.shape[-1]), "up": int(up.shape[-1]), "hidden": int(hidden.shape[-1]),
               "spec intermediate_size": spec.intermediate_size}
     if len({widths["gate"], widths["up"], widths["hidden"], spec.intermediate_size}) != 1:
-        return Probe("geglu", tap, f"projection widths {widths} do not all equal intermediate_size",
+        # the widths are read at the projections: the first tap they change is the gate's
+        return Probe("geglu", p + "gate", f"projection widths {widths} do not all equal intermediate_size",
                      "geglu-width", {"widths": widths})
     dtype = trace.dtype
     # act * up of two dtype values is exact in fp32 and rounded once, so every product the dtype holds as

@@ -156,7 +156,7 @@ def _layer_table(report) -> list[str]:
         key = r.layer if r.layer is not None else r.tap
         if key not in rows:
             rows.append(key)
-        cell[(key, (r.impl, r.dtype, r.mode))] = max(cell[(key, (r.impl, r.dtype, r.mode))], tol_used(r))
+        cell[(key, (r.impl, r.dtype, r.mode))] = max(cell[(key, (r.impl, r.dtype, r.mode))], used(r))
     head = "| layer | " + " | ".join(f"{i}@{d} {m[:3]}" for i, d, m in runs) + " |"
     out = [head, "|---|" + "---|" * len(runs)]
     for key in rows:

@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full-taps", metavar="GLOBS", help="taps kept whole whatever their size, e.g. 'logits'")
     p.add_argument("--waivers", metavar="FILE", help="accepted divergences (the format of fixtures/waivers.toml): "
                                                       "a waived cause and its taps count as passing, and say why")
+    p.add_argument("--noise-members", type=int, metavar="N",
+                   help="size of the honest-noise ensemble (default 4, 2 at real sizes); 0: the fixed table alone")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -112,7 +114,7 @@ def build_request(args):
         layers=parse_layers(args.layers, spec.num_layers), prompts=prompts, seed=args.seed, mode=args.mode,
         weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
-        trace_dir=str(Path(args.out) / "traces") if args.save_traces else None,
+        trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
         weights_profile=args.weights_profile or "default",
     )
 

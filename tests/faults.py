@@ -207,4 +207,5 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
         "named": why is not None and why["cause"] == fault.cause,
         "named_as": [d["cause"] + (" (note)" if d["severity"] == "note" else "") for d in mine],
         "evidence": why["evidence"] if why else "",
+        "margin": (rv.first.stat / rv.first.bound if rv.first.bound else float("inf")) if rv.first else None,
     }

@@ -10,12 +10,14 @@ import pytest
 
 from tests.faults import FAULTS, detect
 
-CASES = [(f, d) for f in FAULTS for d in ("float32", "bfloat16")]
+PROFILES = ("default", "trained-like")
+CASES = [(f, d, p) for p in PROFILES for f in FAULTS for d in ("float32", "bfloat16")]
 
 
-@pytest.mark.parametrize("fault,dtype", CASES, ids=[f"{f.cause}-{f.name.replace(' ', '_')}-{d}" for f, d in CASES])
-def test_fault_is_detected_located_named(fault, dtype):
-    r = detect(fault, dtype)
+@pytest.mark.parametrize("fault,dtype,profile", CASES,
+                         ids=[f"{f.cause}-{f.name.replace(' ', '_')}-{d}-{p}" for f, d, p in CASES])
+def test_fault_is_detected_located_named(fault, dtype, profile):
+    r = detect(fault, dtype, profile)
     if dtype in fault.exempt:
         assert not r["detected"], f"{fault.name} is exempt in {dtype} ({fault.exempt[dtype]}) but was detected: {r}"
         return

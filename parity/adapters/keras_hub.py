@@ -288,7 +288,8 @@ class KerasAdapter(Adapter):
         else:
             os.environ["KERAS_BACKEND"] = self.backend  # read once, when keras is first imported
             try:
-                import keras
+                with _quiet_stderr():  # TensorFlow's and XLA's C++ start-up lines, written before any log level
+                    import keras
             except ImportError as e:
                 pkg = BACKENDS[self.backend]
                 raise BackendMissing(
@@ -296,7 +297,8 @@ class KerasAdapter(Adapter):
                     f"pip install keras-hub {pkg}"
                 ) from None
         try:
-            import keras_hub as hub
+            with _quiet_stderr():
+                import keras_hub as hub
         except ImportError:
             try:
                 import keras_nlp as hub
@@ -968,3 +970,30 @@ def _recording(model: KerasModel, tap_map: dict[str, tuple[str, str]], feeds: di
             "gelu(gate) * up" if gate is not None and np.array_equal(gin, gate)
             else "gelu(up) * gate" if up is not None and np.array_equal(gin, up)
             else "gelu input is neither projection's output")
+
+
+class _quiet_stderr:
+    """Point file descriptor 2 at /dev/null while a library starts up, then restore it.
+
+    TensorFlow, absl and XLA print "could not find cuda drivers" and "All log
+    messages before absl::InitializeLog()" from C++ at import time, before
+    TF_CPP_MIN_LOG_LEVEL or any Python logger can stop them; only the
+    descriptor can. An ImportError still reaches the caller (Python raises it
+    after the block), and the saved descriptor is always put back.
+    """
+
+    def __enter__(self):
+        import sys
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
