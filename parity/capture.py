@@ -104,7 +104,8 @@ def capture(
             with _phase(impl, dtype, f"run() ({mode}, prompt {name!r})"):
                 result = adapter.run(model, ids, feed=feed)
             unavailable = dict(getattr(adapter, "cannot", {}) or {})
-            unavailable.update(result.unavailable)
+            unavailable.update(getattr(result, "unavailable", {}) or {})
+            check_contract(impl, dtype, mode, spec, result, unavailable)
             order = [t for t in tap_order(spec) if t in result.taps]
             extra = [t for t in result.taps if t not in order]  # attention internals etc.
             trace = Trace(
@@ -118,6 +119,10 @@ def capture(
             traces.append(spill(trace) if spill else trace)
         with _phase(impl, dtype, "effective()"):
             effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
+        if "cumulative" in modes and "isolated" in modes:
+            for name in prompts:
+                got = {t.mode: t for t in traces if t.prompt == name}
+                check_feed_used(impl, dtype, got["cumulative"], got["isolated"], references[name], spec)
         for t in traces:
             t.effective = effective
         return traces
@@ -125,6 +130,71 @@ def capture(
         with _phase(impl, dtype, "release()"):
             adapter.release(model)
         del model
+
+
+def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, unavailable: dict) -> None:
+    """What parity.adapters.base promises, checked before anything is compared (a breach is exit 3).
+
+    Every canonical tap of the spec is returned or declared unavailable with a reason; no tap has a name
+    the contract does not know (a misspelt tap is not silently ignored); every value is a numpy array.
+    """
+    import numpy as np
+
+    where = f"run() ({mode})"
+    taps = getattr(result, "taps", None)
+    if not isinstance(taps, Mapping):
+        raise ImplementationError(f"{impl}@{dtype}", where, f"returned {type(result).__name__}, not a RunResult",
+                                  "return parity.adapters.base.RunResult(taps={name: numpy array})")
+    known = set(tap_order(spec))
+    for what, names in (("returned", list(taps)), ("declared unavailable", list(unavailable))):
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise ImplementationError(
+                f"{impl}@{dtype}", where, f"{what} {len(unknown)} tap name(s) the contract does not know, first "
+                f"{unknown[0]!r}", "use the canonical names documented in parity.adapters.base")
+    for t, v in taps.items():
+        if not isinstance(v, np.ndarray):
+            raise ImplementationError(
+                f"{impl}@{dtype}", where, f"tap {t!r} is a {type(v).__module__}.{type(v).__name__}, not a numpy "
+                "array", "return numpy arrays (for torch: tensor.detach().float().cpu().numpy())")
+    missing = [t for t in tap_names(spec) if t not in taps and t not in unavailable]
+    if missing:
+        raise ImplementationError(
+            f"{impl}@{dtype}", where, f"{len(missing)} required tap(s) neither returned nor declared unavailable "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})",
+            "return them, or declare each in RunResult.unavailable (or Adapter.cannot) with the reason")
+
+
+def check_feed_used(impl: str, dtype: str, cumulative: Trace, isolated: Trace, ref: Trace, spec: GemmaSpec) -> None:
+    """An adapter that ignores `feed` returns its cumulative taps again in isolated mode; refuse to call that isolated.
+
+    Judged on the taps the feed replaces the input of (attention and MLP outputs): all of them equal to
+    the cumulative ones, bit for bit, although the reference input fed differs from the run's own.
+    """
+    import numpy as np
+
+    from parity.probes import round_to
+
+    feed = isolated_feed(spec, ref)
+    checked, differs = 0, False
+    for tap in (f"layers.{i}.{k}" for i in range(spec.num_layers) for k in ("attn", "mlp")):
+        src = feed.sources.get(tap)
+        if src is None or tap not in isolated.taps or tap not in cumulative.taps or src not in cumulative.taps:
+            continue
+        a, c = isolated.taps[tap], cumulative.taps[tap]
+        if isinstance(a, ReducedTap) or isinstance(c, ReducedTap):
+            continue
+        if not np.array_equal(np.asarray(a, np.float64), np.asarray(c, np.float64)):
+            return  # the feed changed something: the adapter uses it
+        checked += 1
+        fed, own = round_to(np.asarray(ref.taps[src], np.float64), dtype), np.asarray(cumulative.taps[src], np.float64)
+        differs |= fed.shape == own.shape and not np.array_equal(fed, own)
+    if checked and differs:
+        raise ImplementationError(
+            f"{impl}@{dtype}", "run() (isolated)", f"ignores feed: its isolated taps equal its cumulative taps at "
+            f"all {checked} fed sub-layers although the reference inputs fed differ from its own",
+            "replace each fed module's input with feed[tap] in run() (parity.adapters.torch_hooks does it for "
+            "torch modules); until then run --mode cumulative")
 
 
 class _phase:

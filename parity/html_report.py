@@ -145,6 +145,10 @@ def _summary_section(report) -> str:
             f"<td>{causes}</td><td class=\"{cls}\">{_e(st)}</td></tr>"
         )
     out.append("</table>")
+    partial = [rv for rv in decide(report).runs if rv.not_compared]
+    if partial:
+        out.append("<ul class=\"first\">" + "".join(
+            f"<li>{_e(rv.label)} {_e(rv.mode)}: {_e(rv.not_compared_text)}</li>" for rv in partial) + "</ul>")
     return "\n".join(out)
 
 

@@ -52,7 +52,8 @@ def to_json(report) -> dict:
                       "passed_taps": r.passed_taps, "honest_taps": r.honest_taps, "basis": r.basis,
                       "first_divergence": _at(r.first) if r.first else None,
                       "explained_by": (r.explanation or {}).get("cause") if r.first else None,
-                      "worst": {**_at(r.worst), "used": used(r.worst)} if r.worst else None} for r in v.runs],
+                      "worst": {**_at(r.worst), "used": used(r.worst)} if r.worst else None,
+                      "not_compared": dict(r.not_compared)} for r in v.runs],
         "noise": None if report.noise is None else {"members": list(report.noise.members),
                                                     "margin": _margin(), "per_family": report.noise.summary()},
         "reference": report.reference,
@@ -136,6 +137,9 @@ def to_markdown(report) -> str:
         first = f"`{rv.first.tap}`" if rv.first else "-"
         lines.append(f"| {rv.label} | {rv.mode} | {rv.passed_taps}/{rv.taps} | {worst_text(rv.worst)} "
                      f"| {first} | {cause_text(rv.causes)} | {rv.status} |")
+    partial = [rv for rv in v.runs if rv.not_compared]
+    if partial:
+        lines += [""] + [f"- {rv.label} {rv.mode}: {rv.not_compared_text}" for rv in partial]
     lines += ["", "<details><summary>Per-layer error (share of the bound used, worst tap of the layer)</summary>", ""]
     lines += _layer_table(report)
     lines += ["", "</details>", ""]
@@ -193,6 +197,9 @@ def print_terminal(report, console=None) -> None:
                       rv.first.tap if rv.first else "-", cause_text(rv.causes),
                       f"[{style}]{rv.status}[/{style}]")
     console.print(table)
+    for rv in v.runs:
+        if rv.not_compared:
+            console.print(f"  [yellow]{rv.label} {rv.mode}[/yellow]: {rv.not_compared_text}", soft_wrap=True)
     for d in report.diagnosis:
         console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
                       soft_wrap=True)

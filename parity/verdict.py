@@ -42,6 +42,21 @@ class RunVerdict:
     worst: object | None  # the TapResult that used the largest share of its bound
     causes: tuple  # this run's diagnosis entries (cumulative rows; probes read cumulative traces)
     basis: str  # "honest" (every tap had honest runs), "table" (none did) or "mixed"
+    not_compared: tuple = ()  # (tap, reason) the implementation declared it cannot give
+
+    @property
+    def not_compared_text(self) -> str:
+        """`N tap(s) not compared: family (reason); ...`, grouped by tap family and reason."""
+        if not self.not_compared:
+            return ""
+        from parity.taps import family_of
+
+        groups: dict = {}
+        for tap, why in self.not_compared:
+            groups.setdefault((family_of(tap), why), 0)
+            groups[(family_of(tap), why)] += 1
+        return f"{len(self.not_compared)} tap(s) not compared: " + "; ".join(
+            f"{fam} ({why})" for (fam, why) in groups)
 
     @property
     def label(self) -> str:
@@ -80,13 +95,24 @@ def _run_verdict(report, run: dict) -> RunVerdict:
     waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c["severity"] == "waived"]
     status = FAIL if failing or divergent else WAIVED if waived else PASS
     bases = {r.noise is not None for r in rs}
+    missing: dict = {}
+    for t in report.traces:
+        if (t.impl, t.dtype, t.mode) == (impl, dtype, mode):
+            missing.update(getattr(t, "unavailable", {}) or {})
     return RunVerdict(
+        not_compared=tuple(sorted(missing.items(), key=lambda kv: _order(report).get(kv[0], 10**6))),
         impl=impl, dtype=dtype, mode=mode, status=status, taps=len(rs),
         passed_taps=sum(r.passed for r in rs),
         honest_taps=sum(r.passed and r.stat > r.floor for r in rs),
         first=failing[0] if failing else None, worst=max(rs, key=used) if rs else None, causes=causes,
         basis="honest" if bases == {True} else "table" if bases == {False} else "mixed",
     )
+
+
+def _order(report) -> dict:
+    from parity.taps import tap_order
+
+    return {t: i for i, t in enumerate(tap_order(report.spec))}
 
 
 def decide(report) -> Verdict:
@@ -105,6 +131,10 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
         honest = sum(r.honest_taps for r in runs)
         if honest:
             text += f" ({honest} tap(s) beyond the fixed table reproduced by the honest runs: honest rounding)"
+        partial = [r for r in runs if r.not_compared]
+        if partial:
+            text += (f"; {sum(len(r.not_compared) for r in partial)} tap(s) of {len(partial)} run(s) not compared "
+                     "(declared unavailable)")
         if all(r.basis == "table" for r in runs):
             text = text.replace("within honest noise", "within the fixed table (no honest runs: table-based)")
         notes = sorted({d["cause"] for d in report.diagnosis if d["severity"] == "note"})

@@ -9,6 +9,36 @@ imports another, and nothing outside adapters imports a framework.
 Isolated mode: `run(..., feed=...)` maps a tap name to an array that replaces
 the *input* of the sub-module producing that tap (the reference's input), so
 the tap's error is local to that sub-module.
+
+The contract (checked by parity.capture.check_contract before anything is
+compared; a breach exits 3 naming the implementation, the phase and the tap):
+
+* `run` returns `RunResult(taps, unavailable)`. `taps` maps canonical tap
+  names (parity.taps.tap_order) to numpy arrays (never framework tensors),
+  the batch dimension dropped. Every canonical tap of the spec
+  (`parity.taps.tap_names`) is either returned or declared in `unavailable`
+  (or the class attribute `cannot`) as `tap -> reason`; declared taps show in
+  every report as "not compared: reason". A name the contract does not know
+  is refused, so a misspelt tap is never silently ignored.
+* Shapes and sides, T tokens, H hidden, I the intermediate size, n heads:
+    - `embed` [T, H]: embeddings after the sqrt(hidden) scale;
+    - `layers.{i}.attn_norm`, `mlp_norm` [T, H]: the norm's output;
+      `post_attn_norm`, `post_mlp_norm` (Gemma 2/3) [T, H]: the post norms' outputs;
+    - `layers.{i}.attn` [T, H]: attention after the output projection;
+      `attn_residual` [T, H]: the residual stream after attention (the pre-MLP norm's input);
+    - `layers.{i}.mlp.gate`, `mlp.up`, `mlp.act` (gelu(gate)), `mlp.hidden` (act * up) [T, I];
+      `layers.{i}.mlp` [T, H]: the down projection's output; `layers.{i}.out` [T, H]: the block's output;
+    - `final_norm` [T, H]; `logits` [T, vocab], after the final softcap (Gemma 2);
+    - optional internals: `rope.cos` [T, head_dim] (layer 0's cos table, in the dtype it is applied in),
+      `layers.{i}.attn.scores` [n, T, T] (after the softcap and the mask: masked entries -inf),
+      `layers.{i}.attn.probs` [n, T, T] (after the softmax).
+* In isolated mode every fed sub-module's tensor inputs are replaced by
+  `feed[tap]` (the reference's value of the tap that feeds it); an adapter
+  whose isolated taps equal its cumulative ones although the fed inputs
+  differ ignores `feed`, and the run is refused rather than labelled isolated.
+* Any exception in the factory, `check` (other than ParityInputError, which is
+  bad input: exit 2), `build`, `run`, `effective` or `release` is an
+  implementation failure (exit 3), never a divergence.
 """
 
 from __future__ import annotations
