@@ -43,15 +43,38 @@ def _first_tensor(args, kwargs):
     raise RuntimeError("no tensor input to record")
 
 
-def _replace_first(args, kwargs, new):
+def _replace_inputs(path: str, args, kwargs, shape: tuple, make):
+    """Every occurrence of the module's hidden-state input, positional or keyword, replaced by `make(old)`.
+
+    The hidden-state input is the first tensor argument (or the `hidden_states`/`x`/`input` keyword); when
+    the module takes only keywords under other names (`query_input=...`), the one tensor of the fed shape.
+    Every argument that is that same tensor object is replaced too, so `attn(h, h)` (query and key/value
+    from one tensor) is fed on both sides; other tensors (rotary tables, masks) are left alone. A module
+    whose input cannot be told is an error naming the module and its inputs, never a silent no-op.
+    """
     import torch
 
+    primary = None
     if args and isinstance(args[0], torch.Tensor):
-        return (new, *args[1:]), kwargs
-    for key in ("hidden_states", "x", "input"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return args, {**kwargs, key: new}
-    raise RuntimeError("no tensor input to replace")
+        primary = args[0]
+    else:
+        for key in ("hidden_states", "x", "input"):
+            if isinstance(kwargs.get(key), torch.Tensor):
+                primary = kwargs[key]
+                break
+    if primary is None:
+        same = {id(v): v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and tuple(v.shape) == shape}
+        if len(same) == 1:
+            primary = next(iter(same.values()))
+        else:
+            names = [f"arg{i}" for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
+            names += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            raise RuntimeError(f"cannot feed module {path!r}: {len(same)} tensor inputs of shape {shape} among "
+                               f"{names or 'no tensor inputs'}; isolated mode needs exactly one hidden-state input")
+    new = make(primary)
+    args = tuple(new if v is primary else v for v in args)
+    kwargs = {k: (new if v is primary else v) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def module_feeds(tap_map: TapMap, feed: dict[str, np.ndarray] | None, impl: str) -> dict | None:
@@ -103,13 +126,17 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
             handles.append(mod.register_forward_hook(post1 if side == "out1" else post))
     # registered after the taps: an "in" tap records what the library computed, before the feed replaces it
     for path, value in (feed or {}).items():
-        def pre(mod, args, kwargs, value=value):
-            old = _first_tensor(args, kwargs)
+        def pre(mod, args, kwargs, value=value, path=path):
             value = value() if callable(value) else value  # a lazily read reference tap, read now
-            new = torch.as_tensor(np.asarray(value))[None].to(dtype=old.dtype, device=old.device)
-            if tuple(new.shape) != tuple(old.shape):
-                raise RuntimeError(f"feed for {path}: shape {tuple(new.shape)} != {tuple(old.shape)}")
-            return _replace_first(args, kwargs, new)
+            arr = np.asarray(value)
+            shape = (1, *arr.shape)
+
+            def make(old):
+                if tuple(old.shape) != shape:
+                    raise RuntimeError(f"feed for {path}: shape {shape} != the module's input {tuple(old.shape)}")
+                return torch.as_tensor(arr)[None].to(dtype=old.dtype, device=old.device)
+
+            return _replace_inputs(path, args, kwargs, shape, make)
 
         handles.append(modules[path].register_forward_pre_hook(pre, with_kwargs=True))
     try:
