@@ -107,22 +107,25 @@ def check_comparable(ref: Trace, other: Trace) -> None:
 
 
 def compare_trace(
-    ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None, noise=None
+    ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None, noise=None,
+    raw_logits: bool = False,
 ) -> list[TapResult]:
     """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time."""
     if mode is not None and mode != other.mode:
         other = dataclasses.replace(other, mode=mode)
-    return compare_traces(ref, [other], table, noise)[0]
+    return compare_traces(ref, [other], table, noise, raw_logits)[0]
 
 
 def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None,
-                   noise=None) -> list[list[TapResult]]:
+                   noise=None, raw_logits: bool = False) -> list[list[TapResult]]:
     """`compare_trace` for several traces of the same prompt at once: each reference tap is read once.
 
     At real sizes the reference trace is the largest file (float64) and is read
     lazily; comparing run by run would read it once per run. `noise` (a
     parity.noise.NoiseModel) gives each tap's honest error; without it the
-    fixed table alone decides.
+    fixed table alone decides. Logits are compared up to a constant per
+    position (which changes no distribution: a centred unembedding) unless
+    `raw_logits`; the shift removed is kept in `TapResult.logits["shift"]`.
     """
     for o in others:
         check_comparable(ref, o)
@@ -137,7 +140,8 @@ def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] 
         for i, o in enumerate(others):
             if tap in o.taps:
                 honest = noise.at(o.dtype, o.mode, o.prompt, tap) if noise is not None else None
-                out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers, honest))
+                out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers, honest,
+                                           raw_logits))
         del expected
     return out
 
@@ -152,7 +156,7 @@ def bound_for(floor: float, noise: float | None) -> tuple[float, str]:
 
 
 def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int,
-                 noise: float | None = None) -> TapResult:
+                 noise: float | None = None, raw_logits: bool = False) -> TapResult:
     base = dict(impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap))
     floor = tol.atol * growth(tap, n_layers, mode)
     bound, basis = bound_for(floor, noise)
@@ -163,8 +167,17 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         return _failed(base, tol, expected.size, False,
                        f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict)
     norms = row_norms(expected)  # [..., 1]: each row's RMS
+    shift = None
     m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
     stat = excess(actual, expected, tol.rtol) if m["finite"] else float("inf")
+    if tap == "logits" and not raw_logits and m["finite"]:
+        # up to a constant per position, whichever is closer: removing the mean difference can move a
+        # single element further, so the values as they are still count when they are the closer
+        moved, by = _unshifted(actual, expected)
+        moved_stat = excess(moved, expected, tol.rtol)
+        if moved_stat < stat:
+            actual, shift, stat = moved, by, moved_stat
+            m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
     r = TapResult(
         **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * tap_rms, rtol=tol.rtol,
@@ -174,7 +187,18 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)
+        if shift is not None:
+            r.logits["shift"] = float(np.max(np.abs(shift) / norms.reshape(shift.shape), initial=0.0))
     return r
+
+
+def _unshifted(actual, expected) -> tuple[np.ndarray, np.ndarray]:
+    """`actual` less its mean difference from `expected` per position ([T, vocab] -> same; the shift [T, 1])."""
+    a = np.asarray(actual, np.float64)
+    d = a - np.asarray(expected, np.float64)
+    fin = np.isfinite(d)
+    shift = np.where(fin, d, 0.0).sum(-1, keepdims=True) / np.maximum(fin.sum(-1, keepdims=True), 1)
+    return a - shift, shift
 
 
 def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str, verdict: dict) -> TapResult:

@@ -23,6 +23,18 @@ class Counterfactual:
     label: str
     spec_changes: tuple = ()
     options: tuple = ()
+    swaps: tuple = ()  # (canonical name, canonical name): two tensors loaded into each other's place
+
+    def weights(self, weights):
+        """The weights this variant is built from: the same, or with its two tensors exchanged."""
+        if not self.swaps:
+            return weights
+        import dataclasses
+
+        t = dict(weights.tensors)
+        for a, b in self.swaps:
+            t[a], t[b] = t[b], t[a]
+        return dataclasses.replace(weights, tensors=t, _hash=None)
 
     def adapter(self):
         from parity.adapters.litgpt_style import LitgptStyleAdapter
@@ -68,6 +80,8 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         c.append(Counterfactual("attn-softcap-missing", "no attention softcap", (("attn_softcap", None),)))
     if spec.final_softcap is not None:
         c.append(Counterfactual("final-softcap-missing", "no final softcap", (("final_softcap", None),)))
+        c.append(Counterfactual("softcap-misplaced", "final softcap on the final norm's output",
+                                options=(("softcap_on_norm", True),)))
     if spec.sliding_window:
         w = spec.sliding_window
         for lab, ch in ((f"window {w - 1}", w - 1), (f"window {w + 1}", w + 1)):
@@ -82,6 +96,32 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         c.append(Counterfactual("qk-norm-missing", "QK-norm after RoPE", options=(("qk_norm_after_rope", True),)))
         c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
     return c
+
+
+def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual]:
+    """Two tensors of the same shape loaded into each other's place, the first of them in `layer`.
+
+    Within the layer: any two of its norms (pre and post norms exchanged), gate and up, q and k, k and v;
+    across layers: each of its tensors with the same tensor of another layer. Only for weights in memory
+    (stored real-size weights would need a copy to exchange two tensors).
+    """
+    from parity.probes import layer_norms
+    from parity.weights import canonical_shapes
+
+    if getattr(weights, "stored", True):
+        return []
+    shapes = canonical_shapes(spec)
+    p = f"model.layers.{layer}."
+    norms = [p + "input_layernorm.weight"] + [w for _, _, w in layer_norms(spec, layer)]
+    pairs = [(a, b) for i, a in enumerate(norms) for b in norms[i + 1:]]
+    pairs += [(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+              (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight"),
+              (p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight")]
+    mine = [k for k in shapes if k.startswith(p)]
+    pairs += [(k, k.replace(p, f"model.layers.{j}.", 1)) for k in mine for j in range(spec.num_layers) if j != layer]
+    short = lambda n: n.removeprefix("model.").removesuffix(".weight")  # noqa: E731
+    return [Counterfactual("weights-swapped", f"{short(a)} and {short(b)} swapped", swaps=((a, b),))
+            for a, b in pairs if a in shapes and b in shapes and shapes[a] == shapes[b]]
 
 
 def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
@@ -118,9 +158,11 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
     trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
 
-    def score(adapter) -> float | None:
+    def score(adapter, cf: Counterfactual | None = None) -> float | None:
+        # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
+        w = cf.weights(weights).truncated(run_spec) if cf is not None and cf.swaps else run_weights
         try:
-            got = capture(adapter, run_spec, run_weights, trace.dtype, {trace.prompt: trace.tokens})[0]
+            got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
         except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
             return None
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
@@ -137,10 +179,11 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
                 "baseline_score": baseline, "explains": False}
     scored = []
-    for cf in candidates(run_spec):
+    swaps = swap_candidates(spec, layer, weights) if layer is not None else []
+    for cf in candidates(run_spec) + swaps:
         if not _valid(cf, run_spec):
             continue
-        sc = score(cf.adapter())
+        sc = score(cf.adapter(), cf)
         if sc is not None:
             scored.append((sc, cf))
     if not scored:

@@ -69,6 +69,7 @@ class Request:
     reduce_over: int | None = REDUCE_OVER  # taps of more elements are stored reduced (separate processes)
     full_taps: str | None = None  # glob patterns of taps never reduced
     weights_profile: str = "default"  # statistics of the seeded random weights (parity.weights.PROFILES)
+    raw_logits: bool = False  # compare logits as they are, not up to a constant per position
     noise_members: int | None = None  # honest-ensemble size (parity.noise); None: 4, 2 at real sizes; 0: table only
 
 
@@ -307,7 +308,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
                            ref_traces)
     noise = measure(ref_traces, honest, table) if honest else None
-    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers, noise)
+    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers, noise, req.raw_logits)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
@@ -324,7 +325,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
 
 def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, Tolerance],
-                 layers: list[int] | None = None, noise: NoiseModel | None = None) -> list[TapResult]:
+                 layers: list[int] | None = None, noise: NoiseModel | None = None,
+                 raw_logits: bool = False) -> list[TapResult]:
     """Every trace against its prompt's reference, once all are captured, so each reference tap is read once.
 
     Results are grouped by run (impl, dtype, mode) in order of first appearance, each run's traces in the
@@ -334,7 +336,7 @@ def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, T
     per_trace: dict[int, list[TapResult]] = {}
     for prompt, ref in refs.items():
         group = [t for t in others if t.prompt == prompt]
-        for t, rs in zip(group, compare_traces(ref, group, table, noise)):
+        for t, rs in zip(group, compare_traces(ref, group, table, noise, raw_logits)):
             per_trace[id(t)] = rs
     selected = None if layers is None else set(layers)
     out = []
@@ -345,7 +347,8 @@ def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, T
 
 
 def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, weights: Weights | None = None,
-                tolerances: dict[str, Tolerance] | None = None, layers: list[int] | None = None) -> Report:
+                tolerances: dict[str, Tolerance] | None = None, layers: list[int] | None = None,
+                raw_logits: bool = False) -> Report:
     """A report from trace files captured elsewhere (another process, another machine).
 
     The reference is the trace set whose impl@dtype is `reference`, else the
@@ -382,7 +385,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     if not others:
         raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_key[0]}@{ref_key[1]}'s; "
                                "pass at least one other trace with --trace")
-    results = compare_runs(refs, others, table, layers)
+    results = compare_runs(refs, others, table, layers, raw_logits=raw_logits)
     report = Report(
         spec=spec, weights_hash=next(iter(refs.values())).weights_hash,
         weights_source=weights.source if weights else "from traces", reference=f"{ref_key[0]}@{ref_key[1]}",

@@ -37,6 +37,7 @@ class PortOptions:
     qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
     skip_qk_norm: bool = False  # qk-norm-missing: the q/k norms hold weights but do nothing
     extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
+    softcap_on_norm: bool = False  # softcap-misplaced: the final softcap applied to the final norm's output
     # --- equally correct rounding orders (parity.noise's honest ensemble), not faults
     scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
     accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
@@ -278,6 +279,7 @@ class GPT(nn.Module):
         if s.tied_head:
             self.lm_head.weight = self.wte.weight
         self.final_softcap = Softcap(s.final_softcap) if s.final_softcap else nn.Identity()
+        self.logits_tap = Tap()  # the logits when the softcap is misplaced (the "logits" tap is the cap's output)
         self.rope_cos = Tap()  # layer 0's cos table, [1, T, head_dim], for the rope-precision probe
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -290,4 +292,6 @@ class GPT(nn.Module):
             if i == 0:
                 cos = self.rope_cos(cos[None])[0]
             x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+        if self.opts.softcap_on_norm:  # the final norm's tap is before the cap; the head reads the capped norm
+            return self.logits_tap(self.lm_head(self.final_softcap(self.ln_f(x))))
         return self.final_softcap(self.lm_head(self.ln_f(x)))

@@ -410,13 +410,44 @@ def probe_attn_norm(trace: Trace, spec: GemmaSpec, weights: dict, layer: int) ->
                          f"model.layers.{layer}.input_layernorm.weight")
 
 
+def layer_norms(spec: GemmaSpec, layer: int) -> list[tuple[str, str, str]]:
+    """Every RMSNorm of a layer but the first: (its tap, the tap that is its input, its canonical weight).
+
+    Gemma 1 names its pre-MLP norm post_attention_layernorm; Gemma 2/3 use that name for the norm after
+    attention and pre_feedforward_layernorm for the pre-MLP one.
+    """
+    p, w = f"layers.{layer}.", f"model.layers.{layer}."
+    if spec.norm_placement != "sandwich":
+        return [(p + "mlp_norm", p + "attn_residual", w + "post_attention_layernorm.weight")]
+    return [(p + "post_attn_norm", p + "attn", w + "post_attention_layernorm.weight"),
+            (p + "mlp_norm", p + "attn_residual", w + "pre_feedforward_layernorm.weight"),
+            (p + "post_mlp_norm", p + "mlp", w + "post_feedforward_layernorm.weight")]
+
+
+def probe_layer_norms(trace: Trace, spec: GemmaSpec, weights: dict, layer: int) -> list[Probe]:
+    """Every RMSNorm probed the same way, so a cast order or offset fault is found wherever it happens."""
+    return [probe_rmsnorm(trace, spec, weights, tap, trace.taps.get(src), wname)
+            for tap, src, wname in layer_norms(spec, layer)]
+
+
 def probe_final_norm(trace: Trace, spec: GemmaSpec, weights: dict) -> Probe:
     x = trace.taps.get(f"layers.{spec.num_layers - 1}.out")
     y = trace.taps.get("final_norm")
     if x is not None and y is not None and agreement(y, x, trace.dtype) > 0.99:
         return Probe("norm", "final_norm", "final_norm equals its input: the final RMSNorm is skipped",
                      "final-norm-missing", {"agreement with input": agreement(y, x, trace.dtype)})
-    return probe_rmsnorm(trace, spec, weights, "final_norm", x, "model.norm.weight")
+    p = probe_rmsnorm(trace, spec, weights, "final_norm", x, "model.norm.weight")
+    if p.cause == "unexplained" and spec.final_softcap and x is not None and "model.norm.weight" in weights:
+        # the final softcap applied to the norm's output (and the tap taken after it)
+        cap = spec.final_softcap
+        normed = rmsnorm_candidates(x, weights["model.norm.weight"], spec.norm_eps, trace.dtype)
+        capped = {k: np.tanh(v / cap) * cap for k, v in normed.items()}
+        best = max(agreement(y, v, trace.dtype) for v in capped.values())
+        p.evidence["agreement with softcap(norm)"] = round(best, 4)
+        if best >= 0.95:
+            return Probe("norm", "final_norm", f"final_norm is the RMSNorm's output soft-capped at {cap:g}: the final "
+                         "softcap is applied to the norm, not to the logits", "softcap-misplaced", p.evidence)
+    return p
 
 
 # ------------------------------------------------------------------ embedding
@@ -482,7 +513,8 @@ def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] |
     out = [probe_embedding(trace, spec, weights), probe_rope_precision(trace, spec)]
     for i in layers:
         out += [probe_attn_norm(trace, spec, weights, i), probe_softmax(trace, i), probe_attention_mask(trace, spec, i),
-                probe_norm_placement(trace, spec, i), probe_gelu(trace, i), probe_geglu(trace, spec, i)]
+                probe_norm_placement(trace, spec, i), *probe_layer_norms(trace, spec, weights, i), probe_gelu(trace, i),
+                probe_geglu(trace, spec, i)]
     out.append(probe_final_norm(trace, spec, weights))
     out.append(probe_lm_head(trace, spec, weights))
     return out
@@ -644,29 +676,60 @@ def _mask_ok(tap: str, want: int | None, T: int, ev: dict, unproven: int = 0) ->
 
 # ------------------------------------------------------------------ output head
 def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: float = 0.95) -> Probe:
-    """logits = softcap(final_norm @ embedding^T): tied head, with the spec's final softcap."""
+    """logits = softcap(final_norm @ embedding^T): tied head, with the spec's final softcap.
+
+    Besides the correct formula: no softcap (final-softcap-missing), the softcap applied to the final
+    norm's output instead (softcap-misplaced), the correct logits shifted by a constant per position (a
+    centred unembedding: logit-shift, the same distribution), and, only when none of those holds and the
+    logits do not even lie in the span of the embedding's columns, a head that is not the embedding
+    (lm-head-untied: evidence that the head's weight differs, not just that something did).
+    """
     x, y = trace.taps.get("final_norm"), trace.taps.get("logits")
     if x is None or y is None or "model.embed_tokens.weight" not in weights:
         return Probe("lm-head", "logits", "cannot tell: final_norm or logits not captured", None)
     dtype = trace.dtype
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    raw = np.asarray(x, np.float64) @ round_to(head, dtype).T  # [T, vocab]
+    head = round_to(weights.get("lm_head.weight", weights["model.embed_tokens.weight"]), dtype)
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    raw = x64 @ head.T  # [T, vocab]
+    cap = spec.final_softcap
     cands = {"tied head, no softcap": raw}
-    if spec.final_softcap:
-        cands[f"tied head, softcap {spec.final_softcap:g}"] = np.tanh(raw / spec.final_softcap) * spec.final_softcap
+    if cap:
+        cands[f"tied head, softcap {cap:g}"] = np.tanh(raw / cap) * cap
+        cands[f"softcap {cap:g} on final_norm, then tied head"] = (np.tanh(x64 / cap) * cap) @ head.T
+    expected = f"tied head, softcap {cap:g}" if cap else "tied head, no softcap"
     # a matmul in low precision accumulates differently: judge by closeness, not bits
-    scale = np.sqrt(np.mean(np.asarray(y, np.float64) ** 2)) or 1.0
+    scale = np.sqrt(np.mean(y64**2)) or 1.0
     tol = {"float64": 1e-9, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
-    scores = {k: float(np.mean(np.abs(np.asarray(y, np.float64) - v) <= tol * scale)) for k, v in cands.items()}
-    expected = f"tied head, softcap {spec.final_softcap:g}" if spec.final_softcap else "tied head, no softcap"
+
+    def close(v) -> float:
+        return float(np.mean(np.abs(y64 - v) <= tol * scale))
+
+    scores = {k: close(v) for k, v in cands.items()}
     best, score, _ = _pick(scores, expected)
     ev = {"agreement": {k: round(v, 4) for k, v in scores.items()}}
-    if score < min_agreement:
-        return Probe("lm-head", "logits", "logits are not final_norm times the embedding: the head is not tied "
-                     "to the embedding", "lm-head-untied", ev)
-    if best != expected:
+    if score >= min_agreement:
+        if best == expected:
+            return Probe("lm-head", "logits", f"logits are {best}", None, ev)
+        if best.startswith("softcap"):
+            return Probe("lm-head", "logits", f"logits are {best}: the final softcap caps the final norm's output, "
+                         "not the logits", "softcap-misplaced", ev)
         return Probe("lm-head", "logits", f"logits are {best}, the spec has a final softcap", "final-softcap-missing", ev)
-    return Probe("lm-head", "logits", f"logits are {best}", None, ev)
+    want = cands[expected]
+    shift = np.mean(y64 - want, axis=-1, keepdims=True)  # [T, 1]: one constant per position
+    ev["agreement with the per-position shift removed"] = round(close(want + shift), 4)
+    if close(want + shift) >= min_agreement:
+        ev["largest shift"] = float(np.max(np.abs(shift)))
+        return Probe("lm-head", "logits", "logits are the correct ones shifted by a constant per position (a centred "
+                     "unembedding): the next-token distribution is the same", "logit-shift", ev)
+    if head.size <= 5e7:  # the span test solves a [vocab, hidden] least squares: skipped at real vocabularies
+        z, *_ = np.linalg.lstsq(head, y64.T, rcond=None)  # [hidden, T]
+        resid = float(np.linalg.norm(head @ z - y64.T) / (np.linalg.norm(y64) or 1.0))
+        ev["share of the logits outside the embedding's span"] = round(resid, 4)
+        if resid < 10 * tol:
+            return Probe("lm-head", "logits", "logits lie in the span of the embedding (a tied head) but are not "
+                         "final_norm times it: the head's input is not the captured final_norm", "unexplained", ev)
+    return Probe("lm-head", "logits", "logits are not final_norm times the embedding, nor in its span: the head is "
+                 "not tied to the embedding", "lm-head-untied", ev)
 
 
 # ------------------------------------------------------------------ rotary table precision

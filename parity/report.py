@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full-taps", metavar="GLOBS", help="taps kept whole whatever their size, e.g. 'logits'")
     p.add_argument("--waivers", metavar="FILE", help="accepted divergences (the format of fixtures/waivers.toml): "
                                                       "a waived cause and its taps count as passing, and say why")
+    p.add_argument("--raw-logits", action="store_true",
+                   help="require the logits themselves to match, not only up to a constant per position (a centred "
+                        "unembedding changes no distribution and is otherwise a note, logit-shift)")
     p.add_argument("--noise-members", type=int, metavar="N",
                    help="size of the honest-noise ensemble (default 4, 2 at real sizes); 0: the fixed table alone")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -115,6 +118,7 @@ def build_request(args):
         weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
         trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
+        raw_logits=args.raw_logits,
         weights_profile=args.weights_profile or "default",
     )
 
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             from parity.trace import load_trace
 
             report = from_traces([load_trace(p, lazy=True) for p in args.trace], req.reference, req.weights, req.tolerances,
-                                 req.layers if args.layers != "all" else None)
+                                 req.layers if args.layers != "all" else None, args.raw_logits)
         else:
             report = run(req, progress=progress)
         if args.waivers:

@@ -97,6 +97,38 @@ def _hf_untied_head(model):
         model.lm_head.weight = torch.nn.Parameter(w.to(model.lm_head.weight.dtype))
 
 
+def _hf_centred_unembedding(model):
+    """An interpretability library's centred unembedding: every position's logits less their mean."""
+    head = model.lm_head
+    plain = head.forward
+    head.forward = lambda x: (lambda y: y - y.mean(-1, keepdim=True))(plain(x))
+
+
+def _hf_post_norms_llama_cast(model):
+    def forward(self, x):  # Llama order, only in the norms after attention and after the MLP
+        return self._norm(x.float()).type_as(x) * (1.0 + self.weight.float()).type_as(x)
+
+    for layer in model.model.layers:
+        for n in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+            n.forward = MethodType(forward, n)
+
+
+class SwappedNorms(LitgptStyleAdapter):
+    """A converter that loads Gemma 2's pre- and post-feed-forward norm weights into each other's place."""
+
+    def __init__(self) -> None:
+        super().__init__(name="swapped-ff-norms")
+
+    def build(self, spec, weights, dtype):
+        import dataclasses
+
+        t = dict(weights.tensors)
+        for i in range(spec.num_layers):
+            a, b = (f"model.layers.{i}.{n}_feedforward_layernorm.weight" for n in ("pre", "post"))
+            t[a], t[b] = t[b], t[a]
+        return super().build(spec, dataclasses.replace(weights, tensors=t, _hash=None), dtype)
+
+
 class HalfWidthMLP(LitgptStyleAdapter):
     """keras-hub's intermediate_dim read as HF's intermediate_size: half-width GeGLU halves."""
 
@@ -175,6 +207,16 @@ FAULTS = [
           spec="tiny-gemma2"),
     Fault("QK-norm skipped", "qk-norm-missing", "layers.0.attn.scores", port("no-qk-norm", {"skip_qk_norm": True}),
           spec="tiny-gemma3"),
+    # causes that released third-party ports shipped
+    Fault("final softcap on the final norm", "softcap-misplaced", "logits",
+          port("softcap-on-norm", {"softcap_on_norm": True}), spec="tiny-gemma2"),
+    Fault("hf centred unembedding", "logit-shift", "logits", hf("hf-centred-logits", _hf_centred_unembedding),
+          note_only=True),
+    Fault("pre/post feed-forward norms swapped", "weights-swapped", "layers.0.mlp_norm", SwappedNorms,
+          spec="tiny-gemma2"),
+    Fault("hf Llama cast order in the post norms", "norm-cast-order", "layers.0.post_attn_norm",
+          hf("hf-post-norms-llama-cast", _hf_post_norms_llama_cast), spec="tiny-gemma2",
+          exempt={"float32": FP32_NO_EFFECT}),
 ]
 
 

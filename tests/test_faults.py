@@ -34,7 +34,7 @@ def test_every_gemma1_cause_has_a_fault():
 
     # catalogue ids that upcoming work will inject, with no fault in tests/faults.py yet: take an id out
     # of this set when its fault lands (the assertion below fails until it is taken out)
-    NOT_YET_INJECTED = {"weights-swapped", "weights-transposed", "qkv-order", "softcap-misplaced", "logit-shift"}
+    NOT_YET_INJECTED = {"weights-transposed", "qkv-order"}
     injected = {f.cause for f in FAULTS}
     assert injected <= CAUSE_IDS, f"faults name ids not in parity/causes.py: {sorted(injected - CAUSE_IDS)}"
     assert NOT_YET_INJECTED <= CAUSE_IDS, sorted(NOT_YET_INJECTED - CAUSE_IDS)
@@ -43,3 +43,22 @@ def test_every_gemma1_cause_has_a_fault():
     # every cause but the verdicts ("unexplained", "honest-rounding") needs a fault
     wanted = {c.id for c in CAUSES if c.kind != "verdict"} - NOT_YET_INJECTED
     assert wanted <= injected, f"causes with no fault in tests/faults.py: {sorted(wanted - injected)}"
+
+
+def test_raw_logits_make_a_centred_unembedding_a_divergence():
+    """By default logits are compared up to a constant per position (logit-shift is a note); --raw-logits asks
+    for the values themselves, and then the shift is the first divergence, explained by logit-shift."""
+    from parity.harness import Request, run
+    from parity.presets import PRESETS
+    from tests.faults import FAULTS
+
+    (fault,) = [f for f in FAULTS if f.cause == "logit-shift"]
+    adapter = fault.factory()
+    spec = PRESETS[fault.spec]
+    kw = dict(spec=spec, impls=[adapter.name], dtypes=["float32"], adapters={adapter.name: adapter},
+              prompts={"p": [2, 17, 301, 5, 88, 260, 9, 140]})
+    assert run(Request(**kw)).passed
+    rep = run(Request(**kw, raw_logits=True))
+    (rv,) = rep.verdict.runs
+    assert rv.status == "FAIL" and rv.first.tap == "logits" and rv.explanation["cause"] == "logit-shift"
+    assert rv.explanation["severity"] == "divergence"

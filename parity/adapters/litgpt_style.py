@@ -122,6 +122,8 @@ class LitgptStyleAdapter(Adapter):
         from parity.adapters.torch_hooks import module_feeds, recording
 
         tap_map = expand_tap_map(TAP_MAP, model.s)
+        if model.opts.softcap_on_norm:  # the cap runs before the head: the logits are the head's output
+            tap_map["logits"] = ("logits_tap", "out")
         feeds = module_feeds(tap_map, feed, "litgpt-style")
         with torch.no_grad(), recording(model, tap_map, feeds) as taps:
             model(torch.tensor([tokens]))

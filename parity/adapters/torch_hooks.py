@@ -144,3 +144,46 @@ def recording(model, tap_map: TapMap, feed: dict[str, tuple[str, np.ndarray]] | 
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def function_taps(owner, name: str, scopes: dict[str, str], model, out: dict) -> Iterator[None]:
+    """Tap a plain function (not a module) that the library calls inside some modules' forward.
+
+    `owner.name` is the function (e.g. `torch.nn.functional`, "gelu", or a library module's own `gelu`);
+    `scopes` maps a tap to the module path inside whose forward the call happens (`layers.0.mlp.act` ->
+    `model.layers.0.mlp`). While that module runs, the function's first output is recorded under the tap
+    and returned unchanged: the library's own value, not a recomputation. Use inside `recording(...)` with
+    its dict as `out`. Outputs that are a module's return value (a head written as `x @ embed.weight.T`
+    inside the model's forward) need no helper: tap the module that returns them, e.g. `("", "out")`.
+    """
+    modules = dict(model.named_modules())
+    fn = getattr(owner, name)
+    current: list[str] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        y = fn(*args, **kwargs)
+        if current and current[-1] not in out:
+            out[current[-1]] = to_numpy(y)
+        return y
+
+    def enter(mod, args, tap):
+        current.append(tap)  # a hook that returns something replaces the input: return nothing
+
+    def leave(mod, args, output):
+        current.pop()  # likewise, the output
+
+    handles = []
+    for tap, path in scopes.items():
+        if path not in modules:
+            raise KeyError(f"tap {tap}: model has no module {path!r}")
+        handles.append(modules[path].register_forward_pre_hook(functools.partial(enter, tap=tap)))
+        handles.append(modules[path].register_forward_hook(leave))
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, fn)
+        for h in handles:
+            h.remove()
