@@ -179,17 +179,32 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
             actual, shift, stat = moved, by, moved_stat
             m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
+    reason = "" if m["finite"] else _nonfinite(actual, expected)
     r = TapResult(
         **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * tap_rms, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
-        ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, **verdict,
+        ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, **verdict,
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)
         if shift is not None:
             r.logits["shift"] = float(np.max(np.abs(shift) / norms.reshape(shift.shape), initial=0.0))
     return r
+
+
+def _nonfinite(actual, expected) -> str:
+    """What is non-finite where the reference is not: NaN and inf named as such, with a first index."""
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    nan = np.isnan(a) & ~np.isnan(b)
+    inf = np.isinf(a) & ~(np.isinf(b) & (np.sign(a) == np.sign(b)))
+    lost = ~np.isfinite(b) & np.isfinite(a)
+    parts = []
+    for what, mask in (("NaN", nan), ("inf", inf), ("finite values where the reference is -inf/inf", lost)):
+        if mask.any():
+            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+            parts.append(f"{what} in {int(mask.sum())} element(s), first at {first}")
+    return "; ".join(parts) or "non-finite values differ from the reference's"
 
 
 def _unshifted(actual, expected) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,12 @@ def diagnose(report) -> None:
             report.diagnosis.append(entry)
         if first is None or explained:
             continue
+        if first.reason and not first.sampled:  # a shape mismatch, NaN or inf: no formula change explains that
+            report.diagnosis.append({
+                "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
+                "source": "first-divergence", "explains": first.tap,
+                "evidence": f"first divergence at {first.tap}: {first.reason}"})
+            continue
         if report.weights is None:
             report.diagnosis.append({
                 "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",

@@ -510,13 +510,23 @@ class _WholeTaps(Mapping):
 def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None) -> list[Probe]:
     layers = list(range(spec.num_layers)) if layers is None else layers
     trace = dataclasses.replace(trace, taps=_WholeTaps(trace.taps))
-    out = [probe_embedding(trace, spec, weights), probe_rope_precision(trace, spec)]
+    calls = [(probe_embedding, (trace, spec, weights), "embed"), (probe_rope_precision, (trace, spec), "rope.cos")]
     for i in layers:
-        out += [probe_attn_norm(trace, spec, weights, i), probe_softmax(trace, i), probe_attention_mask(trace, spec, i),
-                probe_norm_placement(trace, spec, i), *probe_layer_norms(trace, spec, weights, i), probe_gelu(trace, i),
-                probe_geglu(trace, spec, i)]
-    out.append(probe_final_norm(trace, spec, weights))
-    out.append(probe_lm_head(trace, spec, weights))
+        calls += [(probe_attn_norm, (trace, spec, weights, i), f"layers.{i}.attn_norm"),
+                  (probe_softmax, (trace, i), f"layers.{i}.attn.probs"),
+                  (probe_attention_mask, (trace, spec, i), f"layers.{i}.attn.probs"),
+                  (probe_norm_placement, (trace, spec, i), f"layers.{i}.attn_residual"),
+                  (probe_layer_norms, (trace, spec, weights, i), f"layers.{i}.mlp_norm"),
+                  (probe_gelu, (trace, i), f"layers.{i}.mlp.act"),
+                  (probe_geglu, (trace, spec, i), f"layers.{i}.mlp.hidden")]
+    calls += [(probe_final_norm, (trace, spec, weights), "final_norm"), (probe_lm_head, (trace, spec, weights), "logits")]
+    out: list[Probe] = []
+    for fn, args, tap in calls:
+        try:
+            got = fn(*args)
+        except (ValueError, IndexError) as e:  # taps of the wrong shape (reported by the comparison as such)
+            got = Probe(fn.__name__.removeprefix("probe_"), tap, f"cannot tell: the taps do not fit ({e})", None)
+        out += got if isinstance(got, list) else [got]
     return out
 
 

@@ -150,7 +150,7 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
         f = lead.first
         why = lead.explanation
         cause = why["cause"] if why else "unexplained"
-        return (f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}, {ratio(used(f))} of its bound): "
-                f"cause {cause}")
+        what = f.reason.split(";")[0] if f.reason else f"{ratio(used(f))} of its bound"
+        return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}, {what}): cause {cause}"
     d = loose[0]
     return f"FAIL: {d['impl']}@{d['dtype']}: cause {d['cause']} at {d['tap']}, named by a probe (within noise)"

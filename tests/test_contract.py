@@ -63,3 +63,35 @@ def test_from_the_command_line_a_breach_is_one_line_and_exit_3(tmp_path, capsys)
                  "--quiet", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "only-logits@float32 failed in run() (cumulative)" in err[0]
+
+
+class _Mangled(ca._Port):
+    label = "mangled"
+    how = ""
+
+    def change(self, result):
+        import numpy as np
+
+        taps = dict(result.taps)
+        t = taps["layers.1.mlp.act"].astype(np.float32)
+        if self.how == "nan":
+            t[0, 3] = np.nan
+        elif self.how == "shape":
+            t = t[:, :-1]
+        taps["layers.1.mlp.act"] = t
+        return type(result)(taps)
+
+
+@pytest.mark.parametrize("how,needle", [("nan", "NaN in 1 element(s), first at (0, 3)"),
+                                        ("shape", "shape (12, 255) != reference shape (12, 256)")])
+def test_nan_and_shape_mismatches_are_named_as_such(tiny, how, needle):
+    a = _Mangled()
+    a.how = how
+    rep = run(Request(spec=tiny, impls=[a.name], dtypes=["float32"], prompts={"p": [2, 17, 301, 5, 88, 260, 9, 140,
+                                                                                 33, 7, 412, 3]},
+                      adapters={a.name: a}))
+    (rv,) = rep.verdict.runs
+    assert rv.first.tap == "layers.1.mlp.act" and needle in rv.first.reason
+    assert needle.split(",")[0] in rep.verdict.headline
+    assert rv.explanation["cause"] == "unexplained" and needle in rv.explanation["evidence"]
+    assert "rope" not in rv.explanation["evidence"]  # no counterfactual guessed at a broken array
