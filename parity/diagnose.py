@@ -68,7 +68,9 @@ def diagnose(report) -> None:
             report.diagnosis.append(entry)
         if first is None or explained:
             continue
-        if first.reason and not first.sampled:  # a shape mismatch, NaN or inf: no formula change explains that
+        broken = first.reason.startswith(("shape", "NaN", "inf in")) and not first.sampled
+        if broken:  # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
+            # scores where the reference has -inf, is left to the probes and counterfactuals)
             report.diagnosis.append({
                 "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
                 "source": "first-divergence", "explains": first.tap,
