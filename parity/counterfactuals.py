@@ -24,23 +24,28 @@ class Counterfactual:
     spec_changes: tuple = ()
     options: tuple = ()
     swaps: tuple = ()  # (canonical name, canonical name): two tensors loaded into each other's place
+    transposes: tuple = ()  # canonical names of square projections loaded transposed
+    adapter_kw: tuple = ()  # how the port loads its weights (qkv_stacked)
 
     def weights(self, weights):
-        """The weights this variant is built from: the same, or with its two tensors exchanged."""
-        if not self.swaps:
+        """The weights this variant is built from: the same, or with tensors exchanged or transposed."""
+        if not self.swaps and not self.transposes:
             return weights
         import dataclasses
 
         t = dict(weights.tensors)
         for a, b in self.swaps:
             t[a], t[b] = t[b], t[a]
+        for a in self.transposes:
+            t[a] = t[a].T.copy()
         return dataclasses.replace(weights, tensors=t, _hash=None)
 
     def adapter(self):
         from parity.adapters.litgpt_style import LitgptStyleAdapter
         from parity.litgpt_style import PortOptions
 
-        return LitgptStyleAdapter(PortOptions(**dict(self.options)), dict(self.spec_changes), name=f"cf:{self.label}")
+        return LitgptStyleAdapter(PortOptions(**dict(self.options)), dict(self.spec_changes), name=f"cf:{self.label}",
+                                  **dict(self.adapter_kw))
 
 
 def candidates(spec: GemmaSpec) -> list[Counterfactual]:
@@ -109,7 +114,8 @@ def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual
     from parity.weights import canonical_shapes
 
     if getattr(weights, "stored", True):
-        return []
+        return [Counterfactual("qkv-order", "fused q/k/v stacked [Q; K; V] instead of per kv group",
+                               adapter_kw=(("qkv_stacked", True),))] if spec.num_kv_heads > 1 else []
     shapes = canonical_shapes(spec)
     p = f"model.layers.{layer}."
     norms = [p + "input_layernorm.weight"] + [w for _, _, w in layer_norms(spec, layer)]
@@ -120,8 +126,15 @@ def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual
     mine = [k for k in shapes if k.startswith(p)]
     pairs += [(k, k.replace(p, f"model.layers.{j}.", 1)) for k in mine for j in range(spec.num_layers) if j != layer]
     short = lambda n: n.removeprefix("model.").removesuffix(".weight")  # noqa: E731
-    return [Counterfactual("weights-swapped", f"{short(a)} and {short(b)} swapped", swaps=((a, b),))
-            for a, b in pairs if a in shapes and b in shapes and shapes[a] == shapes[b]]
+    out = [Counterfactual("weights-swapped", f"{short(a)} and {short(b)} swapped", swaps=((a, b),))
+           for a, b in pairs if a in shapes and b in shapes and shapes[a] == shapes[b]]
+    # a square projection loaded transposed keeps its shape (Gemma-2B's q_proj and o_proj are 2048 x 2048)
+    out += [Counterfactual("weights-transposed", f"{short(k)} transposed", transposes=(k,))
+            for k in mine if len(shapes[k]) == 2 and shapes[k][0] == shapes[k][1]]
+    if spec.num_kv_heads > 1:  # with one kv group the grouped and stacked layouts coincide
+        out.append(Counterfactual("qkv-order", "fused q/k/v stacked [Q; K; V] instead of per kv group",
+                                  adapter_kw=(("qkv_stacked", True),)))
+    return out
 
 
 def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
@@ -160,7 +173,7 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
 
     def score(adapter, cf: Counterfactual | None = None) -> float | None:
         # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
-        w = cf.weights(weights).truncated(run_spec) if cf is not None and cf.swaps else run_weights
+        w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
         try:
             got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
         except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate

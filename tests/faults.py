@@ -113,6 +113,22 @@ def _hf_post_norms_llama_cast(model):
             n.forward = MethodType(forward, n)
 
 
+class TransposedQ(LitgptStyleAdapter):
+    """A converter that loads a square q_proj transposed (its shape hides the mistake)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="transposed-q")
+
+    def build(self, spec, weights, dtype):
+        import dataclasses
+
+        t = dict(weights.tensors)
+        for i in range(spec.num_layers):
+            k = f"model.layers.{i}.self_attn.q_proj.weight"
+            t[k] = t[k].T.copy()
+        return super().build(spec, dataclasses.replace(weights, tensors=t, _hash=None), dtype)
+
+
 class SwappedNorms(LitgptStyleAdapter):
     """A converter that loads Gemma 2's pre- and post-feed-forward norm weights into each other's place."""
 
@@ -169,6 +185,7 @@ class Fault:
     spec: str = "tiny-gemma"
     exempt: dict = field(default_factory=dict)  # dtype -> measured reason it cannot show
     note_only: bool = False  # a precision choice: named as a note, the report does not fail on it alone
+    spec_changes: dict = field(default_factory=dict)  # the preset changed, where the fault needs a shape it lacks
 
 
 FAULTS = [
@@ -214,6 +231,10 @@ FAULTS = [
           note_only=True),
     Fault("pre/post feed-forward norms swapped", "weights-swapped", "layers.0.mlp_norm", SwappedNorms,
           spec="tiny-gemma2"),
+    Fault("fused q/k/v stacked [Q; K; V]", "qkv-order", "layers.0.attn.scores",
+          lambda: LitgptStyleAdapter(name="qkv-stacked", qkv_stacked=True)),
+    Fault("square q_proj loaded transposed", "weights-transposed", "layers.0.attn.scores", TransposedQ,
+          spec_changes={"num_heads": 3, "num_kv_heads": 1, "name": "tiny-gemma, 3 heads"}),  # 3 x 32 = hidden
     Fault("hf Llama cast order in the post norms", "norm-cast-order", "layers.0.post_attn_norm",
           hf("hf-post-norms-llama-cast", _hf_post_norms_llama_cast), spec="tiny-gemma2",
           exempt={"float32": FP32_NO_EFFECT}),
@@ -231,7 +252,7 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     from parity.prompts import default_prompts
     from parity.render import to_json
 
-    spec = PRESETS[fault.spec]
+    spec = PRESETS[fault.spec].replace(**fault.spec_changes) if fault.spec_changes else PRESETS[fault.spec]
     adapter = fault.factory()
     extra = {} if profile == "default" else {"weights_profile": profile}
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},

@@ -53,17 +53,22 @@ TAP_MAP = {
 }
 
 
-def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec) -> dict[str, Part]:
+def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec, stacked: bool = False) -> dict[str, Part]:
     """Replace each layer's q, k, v with litgpt's fused layout (each used exactly once).
 
     Per kv group: that group's query heads, then its key head, then its value
-    head. A plain [Q; K; V] stack is wrong whenever num_kv_heads > 1.
+    head. A plain [Q; K; V] stack (`stacked`, the qkv-order fault) is wrong
+    whenever num_kv_heads > 1.
     """
     out = dict(plan)
     hd, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
     for i in range(spec.num_layers):
         p = f"model.layers.{i}.self_attn."
         q, k, v = (out.pop(p + n + "_proj.weight") for n in "qkv")
+        if stacked:
+            out[p + "qkv.weight"] = Part(((g + 2) * hd * spec.num_kv_heads, q.shape[1]),
+                                         (q.pieces[0], k.pieces[0], v.pieces[0]))
+            continue
         pieces = []
         for group in range(spec.num_kv_heads):  # rows of q_proj are heads x head_dim, group-major
             pieces += [(q.pieces[0][0], group * g * hd, g * hd), (k.pieces[0][0], group * hd, hd),
@@ -81,12 +86,14 @@ def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.nd
 class LitgptStyleAdapter(Adapter):
     name = "litgpt-style"
 
-    def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None) -> None:
+    def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None,
+                 qkv_stacked: bool = False) -> None:
         # options: parity.litgpt_style.PortOptions (None = the correct port); spec_changes: fields
         # built differently from the requested spec. Both exist to build deliberately wrong
         # variants (the diagnosis's counterfactuals, the fault-injection suite).
         self.options = options
         self.spec_changes = dict(spec_changes or {})
+        self.qkv_stacked = qkv_stacked  # qkv-order: load q, k, v as a plain [Q; K; V] stack
         if name:
             self.name = name
 
@@ -111,7 +118,8 @@ class LitgptStyleAdapter(Adapter):
             model = GPT(spec, self.options or PortOptions())
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}
         name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
-        plan = map_weights(fuse_qkv_parts(parts(weights), spec), name_map, params, where=f"{self.name} weights")
+        plan = map_weights(fuse_qkv_parts(parts(weights), spec, self.qkv_stacked), name_map, params,
+                           where=f"{self.name} weights")
         dt = torch_dtype(dtype)
         load(model, plan, weights, dt, [f"h.{i}" for i in range(spec.num_layers)])
         return model.eval()
