@@ -12,6 +12,7 @@ import json
 import math
 from html import escape
 
+from parity.render import effective_table
 from parity.verdict import decide, ratio, used
 from parity.taps import layer_of, tap_order
 
@@ -153,27 +154,18 @@ def _summary_section(report) -> str:
 
 
 def _effective_section(report) -> str:
-    eff = report.effective
-    if not eff:
+    keys, cols, cells, differs = effective_table(report)
+    if not cols:
         return ""
-    cols = list(eff)
-    keys: list[str] = []
-    for d in eff.values():
-        keys += [k for k in d if k not in keys]
-    ref = eff.get(report.reference, eff[cols[0]])
     out = ["<h2>Effective configuration</h2>",
            "<p class=\"caption\">What each built model computes, read from the model. Highlighted: a value that "
            f"reads differently from the reference <code>{_e(report.reference)}</code>'s (libraries describe some "
            "fields in their own words; - : not reported).</p>",
            "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"]
     for k in keys:
-        cells = []
-        for c in cols:
-            v = eff[c].get(k, "-")
-            diff = c != report.reference and k in eff[c] and k in ref and _fmt(v) != _fmt(ref[k])
-            cls = ' class="diff"' if diff else ""
-            cells.append(f"<td{cls}>{_e(_fmt(v))}</td>")
-        out.append(f"<tr><th>{_e(k)}</th>{''.join(cells)}</tr>")
+        diff = ' class="diff"'
+        row = "".join(f"<td{diff if (k, c) in differs else ''}>{_e(cells[(k, c)])}</td>" for c in cols)
+        out.append(f"<tr><th>{_e(k)}</th>{row}</tr>")
     out.append("</table>")
     return "\n".join(out)
 

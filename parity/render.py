@@ -73,6 +73,19 @@ def to_json(report) -> dict:
     })
 
 
+def _library_versions() -> str:
+    """The numeric libraries' versions, read from the installed metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "transformers", "keras", "keras-hub", "jax", "numpy"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
 def _margin() -> float:
     from parity.tolerances import NOISE_MARGIN
 
@@ -145,10 +158,16 @@ def to_markdown(report) -> str:
     lines += ["", "</details>", ""]
     if report.skipped:
         lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items()), ""]
-    lines += ["<details><summary>Effective configuration</summary>", "", "```"]
-    for impl, eff in report.effective.items():
-        lines.append(f"{impl}: " + json.dumps(_clean(eff), default=str))
-    lines += ["```", "", "</details>", ""]
+    keys, cols, cells, differs = effective_table(report)
+    lines += ["<details><summary>Effective configuration (what each built model computes; **bold**: reads "
+              f"differently from {report.reference})</summary>", "",
+              "| property | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in keys:
+        row = [(f"**{cells[(k, c)]}**" if (k, c) in differs else cells[(k, c)]).replace("|", "\\|") for c in cols]
+        lines.append(f"| {k} | " + " | ".join(row) + " |")
+    lines += ["", "</details>", ""]
+    versions = {r["impl"]: r.get("version", "") for r in report.runs}
+    lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; {_library_versions()}", ""]
     return "\n".join(lines)
 
 
@@ -185,9 +204,17 @@ def print_terminal(report, console=None) -> None:
     console.print(f"[bold {color}]{v.headline}[/bold {color}]")  # the verdict and its cause lead
     console.print(f"[bold]parity[/bold] {s.name} (Gemma {s.family}, {s.num_layers} layers), weights "
                   f"{report.weights_hash} ({report.weights_source}), reference {report.reference}")
-    for impl, eff in report.effective.items():
-        console.print(f"  [dim]{impl} computes:[/dim] " + "; ".join(
-            f"{k}={_short(v)}" for k, v in eff.items()), soft_wrap=True)
+    keys, cols, cells, differs = effective_table(report)
+    if cols:
+        conf = Table(title="what each built model computes (yellow: reads differently from the reference)",
+                     show_lines=False, title_justify="left")
+        conf.add_column("property", overflow="fold")
+        for c in cols:
+            conf.add_column(c, overflow="fold")
+        for k in keys:
+            conf.add_row(k, *[f"[yellow]{cells[(k, c)]}[/yellow]" if (k, c) in differs else cells[(k, c)]
+                              for c in cols])
+        console.print(conf)
     table = Table(show_lines=False)
     for col in ("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict"):
         table.add_column(col)
@@ -208,9 +235,35 @@ def print_terminal(report, console=None) -> None:
     console.print(f"[bold {color}]{v.headline}[/bold {color}]")
 
 
-def _short(v) -> str:
+def value_text(v) -> str:
+    """One effective-configuration value as every view writes it."""
     if isinstance(v, list) and v and all(x == v[0] for x in v):
-        return f"{v[0]} (all layers)"
+        return f"{value_text(v[0])} (all layers)"
     if isinstance(v, float):
         return f"{v:.6g}"
+    if v is None:
+        return "none"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(_clean(v), default=str)
     return str(v)
+
+
+def effective_table(report) -> tuple[list[str], list[str], dict, set]:
+    """The effective configuration as property x implementation: (properties, columns, cell text, differing).
+
+    A cell differs when its value reads differently from the reference's for the same property (libraries
+    describe some properties in their own words); "-" where an implementation does not report it.
+    """
+    eff = report.effective or {}
+    cols = list(eff)
+    keys: list[str] = []
+    for d in eff.values():
+        keys += [k for k in d if k not in keys]
+    ref = eff.get(report.reference, eff[cols[0]] if cols else {})
+    cells, differs = {}, set()
+    for k in keys:
+        for c in cols:
+            cells[(k, c)] = value_text(eff[c][k]) if k in eff[c] else "-"
+            if c != report.reference and k in eff[c] and k in ref and cells[(k, c)] != value_text(ref[k]):
+                differs.add((k, c))
+    return keys, cols, cells, differs
