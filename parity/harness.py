@@ -142,7 +142,7 @@ def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str
         adapter = _adapter(req, name)
         try:
             for d in req.dtypes or ["float32"]:
-                adapter.check(req.spec, d)
+                _check(adapter, req.spec, d)
         except (BackendMissing, Unsupported) as e:
             if explicit:
                 raise
@@ -152,15 +152,23 @@ def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str
     return out, skipped
 
 
+def _check(adapter, spec: GemmaSpec, dtype: str) -> None:
+    """adapter.check, its failures typed: bad input stays exit 2, anything else is the implementation's (exit 3)."""
+    from parity.capture import _phase
+
+    with _phase(getattr(adapter, "name", type(adapter).__name__), dtype, "check()"):
+        adapter.check(spec, dtype)
+
+
 def checked_impls(req: Request, spec: GemmaSpec):
     """`resolve_impls`, then every run and the reference checked against `spec`: unsupported
     combinations are refused before any work. Returns (impls, skipped, reference adapter)."""
     impls, skipped = resolve_impls(req)
     for _, adapter in impls:
         for d in req.dtypes:
-            adapter.check(spec, d)
+            _check(adapter, spec, d)
     ref = _adapter(req, req.reference[0])
-    ref.check(spec, req.reference[1])
+    _check(ref, spec, req.reference[1])
     return impls, skipped, ref
 
 

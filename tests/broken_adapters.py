@@ -43,3 +43,32 @@ def fails_in_run():
 
 def factory_raises():
     raise ImportError("my_port needs flash-attn (simulated)")
+
+
+class _NoCheck:
+    name = "no-check"
+
+    def version(self):
+        return "0"
+
+    def build(self, spec, weights, dtype):
+        return None
+
+    def run(self, model, tokens, feed=None):
+        return None
+
+
+def no_check():
+    return _NoCheck()
+
+
+class _CheckRaises(LitgptStyleAdapter):
+    def __init__(self) -> None:
+        super().__init__(name="check-raises")
+
+    def check(self, spec, dtype):
+        raise AttributeError("'NoneType' object has no attribute 'family' (simulated)")
+
+
+def check_raises():
+    return _CheckRaises()

@@ -8,7 +8,8 @@ ARGS = ["--dtypes", "float32", "--tokens", "2,17,301,5", "--quiet"]
 
 
 @pytest.mark.parametrize("factory,phase", [("fails_in_build", "build()"), ("fails_in_run", "run() (cumulative"),
-                                           ("factory_raises", "its factory")])
+                                           ("factory_raises", "its factory"), ("no_check", "has no 'check'"),
+                                           ("check_raises", "check()")])
 def test_an_adapter_that_crashes_exits_3_with_one_line(tmp_path, capsys, factory, phase):
     out = tmp_path / "out"
     code = main(["--impls", f"tests.broken_adapters:{factory}", "--out", str(out), *ARGS])
@@ -17,7 +18,7 @@ def test_an_adapter_that_crashes_exits_3_with_one_line(tmp_path, capsys, factory
     assert len(err) == 1 and err[0].startswith("parity: implementation failed: "), err
     assert phase in err[0] and "Traceback" not in err[0]
     log = out / "parity-error.log"
-    assert log.is_file() and "Traceback" in log.read_text() and str(log) in err[0]
+    assert log.is_file() and str(log) in err[0]
     assert not (out / "report.json").exists()  # no verdict was written
 
 

@@ -47,10 +47,10 @@ def get_adapter(name: str):
             raise ParityInputError(f"--impls {name!r}: cannot load {attr!r} from {mod_name!r} ({e}); "
                                    "check the module is importable and the factory name") from None
         adapter = _made(name, factory)
-        for needed in ("name", "build", "run", "version"):
+        for needed in ("name", "version", "check", "build", "run"):
             if not hasattr(adapter, needed):
-                raise ParityInputError(f"--impls {name!r}: the factory's adapter has no {needed!r}; "
-                                       "see 'Adding an implementation' in the README")
+                raise ImplementationError(name, "its factory", f"the adapter it returns has no {needed!r}",
+                                          "give it every member of parity.adapters.base.Adapter (subclass it)")
         return adapter
     raise ParityInputError(
         f"unknown implementation {name!r}; use one of {', '.join(known_names())} or module:factory"
