@@ -113,36 +113,31 @@ def _hf_post_norms_llama_cast(model):
             n.forward = MethodType(forward, n)
 
 
-class TransposedQ(LitgptStyleAdapter):
-    """A converter that loads a square q_proj transposed (its shape hides the mistake)."""
+class EditedWeights(LitgptStyleAdapter):
+    """A converter that loads some tensors wrongly: `edit(tensors, spec)` changes the canonical dict in place."""
 
-    def __init__(self) -> None:
-        super().__init__(name="transposed-q")
-
-    def build(self, spec, weights, dtype):
-        import dataclasses
-
-        t = dict(weights.tensors)
-        for i in range(spec.num_layers):
-            k = f"model.layers.{i}.self_attn.q_proj.weight"
-            t[k] = t[k].T.copy()
-        return super().build(spec, dataclasses.replace(weights, tensors=t, _hash=None), dtype)
-
-
-class SwappedNorms(LitgptStyleAdapter):
-    """A converter that loads Gemma 2's pre- and post-feed-forward norm weights into each other's place."""
-
-    def __init__(self) -> None:
-        super().__init__(name="swapped-ff-norms")
+    def __init__(self, name: str, edit: Callable) -> None:
+        super().__init__(name=name)
+        self.edit = edit
 
     def build(self, spec, weights, dtype):
         import dataclasses
 
         t = dict(weights.tensors)
-        for i in range(spec.num_layers):
-            a, b = (f"model.layers.{i}.{n}_feedforward_layernorm.weight" for n in ("pre", "post"))
-            t[a], t[b] = t[b], t[a]
+        self.edit(t, spec)
         return super().build(spec, dataclasses.replace(weights, tensors=t, _hash=None), dtype)
+
+
+def _transpose_q(t, spec):  # a square q_proj loaded transposed: its shape hides the mistake
+    for i in range(spec.num_layers):
+        k = f"model.layers.{i}.self_attn.q_proj.weight"
+        t[k] = t[k].T.copy()
+
+
+def _swap_ff_norms(t, spec):  # Gemma 2's pre- and post-feed-forward norm weights loaded into each other's place
+    for i in range(spec.num_layers):
+        a, b = (f"model.layers.{i}.{n}_feedforward_layernorm.weight" for n in ("pre", "post"))
+        t[a], t[b] = t[b], t[a]
 
 
 class HalfWidthMLP(LitgptStyleAdapter):
@@ -229,11 +224,13 @@ FAULTS = [
           port("softcap-on-norm", {"softcap_on_norm": True}), spec="tiny-gemma2"),
     Fault("hf centred unembedding", "logit-shift", "logits", hf("hf-centred-logits", _hf_centred_unembedding),
           note_only=True),
-    Fault("pre/post feed-forward norms swapped", "weights-swapped", "layers.0.mlp_norm", SwappedNorms,
+    Fault("pre/post feed-forward norms swapped", "weights-swapped", "layers.0.mlp_norm",
+          lambda: EditedWeights("swapped-ff-norms", _swap_ff_norms),
           spec="tiny-gemma2"),
     Fault("fused q/k/v stacked [Q; K; V]", "qkv-order", "layers.0.attn.scores",
           lambda: LitgptStyleAdapter(name="qkv-stacked", qkv_stacked=True)),
-    Fault("square q_proj loaded transposed", "weights-transposed", "layers.0.attn.scores", TransposedQ,
+    Fault("square q_proj loaded transposed", "weights-transposed", "layers.0.attn.scores",
+          lambda: EditedWeights("transposed-q", _transpose_q),
           spec_changes={"num_heads": 3, "num_kv_heads": 1, "name": "tiny-gemma, 3 heads"}),  # 3 x 32 = hidden
     Fault("hf Llama cast order in the post norms", "norm-cast-order", "layers.0.post_attn_norm",
           hf("hf-post-norms-llama-cast", _hf_post_norms_llama_cast), spec="tiny-gemma2",
