@@ -21,7 +21,8 @@ from parity.trace import Trace
 from parity.weights import Weights, random_weights
 
 MODES = ("cumulative", "isolated", "both")
-REFERENCE = ("litgpt-style", "float64")
+PORT = "litgpt-style"  # the project's port: the reference, and the honest ensemble's first member
+REFERENCE = (PORT, "float64")
 LARGE_BYTES = 1 << 30  # float32 weights beyond this: stored weights, one process per implementation
 REDUCE_OVER = 1 << 24  # 16M elements: a Gemma logits tap of 128 tokens (32M) is stored reduced
 
@@ -299,6 +300,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             for mode in modes:
                 runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
                              **(got[0].resources if got else {})})
+    # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
+    pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
     if count < 0:
         raise ParityInputError(f"noise_members {count} is negative; give 0 (table only) or more members")
@@ -308,7 +311,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             continue  # the reference dtype's honest error is the reference's own: the table's floor decides
         for m in members(count):
             own = [dataclasses.replace(t, impl=m.impl) for t in traces  # the port already ran: reuse it
-                   if not m.options and (t.impl, t.dtype) == (ref_name, d) and t.mode in modes]
+                   if not m.options and pure_port and (t.impl, t.dtype) == (PORT, d) and t.mode in modes]
             if own and len(own) == len(modes) * len(prompts):
                 honest += own
                 continue
