@@ -72,3 +72,20 @@ class _CheckRaises(LitgptStyleAdapter):
 
 def check_raises():
     return _CheckRaises()
+
+
+class _KilledInBuild(LitgptStyleAdapter):
+    """Dies as an out-of-memory kill does: SIGKILL, no exception, no output."""
+
+    def __init__(self) -> None:
+        super().__init__(name="killed-in-build")
+
+    def build(self, spec, weights, dtype):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed_in_build():
+    return _KilledInBuild()

@@ -33,3 +33,25 @@ def test_help_documents_the_exit_codes(capsys):
     text = capsys.readouterr().out
     for code in ("0  parity", "1  a divergence", "2  bad input", "3  an implementation failed"):
         assert code in text
+
+
+def test_a_capture_process_killed_like_an_oom_is_exit_3(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--impls", "tests.broken_adapters:killed_in_build", "--separate-processes", "--out", str(out), *ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert "tests.broken_adapters:killed_in_build@float32" in err[0]  # the child is named by its --impls value
+    assert "killed by signal 9 (out of memory?)" in err[0] and "capture in a separate process" in err[0]
+
+
+def test_no_tensorflow_or_absl_start_up_lines(tmp_path):
+    """keras-hub imports TensorFlow, whose C++ start-up lines come before any log level: none reach the user."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "parity.report", "--impls", "keras", *ARGS, "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={k: v for k, v in __import__("os").environ.items()
+                                                               if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("cudart", "absl::InitializeLog", "oneDNN", "I0000"):
+        assert noise not in proc.stderr + proc.stdout, noise
