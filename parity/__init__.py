@@ -1,3 +1,45 @@
-"""parity: layer-by-layer numerical parity checks across Gemma implementations."""
+"""parity: layer-by-layer numerical parity checks across Gemma implementations.
+
+The names the README teaches, importable from here; each is loaded on first
+use, so `import parity` imports no framework and no stage it does not need:
+
+    from parity import run, Request, GemmaSpec, PRESETS, random_weights
+    report = run(Request(spec=PRESETS["tiny-gemma"], impls=["hf"], dtypes=["bfloat16"]))
+    print(report.verdict.headline)
+"""
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    # running and the result
+    "run": "parity.harness", "from_traces": "parity.harness", "Request": "parity.harness", "Report": "parity.harness",
+    "Verdict": "parity.verdict", "RunVerdict": "parity.verdict", "decide": "parity.verdict",
+    # the model and its weights
+    "GemmaSpec": "parity.spec", "PRESETS": "parity.presets", "Weights": "parity.weights",
+    "random_weights": "parity.weights", "load_weights": "parity.weights", "map_weights": "parity.weights",
+    # traces and adapters
+    "Trace": "parity.trace", "load_trace": "parity.trace", "Adapter": "parity.adapters.base",
+    "RunResult": "parity.adapters.base", "get_adapter": "parity.adapters",
+    "recording": "parity.adapters.torch_hooks", "module_feeds": "parity.adapters.torch_hooks",
+    "function_taps": "parity.adapters.torch_hooks", "expand_tap_map": "parity.taps",
+    # errors, causes, checks
+    "ParityInputError": "parity.errors", "ImplementationError": "parity.errors", "CAUSES": "parity.causes",
+    "check_within_tolerance": "parity.checks", "check_norm_placement": "parity.checks",
+    "check_norm_unit_offset": "parity.checks", "check_geglu": "parity.checks", "check_gelu_tanh": "parity.checks",
+    "check_embedding_scale": "parity.checks",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
