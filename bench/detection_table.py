@@ -35,19 +35,29 @@ def cell(f, dtype: str, profile: str) -> str:
     return f"{det} / {mark(r['located'])} / {mark(r['named'])}{margin if r['detected'] else ''}"
 
 
-def main() -> None:
+def table_text(rows: list[str]) -> str:
+    """The README section: the header, one row per fault, and what the cells and exemptions mean."""
     head = " | ".join(f"{d} {p}" for d, p in CELLS)
-    rows = [f"| cause | fault (implementation) | {head} |", "|---|---|" + "---|" * len(CELLS)]
+    exempt = sorted({f"{f.name} in {d}" for f in FAULTS for d in f.exempt})
+    why = sorted({why for f in FAULTS for why in f.exempt.values()})
+    return "\n".join([f"| cause | fault (implementation) | {head} |", "|---|---|" + "---|" * len(CELLS), *rows]) + (
+        "\n\nEach cell: detected / located / named, and the first divergent tap's statistic over its bound "
+        "(\"(probe)\": within noise, named by a probe, which fails the run; \"note\": named as a note, by design "
+        f"not a failure). Exempt ({'; '.join(why)}): " + "; ".join(exempt) + ".")
+
+
+def main() -> None:
+    rows = []
     for f in FAULTS:
         cells = [cell(f, d, p) for d, p in CELLS]
         rows.append(f"| `{f.cause}` | {f.name} ({f.spec}) | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    exempt = sorted({f"{f.name} in {d}: {why}" for f in FAULTS for d, why in f.exempt.items()})
-    table = "\n".join(rows) + "\n\nExempt (the fault is the identity there): " + "; ".join(exempt) + "."
+    table = table_text(rows)
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START in text and "--print" not in sys.argv:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{table}\n{END}", text, flags=re.S)
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda m: f"{START}\n{table}\n{END}", text,
+                      flags=re.S)
         readme.write_text(text)
 
 
