@@ -82,6 +82,9 @@ def pytest_addoption(parser):
     g.addoption("--parity-checkpoint", default=None, metavar="DIR",
                 help="a local checkpoint directory (HuggingFace, keras-hub preset or litgpt): gives the spec and "
                      "the weights, instead of --parity-spec and seeded random weights")
+    g.addoption("--parity-weights-profile", default="default", choices=("default", "trained-like"),
+                help="statistics of the seeded random weights (default, or trained-like: heavy-tailed norm "
+                     "weights, a massive BOS activation, an attention sink)")
     g.addoption("--parity-report-dir", default=None, metavar="DIR",
                 help="write report.json and report.md (and report.html) there at the end of the session")
     g.addoption("--parity-baseline", default=None, metavar="FILE",
@@ -176,7 +179,7 @@ def _inputs(config) -> tuple:
             from parity.weights import random_weights
 
             spec = resolve_spec(config.getoption("--parity-spec"))
-            state.inputs = (spec, random_weights(spec, 0))
+            state.inputs = (spec, random_weights(spec, 0, config.getoption("--parity-weights-profile")))
     return state.inputs
 
 
