@@ -7,7 +7,10 @@ fault can show (see the comments on each).
 
 from __future__ import annotations
 
-from parity.spec import GemmaSpec
+from pathlib import Path
+
+from parity.errors import ParityInputError
+from parity.spec import GemmaSpec, load_config_json
 
 
 def _gemma3_types(n: int) -> tuple[str, ...]:
@@ -128,3 +131,16 @@ _CONFIGS: list[dict] = [
 
 PRESETS: dict[str, GemmaSpec] = {c["name"]: GemmaSpec(**c) for c in _CONFIGS}
 DEFAULT_PRESET = "tiny-gemma"
+
+
+def resolve_spec(text: str | None) -> GemmaSpec:
+    """--spec: a preset name, or a path to a config.json (or its directory)."""
+    if text is None:
+        return PRESETS[DEFAULT_PRESET]
+    if text in PRESETS:
+        return PRESETS[text]
+    if text.endswith(".json") or "/" in text or Path(text).exists():
+        return load_config_json(text)
+    raise ParityInputError(
+        f"unknown spec {text!r}; use a preset ({', '.join(sorted(PRESETS))}) or a path to config.json"
+    )

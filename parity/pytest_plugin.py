@@ -143,7 +143,7 @@ def pytest_configure(config):
                 raise ParityInputError(f"--parity-checkpoint {ckpt!r} does not exist; give a local checkpoint "
                                        "directory (HuggingFace, keras-hub preset or litgpt)")
         else:
-            from parity.spec import resolve_spec
+            from parity.presets import resolve_spec
 
             resolve_spec(opt("--parity-spec"))
         if opt("--parity-report-dir"):
@@ -175,7 +175,7 @@ def _inputs(config) -> tuple:
                                         "version of parity does not have; use --parity-spec") from None
             state.inputs = tuple(load_checkpoint(_path(config, ckpt)))
         else:
-            from parity.spec import resolve_spec
+            from parity.presets import resolve_spec
             from parity.weights import random_weights
 
             spec = resolve_spec(config.getoption("--parity-spec"))

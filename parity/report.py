@@ -78,7 +78,7 @@ def _split(text: str | None) -> list[str] | None:
 def build_request(args):
     from parity.harness import Request
     from parity.prompts import parse_tokens, text_to_tokens
-    from parity.spec import resolve_spec
+    from parity.presets import resolve_spec
     from parity.taps import parse_layers
     from parity.tolerances import load_overrides
     from parity.weights import load_weights

@@ -346,18 +346,3 @@ def save_config_json(spec: GemmaSpec, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(to_hf_config(spec), indent=2) + "\n")
     return p
-
-
-def resolve_spec(text: str | None) -> GemmaSpec:
-    """--spec: a preset name, or a path to a config.json (or its directory)."""
-    from parity.presets import PRESETS, DEFAULT_PRESET
-
-    if text is None:
-        return PRESETS[DEFAULT_PRESET]
-    if text in PRESETS:
-        return PRESETS[text]
-    if text.endswith(".json") or "/" in text or Path(text).exists():
-        return load_config_json(text)
-    raise ParityInputError(
-        f"unknown spec {text!r}; use a preset ({', '.join(sorted(PRESETS))}) or a path to config.json"
-    )

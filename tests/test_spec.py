@@ -4,7 +4,8 @@ import pytest
 
 from parity.errors import ParityInputError
 from parity.presets import PRESETS
-from parity.spec import GemmaSpec, from_hf_config, load_config_json, resolve_spec, save_config_json, to_hf_config
+from parity.presets import resolve_spec
+from parity.spec import GemmaSpec, from_hf_config, load_config_json, save_config_json, to_hf_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

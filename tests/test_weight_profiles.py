@@ -8,6 +8,8 @@ bfloat16 and float16; and the default profile must not change by a bit.
 import math
 
 import numpy as np
+
+from parity import tensor_file
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -135,7 +137,7 @@ def test_stored_trained_like_weights_are_the_in_memory_ones(tmp_path, monkeypatc
     from parity import weight_store
 
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
-    monkeypatch.setattr(weight_store, "CHUNK_ELEMENTS", 1000)  # every matrix in several blocks
+    monkeypatch.setattr(tensor_file, "CHUNK_ELEMENTS", 1000)  # every matrix in several blocks
     spec = PRESETS["tiny-gemma"]
     mem = random_weights(spec, 3, "trained-like")
     stored = weight_store.stored_random_weights(spec, 3, profile="trained-like")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from parity import weight_store
+from parity import tensor_file
 from parity.errors import ParityInputError
 from parity.presets import PRESETS
 from parity.weights import Weights, load_weights, random_weights, save_weights
@@ -15,7 +16,7 @@ from parity.weights import Weights, load_weights, random_weights, save_weights
 @pytest.fixture()
 def small_chunks(monkeypatch):
     # blocks of 1000 elements: every matrix of the tiny presets is read and generated in several blocks
-    monkeypatch.setattr(weight_store, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(tensor_file, "CHUNK_ELEMENTS", 1000)
 
 
 @pytest.mark.parametrize("preset", ["tiny-gemma", "tiny-gemma2-27b"])
