@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from parity.errors import ImplementationError, ParityInputError
+from parity.errors import ImplementationError, ParityInputError, phase
 from parity.spec import GemmaSpec
 from parity.taps import layer_of, tap_names, tap_order
 from parity.trace import ReducedTap, Trace, widen
@@ -197,24 +197,7 @@ def check_feed_used(impl: str, dtype: str, cumulative: Trace, isolated: Trace, r
             "torch modules); until then run --mode cumulative")
 
 
-class _phase:
-    """Turn an adapter's exception into ImplementationError (exit 3), naming the phase; bad input stays bad input."""
-
-    def __init__(self, impl: str, dtype: str, phase: str) -> None:
-        self.impl, self.dtype, self.phase = impl, dtype, phase
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, (ParityInputError, ImplementationError, KeyboardInterrupt)):
-            return False
-        import traceback
-
-        text = "".join(traceback.format_exception(kind, exc, tb))
-        raise ImplementationError(f"{self.impl}@{self.dtype}", self.phase, f"{kind.__name__}: {exc}".splitlines()[0],
-                                  "the traceback is in the log; fix the adapter or report it upstream",
-                                  traceback=text) from exc
+_phase = phase  # the old name
 
 
 # ------------------------------------------------------------- in another process
@@ -418,13 +401,13 @@ def _has_no_spec(path: str) -> bool:
 def _check(a) -> dict:
     import json
 
-    from parity.harness import Request, checked_impls
+    from parity.implementations import Selection, checked_impls
     from parity.spec import GemmaSpec
 
     spec = GemmaSpec.from_dict(json.loads(a.spec_json))
     ref_name, _, ref_dtype = a.reference.partition("@")
-    req = Request(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
-                  reference=(ref_name, ref_dtype))
+    req = Selection(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
+                    reference=(ref_name, ref_dtype))
     impls, skipped, ref = checked_impls(req, spec)
     return {"impls": {n: {"name": ad.name, "version": ad.version()} for n, ad in impls}, "skipped": skipped,
             "reference": [ref.name, ref.version()]}

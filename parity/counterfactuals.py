@@ -161,7 +161,7 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
 
     import dataclasses
 
-    from parity.harness import truncate
+    from parity.spec import truncate
 
     layer = layer_of(until_tap)
     last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)

@@ -32,3 +32,23 @@ class ImplementationError(RuntimeError):
     def __init__(self, impl: str, phase: str, error: str, fix: str = "", traceback: str = "") -> None:
         self.impl, self.phase, self.error, self.fix, self.traceback = impl, phase, error, fix, traceback
         super().__init__(f"{impl} failed in {phase}: {error}" + (f"; {fix}" if fix else ""))
+
+
+class phase:
+    """Turn an adapter's exception into ImplementationError (exit 3), naming the phase; bad input stays bad input."""
+
+    def __init__(self, impl: str, dtype: str, phase: str) -> None:
+        self.impl, self.dtype, self.phase = impl, dtype, phase
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (ParityInputError, ImplementationError, KeyboardInterrupt)):
+            return False
+        import traceback
+
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        raise ImplementationError(f"{self.impl}@{self.dtype}", self.phase, f"{kind.__name__}: {exc}".splitlines()[0],
+                                  "the traceback is in the log; fix the adapter or report it upstream",
+                                  traceback=text) from exc

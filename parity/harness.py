@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from parity.adapters import DEFAULT_IMPLS, get_adapter
 from parity.capture import Progress, capture, capture_in_subprocess
 from parity.compare import TapResult, compare_traces, first_divergence
-from parity.errors import BackendMissing, ParityInputError, Unsupported
+from parity.errors import ParityInputError
+from parity.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
+    Elsewhere, checked_impls, resolve_elsewhere, resolve_impls,
+)
 from parity.noise import LARGE_MEMBERS, SMALL_MEMBERS, NoiseModel, factory_spec, measure, members
 from parity.prompts import default_prompts, validate_tokens
-from parity.spec import GemmaSpec
+from parity.spec import GemmaSpec, truncate  # noqa: F401 -- truncate: the old import path
 from parity.tolerances import TOLERANCES, Tolerance
 from parity.trace import Trace
 from parity.weights import Weights, random_weights
@@ -39,16 +41,6 @@ def is_large(spec: GemmaSpec) -> bool:
         raise ParityInputError(f"PARITY_LARGE_OVER={text!r} is not a byte count; give an integer, "
                                f"e.g. {LARGE_BYTES}") from None
     return param_count(spec) * 4 > over
-
-
-def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
-    """The spec's first n layers, as a model of their own (the final norm and head on top of layer n-1)."""
-    if not 1 <= n <= spec.num_layers:
-        raise ParityInputError(f"--first-layers {n} is outside 1..{spec.num_layers} (the spec's layers); "
-                               "give a depth the spec has")
-    if n == spec.num_layers:
-        return spec
-    return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")
 
 
 @dataclass
@@ -123,89 +115,6 @@ class Report:
             if (t.impl, t.dtype, t.prompt, t.mode) == (impl, dtype, prompt, mode):
                 return t
         raise KeyError(f"no trace for {impl}@{dtype} {mode} prompt {prompt!r}")
-
-
-def _adapter(req: Request, name: str):
-    if req.adapters and name in req.adapters:
-        return req.adapters[name]
-    return get_adapter(name)
-
-
-def resolve_impls(req: Request) -> tuple[list[tuple[str, object]], dict[str, str]]:
-    """(name, adapter) pairs to run, and the defaults skipped because their backend is missing."""
-    explicit = req.impls is not None
-    names = list(req.impls) if explicit else list(DEFAULT_IMPLS)
-    seen, out, skipped = set(), [], {}
-    for name in names:
-        if name in seen:
-            continue
-        seen.add(name)
-        adapter = _adapter(req, name)
-        try:
-            for d in req.dtypes or ["float32"]:
-                _check(adapter, req.spec, d)
-        except (BackendMissing, Unsupported) as e:
-            if explicit:
-                raise
-            skipped[name] = str(e)
-            continue
-        out.append((name, adapter))
-    return out, skipped
-
-
-def _check(adapter, spec: GemmaSpec, dtype: str) -> None:
-    """adapter.check, its failures typed: bad input stays exit 2, anything else is the implementation's (exit 3)."""
-    from parity.capture import _phase
-
-    with _phase(getattr(adapter, "name", type(adapter).__name__), dtype, "check()"):
-        adapter.check(spec, dtype)
-
-
-def checked_impls(req: Request, spec: GemmaSpec):
-    """`resolve_impls`, then every run and the reference checked against `spec`: unsupported
-    combinations are refused before any work. Returns (impls, skipped, reference adapter)."""
-    impls, skipped = resolve_impls(req)
-    for _, adapter in impls:
-        for d in req.dtypes:
-            _check(adapter, spec, d)
-    ref = _adapter(req, req.reference[0])
-    _check(ref, spec, req.reference[1])
-    return impls, skipped, ref
-
-
-@dataclass
-class Elsewhere:
-    """An implementation known by name and version only: it is checked and run in other processes."""
-
-    name: str
-    version_text: str
-
-    def version(self) -> str:
-        return self.version_text
-
-    def needs_own_process(self) -> bool:
-        return True
-
-
-def resolve_elsewhere(req: Request, spec: GemmaSpec):
-    """`resolve_impls` and the checks, run in a child process (`python -m parity.capture --check`)."""
-    import json
-    import subprocess
-    import sys
-
-    ref_name, ref_dtype = req.reference
-    cmd = [sys.executable, "-m", "parity.capture", "--check", "--spec-json", json.dumps(spec.to_dict()),
-           "--dtypes", ",".join(req.dtypes), "--reference", f"{ref_name}@{ref_dtype}"]
-    if req.impls is not None:
-        cmd += ["--impls", ",".join(req.impls)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 2:
-        raise ParityInputError((proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("parity: error: "))
-    if proc.returncode != 0:
-        raise RuntimeError(f"checking the implementations failed: {proc.stderr.strip()[-500:]}")
-    got = json.loads(proc.stdout)
-    impls = [(n, Elsewhere(a["name"], a["version"])) for n, a in got["impls"].items()]
-    return impls, got["skipped"], Elsewhere(*got["reference"])
 
 
 def run(req: Request, progress: Progress | None = None) -> Report:

@@ -47,13 +47,11 @@ def text_to_tokens(text: str, spec: GemmaSpec, tokenizer_dir: str | None = None)
     if not text:
         raise ParityInputError("--prompt '' is empty; give some text, or --tokens with at least one id")
     if tokenizer_dir:
-        try:
-            from transformers import AutoTokenizer
+        from parity.adapters.hf import tokenize
 
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-            return list(tok(text)["input_ids"])
-        except Exception:
-            pass  # no usable tokenizer files: fall back to bytes, as for random weights
+        ids = tokenize(text, tokenizer_dir)  # None: the directory has no tokenizer files
+        if ids is not None:
+            return ids
     span = max(spec.vocab_size - FIRST_ORDINARY_ID, 1)
     return [spec.bos_token_id] + [FIRST_ORDINARY_ID + (b % span) for b in text.encode("utf-8")]
 

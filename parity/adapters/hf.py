@@ -228,3 +228,24 @@ class HFAdapter(Adapter):
 
     def release(self, model) -> None:
         del model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def tokenize(text: str, directory: str) -> list[int] | None:
+    """The checkpoint's own tokenizer on `text`; None when the directory has no tokenizer files (then
+    prompts fall back to bytes, as for random weights). Files that are there but do not load are bad
+    input, not a silent fallback to byte ids."""
+    from pathlib import Path
+
+    if not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 -- whatever the tokenizer library raises on a broken file
+        raise ParityInputError(f"{directory}: its tokenizer files do not load ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); fix them, or give --tokens") from None
+    return list(tok(text)["input_ids"])

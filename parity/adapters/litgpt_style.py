@@ -110,7 +110,7 @@ class LitgptStyleAdapter(Adapter):
 
         from parity.adapters.torch_load import load
         from parity.adapters.torch_setup import torch_dtype
-        from parity.litgpt_style import GPT, PortOptions
+        from parity.adapters.port_model import GPT, PortOptions
 
         if self.spec_changes:
             spec = spec.replace(**self.spec_changes)

@@ -1,0 +1,297 @@
+"""The project's own lit-gpt-style PyTorch port of Gemma 1/2/3 (text).
+
+One readable model file driven by a flat config (`GemmaSpec`), as litgpt
+does: a disabled feature is an `nn.Identity()` so `forward` reads straight
+through. Every op runs in the dtype it is given; low precision follows the
+Gemma conventions (norms, softmax and rotary angles in fp32, rounded once),
+and float64 stays float64 everywhere, so this port is the reference.
+
+`PortOptions` holds the implementation choices that are not part of the
+architecture (where casts happen, which projection is gated, ...). The
+defaults are the correct ones; each other value reproduces one known
+divergence, so the diagnosis can re-run the port with one choice changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parity.spec import GemmaSpec
+
+
+@dataclass(frozen=True)
+class PortOptions:
+    gelu_lowp: bool = False  # act-lowp: tanh-GELU op by op in the activation dtype
+    geglu_swapped: bool = False  # geglu-swapped: gelu(up) * gate
+    norm_cast: str = "after"  # norm-cast-order: "after" (Gemma) or "before" (Llama)
+    offset_lowp: bool = False  # norm-unit-offset-lowp: (1 + w) in the parameter dtype
+    rope_layout: str = "half"  # rope-layout: "half" (split halves) or "interleaved" pairs
+    rope_lowp: bool = False  # rope-precision: angles, cos and sin in the activation dtype
+    softmax_lowp: bool = False  # softmax-precision: softmax in the activation dtype
+    final_norm: bool = True  # final-norm-missing when False
+    qk_norm_after_rope: bool = False  # qk-norm-missing (misplaced variant)
+    skip_qk_norm: bool = False  # qk-norm-missing: the q/k norms hold weights but do nothing
+    extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
+    softcap_on_norm: bool = False  # softcap-misplaced: the final softcap applied to the final norm's output
+    # --- equally correct rounding orders (parity.noise's honest ensemble), not faults
+    scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
+    accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
+    perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit activations, the dtype itself otherwise (never downcast fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Tap(nn.Identity):
+    """A named point in forward whose value a forward hook can record.
+
+    Used for values that no sub-module produces on its own (the scaled
+    embedding, post-RoPE q and k, attention probabilities).
+    """
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, unit_offset: bool, opts: PortOptions) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps, self.unit_offset, self.opts = eps, unit_offset, opts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        cdt = _compute_dtype(dtype)
+        xc = x.to(cdt)
+        normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight
+        if self.unit_offset:
+            # Gemma stores w centred on 0; (1 + w) in the parameter dtype rounds in bf16
+            scale = (1 + w).to(cdt) if self.opts.offset_lowp else 1 + w.to(cdt)
+        else:
+            scale = w.to(cdt)
+        if self.opts.norm_cast == "before":  # Llama order: round, then multiply in low precision
+            return normed.to(dtype) * scale.to(dtype)
+        return (normed * scale).to(dtype)
+
+
+class SkippedNorm(RMSNorm):
+    """Holds the norm's weight (so the checkpoint still loads) but returns its input: a fault."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class GeluOpByOp(nn.Module):
+    """tanh-GELU evaluated op by op in the input dtype, in jax.nn.gelu's order.
+
+    Each op rounds to the input dtype, as JAX does on bf16 inputs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.tensor(math.sqrt(2 / math.pi), dtype=x.dtype)
+        cube = x * x * x
+        inner = c * (x + torch.tensor(0.044715, dtype=x.dtype) * cube)
+        cdf = torch.tensor(0.5, dtype=x.dtype) * (1 + torch.tanh(inner))
+        return x * cdf
+
+
+class Linear(nn.Linear):
+    """nn.Linear, or with `accum_split` two half-width partial products rounded to the dtype and added.
+
+    Another library's matmul sums in another order (XLA's blocking, a fused kernel, low-precision
+    accumulation): the split is one such order, as correct as the plain one.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, opts: PortOptions) -> None:
+        super().__init__(fan_in, fan_out, bias=False)
+        self.split = opts.accum_split and fan_in >= 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(x)
+        h = self.in_features // 2
+        return F.linear(x[..., :h], self.weight[:, :h]) + F.linear(x[..., h:], self.weight[:, h:])
+
+
+class GemmaMLP(nn.Module):
+    """GeGLU: two half-width projections, gelu(gate) * up, then down."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        super().__init__()
+        self.fc_1 = Linear(s.hidden_size, s.intermediate_size, opts)  # gate
+        self.fc_2 = Linear(s.hidden_size, s.intermediate_size, opts)  # up
+        self.proj = Linear(s.intermediate_size, s.hidden_size, opts)  # down
+        self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
+        self.swapped = opts.geglu_swapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc_1(x), self.fc_2(x)
+        if self.swapped:
+            gate, up = up, gate
+        return self.proj(self.act(gate) * up)
+
+
+def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortOptions):
+    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor."""
+    base, factor = s.rope_base_for(layer), s.rope_factor_for(layer)
+    adt = dtype if opts.rope_lowp else _compute_dtype(dtype)
+    idx = torch.arange(0, s.head_dim, 2, dtype=torch.int64).to(adt)
+    inv_freq = 1.0 / (base ** (idx / s.head_dim))  # [head_dim / 2]
+    pos = torch.arange(T, dtype=torch.int64).to(adt) / factor  # linear scaling divides positions
+    angles = torch.outer(pos, inv_freq)  # [T, head_dim / 2]
+    emb = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]. Half-split pairs dim i with dim i + head_dim/2."""
+    if layout == "interleaved":  # pairs (0,1), (2,3), ...: the rope-layout fault
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s_ = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+        out = torch.stack([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)  # [..., hd/2, 2]
+        return out.flatten(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        self.s, self.layer, self.opts = s, layer, opts
+        # fused qkv, litgpt layout: per kv group, its query heads, then its key head, then its value head
+        self.attn = Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim, opts)
+        self.proj = Linear(s.num_heads * s.head_dim, s.hidden_size, opts)
+        if s.qk_norm:
+            qk = SkippedNorm if opts.skip_qk_norm else RMSNorm
+            self.norm_q = qk(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+            self.norm_k = qk(s.head_dim, s.norm_eps, s.norm_unit_offset, opts)
+        else:
+            self.norm_q = self.norm_k = nn.Identity()
+        self.q_rot, self.k_rot, self.scores, self.probs = Tap(), Tap(), Tap(), Tap()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        B, T, _ = x.shape
+        q_per_kv = s.num_heads // s.num_kv_heads
+        qkv = self.attn(x).view(B, T, s.num_kv_heads, q_per_kv + 2, s.head_dim)
+        q = qkv[:, :, :, :q_per_kv].reshape(B, T, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = qkv[:, :, :, q_per_kv].transpose(1, 2)  # [B, KV, T, hd]
+        v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)  # [B, KV, T, hd]
+        if not self.opts.qk_norm_after_rope:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q = self.q_rot(apply_rope(q, cos, sin, self.opts.rope_layout))
+        k = self.k_rot(apply_rope(k, cos, sin, self.opts.rope_layout))
+        if self.opts.qk_norm_after_rope:
+            q, k = self.norm_q(q), self.norm_k(k)
+        k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
+        v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
+        if self.opts.scale_q_first:  # q rounded after scaling, then q.k
+            scores = (q * torch.tensor(s.query_scale, dtype=q.dtype)) @ k.transpose(-1, -2)  # [B, H, T, T]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, T]
+        if s.attn_softcap is not None:
+            scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
+        scores = self.scores(scores + mask.to(scores.dtype))
+        if self.opts.softmax_lowp:  # op by op in the activation dtype, each op rounded
+            e = torch.exp(scores - scores.amax(-1, keepdim=True))
+            probs = self.probs(e / e.sum(-1, keepdim=True))
+        else:
+            probs = self.probs(F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype))
+        y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim)  # [B, T, H * hd]
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        sandwich = s.norm_placement == "sandwich"
+        norm = lambda: RMSNorm(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)  # noqa: E731
+        self.norm_1 = norm()
+        self.attn = CausalSelfAttention(s, layer, opts)
+        self.post_attention_norm = norm() if sandwich else nn.Identity()
+        self.norm_2 = norm()
+        self.mlp = GemmaMLP(s, opts)
+        self.post_mlp_norm = norm() if sandwich else nn.Identity()
+        if opts.extra_post_norms and not sandwich:
+            # tied to the pre-norms' weights, so the same checkpoint loads
+            self.post_attention_norm, self.post_mlp_norm = norm(), norm()
+            self.post_attention_norm.weight, self.post_mlp_norm.weight = self.norm_1.weight, self.norm_2.weight
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask))
+        return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
+
+
+class EmbedScale(nn.Module):
+    def __init__(self, s: GemmaSpec, perturb_seed: int | None = None) -> None:
+        super().__init__()
+        self.normalizer, self.in_fp32 = s.embed_normalizer, s.embed_scale_dtype == "float32"
+        self.perturb_seed = perturb_seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_fp32:  # the normaliser kept in fp32, the product rounded once
+            y = (x.to(_compute_dtype(x.dtype)) * self.normalizer).to(x.dtype)
+        else:
+            y = x * torch.tensor(self.normalizer, dtype=x.dtype)  # rounded to the activation dtype first
+        if self.perturb_seed is None:
+            return y
+        # every element one ulp up or down (nextafter in the dtype): an input change the size of one rounding
+        g = torch.Generator().manual_seed(self.perturb_seed)
+        up = torch.rand(y.shape, generator=g) < 0.5
+        inf = torch.tensor(float("inf"), dtype=y.dtype)
+        return torch.where(up, torch.nextafter(y, inf), torch.nextafter(y, -inf))
+
+
+class Softcap(nn.Module):
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / self.cap) * self.cap
+
+
+def causal_mask(T: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """[T, T] additive mask: query i sees key j when 0 <= i - j < window."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    ok = j <= i
+    if window is not None:
+        ok &= (i - j) < window
+    return torch.zeros(T, T, dtype=dtype).masked_fill(~ok, float("-inf"))
+
+
+class GPT(nn.Module):
+    def __init__(self, s: GemmaSpec, opts: PortOptions = PortOptions()) -> None:
+        super().__init__()
+        self.s, self.opts = s, opts
+        self.wte = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.embed_scale = EmbedScale(s, opts.perturb_seed)
+        self.h = nn.ModuleList(Block(s, i, opts) for i in range(s.num_layers))
+        self.ln_f = (RMSNorm if opts.final_norm else SkippedNorm)(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)
+        self.lm_head = Linear(s.hidden_size, s.vocab_size, opts)
+        if s.tied_head:
+            self.lm_head.weight = self.wte.weight
+        self.final_softcap = Softcap(s.final_softcap) if s.final_softcap else nn.Identity()
+        self.logits_tap = Tap()  # the logits when the softcap is misplaced (the "logits" tap is the cap's output)
+        self.rope_cos = Tap()  # layer 0's cos table, [1, T, head_dim], for the rope-precision probe
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: [B, T] token ids -> logits [B, T, vocab]."""
+        T = idx.shape[1]
+        x = self.embed_scale(self.wte(idx))  # [B, T, hidden]
+        dtype = x.dtype
+        for i, block in enumerate(self.h):
+            cos, sin = rope_cache(self.s, i, T, dtype, self.opts)
+            if i == 0:
+                cos = self.rope_cos(cos[None])[0]
+            x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+        if self.opts.softcap_on_norm:  # the final norm's tap is before the cap; the head reads the capped norm
+            return self.logits_tap(self.lm_head(self.final_softcap(self.ln_f(x))))
+        return self.final_softcap(self.lm_head(self.ln_f(x)))
