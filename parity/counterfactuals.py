@@ -171,12 +171,15 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
     trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
 
+    failed: list[tuple[str, str]] = []  # (candidate, why it could not be scored)
+
     def score(adapter, cf: Counterfactual | None = None) -> float | None:
         # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
         w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
         try:
-            got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
-        except Exception:  # a variant the weights cannot build (e.g. a missing tensor): not a candidate
+            got = capture(adapter or cf.adapter(), run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
+        except Exception as e:  # noqa: BLE001 -- a variant that cannot be built is reported, not silently dropped
+            failed.append((cf.label if cf is not None else "unchanged port", f"{type(e).__name__}: {e}"[:200]))
             return None
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
         rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
@@ -190,17 +193,18 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         # the correct port reproduces it: no single change can explain it better (and at real sizes
         # each candidate is a model run), so the candidates are not run
         return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
-                "baseline_score": baseline, "explains": False}
-    scored = []
+                "baseline_score": baseline, "explains": False, "failed": failed}
+    scored: list = []
     swaps = swap_candidates(spec, layer, weights) if layer is not None else []
     for cf in candidates(run_spec) + swaps:
         if not _valid(cf, run_spec):
             continue
-        sc = score(cf.adapter(), cf)
+        sc = score(None, cf)
         if sc is not None:
             scored.append((sc, cf))
     if not scored:
-        return None
+        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
+                "baseline_score": baseline, "explains": False, "ranked": [], "failed": failed}
     scored.sort(key=lambda x: x[0])
     best_score, best = scored[0]
     runner = scored[1] if len(scored) > 1 else (float("inf"), None)
@@ -211,4 +215,5 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         "baseline_score": baseline,
         "explains": best_score <= 1.0 and (baseline is None or baseline > 1.0),
         "ranked": [(cf.label, sc) for sc, cf in scored[:5]],
+        "failed": failed,
     }

@@ -67,3 +67,24 @@ def test_one_massive_activation_does_not_loosen_the_other_rows():
     whole = np.sqrt(np.mean(ref**2))
     assert 0.5 / whole < 1e-2 < excess(bad, ref, 0.0)
     assert row_norms(ref).shape == (8, 1)
+
+
+def test_a_counterfactual_that_cannot_run_is_reported_not_dropped(tiny, monkeypatch):
+    from parity import counterfactuals
+    from parity.counterfactuals import Counterfactual
+
+    real = counterfactuals.candidates
+    broken = Counterfactual("rope-layout", "a variant that cannot be built", options=(("no_such_option", True),))
+    monkeypatch.setattr(counterfactuals, "candidates", lambda spec: [broken, *real(spec)])
+    rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=TOKENS,
+                      adapters={"rope-base-fault": _rope_base_fault()}))
+    (rv,) = rep.verdict.runs
+    assert rv.explanation["cause"] == "rope-base"  # the others are still ranked
+    monkeypatch.setattr(counterfactuals, "candidates", lambda spec: [broken])
+    monkeypatch.setattr(counterfactuals, "swap_candidates", lambda *a: [])
+    rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=TOKENS,
+                      adapters={"rope-base-fault": _rope_base_fault()}))
+    (rv,) = rep.verdict.runs
+    ev = rv.explanation["evidence"]
+    assert rv.explanation["cause"] == "unexplained" and "1 candidate(s) could not be run" in ev
+    assert "a variant that cannot be built" in ev and "TypeError" in ev
