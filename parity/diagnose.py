@@ -32,58 +32,65 @@ def diagnose(report) -> None:
     cause found at a later tap never stands in for it. Precision causes stay
     notes unless they are what explains the first divergence.
     """
+    for run in report.runs:
+        if run["mode"] != "cumulative":
+            continue  # probes read an implementation's own chain of taps
+        probes, entries = diagnose_run(report, run["impl"], run["dtype"])
+        report.probes += probes
+        report.diagnosis += entries
+
+
+def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]:
+    """One cumulative run's probe results and diagnosis entries; the entry that explains the first
+    divergence comes first, so a reader of `diagnosis[0]` of a run meets the cause of its first divergence."""
     spec = report.spec
     weights = report.weights.tensors if report.weights is not None else {}
     order = _order(spec)
     prompt = "long" if "long" in report.prompts else next(iter(report.prompts))
-    for run in report.runs:
-        impl, dtype, mode = run["impl"], run["dtype"], run["mode"]
-        if mode != "cumulative":
-            continue  # probes read an implementation's own chain of taps
-        trace = report.trace(impl, dtype, prompt, mode)
-        probes = run_probes(trace, spec, weights)
-        for p in probes:
-            report.probes.append({"impl": impl, "dtype": dtype, **p.to_json()})
-        results = report.run_results(impl, dtype, mode)
-        failed = [r for r in results if not r.passed]
-        first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
-        at_first = order.get(first.tap, 10**6) if first is not None else None
-        # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
-        found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
-        seen, explained = set(), False
-        for p in found:
-            if p.cause in seen:
-                continue
-            seen.add(p.cause)
-            upstream = at_first is not None and order.get(p.tap, 10**6) <= at_first
-            note = p.cause in PRECISION_ONLY and not (first is not None and p.tap == first.tap)
-            entry = {
-                "impl": impl, "dtype": dtype, "cause": p.cause, "tap": p.tap,
-                "evidence": f"{p.name} probe: {p.sentence()}",
-                "severity": "note" if note else "divergence", "source": "probe",
-            }
-            if upstream and not note and not explained:
-                entry["explains"] = first.tap
-                explained = True
-            report.diagnosis.append(entry)
-        if first is None or explained:
+    trace = report.trace(impl, dtype, prompt, "cumulative")
+    probes = run_probes(trace, spec, weights)
+    probe_rows = [{"impl": impl, "dtype": dtype, **p.to_json()} for p in probes]
+    entries: list[dict] = []
+    results = report.run_results(impl, dtype, "cumulative")
+    failed = [r for r in results if not r.passed]
+    first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
+    at_first = order.get(first.tap, 10**6) if first is not None else None
+    # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
+    found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
+    seen, explained = set(), False
+    for p in found:
+        if p.cause in seen:
             continue
-        broken = first.reason.startswith(("shape", "NaN", "inf in")) and not first.sampled
-        if broken:  # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
-            # scores where the reference has -inf, is left to the probes and counterfactuals)
-            report.diagnosis.append({
-                "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
-                "source": "first-divergence", "explains": first.tap,
-                "evidence": f"first divergence at {first.tap}: {first.reason}"})
-            continue
-        if report.weights is None:
-            report.diagnosis.append({
-                "impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
-                "source": "first-divergence", "explains": first.tap,
-                "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals need the "
-                            "weights (pass --weights)"})
-        else:
-            report.diagnosis.append(_counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order))
+        seen.add(p.cause)
+        upstream = at_first is not None and order.get(p.tap, 10**6) <= at_first
+        note = p.cause in PRECISION_ONLY and not (first is not None and p.tap == first.tap)
+        entry = {
+            "impl": impl, "dtype": dtype, "cause": p.cause, "tap": p.tap,
+            "evidence": f"{p.name} probe: {p.sentence()}",
+            "severity": "note" if note else "divergence", "source": "probe",
+        }
+        if upstream and not note and not explained:
+            entry["explains"] = first.tap
+            explained = True
+        entries.append(entry)
+    if first is not None and not explained:
+        entries.append(_explain_first(report, impl, dtype, first, order))
+    entries.sort(key=lambda e: "explains" not in e)  # stable: the rest keep their forward order
+    return probe_rows, entries
+
+
+def _explain_first(report, impl: str, dtype: str, first, order) -> dict:
+    """The entry for a first divergence no probe at or before it explains."""
+    entry = {"impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
+             "source": "first-divergence", "explains": first.tap}
+    if first.reason.startswith(("shape", "NaN", "inf in")) and not first.sampled:
+        # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
+        # scores where the reference has -inf, is left to the counterfactuals)
+        return {**entry, "evidence": f"first divergence at {first.tap}: {first.reason}"}
+    if report.weights is None:
+        return {**entry, "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals "
+                                     "need the weights (pass --weights)"}
+    return _counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order)
 
 
 def trace_for(report, impl, dtype, prompt):
