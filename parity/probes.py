@@ -42,9 +42,18 @@ ULPS_WIDE = 16  # fp32/fp64: several ops each round; 16 ulps is still far below 
 class Probe:
     name: str
     tap: str
-    verdict: str
-    cause: str | None  # a DIVERGENCES.md id, or None when this operation is right
+    verdict: str  # for people
+    cause: str | None  # a docs/causes.md id, or None when this operation is right
     evidence: dict = field(default_factory=dict)
+    finding: str | None = None  # the candidate that matched (e.g. "tanh, rounded once"), where there are candidates
+
+    @property
+    def status(self) -> str:
+        """For code, not prose: "cannot-tell" (the evidence does not decide), "cause" (a cause id is named:
+        `unexplained` when no candidate matched) or "ok"."""
+        if self.verdict.startswith("cannot tell"):
+            return "cannot-tell"
+        return "cause" if self.cause else "ok"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -266,8 +275,8 @@ def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
         # within a dtype, exact and tanh can tie when every input is tiny; say so instead of guessing
         if lead < 1e-3:
             return Probe("gelu", tap, f"{best} and the runner-up agree equally ({score:.1%}): inputs too small to tell",
-                         None, evidence)
-    return Probe("gelu", tap, f"GELU is {best}", cause, evidence)
+                         None, evidence, finding=best)
+    return Probe("gelu", tap, f"GELU is {best}", cause, evidence, finding=best)
 
 
 # ------------------------------------------------------------------ GeGLU

@@ -405,7 +405,8 @@ def pytest_runtest_makereport(item, call):
     from parity.waivers import explains_failure
 
     impl, dtype = callspec.params["impl_dtype"]
-    note = explains_failure(state.report, impl, dtype, str(call.excinfo.value))
+    exc = call.excinfo.value
+    note = explains_failure(state.report, impl, dtype, str(exc), getattr(exc, "causes", None))
     if note:
         rep.outcome = "skipped"
         rep.wasxfail = f"waived: {note}"

@@ -211,7 +211,7 @@ def waived_causes(report, impl: str, dtype: str) -> dict[str, str]:
             if (d["impl"], d["dtype"]) == (impl, dtype) and d.get("severity") == "waived"}
 
 
-def explains_failure(report, impl: str, dtype: str, message: str) -> str | None:
+def explains_failure(report, impl: str, dtype: str, message: str, causes=None) -> str | None:
     """The waiver note when a failed check of impl@dtype is explained by waived causes alone, else None.
 
     Used for the probe-based checks (GELU, GeGLU, norms, embedding), whose
@@ -224,7 +224,10 @@ def explains_failure(report, impl: str, dtype: str, message: str) -> str | None:
         return None
     if any((d["impl"], d["dtype"]) == (impl, dtype) and d.get("severity") == "divergence" for d in report.diagnosis):
         return None
-    named = {c for c in CAUSE_IDS if re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", message)}
+    if causes is not None:  # a parity.checks.CheckFailure says which causes its probes named
+        named = set(causes)
+    else:
+        named = {c for c in CAUSE_IDS if re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", message)}
     if not named or not named <= set(waived):
         return None
     return "; ".join(f"{c}: {waived[c]}" for c in sorted(named))
