@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import ParityInputError
-from parity.spec import GemmaSpec, from_hf_config
+from parity.spec import GemmaSpec, from_hf_config, gemma_layer_types
 from parity.weights import Weights, canonical_shapes, check_tensors
 
 HF_SINGLE = "model.safetensors"
@@ -294,7 +294,7 @@ def _keras_spec(d: Path, cfg: dict) -> GemmaSpec:
             if c.get(f, ok) != ok:
                 refuse(f, f"is not the text-only causal Gemma 3 that parity compares (needs {ok!r})")
         # Gemma3Backbone: the window on layers i % 6 < 5; rope 10_000 there, 1_000_000 on the others
-        local = [sliding and i % 6 < 5 for i in range(n)]
+        local = [sliding and t == "local" for t in gemma_layer_types(3, n)]
         kw.update(family=3, intermediate_size=int(c["intermediate_dim"]), qk_norm=bool(c.get("use_query_key_norm",
                   True)), rope_base=1_000_000.0, rope_scaling_factor=float(c.get("global_rope_scaling_factor", 1.0)),
                   rope_local_base=10_000.0 if any(local) else None)
@@ -302,7 +302,7 @@ def _keras_spec(d: Path, cfg: dict) -> GemmaSpec:
         if c["intermediate_dim"] % 2:
             refuse("intermediate_dim", "is odd; GemmaBackbone splits it into two equal GeGLU halves")
         # GemmaBackbone: the window on even layers, rope 10_000 everywhere
-        local = [sliding and i % 2 == 0 for i in range(n)]
+        local = [sliding and t == "local" for t in gemma_layer_types(2, n)]
         family = 2 if (post_attn or sliding or attn_cap is not None or final_cap is not None) else 1
         kw.update(family=family, intermediate_size=int(c["intermediate_dim"]) // 2, rope_base=10_000.0)
     if kw["family"] == 1:

@@ -10,17 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.errors import ParityInputError
-from parity.spec import GemmaSpec, load_config_json
+from parity.spec import GemmaSpec, gemma_layer_types, load_config_json
 
 
 def _gemma3_types(n: int) -> tuple[str, ...]:
-    # five local layers, then one global (HF: sliding_window_pattern = 6)
-    return tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(n))
+    return gemma_layer_types(3, n)  # five local layers, then one global
 
 
 def _gemma2_types(n: int) -> tuple[str, ...]:
-    # even layers local, odd layers global (HF, litgpt and keras-hub agree)
-    return tuple("local" if i % 2 == 0 else "global" for i in range(n))
+    return gemma_layer_types(2, n)  # even layers local
 
 
 _CONFIGS: list[dict] = [

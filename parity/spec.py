@@ -306,13 +306,9 @@ def from_hf_config(cfg: dict, where: str = "config.json") -> GemmaSpec:
             kw["final_softcap"] = cfg.get("final_logit_softcapping")
             types = cfg.get("layer_types")
             if types is None:
-                if family == 2:  # Gemma 2: even layers local
-                    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-                else:  # Gemma 3: every Nth layer global
-                    pattern = int(cfg.get("sliding_window_pattern", 6))
-                    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                             for i in range(n_layers)]
-            kw["layer_types"] = tuple("local" if t == "sliding_attention" else "global" for t in types)
+                kw["layer_types"] = gemma_layer_types(family, n_layers, int(cfg.get("sliding_window_pattern", 6)))
+            else:
+                kw["layer_types"] = tuple("local" if t == "sliding_attention" else "global" for t in types)
             kw["sliding_window"] = cfg.get("sliding_window") if "local" in kw["layer_types"] else None
             if family == 2:
                 kw["rope_scaling_factor"] = float(extra.get("rope_scaling_factor", 1.0))
@@ -356,3 +352,18 @@ def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
     if n == spec.num_layers:
         return spec
     return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")
+
+
+def gemma_layer_types(family: int, n: int, period: int = 6) -> tuple[str, ...]:
+    """Gemma's local/global layer pattern, the one home of it.
+
+    Gemma 1: every layer global. Gemma 2: even layers local, odd layers global
+    (HF, litgpt and keras-hub agree; one third-party description says odd).
+    Gemma 3: `period - 1` local layers, then one global (HF's
+    sliding_window_pattern, 6; keras-hub's `i % 6 < 5`).
+    """
+    if family == 1:
+        return ("global",) * n
+    if family == 2:
+        return tuple("local" if i % 2 == 0 else "global" for i in range(n))
+    return tuple("global" if (i + 1) % period == 0 else "local" for i in range(n))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from parity.spec import GemmaSpec
+from parity.spec import GemmaSpec, gemma_layer_types
 
 
 def _check_range(name: str, lo: int, hi: int, floor: int) -> None:
@@ -49,10 +49,7 @@ def _specs(draw, families, min_layers, max_layers, max_hidden, max_vocab, max_wi
     )
     if family >= 2:
         window = draw(st.integers(2, max_window))
-        if family == 2:
-            types = tuple("local" if i % 2 == 0 else "global" for i in range(layers))
-        else:
-            types = tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(layers))
+        types = gemma_layer_types(family, layers)
         kw.update(
             norm_placement="sandwich", layer_types=types,
             sliding_window=window if "local" in types else None,

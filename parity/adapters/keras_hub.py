@@ -97,7 +97,7 @@ import numpy as np
 
 from parity.adapters.base import DTYPES, Adapter, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
-from parity.spec import GemmaSpec
+from parity.spec import GemmaSpec, gemma_layer_types
 from parity.taps import expand_tap_map, layer_of, tap_names
 from parity.weights import Weights, map_weights
 
@@ -562,9 +562,9 @@ def _fused(model: KerasModel) -> bool | None:
 
 
 LOCAL_PATTERN = {  # which layers keras-hub makes local (sliding), when sliding-window attention is on
-    1: ("i % 2 == 0 (GemmaBackbone)", lambda i: i % 2 == 0),
-    2: ("i % 2 == 0 (GemmaBackbone)", lambda i: i % 2 == 0),
-    3: ("i % 6 < 5 (Gemma3Backbone)", lambda i: i % 6 < 5),
+    1: ("i % 2 == 0 (GemmaBackbone)", lambda i: gemma_layer_types(2, i + 1)[i] == "local"),
+    2: ("i % 2 == 0 (GemmaBackbone)", lambda i: gemma_layer_types(2, i + 1)[i] == "local"),
+    3: ("i % 6 < 5 (Gemma3Backbone)", lambda i: gemma_layer_types(3, i + 1)[i] == "local"),
 }
 GEMMA_ROPE = 10_000.0  # CachedGemmaAttention: RotaryEmbedding(max_wavelength=10_000.0), every layer
 GEMMA3_ROPE = {"local": 10_000.0, "global": 1_000_000.0}  # Gemma3Backbone, by layer type

@@ -43,7 +43,7 @@ import numpy as np
 
 from parity.adapters.base import Adapter, RunResult
 from parity.errors import BackendMissing, ParityInputError
-from parity.spec import GemmaSpec
+from parity.spec import GemmaSpec, gemma_layer_types
 from parity.taps import expand_tap_map, tap_names
 from parity.weights import Weights, map_weights
 
@@ -143,7 +143,7 @@ def _placing(spec: GemmaSpec) -> str | None:
     local = [t == "local" for t in spec.layer_types]
     if all(local):
         return "all"
-    if local == [i % 2 == 0 for i in range(spec.num_layers)]:
+    if local == [t == "local" for t in gemma_layer_types(2, spec.num_layers)]:
         return "interleaved"
     return None
 
