@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from parity.adapters import get_adapter
 from parity.harness import Request, resolve_impls
 from parity.prompts import default_prompts
-from parity.spec import resolve_spec
+from parity.presets import resolve_spec
 from parity.weights import random_weights
 a = json.loads(sys.argv[1])
 spec = resolve_spec(a["spec"])
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     from parity.harness import is_large
-    from parity.spec import resolve_spec
+    from parity.presets import resolve_spec
     from parity.weights import param_count
 
     spec = resolve_spec(a.spec)
