@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from parity.tolerances import FORMATS
+
 # explicit mantissa bits (without the implicit one) and smallest normal exponent
-_FORMATS = {"float64": (52, -1022), "float32": (23, -126), "bfloat16": (7, -126), "float16": (10, -14)}
+_FORMATS = {k: (f.mantissa_bits, f.min_exponent) for k, f in FORMATS.items()}
 
 
 def ulp_of(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from parity.metrics import ulp_of
+from parity.tolerances import FORMATS, LM_HEAD_CLOSENESS
 from parity.spec import GemmaSpec
 from parity.trace import ReducedTap, Trace
 
@@ -103,8 +104,8 @@ def agreement(actual: np.ndarray, candidate: np.ndarray, dtype: str, keep: np.nd
 
 
 # ------------------------------------------------------------------ what a dtype can carry
-SMALLEST_NORMAL = {"float64": 2.0**-1022, "float32": 2.0**-126, "bfloat16": 2.0**-126, "float16": 2.0**-14}
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+SMALLEST_NORMAL = {k: f.smallest_normal for k, f in FORMATS.items()}
+UNIT_ROUNDOFF = {k: f.unit_roundoff for k, f in FORMATS.items()}
 # At 98% a decision needs about a hundred elements: on fewer, one or two mismatches move a rate past the bar.
 MIN_TRUSTED = 100
 
@@ -544,7 +545,7 @@ def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] |
 # subnormals through the fp32 -> fp16 conversion (flush-to-zero is an fp32-arithmetic mode), so anything
 # below its smallest subnormal, 2^-24 = 6e-8, may round to 0. bf16 and fp32 probabilities come from fp32
 # arithmetic, which may flush below fp32's smallest normal, 2^-126.
-UNDERFLOW = {"float16": 2.0**-24, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022}
+UNDERFLOW = {k: FORMATS[k].smallest_subnormal if k == "float16" else FORMATS[k].smallest_normal for k in FORMATS}
 # A zero reads as masked only when it would have to lie this many times further below the row's smallest
 # visible probability than the row's own spread (max / min) reaches, to be an underflow.
 SPREAD_MARGIN = 16.0
@@ -718,7 +719,7 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
     expected = f"tied head, softcap {cap:g}" if cap else "tied head, no softcap"
     # a matmul in low precision accumulates differently: judge by closeness, not bits
     scale = np.sqrt(np.mean(y64**2)) or 1.0
-    tol = {"float64": 1e-9, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    tol = LM_HEAD_CLOSENESS[dtype]
 
     def close(v) -> float:
         return float(np.mean(np.abs(y64 - v) <= tol * scale))

@@ -1,9 +1,7 @@
 """Logits checks: within tolerance, and the next-token distribution agrees (KL, top-1)."""
 
 from parity.checks import check_within_tolerance
-
-# bf16 random-weight logits: KL stays below 1e-3 nats; a structural fault is > 1e-2
-KL_MAX = {"float64": 1e-12, "float32": 1e-8, "bfloat16": 2e-3, "float16": 1e-4}
+from parity.tolerances import LOGITS_KL_MAX as KL_MAX
 
 
 def test_logits_within_tolerance(results):

@@ -69,6 +69,40 @@ TOLERANCES: dict[str, Tolerance] = {
 NOISE_MARGIN = 4.0
 
 
+@dataclass(frozen=True)
+class Format:
+    """What a floating-point dtype can carry: explicit mantissa bits and the smallest normal exponent."""
+
+    mantissa_bits: int
+    min_exponent: int
+
+    @property
+    def smallest_normal(self) -> float:
+        return 2.0**self.min_exponent
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return 2.0 ** (self.min_exponent - self.mantissa_bits)
+
+    @property
+    def unit_roundoff(self) -> float:
+        return 2.0 ** -(self.mantissa_bits + 1)
+
+
+FORMATS: dict[str, Format] = {
+    "float64": Format(52, -1022), "float32": Format(23, -126), "bfloat16": Format(7, -126), "float16": Format(10, -14),
+}
+
+# The lm-head probe's closeness, in units of the logits' RMS: a head matmul in low precision accumulates in
+# another order than the float64 candidate, so it is judged by closeness, not bits.
+LM_HEAD_CLOSENESS = {"float64": 1e-9, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+# The parity suite's next-token check (parity/test_logits.py): mean KL(reference || run) in nats. bf16
+# random-weight logits stay below 1e-3; a structural fault is above 1e-2.
+LOGITS_KL_MAX = {"float64": 1e-12, "float32": 1e-8, "bfloat16": 2e-3, "float16": 1e-4}
+
+
 def depth_of(tap: str, num_layers: int) -> int:
     if tap == "embed" or tap.startswith("rope."):
         return 0
