@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from parity.capture import Progress, capture, capture_in_subprocess
-from parity.compare import TapResult, compare_traces, first_divergence
+from parity.compare import TapResult, compare_traces
 from parity.errors import ParityInputError
 from parity.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
     Elsewhere, checked_impls, resolve_elsewhere, resolve_impls,
@@ -103,12 +103,8 @@ class Report:
         return [r for r in self.results if (r.impl, r.dtype, r.mode) == (impl, dtype, mode)]
 
     def first_divergences(self) -> list[TapResult]:
-        out = []
-        for run in self.runs:
-            f = first_divergence(self.run_results(run["impl"], run["dtype"], run["mode"]))
-            if f is not None:
-                out.append(f)
-        return out
+        """Each failing run's first divergence, as the one verdict finds it."""
+        return [rv.first for rv in self.verdict.runs if rv.first is not None]
 
     def trace(self, impl: str, dtype: str, prompt: str, mode: str = "cumulative") -> Trace:
         for t in self.traces:

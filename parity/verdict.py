@@ -99,12 +99,15 @@ def _run_verdict(report, run: dict) -> RunVerdict:
     for t in report.traces:
         if (t.impl, t.dtype, t.mode) == (impl, dtype, mode):
             missing.update(getattr(t, "unavailable", {}) or {})
+    order = _order(report)
+    # the first divergence in forward order over every prompt (ties: the earlier prompt), as diagnose finds it
+    first = min(failing, key=lambda r: order.get(r.tap, 10**6)) if failing else None
     return RunVerdict(
-        not_compared=tuple(sorted(missing.items(), key=lambda kv: _order(report).get(kv[0], 10**6))),
+        not_compared=tuple(sorted(missing.items(), key=lambda kv: order.get(kv[0], 10**6))),
         impl=impl, dtype=dtype, mode=mode, status=status, taps=len(rs),
         passed_taps=sum(r.passed for r in rs),
         honest_taps=sum(r.passed and r.stat > r.floor for r in rs),
-        first=failing[0] if failing else None, worst=max(rs, key=used) if rs else None, causes=causes,
+        first=first, worst=max(rs, key=used) if rs else None, causes=causes,
         basis="honest" if bases == {True} else "table" if bases == {False} else "mixed",
     )
 

@@ -88,3 +88,21 @@ def test_a_counterfactual_that_cannot_run_is_reported_not_dropped(tiny, monkeypa
     ev = rv.explanation["evidence"]
     assert rv.explanation["cause"] == "unexplained" and "1 candidate(s) could not be run" in ev
     assert "a variant that cannot be built" in ev and "TypeError" in ev
+
+
+def test_the_first_divergence_is_in_forward_order_over_every_prompt(tiny):
+    """A fault whose first tap diverges only on the long prompt is still the first divergence, though the
+    short prompt's results come first: the verdict, the headline and the diagnosis agree on it."""
+    from parity.prompts import default_prompts
+
+    prompts = default_prompts(tiny)
+    rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=prompts,
+                      adapters={"rope-base-fault": _rope_base_fault()}))
+    (rv,) = rep.verdict.runs
+    from parity.taps import tap_order
+
+    order = {t: i for i, t in enumerate(tap_order(tiny))}
+    failing = [r for r in rep.run_results(rv.impl, rv.dtype, rv.mode) if not r.passed]
+    assert rv.first.tap == min(failing, key=lambda r: order[r.tap]).tap
+    assert rv.explanation is not None and rv.explanation["explains"] == rv.first.tap
+    assert rep.first_divergences() == [rv.first] and rv.first.tap in rep.verdict.headline
