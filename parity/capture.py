@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from parity.errors import ImplementationError, ParityInputError, phase
+from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
 from parity.spec import GemmaSpec
 from parity.taps import layer_of, tap_names, tap_order
 from parity.trace import ReducedTap, Trace, widen
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             t.taps.path.unlink()
         return 0
     except ParityInputError as e:
-        print(f"parity: error: {e}", file=sys.stderr)
+        print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
         return 2
     except ImplementationError as e:
         print(e.traceback, file=sys.stderr)

@@ -6,9 +6,30 @@ CLI can print it as it is and a CI log shows the whole problem.
 
 
 class ParityInputError(ValueError):
-    """Bad input: a spec, checkpoint, token, layer, tap, dtype, path or backend."""
+    """Bad input: a spec, checkpoint, token, layer, tap, dtype, path or backend.
+
+    The library speaks in field names (`Request.mode`), the command lines in
+    flags (`--mode`, `--parity-report-dir`): a message about one field holds
+    `{option}` where the name goes and says which field (`option="mode"`);
+    `str()` names the field, `render(flag)` lets each front end name its flag.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        self.template, self.option = message, option
+        super().__init__(self.render())
+
+    def render(self, flag=None) -> str:
+        """The message with the field named as `flag(option)` says (default: the field name itself)."""
+        if self.option is None:
+            return self.template
+        return self.template.replace("{option}", flag(self.option) if flag else self.option)
+
+
+def cli_flag(option: str) -> str:
+    """The command lines' spelling of a field: `first_layers` -> `--first-layers`."""
+    return "--" + option.replace("_", "-")
 
 
 class BackendMissing(ParityInputError):

@@ -116,10 +116,10 @@ class Report:
 def run(req: Request, progress: Progress | None = None) -> Report:
     spec = req.spec
     if req.mode not in MODES:
-        raise ParityInputError(f"--mode {req.mode!r} is not a mode; use one of {MODES}")
+        raise ParityInputError(f"{{option}} {req.mode!r} is not a mode; use one of {MODES}", option="mode")
     if req.reduce_over is not None and req.reduce_over < 0:
-        raise ParityInputError(f"--reduce-over {req.reduce_over} is negative; give an element count >= 0 "
-                               "(0 reduces every tap)")
+        raise ParityInputError(f"{{option}} {req.reduce_over} is negative; give an element count >= 0 "
+                               "(0 reduces every tap)", option="reduce_over")
     from parity.adapters.base import DTYPES
     from parity.adapters.torch_setup import threads
 
@@ -129,10 +129,10 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     if not req.dtypes:
         raise ParityInputError("no dtypes given; use e.g. --dtypes float32,bfloat16")
     if req.reference[1] not in DTYPES:
-        raise ParityInputError(f"--reference {req.reference[0]}@{req.reference[1]}: {req.reference[1]!r} is not a "
-                               f"dtype; use one of {', '.join(DTYPES)} (e.g. litgpt-style@float64)")
+        raise ParityInputError(f"{{option}} {req.reference[0]}@{req.reference[1]}: {req.reference[1]!r} is not a "
+                               f"dtype; use one of {', '.join(DTYPES)} (e.g. litgpt-style@float64)", option="reference")
     if req.seed < 0:
-        raise ParityInputError(f"--seed {req.seed} is negative; give a seed >= 0")
+        raise ParityInputError(f"{{option}} {req.seed} is negative; give a seed >= 0", option="seed")
     threads()
     large = is_large(spec)
     if req.weights is not None:
@@ -277,15 +277,16 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
     if not any((t.impl, t.dtype) == tuple(reference) for t in traces):
         have = ", ".join(sorted({f"{t.impl}@{t.dtype}" for t in traces}))
-        raise ParityInputError(f"--reference {reference[0]}@{reference[1]} is not among the traces ({have}); "
-                               "pass the reference's trace too, or --reference one of those")
+        raise ParityInputError(f"{{option}} {reference[0]}@{reference[1]} is not among the traces ({have}); "
+                               "pass the reference's trace too, or {option} one of those", option="reference")
     ref_key = tuple(reference)
     refs = {t.prompt: t for t in traces if (t.impl, t.dtype) == ref_key and t.mode == "cumulative"}
     if not refs:
         raise ParityInputError(f"no cumulative trace of the reference {ref_key[0]}@{ref_key[1]} among the traces")
     spec = GemmaSpec.from_dict(next(iter(refs.values())).spec)
     if weights is not None and weights.hash != next(iter(refs.values())).weights_hash:
-        raise ParityInputError("--weights are not the weights the traces were captured from (hash differs)")
+        raise ParityInputError("{option} are not the weights the traces were captured from (hash differs)",
+                               option="weights")
     table = tolerances or TOLERANCES
     runs, others, effective = [], [], {}
     for t in traces:

@@ -34,7 +34,8 @@ def parse_tokens(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise ParityInputError(f"--tokens {text!r} is not a comma-separated list of integers; e.g. --tokens 2,651,6037") from None
+        raise ParityInputError(f"{{option}} {text!r} is not a comma-separated list of integers; e.g. 2,651,6037",
+                               option="tokens") from None
     return ids
 
 
@@ -45,7 +46,7 @@ def text_to_tokens(text: str, spec: GemmaSpec, tokenizer_dir: str | None = None)
     vocabulary): reproducible, offline, and enough to drive random weights.
     """
     if not text:
-        raise ParityInputError("--prompt '' is empty; give some text, or --tokens with at least one id")
+        raise ParityInputError("{option} '' is empty; give some text, or token ids (at least one)", option="prompt")
     if tokenizer_dir:
         from parity.adapters.hf import tokenize
 

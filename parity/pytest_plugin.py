@@ -74,6 +74,15 @@ class _State:
 _STATE = pytest.StashKey[_State]()
 
 
+PLUGIN_FLAGS = {"out": "--parity-report-dir", "impls": "--parity-impls", "dtypes": "--parity-dtypes",
+                "spec": "--parity-spec", "weights_profile": "--parity-weights-profile"}
+
+
+def plugin_flag(option: str) -> str:
+    """How the plugin spells a field in its messages: its own option where it has one, else the field."""
+    return PLUGIN_FLAGS.get(option, option)
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("parity", "parity: layer-by-layer numerical parity of Gemma implementations")
     g.addoption("--parity-impls", default=None, help="comma-separated implementations (default: every installed)")
@@ -152,14 +161,14 @@ def pytest_configure(config):
             try:
                 state.report_dir = check_out_dir(str(_path(config, opt("--parity-report-dir"))))
             except ParityInputError as e:
-                raise ParityInputError(str(e).replace("--out", "--parity-report-dir", 1)) from None
+                raise ParityInputError(e.render(plugin_flag)) from None
         pyproject = Path(config.rootpath) / "pyproject.toml"
         if pyproject.is_file():
             from parity.tolerances import load_overrides
 
             state.tolerances = load_overrides(pyproject)
     except ParityInputError as e:
-        raise pytest.UsageError(f"parity: {e}") from None
+        raise pytest.UsageError(f"parity: {e.render(plugin_flag)}") from None
 
 
 def _inputs(config) -> tuple:
@@ -218,7 +227,7 @@ def pytest_generate_tests(metafunc):
         try:
             params = _params(metafunc.config) if state.error is None else []
         except ParityInputError as e:
-            state.error, params = f"parity: {e}", []  # raised once collection ends: one line, exit status 4
+            state.error, params = f"parity: {e.render(plugin_flag)}", []  # raised once collection ends: one line, exit status 4
         metafunc.parametrize("impl_dtype", params, ids=[f"{n}-{d}" for n, d in params], scope="session")
 
 
@@ -235,7 +244,7 @@ def _inputs_or_fail(config) -> tuple:
     try:
         return _inputs(config)
     except ParityInputError as e:
-        pytest.fail(f"parity: {e}", pytrace=False)
+        pytest.fail(f"parity: {e.render(plugin_flag)}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -273,7 +282,7 @@ def _report(config):
         try:
             report = run(_request(config))  # _request reads the inputs: a bad checkpoint fails here too
         except ParityInputError as e:
-            pytest.fail(f"parity: {e}", pytrace=False)
+            pytest.fail(f"parity: {e.render(plugin_flag)}", pytrace=False)
         state.applied = apply_waivers(report, state.waivers)
         state.report = report
     return state.report

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parity.errors import ImplementationError, ParityInputError
+from parity.errors import ImplementationError, ParityInputError, cli_flag
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -136,7 +136,8 @@ def check_out_dir(out: str) -> Path:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".parity-probe-"):
             pass
     except OSError as e:
-        raise ParityInputError(f"--out {out!r} cannot be written ({e.strerror}); choose a writable directory") from None
+        raise ParityInputError(f"{{option}} {out!r} cannot be written ({e.strerror}); choose a writable directory",
+                               option="out") from None
     return p
 
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
         return 0 if report.passed else 1
     except ParityInputError as e:
-        print(f"parity: error: {e}", file=sys.stderr)
+        print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
         _remove_created()
         return 2
     except ImplementationError as e:

@@ -347,8 +347,8 @@ def save_config_json(spec: GemmaSpec, path: str | Path) -> Path:
 def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
     """The spec's first n layers, as a model of their own (the final norm and head on top of layer n-1)."""
     if not 1 <= n <= spec.num_layers:
-        raise ParityInputError(f"--first-layers {n} is outside 1..{spec.num_layers} (the spec's layers); "
-                               "give a depth the spec has")
+        raise ParityInputError(f"{{option}} {n} is outside 1..{spec.num_layers} (the spec's layers); "
+                               "give a depth the spec has", option="first_layers")
     if n == spec.num_layers:
         return spec
     return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")

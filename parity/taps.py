@@ -71,7 +71,8 @@ def parse_layers(text: str | None, num_layers: int) -> list[int]:
         part = part.strip()
         m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
         if not m:
-            raise ParityInputError(f"--layers part {part!r} is not an index or range; use e.g. 'all' or '0,2-3'")
+            raise ParityInputError(f"{{option}} part {part!r} is not an index or range; use e.g. 'all' or '0,2-3'",
+                                   option="layers")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         for i in (lo, hi):
@@ -80,7 +81,7 @@ def parse_layers(text: str | None, num_layers: int) -> list[int]:
                     f"--layers names layer {i}, but the spec has {num_layers} layers (0..{num_layers - 1})"
                 )
         if hi < lo:
-            raise ParityInputError(f"--layers range {part!r} runs backwards; write it low-high")
+            raise ParityInputError(f"{{option}} range {part!r} runs backwards; write it low-high", option="layers")
         out += range(lo, hi + 1)
     return sorted(set(out))
 

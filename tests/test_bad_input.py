@@ -86,3 +86,22 @@ def test_capture_bad_input_is_one_line(files, capsys, monkeypatch, args, needle)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (files / "newout").exists()
+
+
+def test_the_library_names_fields_and_each_front_end_its_flags(tiny, tmp_path, capsys):
+    from parity.errors import ParityInputError, cli_flag
+    from parity.harness import Request, run
+    from parity.pytest_plugin import plugin_flag
+    from parity.report import check_out_dir
+
+    with pytest.raises(ParityInputError) as e:
+        run(Request(spec=tiny, impls=["litgpt-style"], mode="sideways"))
+    assert str(e.value).startswith("mode 'sideways' is not a mode") and "--" not in str(e.value)
+    assert e.value.render(cli_flag).startswith("--mode 'sideways'")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ParityInputError) as e:
+        check_out_dir(str(blocker / "sub"))
+    assert e.value.render(plugin_flag).startswith("--parity-report-dir ")  # no str.replace on the message
+    assert report_main([*BASE, "--mode", "sideways", "--out", str(tmp_path / "o")]) == 2
+    assert "parity: error: --mode 'sideways' is not a mode" in capsys.readouterr().err

@@ -44,8 +44,8 @@ def get_adapter(name: str):
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ParityInputError(f"--impls {name!r}: cannot load {attr!r} from {mod_name!r} ({e}); "
-                                   "check the module is importable and the factory name") from None
+            raise ParityInputError(f"{{option}} {name!r}: cannot load {attr!r} from {mod_name!r} ({e}); "
+                                   "check the module is importable and the factory name", option="impls") from None
         adapter = _made(name, factory)
         for needed in ("name", "version", "check", "build", "run"):
             if not hasattr(adapter, needed):
