@@ -33,7 +33,7 @@ from parity.errors import ParityInputError
 
 @dataclass(frozen=True)
 class Tolerance:
-    atol: float  # in units of the reference tap's RMS
+    atol: float  # in units of each row's RMS of the reference tap (times the depth growth in cumulative mode)
     rtol: float
     reason: str
 
