@@ -246,8 +246,7 @@ def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, T
     """Every trace against its prompt's reference, once all are captured, so each reference tap is read once.
 
     Results are grouped by run (impl, dtype, mode) in order of first appearance, each run's traces in the
-    order given: the forward order `first_divergence` relies on. `layers` keeps those layers' taps (and the
-    taps of no layer).
+    order given. `layers` keeps those layers' taps (and the taps of no layer).
     """
     per_trace: dict[int, list[TapResult]] = {}
     for prompt, ref in refs.items():

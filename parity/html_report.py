@@ -50,7 +50,6 @@ def to_html(report, *, prompt: str | None = None) -> str:
     """The whole report as one HTML page; `prompt` picks the plotted prompt (default: the longest)."""
     s = report.spec
     v = decide(report)
-    ok = v.passed
     title = f"parity {v.status}: {s.name}"
     body = [
         f'<h1>parity report: {_e(s.name)} (Gemma {_e(s.family)}, {_e(s.num_layers)} layers)</h1>',

@@ -26,10 +26,6 @@ def _clean(o):
     return _num(o)
 
 
-def causes_for(report, impl: str, dtype: str) -> list[dict]:
-    return [d for d in report.diagnosis if d["impl"] == impl and d["dtype"] == dtype]
-
-
 def _at(f) -> dict:
     return {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt}
 
@@ -92,20 +88,10 @@ def _margin() -> float:
     return NOISE_MARGIN
 
 
-def run_summary(report, run: dict) -> dict:
-    """One run's row, from the one verdict (kept for callers that take a dict)."""
-    rv = next(r for r in decide(report).runs if (r.impl, r.dtype, r.mode) == (run["impl"], run["dtype"], run["mode"]))
-    return {"label": rv.label, "mode": rv.mode, "passed_taps": rv.passed_taps, "taps": rv.taps, "worst": rv.worst,
-            "first": rv.first, "causes": list(rv.causes), "verdict": rv.status, "run": rv}
-
-
 def worst_text(r) -> str:
     if r is None:
         return "-"
     return f"{r.tap} [{r.prompt}] {r.max_abs:.2g} ({ratio(used(r))} of bound)"
-
-
-_worst_text = worst_text
 
 
 def cause_text(causes) -> str:
@@ -113,9 +99,6 @@ def cause_text(causes) -> str:
         return "-"
     tag = {"note": " (note)", "waived": " (waived)"}
     return ", ".join(c["cause"] + tag.get(c["severity"], "") for c in causes)
-
-
-_cause_text = cause_text
 
 
 def headline(report) -> str:

@@ -1,6 +1,5 @@
 """The adapter contract, checked before anything is compared: a breach is exit 3 naming it, never a PASS."""
 
-import json
 
 import pytest
 
