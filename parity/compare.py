@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from parity.errors import ParityInputError
-from parity.metrics import compare_arrays, excess, logit_metrics, rms, row_norms
+from parity.metrics import compare_arrays, logit_metrics, rms, row_norms
 from parity.taps import layer_of
 from parity.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance, growth
 from parity.trace import ReducedTap, Trace, reduce_at
@@ -168,16 +168,15 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
                        f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict)
     norms = row_norms(expected)  # [..., 1]: each row's RMS
     shift = None
-    m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
-    stat = excess(actual, expected, tol.rtol) if m["finite"] else float("inf")
+    m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol, norms)
+    stat = m["excess"] if m["finite"] else float("inf")
     if tap == "logits" and not raw_logits and m["finite"]:
         # up to a constant per position, whichever is closer: removing the mean difference can move a
         # single element further, so the values as they are still count when they are the closer
         moved, by = _unshifted(actual, expected)
-        moved_stat = excess(moved, expected, tol.rtol)
-        if moved_stat < stat:
-            actual, shift, stat = moved, by, moved_stat
-            m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol)
+        mm = compare_arrays(moved, expected, other.dtype, bound * norms, tol.rtol, norms)
+        if mm["excess"] < stat:
+            actual, shift, stat, m = moved, by, mm["excess"], mm
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
     reason = "" if m["finite"] else _nonfinite(actual, expected)
     r = TapResult(
@@ -241,10 +240,9 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
     row_rms = np.where(e.row_rms > 0, e.row_rms, whole)  # [rows]
     sampled = row_rms[rows].reshape((-1,) + (1,) * (len(shape_e) - 1))
     bound = verdict["bound"]
-    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], bound * sampled, tol.rtol)
+    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], bound * sampled, tol.rtol, sampled)
     bad, need, reasons = _stats_beyond(a, e, bound * row_rms, tol.rtol)
-    stat = max(excess(_rows_of(a, rows), _rows_of(e, rows), tol.rtol, sampled) if m["finite"] else float("inf"),
-               float(np.max(need / row_rms, initial=0.0)))
+    stat = max(m["excess"] if m["finite"] else float("inf"), float(np.max(need / row_rms, initial=0.0)))
     r = TapResult(
         **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * whole, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"] and not reasons, mismatched=m["mismatched"], numel=numel,
@@ -312,11 +310,3 @@ def _reduced_logit_metrics(a: ReducedTap, e: ReducedTap, rows: np.ndarray) -> di
         out["top1_agree"] = float((a.top_ids[:, 0] == e.top_ids[:, 0]).mean())
         out["top1_positions"] = int(len(e.top_ids))
     return out
-
-
-def first_divergence(results: list[TapResult]) -> TapResult | None:
-    """The first failing tap in forward order (results are already in forward order per run); waived ones pass."""
-    for r in results:
-        if not r.passed and not r.waived:
-            return r
-    return None

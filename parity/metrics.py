@@ -57,20 +57,11 @@ def excess(actual: np.ndarray, ref: np.ndarray, rtol: float, norms: np.ndarray |
     The one error statistic of the verdict: the honest-noise model measures it
     on correct runs, and a tap passes when its own is within the bound built
     from theirs. inf when non-finite values differ. `norms` overrides the rows'
-    RMS (a reduced tap knows its rows' RMS from the whole tensor).
+    RMS (a reduced tap knows its rows' RMS from the whole tensor). Computed by
+    `compare_arrays`, which the comparison calls once per tap for everything.
     """
-    a = np.asarray(actual, dtype=np.float64)
-    b = np.asarray(ref, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape {a.shape} != reference shape {b.shape}")
-    if a.size == 0:
-        return 0.0
-    with np.errstate(invalid="ignore"):
-        diff = np.where(a == b, 0.0, np.abs(a - b))  # equal infinities (masked scores) agree
-    if np.isnan(diff).any():
-        return float("inf")
-    need = (diff - rtol * np.abs(np.where(np.isfinite(b), b, 0.0))) / (row_norms(b) if norms is None else norms)
-    return max(float(need.max()), 0.0)
+    norms = row_norms(ref) if norms is None else norms
+    return compare_arrays(actual, ref, "float64", 0.0, rtol, norms=norms)["excess"]
 
 
 def allowed_error(ref: np.ndarray, atol: float, rtol: float) -> np.ndarray:
@@ -78,7 +69,13 @@ def allowed_error(ref: np.ndarray, atol: float, rtol: float) -> np.ndarray:
     return atol + rtol * np.abs(ref)
 
 
-def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol: float, rtol: float) -> dict:
+def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol, rtol: float,
+                   norms: np.ndarray | None = None) -> dict:
+    """Every metric of one pair in float64; `atol` may be an array broadcasting against the tap (per row).
+
+    With `norms` (each row's RMS, parity.metrics.row_norms) the result also holds `excess`, the verdict's
+    statistic: the atol needed in units of the rows' RMS (inf when non-finite values differ).
+    """
     a = np.asarray(actual, dtype=np.float64)
     b = np.asarray(ref, dtype=np.float64)
     if a.shape != b.shape:
@@ -100,7 +97,11 @@ def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol: float,
     ulps = diff / ulp_of(b, dtype if dtype in _FORMATS else "float64")
     # the atol that would have passed with this rtol: smallest atol with no mismatch
     needed_atol = float(np.max(diff - rtol * absb)) if diff.size else 0.0
+    extra = {}
+    if norms is not None:
+        extra["excess"] = max(float(np.max((diff - rtol * absb) / norms)), 0.0) if diff.size else 0.0
     return {
+        **extra,
         "max_abs": float(diff.max()) if diff.size else 0.0,
         "max_rel": float(rel.max()) if rel.size else 0.0,
         "where": list(where),
