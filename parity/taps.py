@@ -27,6 +27,18 @@ def layer_tap_names(spec: GemmaSpec, i: int) -> list[str]:
 
 INTERNAL_TAPS = ("attn.scores", "attn.probs")  # attention internals, where an implementation exposes them
 GLOBAL_INTERNAL_TAPS = ("rope.cos",)  # layer 0's rotary cos table
+CACHE_TAPS = ("cache.k", "cache.v")  # decode only: what a layer's KV cache holds after a step
+
+
+def decode_tap_order(spec: GemmaSpec) -> list[str]:
+    """tap_order with each layer's cache taps after its attention internals (decode traces)."""
+    out = []
+    for t in tap_order(spec):
+        i = layer_of(t)
+        if i is not None and t == f"layers.{i}.attn":
+            out += [f"layers.{i}.{x}" for x in CACHE_TAPS]
+        out.append(t)
+    return out
 
 
 def tap_order(spec: GemmaSpec) -> list[str]:

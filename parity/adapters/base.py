@@ -36,6 +36,24 @@ compared; a breach exits 3 naming the implementation, the phase and the tap):
   `feed[tap]` (the reference's value of the tap that feeds it); an adapter
   whose isolated taps equal its cumulative ones although the fed inputs
   differ ignores `feed`, and the run is refused rather than labelled isolated.
+* Decoding (optional; `decodes = True` declares it, `--decode N` uses it):
+  `decode(model, prompt, continuation)` prefills `prompt` through the
+  library's own incremental path (its KV cache, as its `generate()` would
+  build it), then feeds `continuation` one token at a time (teacher forcing:
+  every implementation decodes the same tokens) and returns
+  `DecodeResult(steps)`, one `DecodeStep` per continuation token, in order.
+  Step s is token `continuation[s]` at position p = len(prompt) + s.
+    - `DecodeStep.taps`: the canonical taps at the new position, each [1, ...]
+      (what `run` returns for T = 1); `attn.scores` / `attn.probs` [n, 1, L]
+      over the L keys the step attended to, whose absolute positions are
+      `key_positions[layer]` ([L] ints; default 0..p);
+    - `DecodeStep.cache`: layer -> `CacheView(positions [L], k [kv, L, hd],
+      v [kv, L, hd])`, what the layer's cache holds after the step (keys after
+      the QK-norm and RoPE, as attention reads them), in any slot order, the
+      positions as the library records them. Positions a step must see that
+      the cache lacks fail; extra entries (masked) are allowed.
+  Taps or caches it cannot expose while decoding go in `DecodeResult.unavailable`
+  (cache taps are `layers.{i}.cache.k` / `.cache.v`).
 * Any exception in the factory, `check` (other than ParityInputError, which is
   bad input: exit 2), `build`, `run`, `effective` or `release` is an
   implementation failure (exit 3), never a divergence.
@@ -55,6 +73,26 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 @dataclass
+class CacheView:
+    positions: np.ndarray  # [L] int: the absolute position each entry holds
+    k: np.ndarray  # [kv_heads, L, head_dim]: keys after QK-norm and RoPE
+    v: np.ndarray  # [kv_heads, L, head_dim]
+
+
+@dataclass
+class DecodeStep:
+    taps: dict[str, np.ndarray]  # canonical tap -> [1, ...] at the new position; attn internals [n, 1, L]
+    cache: dict[int, CacheView] = field(default_factory=dict)  # layer -> its cache after the step
+    key_positions: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [L] positions of attn internals
+
+
+@dataclass
+class DecodeResult:
+    steps: list[DecodeStep]
+    unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why it cannot be captured while decoding
+
+
+@dataclass
 class RunResult:
     taps: dict[str, np.ndarray]  # canonical tap -> [T, ...] array (batch dimension dropped)
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why it cannot be captured
@@ -66,6 +104,8 @@ class Adapter:
     name: str = "?"
     #: taps this implementation can never give, with the reason
     cannot: dict[str, str] = {}
+    #: whether `decode` is implemented (the harness never probes for it)
+    decodes: bool = False
 
     def version(self) -> str:
         raise NotImplementedError
@@ -77,6 +117,10 @@ class Adapter:
         raise NotImplementedError
 
     def run(self, model: Any, tokens: list[int], feed: dict[str, np.ndarray] | None = None) -> RunResult:
+        raise NotImplementedError
+
+    def decode(self, model: Any, prompt: list[int], continuation: list[int]) -> DecodeResult:
+        """Prefill `prompt` through the library's cache, then one step per continuation token (see above)."""
         raise NotImplementedError
 
     def effective(self, model: Any) -> dict:

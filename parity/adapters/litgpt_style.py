@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity.adapters.base import Adapter, RunResult
+from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
 from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map
 from parity.weights import Part, Weights, fill, map_weights, parts
@@ -53,6 +53,12 @@ TAP_MAP = {
 }
 
 
+def _np(t) -> np.ndarray:
+    import torch
+
+    return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy().copy()
+
+
 def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec, stacked: bool = False) -> dict[str, Part]:
     """Replace each layer's q, k, v with litgpt's fused layout (each used exactly once).
 
@@ -85,6 +91,7 @@ def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.nd
 
 class LitgptStyleAdapter(Adapter):
     name = "litgpt-style"
+    decodes = True
 
     def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None,
                  qkv_stacked: bool = False) -> None:
@@ -136,6 +143,31 @@ class LitgptStyleAdapter(Adapter):
         with torch.no_grad(), recording(model, tap_map, feeds) as taps:
             model(torch.tensor([tokens]))
         return RunResult(dict(taps))
+
+    def decode(self, model, prompt, continuation) -> DecodeResult:
+        """The port's own KV cache (parity.adapters.port_model.KVCache: local layers in a ring of `window` slots)."""
+        import torch
+
+        from parity.adapters.port_model import KVCache
+        from parity.adapters.torch_hooks import recording
+
+        tap_map = expand_tap_map(TAP_MAP, model.s)
+        if model.opts.softcap_on_norm:
+            tap_map["logits"] = ("logits_tap", "out")
+        cache = KVCache(model.s, model.opts)
+        steps = []
+        with torch.no_grad():
+            model(torch.tensor([prompt]), cache)
+            for token in continuation:
+                with recording(model, tap_map) as taps:
+                    model(torch.tensor([[token]]), cache)
+                layers = cache.layers
+                steps.append(DecodeStep(
+                    taps=dict(taps),
+                    cache={i: CacheView(c.pos.numpy().copy(), _np(c.k[0]), _np(c.v[0])) for i, c in enumerate(layers)},
+                    key_positions={i: c.key_positions.numpy().copy() for i, c in enumerate(layers)},
+                ))
+        return DecodeResult(steps)
 
     def effective(self, model) -> dict:
         s, o = model.s, model.opts

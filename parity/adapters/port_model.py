@@ -42,6 +42,11 @@ class PortOptions:
     scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
     accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
     perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)
+    # --- decode-path faults (the KV cache), each one cause of the catalogue; they act only on decode steps
+    decode_window: int = 0  # cache-window: local layers see window + this many keys while decoding
+    decode_pos_offset: int = 0  # cache-position: the new token rotated at position p + this (kept at p)
+    decode_stale: bool = False  # cache-stale: a local ring writes the new key one slot late (a live slot overwritten)
+    decode_mask_global_window: bool = False  # decode-mask: the decode step's mask applies the window on global layers
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -136,13 +141,15 @@ class GemmaMLP(nn.Module):
         return self.proj(self.act(gate) * up)
 
 
-def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortOptions):
-    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor."""
+def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortOptions, positions=None):
+    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor (at `positions`, default 0..T-1)."""
     base, factor = s.rope_base_for(layer), s.rope_factor_for(layer)
     adt = dtype if opts.rope_lowp else _compute_dtype(dtype)
     idx = torch.arange(0, s.head_dim, 2, dtype=torch.int64).to(adt)
     inv_freq = 1.0 / (base ** (idx / s.head_dim))  # [head_dim / 2]
-    pos = torch.arange(T, dtype=torch.int64).to(adt) / factor  # linear scaling divides positions
+    if positions is None:
+        positions = torch.arange(T, dtype=torch.int64)
+    pos = positions.to(adt) / factor  # linear scaling divides positions
     angles = torch.outer(pos, inv_freq)  # [T, head_dim / 2]
     emb = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -174,8 +181,10 @@ class CausalSelfAttention(nn.Module):
         else:
             self.norm_q = self.norm_k = nn.Identity()
         self.q_rot, self.k_rot, self.scores, self.probs = Tap(), Tap(), Tap(), Tap()
+        self.v_out = Tap()  # the values as the cache stores them
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: "LayerCache | None" = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         s = self.s
         B, T, _ = x.shape
         q_per_kv = s.num_heads // s.num_kv_heads
@@ -189,6 +198,9 @@ class CausalSelfAttention(nn.Module):
         k = self.k_rot(apply_rope(k, cos, sin, self.opts.rope_layout))
         if self.opts.qk_norm_after_rope:
             q, k = self.norm_q(q), self.norm_k(k)
+        v = self.v_out(v)
+        if cache is not None:  # attend over what the cache holds plus the new keys, then store the new ones
+            k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
         k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         if self.opts.scale_q_first:  # q rounded after scaling, then q.k
@@ -223,8 +235,8 @@ class Block(nn.Module):
             self.post_attention_norm, self.post_mlp_norm = norm(), norm()
             self.post_attention_norm.weight, self.post_mlp_norm.weight = self.norm_1.weight, self.norm_2.weight
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask))
+    def forward(self, x, cos, sin, mask, cache=None, positions=None):
+        x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask, cache, positions))
         return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
 
 
@@ -267,6 +279,71 @@ def causal_mask(T: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(T, T, dtype=dtype).masked_fill(~ok, float("-inf"))
 
 
+class LayerCache:
+    """One layer's KV cache: every position for a global layer, a ring of `window` slots for a local one
+    (as Gemma's reference implementation keeps it), so a long decode wraps the ring.
+
+    `attend` returns the cached entries plus the new ones with the additive mask for the new queries, then
+    stores the new ones; a prefill longer than the window attends over all of its own keys and keeps the last
+    `window`. Slot positions are bookkept by the ring formula (slot = position mod window).
+    """
+
+    def __init__(self, window: int | None, global_window: int | None, opts: PortOptions) -> None:
+        self.window, self.opts = window, opts
+        self.mask_window = window if window is not None else (global_window if opts.decode_mask_global_window
+                                                              else None)
+        self.k = self.v = None  # [B, KV, L, hd]
+        self.pos = torch.zeros(0, dtype=torch.int64)  # [L] the position each slot holds
+
+    def attend(self, k, v, positions):
+        decoding = self.k is not None and k.shape[2] == 1
+        keys = k if self.k is None else torch.cat([self.k, k], 2)  # [B, KV, L, hd]
+        values = v if self.v is None else torch.cat([self.v, v], 2)
+        kpos = torch.cat([self.pos, positions])  # [L]
+        window = self.mask_window if decoding else self.window
+        if decoding and window is not None and self.window is not None:
+            window += self.opts.decode_window
+        rel = positions[:, None] - kpos[None, :]  # [T, L]
+        ok = rel >= 0
+        if window is not None:
+            ok &= rel < window
+        mask = torch.zeros(ok.shape, dtype=_compute_dtype(k.dtype)).masked_fill(~ok, float("-inf"))
+        self._store(k, v, positions, decoding)
+        self.key_positions = kpos
+        return keys, values, mask
+
+    def _store(self, k, v, positions, decoding: bool) -> None:
+        if self.window is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], 2)
+            self.v = v if self.v is None else torch.cat([self.v, v], 2)
+            self.pos = torch.cat([self.pos, positions])
+            return
+        size = self.window + max(self.opts.decode_window, 0)  # a window fault that sees one more needs one more slot
+        if self.k is None:
+            B, KV, _, hd = k.shape
+            self.k = torch.zeros(B, KV, 0, hd, dtype=k.dtype)
+            self.v = torch.zeros(B, KV, 0, hd, dtype=v.dtype)
+        for t in range(k.shape[2]):  # one position at a time, as a decode writes them
+            p = int(positions[t])
+            if self.k.shape[2] < size:  # the ring is still filling
+                self.k = torch.cat([self.k, k[:, :, t:t + 1]], 2)
+                self.v = torch.cat([self.v, v[:, :, t:t + 1]], 2)
+                self.pos = torch.cat([self.pos, positions[t:t + 1]])
+                continue
+            slot = p % size
+            data = (slot + 1) % size if decoding and self.opts.decode_stale else slot
+            self.k[:, :, data], self.v[:, :, data] = k[:, :, t], v[:, :, t]
+            self.pos[slot] = p
+
+
+class KVCache:
+    """The port's cache: one LayerCache per layer and the number of positions already seen."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        self.layers = [LayerCache(s.window_for(i), s.sliding_window, opts) for i in range(s.num_layers)]
+        self.length = 0
+
+
 class GPT(nn.Module):
     def __init__(self, s: GemmaSpec, opts: PortOptions = PortOptions()) -> None:
         super().__init__()
@@ -282,16 +359,26 @@ class GPT(nn.Module):
         self.logits_tap = Tap()  # the logits when the softcap is misplaced (the "logits" tap is the cap's output)
         self.rope_cos = Tap()  # layer 0's cos table, [1, T, head_dim], for the rope-precision probe
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: [B, T] token ids -> logits [B, T, vocab]."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: [B, T] token ids -> logits [B, T, vocab]. With `cache`, idx continues what it holds."""
         T = idx.shape[1]
         x = self.embed_scale(self.wte(idx))  # [B, T, hidden]
         dtype = x.dtype
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + T, dtype=torch.int64)
+        rotated = positions  # the cache and the mask keep the true positions; a fault rotates elsewhere
+        if cache is not None and start and self.opts.decode_pos_offset:
+            rotated = positions + self.opts.decode_pos_offset
         for i, block in enumerate(self.h):
-            cos, sin = rope_cache(self.s, i, T, dtype, self.opts)
+            cos, sin = rope_cache(self.s, i, T, dtype, self.opts, rotated)
             if i == 0:
                 cos = self.rope_cos(cos[None])[0]
-            x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+            if cache is None:
+                x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+            else:
+                x = block(x, cos, sin, None, cache.layers[i], positions)
+        if cache is not None:
+            cache.length += T
         if self.opts.softcap_on_norm:  # the final norm's tap is before the cap; the head reads the capped norm
             return self.logits_tap(self.lm_head(self.final_softcap(self.ln_f(x))))
         return self.final_softcap(self.lm_head(self.ln_f(x)))
