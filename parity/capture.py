@@ -11,7 +11,8 @@ from typing import Callable
 
 from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
 from parity.spec import GemmaSpec
-from parity.taps import layer_of, tap_names, tap_order
+from parity.decode import DECODE, FULL
+from parity.taps import decode_tap_order, layer_of, tap_names, tap_order
 from parity.trace import ReducedTap, Trace, widen
 from parity.weights import Weights
 
@@ -77,12 +78,16 @@ def capture(
     references: dict[str, Trace] | None = None,
     progress: Progress | None = None,
     spill: Callable[[Trace], Trace] | None = None,
+    continuation: list[int] | None = None,
 ) -> list[Trace]:
     """Every prompt in every mode (a str or a list: the model is built once for all of them).
 
     `spill`, when given, takes each trace as soon as it is complete and returns
     what to keep instead (a lazily read file), so a process holds the model and
-    one trace rather than the model and all of them.
+    one trace rather than the model and all of them. Mode `decode` (with
+    `continuation`) gives two traces per prompt, the full forward over prompt +
+    continuation (`decode-full`) and the decode through the library's cache
+    (`decode`), both in parity.decode's layout; mode `decode-full` the first alone.
     """
     say = progress or (lambda _msg: None)
     impl = getattr(adapter, "name", type(adapter).__name__)
@@ -95,6 +100,11 @@ def capture(
     try:
         traces = []
         for mode, (name, ids) in ((m, p) for m in modes for p in prompts.items()):
+            if mode in (DECODE, FULL):
+                got = _capture_decode(adapter, impl, model, spec, weights, dtype, name, ids, continuation or [],
+                                      mode, say)
+                traces += [spill(t) if spill else t for t in got]
+                continue
             say(f"{adapter.name} {dtype} {mode}: running prompt {name!r} ({len(ids)} tokens)")
             feed = None
             if mode == "isolated":
@@ -132,7 +142,45 @@ def capture(
         del model
 
 
-def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, unavailable: dict) -> None:
+def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,
+                    ids: list[int], cont: list[int], mode: str, say) -> list[Trace]:
+    """The full forward over prompt + continuation (decode-full) and, for `decode`, the decode itself."""
+    from parity.adapters.base import RunResult
+    from parity.decode import decode_rows, full_rows
+
+    P, S = len(ids), len(cont)
+    tokens = list(ids) + list(cont)
+    meta = dict(impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
+                weights_hash=weights.hash, tokens=tokens, prompt=name, prefill=P)
+    say(f"{adapter.name} {dtype} decode: full forward over prompt {name!r} + {S} tokens")
+    kw = {"cache_taps": True} if getattr(adapter, "full_cache_taps", False) else {}
+    with _phase(impl, dtype, f"run() (decode-full, prompt {name!r})"):
+        result = adapter.run(model, tokens, **kw)
+    unavailable = dict(getattr(adapter, "cannot", {}) or {})
+    unavailable.update(getattr(result, "unavailable", {}) or {})
+    check_contract(impl, dtype, FULL, spec, result, unavailable, cache=True)
+    full = Trace(**meta, mode=FULL, taps={k: widen(v) for k, v in full_rows(result.taps, spec, P, S).items()},
+                 unavailable=unavailable)
+    del result
+    if mode == FULL:
+        return [full]
+    if not getattr(adapter, "decodes", False):
+        raise ParityInputError(f"{impl} cannot decode (its adapter does not declare decodes = True); drop it from "
+                               "{option} or implement Adapter.decode", option="impls")
+    say(f"{adapter.name} {dtype} decode: prompt {name!r}, then {S} steps through its cache")
+    with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
+        result = adapter.decode(model, list(ids), list(cont))
+    with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
+        rows, unavailable = decode_rows(result, spec, P, S, f"{impl}@{dtype}")
+    declared = dict(getattr(adapter, "cannot", {}) or {})
+    declared.update(unavailable)
+    check_contract(impl, dtype, DECODE, spec, RunResult(rows), declared, cache=True)
+    dec = Trace(**meta, mode=DECODE, taps={k: widen(v) for k, v in rows.items()}, unavailable=declared)
+    return [full, dec]
+
+
+def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, unavailable: dict,
+                   cache: bool = False) -> None:
     """What parity.adapters.base promises, checked before anything is compared (a breach is exit 3).
 
     Every canonical tap of the spec is returned or declared unavailable with a reason; no tap has a name
@@ -145,7 +193,7 @@ def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, un
     if not isinstance(taps, Mapping):
         raise ImplementationError(f"{impl}@{dtype}", where, f"returned {type(result).__name__}, not a RunResult",
                                   "return parity.adapters.base.RunResult(taps={name: numpy array})")
-    known = set(tap_order(spec))
+    known = set(decode_tap_order(spec) if cache else tap_order(spec))
     for what, names in (("returned", list(taps)), ("declared unavailable", list(unavailable))):
         unknown = [t for t in names if t not in known]
         if unknown:
@@ -210,7 +258,7 @@ def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
                           mode: str | list[str] = "cumulative", references: dict[str, Trace] | None = None,
                           progress: Progress | None = None, out_dir=None, reduce_over: int | None = None,
-                          full_taps: str | None = None) -> list[Trace]:
+                          full_taps: str | None = None, continuation: list[int] | None = None) -> list[Trace]:
     """Run one implementation in a fresh Python process and read its traces back from files.
 
     For implementations that cannot share a process with others (keras on a
@@ -243,6 +291,8 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             cmd += ["--reduce-over", str(reduce_over)]
         if full_taps:
             cmd += ["--full-taps", full_taps]
+        if continuation:
+            cmd += ["--continuation", json.dumps(list(continuation))]
         if references:
             refs = {}
             for name, t in references.items():
@@ -270,11 +320,17 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             raise ImplementationError(f"{impl}@{dtype}", "capture in a separate process", why,
                                       "the child's output is in the log", traceback=stderr)
         lazy = out_dir is not None
-        traces = [load_trace(trace_file(out, impl, dtype, m, p), lazy=lazy) for m in modes for p in prompts]
+        traces = [load_trace(trace_file(out, impl, dtype, m2, p), lazy=lazy) for m in modes for p in prompts
+                  for m2 in produced(m)]
         for t in traces:  # kept in memory for the report's runs, not in the trace file
             t.resources = {"process": "separate", "wall_s": round(time.perf_counter() - start, 2),
                            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
         return traces
+
+
+def produced(mode: str) -> list[str]:
+    """The trace modes one capture mode writes per prompt, in order."""
+    return [FULL, DECODE] if mode == DECODE else [mode]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
     ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
     ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
+    ap.add_argument("--continuation", help="JSON list of token ids decoded after each prompt (modes decode, "
+                                           "decode-full)")
     ap.add_argument("--out", required=not checking)
     a = ap.parse_args(argv)
     try:
@@ -321,10 +379,17 @@ def main(argv: list[str] | None = None) -> int:
         if a.dtype not in DTYPES:
             raise ParityInputError(f"--dtype {a.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
         modes = a.mode.split(",")
-        bad = [m for m in modes if m not in ("cumulative", "isolated")]
+        bad = [m for m in modes if m not in ("cumulative", "isolated", DECODE, FULL)]
         if bad or not modes:
-            raise ParityInputError(f"--mode {a.mode!r}: {bad[0] if bad else ''!r} is not a mode; use cumulative, "
-                                   "isolated or cumulative,isolated")
+            raise ParityInputError(f"--mode {a.mode!r}: {bad[0] if bad else ''!r} is not a mode; use a comma list of "
+                                   f"cumulative, isolated, {DECODE}, {FULL}")
+        cont = None
+        if a.continuation:
+            cont = json.loads(a.continuation)
+            if not isinstance(cont, list) or not all(isinstance(t, int) for t in cont):
+                raise ParityInputError(f"--continuation {a.continuation!r} is not a JSON list of token ids")
+        if any(m in (DECODE, FULL) for m in modes) and not cont:
+            raise ParityInputError(f"--mode {a.mode!r} needs --continuation (the tokens to decode)")
         if "isolated" in modes and not a.references:
             raise ParityInputError("--mode isolated needs --references (the reference's traces to feed)")
         out = Path(a.out)
@@ -361,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
 
         for t in capture(adapter, spec, weights, a.dtype, prompts, mode=modes, references=refs,
-                         spill=spill):
+                         spill=spill, continuation=cont):
             keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
             t.save(trace_file(out, a.impl, a.dtype, t.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
             t.taps.path.unlink()
@@ -409,7 +474,8 @@ def _check(a) -> dict:
     req = Selection(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
                     reference=(ref_name, ref_dtype))
     impls, skipped, ref = checked_impls(req, spec)
-    return {"impls": {n: {"name": ad.name, "version": ad.version()} for n, ad in impls}, "skipped": skipped,
+    return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": bool(getattr(ad, "decodes", False))}
+                      for n, ad in impls}, "skipped": skipped,
             "reference": [ref.name, ref.version()]}
 
 

@@ -26,7 +26,10 @@ from parity.errors import ParityInputError
 from parity.metrics import compare_arrays, logit_metrics, rms, row_norms
 from parity.taps import layer_of
 from parity.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance, growth
+from parity.decode import DECODE, FULL, SELF
 from parity.trace import ReducedTap, Trace, reduce_at
+
+DECODE_MODES = (DECODE, SELF)  # rows are decode steps
 
 STAT_SLACK = 1e-12  # relative rounding allowed in the row statistics' bounds (float64 sums)
 
@@ -65,6 +68,10 @@ class TapResult:
     floor: float = 0.0  # the fixed table's atol (x depth growth): below it nothing fails
     noise: float | None = None  # the honest ensemble's largest stat at this tap (None: no honest runs)
     basis: str = "table"  # "honest": the bound came from the honest runs; "table": from the fixed table alone
+    # decode runs (parity.decode): rows are decode steps; `step` is the first step beyond the bound (else the
+    # worst one) and `steps` every step's statistic. None for the prefill.
+    step: int | None = None
+    steps: list | None = None
 
     def __post_init__(self):
         if self.sampled_numel is None:
@@ -78,7 +85,8 @@ class TapResult:
 
     def message(self) -> str:
         """torch.testing's shape: how many failed, worst abs and rel and where, the tolerance, what would pass."""
-        head = f"{self.impl}@{self.dtype} {self.mode} {self.tap} [{self.prompt}]: "
+        at = f" step {self.step}" if self.step is not None else ""
+        head = f"{self.impl}@{self.dtype} {self.mode} {self.tap}{at} [{self.prompt}]: "
         if self.reason and not self.sampled_numel:  # nothing was compared
             return head + self.reason
         pct = 100.0 * self.mismatched / max(self.sampled_numel, 1)
@@ -146,6 +154,42 @@ def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] 
     return out
 
 
+def compare_all(refs: dict[str, Trace], ref_full: dict[str, Trace], traces: list[Trace],
+                table: dict[str, Tolerance] | None = None, noise=None, raw_logits: bool = False,
+                layers: list[int] | None = None) -> list[TapResult]:
+    """Every comparison a run's traces make, grouped by run (impl, dtype, mode) in order of first appearance.
+
+    Prefill traces (cumulative, isolated) against their prompt's reference; decode traces against the
+    reference's full forward over the same tokens (`ref_full`, mode decode) and against their own
+    implementation's full forward (mode decode-self: the cache reproduces what the model computes without
+    it). Full-forward traces are ground truth, not compared. Each reference tap is read once per prompt.
+    """
+    pairs: list[tuple[Trace, Trace]] = []  # (reference, trace as compared)
+    for t in traces:
+        if t.mode in ("cumulative", "isolated") and t.prompt in refs:
+            pairs.append((refs[t.prompt], t))
+        elif t.mode == DECODE:
+            if t.prompt in ref_full:
+                pairs.append((ref_full[t.prompt], t))
+            own = next((o for o in traces if (o.impl, o.dtype, o.prompt, o.mode) == (t.impl, t.dtype, t.prompt, FULL)),
+                       None)
+            if own is not None:
+                pairs.append((own, dataclasses.replace(t, mode=SELF)))
+    per: dict[int, list[TapResult]] = {}
+    refs_once = list({id(r): r for r, _ in pairs}.values())
+    for ref in refs_once:  # one reference at a time, compared with all its traces
+        group = [t for r, t in pairs if r is ref]
+        for t, rs in zip(group, compare_traces(ref, group, table, noise, raw_logits)):
+            per[id(t)] = rs
+    selected = None if layers is None else set(layers)
+    compared = [t for _, t in pairs]
+    out = []
+    for key in dict.fromkeys((t.impl, t.dtype, t.mode) for t in compared):
+        for t in (t for t in compared if (t.impl, t.dtype, t.mode) == key):
+            out += [r for r in per[id(t)] if selected is None or r.layer is None or r.layer in selected]
+    return out
+
+
 def bound_for(floor: float, noise: float | None) -> tuple[float, str]:
     """The atol a tap is allowed (row-RMS units) and where it came from: beyond the table AND beyond
     NOISE_MARGIN times what correct implementations err here, or it passes."""
@@ -179,11 +223,17 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
             actual, shift, stat, m = moved, by, mm["excess"], mm
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
     reason = "" if m["finite"] else _nonfinite(actual, expected)
+    per_step = {}
+    if mode in DECODE_MODES:
+        rows = [float(x) for x in m["row_excess"]]
+        beyond = [s for s, x in enumerate(rows) if not x <= bound]  # NaN and inf are beyond
+        per_step = dict(steps=rows, step=beyond[0] if beyond else int(np.argmax(rows)) if rows else None)
     r = TapResult(
         **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * tap_rms, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
         ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, **verdict,
+        **per_step,
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)

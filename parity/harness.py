@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from parity.capture import Progress, capture, capture_in_subprocess
-from parity.compare import TapResult, compare_traces
+from parity.capture import Progress, capture, capture_in_subprocess, produced
+from parity.compare import TapResult, compare_all, compare_traces
+from parity.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
 from parity.errors import ParityInputError
 from parity.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
     Elsewhere, checked_impls, resolve_elsewhere, resolve_impls,
@@ -64,6 +65,8 @@ class Request:
     weights_profile: str = "default"  # statistics of the seeded random weights (parity.weights.PROFILES)
     raw_logits: bool = False  # compare logits as they are, not up to a constant per position
     noise_members: int | None = None  # honest-ensemble size (parity.noise); None: 4, 2 at real sizes; 0: table only
+    decode: int | str = 0  # decode steps after each prompt through each implementation's cache; "auto": past the window
+    decode_tokens: list[int] | None = None  # the continuation decoded (teacher-forced); None: seeded ids
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Report:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     weights: Weights | None = None
     noise: NoiseModel | None = None  # the honest-noise model; None: the fixed table alone decided
+    continuation: list[int] = field(default_factory=list)  # the tokens decoded after each prompt (empty: none)
 
     @property
     def divergent_causes(self) -> list[dict]:
@@ -156,6 +160,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             weights = random_weights(spec, req.seed, req.weights_profile)
         weights.check()
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
+    cont = decode_plan(req, spec, prompts)
     table = req.tolerances or TOLERANCES
     separate = large if req.separate_processes is None else req.separate_processes
     ref_name, ref_dtype = req.reference
@@ -166,8 +171,18 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     else:
         impls, skipped, ref_adapter = checked_impls(req, spec)
     modes = ["cumulative", "isolated"] if req.mode == "both" else [req.mode]
-    planned = [(a.name, d) for _, a in impls for d in req.dtypes
-               if not ((a.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"])]
+    if cont:
+        modes.append(DECODE)
+
+    def modes_for(adapter, dtype):
+        """The reference against itself says nothing in cumulative mode; its own cache it still checks."""
+        ms = [m for m in modes if not ((adapter.name, dtype) == (ref_name, ref_dtype) and m == "cumulative")]
+        return [m for m in ms if m != DECODE or getattr(adapter, "decodes", False)]
+
+    for _, a in impls:
+        if cont and not getattr(a, "decodes", False):
+            skipped[f"{a.name} (decode)"] = "its adapter does not decode (Adapter.decodes is False): prefill only"
+    planned = [(a.name, d) for _, a in impls for d in req.dtypes if modes_for(a, d)]
     if not planned:
         raise ParityInputError(f"nothing to compare: every run is the reference {ref_name}@{ref_dtype} itself; "
                                "add an implementation or a dtype (e.g. --dtypes float32,bfloat16)")
@@ -188,23 +203,29 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         own = separate or getattr(adapter, "needs_own_process", lambda: False)()
         if own:
             return capture_in_subprocess(name, spec, weights, dtype, prompts, mode=mode, references=refs,
-                                         progress=progress, **stored)
-        return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress)
+                                         progress=progress, continuation=cont, **stored)
+        return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress,
+                       continuation=cont)
 
-    ref_traces = {t.prompt: t for t in take(ref_name, ref_adapter, ref_dtype, "cumulative")}
-    traces = list(ref_traces.values())
+    got = take(ref_name, ref_adapter, ref_dtype, ["cumulative"] + ([FULL] if cont else []))
+    ref_traces = {t.prompt: t for t in got if t.mode == "cumulative"}
+    ref_full = {t.prompt: t for t in got if t.mode == FULL}  # the decode's ground truth: a full forward, no cache
+    traces = list(got)
+    n_ref = len(traces)
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
     runs = []
     for name, adapter in impls:
         for d in req.dtypes:
-            if (adapter.name, d) == (ref_name, ref_dtype) and modes == ["cumulative"]:
+            ms = modes_for(adapter, d)
+            if not ms:
                 continue  # the reference against itself says nothing
-            got = take(name, adapter, d, modes, ref_traces)  # one build for every mode
+            got = take(name, adapter, d, ms, ref_traces)  # one build for every mode
             traces += got
             effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
-            for mode in modes:
-                runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": mode,
-                             **(got[0].resources if got else {})})
+            for mode in ms:
+                for m in ([DECODE, SELF] if mode == DECODE else [mode]):
+                    runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": m,
+                                 **(got[0].resources if got else {})})
     # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
@@ -214,21 +235,23 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     for d in dict.fromkeys(req.dtypes) if count else ():
         if d == ref_dtype:
             continue  # the reference dtype's honest error is the reference's own: the table's floor decides
+        produced_modes = [p for m in modes for p in produced(m)]
         for m in members(count):
             own = [dataclasses.replace(t, impl=m.impl) for t in traces  # the port already ran: reuse it
-                   if not m.options and pure_port and (t.impl, t.dtype) == (PORT, d) and t.mode in modes]
-            if own and len(own) == len(modes) * len(prompts):
+                   if not m.options and pure_port and (t.impl, t.dtype) == (PORT, d) and t.mode in produced_modes]
+            if own and len(own) == len(produced_modes) * len(prompts):
                 honest += own
                 continue
             # in separate processes the child builds the member: this process imports no framework
             honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
                            ref_traces)
-    noise = measure(ref_traces, honest, table) if honest else None
-    results = compare_runs(ref_traces, traces[len(ref_traces):], table, req.layers, noise, req.raw_logits)
+    noise = measure(ref_traces, honest, table, ref_full) if honest else None
+    results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
         traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights, noise=noise,
+        continuation=cont,
     )
     if separate and req.trace_dir is None:
         import weakref
@@ -238,6 +261,24 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
     diagnose(report)
     return report
+
+
+def decode_plan(req: Request, spec: GemmaSpec, prompts: dict[str, list[int]]) -> list[int]:
+    """The continuation every implementation decodes (empty: no decode run), checked before any work."""
+    steps = req.decode
+    if req.decode_tokens is not None:
+        cont = validate_tokens("decode_tokens", list(req.decode_tokens), spec)
+    elif steps in (0, None):
+        return []
+    else:
+        if steps == "auto":
+            steps = auto_steps(spec)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ParityInputError(f"{{option}} {steps!r} is not a step count; give N >= 0 or 'auto' (twice the "
+                                   "longest sliding window, plus two)", option="decode")
+        cont = continuation(spec, steps, req.seed + 4321)
+    check_lengths(spec, prompts, cont)
+    return cont
 
 
 def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, Tolerance],

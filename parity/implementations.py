@@ -75,6 +75,7 @@ class Elsewhere:
 
     name: str
     version_text: str
+    decodes: bool = False
 
     def version(self) -> str:
         return self.version_text
@@ -100,5 +101,5 @@ def resolve_elsewhere(req, spec: GemmaSpec):
     if proc.returncode != 0:
         raise RuntimeError(f"checking the implementations failed: {proc.stderr.strip()[-500:]}")
     got = json.loads(proc.stdout)
-    impls = [(n, Elsewhere(a["name"], a["version"])) for n, a in got["impls"].items()]
+    impls = [(n, Elsewhere(a["name"], a["version"], a.get("decodes", False))) for n, a in got["impls"].items()]
     return impls, got["skipped"], Elsewhere(*got["reference"])

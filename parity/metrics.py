@@ -99,7 +99,11 @@ def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol, rtol: 
     needed_atol = float(np.max(diff - rtol * absb)) if diff.size else 0.0
     extra = {}
     if norms is not None:
-        extra["excess"] = max(float(np.max((diff - rtol * absb) / norms)), 0.0) if diff.size else 0.0
+        over = (diff - rtol * absb) / norms
+        extra["excess"] = max(float(np.max(over)), 0.0) if diff.size else 0.0
+        # per row (a token; a decode step): the decode's per-step error
+        extra["row_excess"] = np.maximum(over.reshape(over.shape[0], -1).max(axis=1), 0.0) \
+            if over.ndim and over.size else np.zeros(0)
     return {
         **extra,
         "max_abs": float(diff.max()) if diff.size else 0.0,

@@ -117,14 +117,11 @@ class NoiseModel:
         return out
 
 
-def measure(refs: dict, traces: list, table) -> NoiseModel:
-    """The noise model from the members' traces (compared with the reference as any run is)."""
-    from parity.compare import compare_traces
+def measure(refs: dict, traces: list, table, ref_full: dict | None = None) -> NoiseModel:
+    """The noise model from the members' traces (compared with the reference as any run is: decode traces
+    with the reference's full forward and with their own, parity.compare.compare_all)."""
+    from parity.compare import compare_all
 
     model = NoiseModel(members=tuple(dict.fromkeys(t.impl for t in traces)))
-    for prompt, ref in refs.items():
-        group = [t for t in traces if t.prompt == prompt]
-        if group:
-            for rs in compare_traces(ref, group, table):
-                model.add(rs)
+    model.add(compare_all(refs, ref_full or {}, traces, table))
     return model

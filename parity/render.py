@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 
 from parity.taps import layer_of
-from parity.verdict import decide, ratio, used
+from parity.verdict import decide, ratio, step_errors, used
 
 tol_used = used  # the old name: how much of its bound a tap used
 
@@ -27,7 +27,8 @@ def _clean(o):
 
 
 def _at(f) -> dict:
-    return {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt}
+    return {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt,
+            "step": f.step}
 
 
 def to_json(report) -> dict:
@@ -38,8 +39,8 @@ def to_json(report) -> dict:
         lead = _at(firsts[0])
     elif report.divergent_causes:  # a probe-only divergence (below the tolerance, named by a probe)
         d = report.divergent_causes[0]
-        lead = {"impl": d["impl"], "dtype": d["dtype"], "mode": "cumulative", "tap": d["tap"],
-                "layer": layer_of(d["tap"]), "prompt": None}
+        lead = {"impl": d["impl"], "dtype": d["dtype"], "mode": d.get("mode", "cumulative"), "tap": d["tap"],
+                "layer": layer_of(d["tap"]), "prompt": None, "step": d.get("step")}
     return _clean({
         "passed": v.passed,
         "status": v.status,
@@ -53,6 +54,9 @@ def to_json(report) -> dict:
         "noise": None if report.noise is None else {"members": list(report.noise.members),
                                                     "margin": _margin(), "per_family": report.noise.summary()},
         "reference": report.reference,
+        "decode": None if not report.continuation else {
+            "continuation": list(report.continuation),
+            "per_step": [{"impl": i, "dtype": d, "mode": m, "used": u} for (i, d, m), u in step_errors(report).items()]},
         "runs": report.runs,
         "taps": [r.to_json() for r in report.results],
         "first_divergence": lead,
@@ -174,6 +178,27 @@ def _layer_table(report) -> list[str]:
     return out
 
 
+MAX_STEP_ROWS = 40  # more decode steps than this: every k-th step, the last, and every failing one
+
+
+def step_table(report) -> tuple[list[str], list[list[str]]] | None:
+    """The per-step error table (header, rows: step, position, one cell per decode run), or None."""
+    errs = step_errors(report)
+    if not errs:
+        return None
+    runs = list(errs)
+    n = max(len(u) for u in errs.values())
+    stride = max(1, -(-n // MAX_STEP_ROWS))
+    failing = {s for u in errs.values() for s, x in enumerate(u) if x > 1}
+    shown = sorted({s for s in range(0, n, stride)} | {n - 1} | failing)
+    prefill = {len(v) for v in report.prompts.values()}
+    pos = (lambda s: str(next(iter(prefill)) + s)) if len(prefill) == 1 else (lambda s: "+" + str(s))
+    head = ["step", "position"] + [f"{i}@{d} {m}" for i, d, m in runs]
+    rows = [[str(s), pos(s)] + [ratio(errs[r][s]) + ("!" if errs[r][s] > 1 else "") if s < len(errs[r]) else "-"
+                                for r in runs] for s in shown]
+    return head, rows
+
+
 def print_terminal(report, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -207,14 +232,24 @@ def print_terminal(report, console=None) -> None:
                       rv.first.tap if rv.first else "-", cause_text(rv.causes),
                       f"[{style}]{rv.status}[/{style}]")
     console.print(table)
+    steps = step_table(report)
+    if steps is not None:
+        head, rows = steps
+        st = Table(title="decode: each step's worst tap, as a share of its bound (>1x diverges)",
+                   title_justify="left", show_lines=False)
+        for col in head:
+            st.add_column(col)
+        for row in rows:
+            st.add_row(*[f"[red]{c}[/red]" if c.endswith("!") else c for c in row])
+        console.print(st)
     for rv in v.runs:
         if rv.not_compared:
             console.print(f"  [yellow]{rv.label} {rv.mode}[/yellow]: {rv.not_compared_text}", soft_wrap=True)
     for d in report.diagnosis:
         console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
                       soft_wrap=True)
-    for k, v in report.skipped.items():
-        console.print(f"  [yellow]skipped {k}[/yellow]: {v}")
+    for k, why in report.skipped.items():
+        console.print(f"  [yellow]skipped {k}[/yellow]: {why}")
     console.print(f"[bold {color}]{v.headline}[/bold {color}]")
 
 

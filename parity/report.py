@@ -67,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
                         "unembedding changes no distribution and is otherwise a note, logit-shift)")
     p.add_argument("--noise-members", type=int, metavar="N",
                    help="size of the honest-noise ensemble (default 4, 2 at real sizes); 0: the fixed table alone")
+    p.add_argument("--decode", default="0", metavar="N|auto",
+                   help="after each prompt, decode N tokens one at a time through every implementation's own KV "
+                        "cache and compare each step layer by layer (and with the implementation's own full "
+                        "forward); auto: twice the longest sliding window plus two, so every ring buffer wraps "
+                        "(default 0: prefill only)")
+    p.add_argument("--decode-tokens", metavar="IDS", help="comma-separated token ids to decode (teacher-forced), "
+                                                          "instead of seeded ones; implies --decode")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -120,7 +127,21 @@ def build_request(args):
         trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
         raw_logits=args.raw_logits,
         weights_profile=args.weights_profile or "default",
+        decode=_decode_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
+        else None,
     )
+
+
+def _decode_steps(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ParityInputError(f"--decode {text!r} is not a step count; give N >= 0 or 'auto'")
+    return n
 
 
 _CREATED: list[Path] = []  # directories check_out_dir made, removed again if bad input follows

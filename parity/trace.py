@@ -168,6 +168,7 @@ class Trace:
     tokens: list[int]
     prompt: str = "prompt"
     mode: str = "cumulative"
+    prefill: int | None = None  # decode traces: the prompt's length (row s is position prefill + s)
     # forward order; a dict, or a LazyTaps from load_trace(lazy=True); values may be ReducedTap
     taps: Mapping[str, np.ndarray | ReducedTap] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why this impl cannot give it
@@ -182,7 +183,7 @@ class Trace:
         return {
             "impl": self.impl, "version": self.version, "dtype": self.dtype, "spec": self.spec,
             "weights_hash": self.weights_hash, "tokens": self.tokens, "prompt": self.prompt,
-            "mode": self.mode, "order": list(self.taps), "unavailable": self.unavailable,
+            "mode": self.mode, "prefill": self.prefill, "order": list(self.taps), "unavailable": self.unavailable,
             "effective": self.effective,
         }
 

@@ -88,8 +88,8 @@ class Verdict:
 def _run_verdict(report, run: dict) -> RunVerdict:
     impl, dtype, mode = run["impl"], run["dtype"], run["mode"]
     rs = report.run_results(impl, dtype, mode)
-    causes = tuple(d for d in report.diagnosis if (d["impl"], d["dtype"]) == (impl, dtype)) \
-        if mode == "cumulative" else ()
+    causes = tuple(d for d in report.diagnosis
+                   if (d["impl"], d["dtype"], d.get("mode", "cumulative")) == (impl, dtype, mode))
     failing = [r for r in rs if not r.passed and not r.waived]
     divergent = [c for c in causes if c["severity"] == "divergence"]
     waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c["severity"] == "waived"]
@@ -101,7 +101,7 @@ def _run_verdict(report, run: dict) -> RunVerdict:
             missing.update(getattr(t, "unavailable", {}) or {})
     order = _order(report)
     # the first divergence in forward order over every prompt (ties: the earlier prompt), as diagnose finds it
-    first = min(failing, key=lambda r: order.get(r.tap, 10**6)) if failing else None
+    first = min(failing, key=lambda r: first_key(r, order)) if failing else None
     return RunVerdict(
         not_compared=tuple(sorted(missing.items(), key=lambda kv: order.get(kv[0], 10**6))),
         impl=impl, dtype=dtype, mode=mode, status=status, taps=len(rs),
@@ -113,9 +113,15 @@ def _run_verdict(report, run: dict) -> RunVerdict:
 
 
 def _order(report) -> dict:
-    from parity.taps import tap_order
+    from parity.taps import decode_tap_order
 
-    return {t: i for i, t in enumerate(tap_order(report.spec))}
+    return {t: i for i, t in enumerate(decode_tap_order(report.spec))}
+
+
+def first_key(r, order: dict) -> tuple:
+    """Where a failing tap comes in the order a divergence propagates: decode step (the prefill first), then
+    forward order."""
+    return (-1 if r.step is None else r.step, order.get(r.tap, 10**6))
 
 
 def decide(report) -> Verdict:
@@ -154,6 +160,23 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
         why = lead.explanation
         cause = why["cause"] if why else "unexplained"
         what = f.reason.split(";")[0] if f.reason else f"{ratio(used(f))} of its bound"
-        return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}, {what}): cause {cause}"
+        at = f", decode step {f.step}" if f.step is not None else ""
+        return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}{at}, {what}): cause {cause}"
     d = loose[0]
     return f"FAIL: {d['impl']}@{d['dtype']}: cause {d['cause']} at {d['tap']}, named by a probe (within noise)"
+
+
+def step_errors(report) -> dict[tuple[str, str, str], list[float]]:
+    """Per decode run (impl, dtype, mode), each step's largest share of its bound over every tap and prompt."""
+    out: dict = {}
+    for r in report.results:
+        if r.steps is None:
+            continue
+        row = out.setdefault((r.impl, r.dtype, r.mode), [0.0] * len(r.steps))
+        if len(row) < len(r.steps):
+            row += [0.0] * (len(r.steps) - len(row))
+        for s, x in enumerate(r.steps):
+            u = math.inf if not math.isfinite(x) else (x / r.bound if r.bound > 0 else (0.0 if x == 0 else math.inf))
+            row[s] = max(row[s], u)
+    return out
+

@@ -106,6 +106,9 @@ class Adapter:
     cannot: dict[str, str] = {}
     #: whether `decode` is implemented (the harness never probes for it)
     decodes: bool = False
+    #: whether `run(model, tokens, cache_taps=True)` also returns `layers.{i}.cache.k` / `.cache.v` [T, kv, hd]
+    #: (the keys and values each position writes): what a reference needs to check decode caches
+    full_cache_taps: bool = False
 
     def version(self) -> str:
         raise NotImplementedError

@@ -92,6 +92,7 @@ def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.nd
 class LitgptStyleAdapter(Adapter):
     name = "litgpt-style"
     decodes = True
+    full_cache_taps = True  # run(..., cache_taps=True) gives the keys and values a cache must hold
 
     def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None,
                  qkv_stacked: bool = False) -> None:
@@ -131,7 +132,9 @@ class LitgptStyleAdapter(Adapter):
         load(model, plan, weights, dt, [f"h.{i}" for i in range(spec.num_layers)])
         return model.eval()
 
-    def run(self, model, tokens, feed=None) -> RunResult:
+    def run(self, model, tokens, feed=None, cache_taps: bool = False) -> RunResult:
+        """`cache_taps`: also each layer's keys and values as a cache would hold them (`layers.{i}.cache.k`,
+        `.cache.v`, [T, kv, hd]), the ground truth of a decode run's cache contents (parity.decode)."""
         import torch
 
         from parity.adapters.torch_hooks import module_feeds, recording
@@ -139,10 +142,17 @@ class LitgptStyleAdapter(Adapter):
         tap_map = expand_tap_map(TAP_MAP, model.s)
         if model.opts.softcap_on_norm:  # the cap runs before the head: the logits are the head's output
             tap_map["logits"] = ("logits_tap", "out")
+        if cache_taps:
+            for i in range(model.s.num_layers):
+                tap_map[f"layers.{i}.cache.k"] = (f"h.{i}.attn.k_rot", "out")
+                tap_map[f"layers.{i}.cache.v"] = (f"h.{i}.attn.v_out", "out")
         feeds = module_feeds(tap_map, feed, "litgpt-style")
         with torch.no_grad(), recording(model, tap_map, feeds) as taps:
             model(torch.tensor([tokens]))
-        return RunResult(dict(taps))
+        taps = dict(taps)
+        for t in [t for t in taps if ".cache." in t]:
+            taps[t] = taps[t].transpose(1, 0, 2)  # [kv, T, hd] -> [T, kv, hd]: one row per position
+        return RunResult(taps)
 
     def decode(self, model, prompt, continuation) -> DecodeResult:
         """The port's own KV cache (parity.adapters.port_model.KVCache: local layers in a ring of `window` slots)."""
