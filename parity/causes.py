@@ -227,6 +227,42 @@ CAUSES: tuple[Cause, ...] = (
         "predicted distribution is the same, so it is reported as a note.",
         kind="note",
     ),
+    # ------------------------------------------------------------------ the decode path (the KV cache)
+    Cause(
+        "cache-window", "decode window",
+        "While decoding, a local (sliding-window) layer sees one key too many or too few: the cache keeps the "
+        "wrong number of positions, or the decode step's window is off by one, though the prefill is right.",
+        "transformers 4.42.0-4.42.3's Gemma 2 cache ignored the window past 4096 tokens (#31848); keras-hub's "
+        "Gemma broke past 4096 on JAX and torch (fixed in keras-nlp 0.14.4 / 0.15.0, PR #1738).",
+        "shows only once the decode passes the window; then every later step",
+    ),
+    Cause(
+        "cache-position", "decode position",
+        "The new token (or a cached key) is rotated at the wrong position while decoding: position ids or the "
+        "cache position are off, or read from a cache layer that holds fewer entries than were seen.",
+        "transformers' Gemma 3 `get_seq_length` read a sliding layer, so positions stopped at the window and "
+        "output went incoherent once the cache passed it (#38156).",
+        "large from the first step it happens",
+    ),
+    Cause(
+        "cache-stale", "stale cache slot",
+        "A cache slot is not written, or the new key and value are written over the wrong slot (a live "
+        "position evicted, an old one kept), or a wrapped ring buffer is read in the wrong order.",
+        "litgpt's Gemma 3 went to gibberish after about 800-1000 tokens (#2145); serving engines' ring buffers "
+        "have shipped the same.",
+        "shows once a ring buffer wraps",
+    ),
+    Cause(
+        "decode-mask", "decode-step mask",
+        "The mask of a decode step differs from the prefill's mask at the same position (e.g. global layers "
+        "masked with the sliding window, or a mask that ignores the cache offset), though the cache holds the "
+        "right keys.",
+        "keras-hub's Gemma on TensorFlow could only look one token behind while decoding (PR #1738); litgpt's "
+        "window fix broke causality for prefills longer than the window (#2182, refused since 0.5.13); litgpt's "
+        "Gemma 2 softcap path adds its boolean cache mask as 0/1 rather than 0/-inf (#1672), so a cached prefill "
+        "is not causal.",
+        "from the step it first differs",
+    ),
     # ------------------------------------------------------------------ verdicts
     Cause(
         "unexplained", "unexplained",

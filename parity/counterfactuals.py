@@ -103,6 +103,20 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
     return c
 
 
+def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
+    c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
+         for d in (1, -1)]
+    if "local" in spec.layer_types:
+        c += [Counterfactual("cache-window", f"local layers see window{d:+d} keys while decoding",
+                             options=(("decode_window", d),)) for d in (1, -1)]
+        c.append(Counterfactual("cache-stale", "ring buffer written one slot late", options=(("decode_stale", True),)))
+        if "global" in spec.layer_types:
+            c.append(Counterfactual("decode-mask", "global layers masked with the window while decoding",
+                                    options=(("decode_mask_global_window", True),)))
+    return c
+
+
 def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual]:
     """Two tensors of the same shape loaded into each other's place, the first of them in `layer`.
 

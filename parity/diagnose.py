@@ -11,6 +11,7 @@ diagnosis says so ("unexplained") rather than guess.
 from __future__ import annotations
 
 from parity.causes import NOTE_CAUSES
+from parity.compare import DECODE_MODES
 from parity.probes import run_probes
 from parity.taps import tap_order
 
@@ -38,6 +39,10 @@ def diagnose(report) -> None:
         probes, entries = diagnose_run(report, run["impl"], run["dtype"])
         report.probes += probes
         report.diagnosis += entries
+    if any(run["mode"] in DECODE_MODES for run in report.runs):
+        from parity.decode_diagnosis import diagnose_decode
+
+        report.diagnosis += diagnose_decode(report)
 
 
 def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]:
