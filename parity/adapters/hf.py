@@ -278,7 +278,6 @@ class HFAdapter(Adapter):
                     cache={i: _cache_view(layer, read.get(i), key_positions[i]) for i, layer in enumerate(cache.layers)},
                     key_positions=key_positions,
                 ))
-        del cache.update  # the recorder was the instance's own attribute: the class's method shows again
         return DecodeResult(steps)
 
     def effective(self, model) -> dict:
@@ -308,7 +307,17 @@ class HFAdapter(Adapter):
             "final_softcap": getattr(cfg, "final_logit_softcapping", None),
             "window": [getattr(a, "sliding_window", None) for a in attn],
             "attn_implementation": cfg._attn_implementation,
+            "kv_cache": self._cache_layout(model),
         }
+
+    def _cache_layout(self, model) -> str:
+        """The cache class decode builds and its layer class per layer type, from an empty one built as decode
+        builds it (a local layer given a full-length class would show here)."""
+        cache = self.new_cache(model, 1)  # the classes do not depend on the length
+        kinds: dict[str, set] = {}
+        for kind, layer in zip(model.parity_spec.layer_types, cache.layers):
+            kinds.setdefault(kind, set()).add(type(layer).__name__)
+        return f"{type(cache).__name__} (" + ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in kinds.items()) + ")"
 
     def release(self, model) -> None:
         del model
