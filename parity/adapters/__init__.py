@@ -15,6 +15,7 @@ from parity.errors import ImplementationError, ParityInputError
 BUILTIN = {
     "litgpt-style": ("parity.adapters.litgpt_style", "LitgptStyleAdapter", {}),
     "hf": ("parity.adapters.hf", "HFAdapter", {}),
+    "hf-static": ("parity.adapters.hf", "HFAdapter", {"cache": "static"}),  # decodes through StaticCache
     "keras": ("parity.adapters.keras_hub", "KerasAdapter", {}),
     "keras-jax": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "jax"}),
     "keras-torch": ("parity.adapters.keras_hub", "KerasAdapter", {"backend": "torch"}),

@@ -5,13 +5,21 @@ created in the target dtype while buffers computed at init (RoPE inv_freq)
 stay fp32. Casting a built fp32 model with `.to(bfloat16)` would also round
 inv_freq, itself a `rope-precision` divergence, so it is never done here.
 Attention is eager: the SDPA path silently drops Gemma 2's attention softcap.
+
+Decoding goes through transformers' own incremental path: the cache class
+`generate()` builds for the model (`DynamicCache(config=...)`, or with
+`cache="static"` the `StaticCache` of `generate(cache_implementation="static")`;
+both give Gemma 2/3's local layers their sliding-window layer class) and the
+inputs `generate()`'s own `prepare_inputs_for_generation` makes each step.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from parity.adapters.base import Adapter, RunResult
+import numpy as np
+
+from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, to_hf_config
 from parity.taps import expand_tap_map
@@ -68,9 +76,22 @@ TAP_MAP_SANDWICH = {
 CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
 
 
+CACHES = ("dynamic", "static")
+
+
 class HFAdapter(Adapter):
     name = "hf"
+    decodes = True
+    cache = "dynamic"  # a class default too: subclasses that set their own name skip __init__
     _scales_in_embedding = True
+
+    def __init__(self, cache: str = "dynamic") -> None:
+        # cache: the KV cache `decode` goes through, as generate(cache_implementation=...) names it
+        if cache not in CACHES:
+            raise ParityInputError(f"hf: unknown cache {cache!r}; use one of {', '.join(CACHES)}")
+        self.cache = cache
+        if cache != "dynamic":
+            self.name = f"hf-{cache}"
 
     def version(self) -> str:
         import torch
@@ -197,6 +218,68 @@ class HFAdapter(Adapter):
         taps["logits"] = to_numpy(out.logits)  # after the final softcap, which no module produces
         return RunResult(taps)
 
+    def new_cache(self, model, max_len: int):
+        """The cache `generate()` builds for this model (`_prepare_cache_for_generation`), empty.
+
+        `max_len` sizes a static cache as generate does for this many positions (its max_length - 1).
+        """
+        import transformers
+
+        config = model.config.get_text_config(decoder=True)
+        if self.cache == "static":
+            return transformers.StaticCache(config=config, max_cache_len=max_len)
+        return transformers.DynamicCache(config=config)
+
+    def decode(self, model, prompt, continuation) -> DecodeResult:
+        """Prefill, then one forward per token, with the inputs generate()'s own loop gives the model.
+
+        `prepare_inputs_for_generation` slices the ids to the new token, forwards the cache and the
+        position ids, and for a static cache builds the per-layer-type 4D masks ahead of the forward,
+        as `generate()` does; the position ids grow by one per step as `_update_model_kwargs_for_generation`
+        grows them, from the prompt's `arange` (an all-ones attention mask's cumsum - 1, which generate
+        then drops).
+        """
+        import torch
+
+        from parity.adapters.torch_hooks import recording, to_numpy
+
+        prepare = model.prepare_inputs_for_generation
+        if "next_sequence_length" not in inspect.signature(prepare).parameters:
+            import transformers
+
+            raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers 5 makes them; "
+                               f"transformers {transformers.__version__} makes them differently: upgrade it")
+        tap_map = self._tap_map(model.parity_spec)
+        cache = self.new_cache(model, len(prompt) + len(continuation))
+        read = _record_reads(cache)
+        kwargs = {"cache": cache, "position_ids": torch.arange(len(prompt))[None], "use_cache": True,
+                  "attention_mask": None}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # generate asks for the last row only
+        ids = torch.tensor([prompt])
+        steps = []
+        with torch.no_grad():
+            model(**prepare(ids, is_first_iteration=True, **kwargs), return_dict=True)
+            for token in continuation:
+                p = ids.shape[1]
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+                pos = kwargs["position_ids"]
+                kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+                inputs = prepare(ids, next_sequence_length=1, **kwargs)
+                # the positions each layer's mask gives its keys, read before the step as the mask is built
+                key_positions = {i: _mask_positions(layer, p) for i, layer in enumerate(cache.layers)}
+                read.clear()
+                with recording(model, tap_map) as taps:
+                    out = model(**inputs, return_dict=True)
+                taps = dict(taps)
+                taps["logits"] = to_numpy(out.logits)
+                steps.append(DecodeStep(
+                    taps=taps,
+                    cache={i: _cache_view(layer, read.get(i), key_positions[i]) for i, layer in enumerate(cache.layers)},
+                    key_positions=key_positions,
+                ))
+        return DecodeResult(steps)
+
     def effective(self, model) -> dict:
         m = model.model
         layer0 = m.layers[0]
@@ -224,10 +307,91 @@ class HFAdapter(Adapter):
             "final_softcap": getattr(cfg, "final_logit_softcapping", None),
             "window": [getattr(a, "sliding_window", None) for a in attn],
             "attn_implementation": cfg._attn_implementation,
+            "kv_cache": self._cache_layout(model),
         }
+
+    def _cache_layout(self, model) -> str:
+        """The cache class decode builds and its layer class per layer type, from an empty one built as decode
+        builds it (a local layer given a full-length class would show here)."""
+        cache = self.new_cache(model, 1)  # the classes do not depend on the length
+        kinds: dict[str, set] = {}
+        for kind, layer in zip(model.parity_spec.layer_types, cache.layers):
+            kinds.setdefault(kind, set()).add(type(layer).__name__)
+        return f"{type(cache).__name__} (" + ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in kinds.items()) + ")"
 
     def release(self, model) -> None:
         del model
+
+
+def _record_reads(cache) -> dict:
+    """layer -> the (keys, values) the cache's `update` returns while the model runs: what attention reads.
+
+    Wraps this one cache object's `update` (an instance attribute, no class is patched), so whatever the
+    library's layer classes do, patched or not, is what is recorded.
+    """
+    reads: dict = {}
+    update = cache.update
+
+    def recorded(key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = update(key_states, value_states, layer_idx, *args, **kwargs)
+        reads[layer_idx] = (keys, values)
+        return keys, values
+
+    cache.update = recorded
+    return reads
+
+
+def _float(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy().copy()
+
+
+def _mask_positions(layer, p: int) -> np.ndarray:
+    """The absolute positions of the keys a one-token step at position p attends to, as the layer reports
+    them to the mask builder (`get_mask_sizes`: key j is position kv_offset + j); a static layer's slots past
+    p are not written yet (zeros, masked) and read -1."""
+    kv_length, kv_offset = layer.get_mask_sizes(1)
+    pos = np.arange(int(kv_offset), int(kv_offset) + int(kv_length), dtype=np.int64)
+    pos[pos > p] = -1
+    return pos
+
+
+def _stored_positions(layer) -> np.ndarray:
+    """The absolute position each slot of a layer's `keys` holds, from the layer's own count of positions seen.
+
+    Dynamic layers append and a sliding one keeps the newest (window - 1) in order, so its n entries are the
+    last n positions. Static layers write position i to slot i; a full static sliding layer rolls its slots
+    left and writes the newest last (not a ring), so it also holds the last n positions, oldest first.
+    """
+    from transformers.cache_utils import StaticLayer
+
+    n = layer.keys.shape[-2]
+    seen = int(layer.get_seq_length())  # the sliding layers' cumulative count, not their stored length
+    if isinstance(layer, StaticLayer):
+        pos = np.arange(n, dtype=np.int64) + max(seen - n, 0)
+        pos[pos >= seen] = -1  # not written yet
+        return pos
+    return np.arange(seen - n, seen, dtype=np.int64)
+
+
+def _cache_view(layer, read, key_positions: np.ndarray) -> CacheView:
+    """What the layer holds after the step, plus the entries the step read that the layer has since dropped.
+
+    HF's dynamic sliding layer keeps only window - 1 entries, dropping the oldest one as soon as the
+    step has read it; that entry is taken from what `update` returned to attention, so the view still
+    has every position the step saw.
+    """
+    pos, k, v = _stored_positions(layer), _float(layer.keys[0]), _float(layer.values[0])
+    if read is not None and read[0].shape[-2] == len(key_positions):
+        held = set(pos.tolist())
+        gone = [j for j, q in enumerate(key_positions.tolist()) if q >= 0 and q not in held]
+        if gone:
+            pos = np.concatenate([key_positions[gone], pos])
+            k = np.concatenate([_float(read[0][0][:, gone]), k], axis=1)
+            v = np.concatenate([_float(read[1][0][:, gone]), v], axis=1)
+    return CacheView(pos, k, v)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
