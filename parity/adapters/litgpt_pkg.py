@@ -24,6 +24,25 @@ read back in `effective()`:
   materialises them), and are recorded as litgpt's fp32 softmax output,
   before its cast to the activation dtype.
 
+Decoding (`decode`) goes through litgpt's own KV cache, set up as its
+`generate()` does: `set_kv_cache(batch_size=1)`, a prefill with
+`input_pos = arange(len(prompt))`, then one token per forward at its position,
+with `input_pos_maxp1` (max position + 1) where the version takes it. Each
+layer's cache is `attn.kv_cache.k/.v` [1, kv_heads, slots, head_dim], keys
+after the qk-norm and RoPE. A global layer's slot is the position; a local
+layer's cache (0.5.x) is a ring of `min(max_seq_length, window)` slots, slot =
+position mod size. litgpt stores no positions: they are read off that rule.
+What litgpt's cache path does wrong is reported, not repaired:
+
+- litgpt >= 0.5.13 refuses a prefill longer than a local layer's ring (its
+  #2182: the ring would overwrite keys while the mask assumes contiguous
+  positions); `decode` turns that refusal into `Unsupported`, naming it;
+- the cache path's mask is `build_mask_cache`'s boolean tril, and the
+  attention-softcap path (Gemma 2) adds it to the scores as 0/1 instead of
+  0/-inf (its #1672): a multi-token prefill through the cache is not causal,
+  so every cached key and value from layer 1 on saw the whole prompt. A decode
+  step's own row is all True (a uniform +1), so only the prefill is wrong.
+
 Two generations of the package are handled, by feature detection:
 0.4.x fuses q/k/v into `attn.attn` per kv group (that group's query heads,
 then its key, then its value), supports Gemma 1/2 only (sliding window on all
@@ -41,8 +60,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from parity.adapters.base import Adapter, RunResult
-from parity.errors import BackendMissing, ParityInputError
+from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
+from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, gemma_layer_types
 from parity.taps import expand_tap_map, tap_names
 from parity.weights import Weights, map_weights
@@ -150,6 +169,7 @@ def _placing(spec: GemmaSpec) -> str | None:
 
 class LitgptAdapter(Adapter):
     name = "litgpt"
+    decodes = True
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -303,6 +323,78 @@ class LitgptAdapter(Adapter):
             unavailable[t] = "no litgpt module produced it"
         return RunResult(out, unavailable)
 
+    def decode(self, model, prompt, continuation) -> DecodeResult:
+        """Prefill, then teacher-forced steps through litgpt's KV cache (see the module docstring)."""
+        import torch
+
+        from parity.adapters.torch_hooks import recording, to_numpy
+
+        spec = model.parity_spec
+        total = len(prompt) + len(continuation)
+        if total > model.max_seq_length:
+            raise ParityInputError(f"prompt and continuation have {total} tokens but the litgpt model holds "
+                                   f"{model.max_seq_length} (spec max_position); decode fewer tokens")
+        tap_map = expand_tap_map(TAP_MAP, spec)
+        inline = expand_tap_map(INLINE_TAPS, spec)
+        blocks = list(model.transformer.h)
+        # input_pos_maxp1 is 0.5.x; generate() passes it unless Thunder compiled the model
+        maxp1 = "input_pos_maxp1" in inspect.signature(model.forward).parameters
+        param = next(model.parameters())
+        steps: list[DecodeStep] = []
+        unavailable: dict[str, str] = {}
+        # generate() builds the cache under fabric.init_tensor(), i.e. in the model's dtype. It sets
+        # model.max_seq_length to the length instead; left alone here, since resetting it rebuilds the rope
+        # cache in fp32 where run() reads the table rounded to the model's dtype. Older litgpt (no such
+        # parameter) sizes the cache to model.max_seq_length, which only adds masked slots.
+        sized = "max_seq_length" in inspect.signature(model.set_kv_cache).parameters
+        model.set_kv_cache(batch_size=1, device=param.device, dtype=param.dtype,
+                           **({"max_seq_length": total} if sized else {}))
+        try:
+            with torch.no_grad():
+                kwargs = {"input_pos_maxp1": len(prompt)} if maxp1 else {}
+                try:
+                    model(torch.tensor([prompt]), torch.arange(len(prompt)), **kwargs)
+                except ValueError as e:
+                    ring = min((b.attn.kv_cache.k.shape[2] for b in blocks
+                                if getattr(b.attn.kv_cache, "is_sliding_window", False)), default=None)
+                    if ring is None or len(prompt) <= ring:
+                        raise
+                    raise Unsupported(
+                        f"litgpt refuses a {len(prompt)}-token prefill through its KV cache: a local layer's "
+                        f"ring holds {ring} slots (sliding_window), and a longer prefill would overwrite slots "
+                        f"its mask takes for contiguous positions (litgpt #2182; its error: "
+                        f"{str(e).split('. ')[0]}); decode "
+                        f"with a prompt of at most {ring} tokens, or drop 'litgpt' from --impls") from None
+                for s, token in enumerate(continuation):
+                    p = len(prompt) + s
+                    kwargs = {"input_pos_maxp1": p + 1} if maxp1 else {}
+                    with recording(model, tap_map) as taps, _inline_recording(model, inline) as inline_taps:
+                        logits = model(torch.tensor([[token]]), torch.tensor([p]), **kwargs)
+                    out = dict(taps)
+                    out.update(inline_taps)
+                    out["logits"] = to_numpy(logits)
+                    cache, keys = {}, {}
+                    for i, b in enumerate(blocks):
+                        kv = b.attn.kv_cache
+                        held = _slot_positions(p, kv.k.shape[2])  # the slots written so far
+                        n = len(held)
+                        cache[i] = CacheView(held, _np(kv.k[0, :, :n]), _np(kv.v[0, :, :n]))
+                        probs = out.get(f"layers.{i}.attn.probs")
+                        if probs is not None:
+                            # the keys attention read: `held` slots, or (no input_pos_maxp1) every slot of a
+                            # global cache, the unwritten ones masked
+                            L = probs.shape[-1]
+                            keys[i] = held if L == n else np.arange(L)
+                    steps.append(DecodeStep(taps=out, cache=cache, key_positions=keys))
+        finally:
+            model.clear_kv_cache()
+        for tap, (path, fn) in inline.items():
+            if steps and tap not in steps[0].taps:
+                unavailable[tap] = ("litgpt ran torch SDPA (no attention softcap): the probabilities never "
+                                    "exist as a tensor" if tap.endswith("attn.probs") else
+                                    f"{path} made no torch.nn.functional.{fn} call while decoding")
+        return DecodeResult(steps, unavailable)
+
     def effective(self, model) -> dict:
         import torch
 
@@ -358,6 +450,22 @@ class LitgptAdapter(Adapter):
     def release(self, model) -> None:
         del model
 
+
+
+def _slot_positions(p: int, size: int) -> np.ndarray:
+    """The position each written slot holds after position p, slot = position mod size.
+
+    A global cache (size > p) gives 0..p; a wrapped ring gives, per slot, the
+    latest position that mapped to it: litgpt's KVCache writes `input_pos % max_cache_len`.
+    """
+    slots = np.arange(min(p + 1, size))
+    return p - (p - slots) % size
+
+
+def _np(t) -> np.ndarray:
+    import torch
+
+    return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy().copy()
 
 
 @contextmanager
