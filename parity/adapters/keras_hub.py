@@ -21,6 +21,15 @@ Sandwich norms are sub-layers too: `post_attn_norm` is the output of the
 block's `post_attention_norm`, `post_mlp_norm` of its `post_ffw_norm`, and
 `attn_residual` is the input of `pre_ffw_norm` (x + post-normed attention).
 
+Decoding (`decode`) runs keras-hub's incremental path as `generate()` does:
+`_build_cache` prefills a buffer of the prompt followed by pad ids, then one
+eager `call_with_cache(token, cache, p)` per continuation token, recorded by
+the same wrappers as `run`. keras-hub's cache is a dense buffer with one slot
+per position on every layer (local layers too: the sliding window is a mask,
+`_mask_sliding_window` sliced at `cache_update_index`), so the cache views are
+slots 0..p read straight out of it, keys un-permuted from GemmaBackbone's
+interleaved post-RoPE layout to half-split.
+
 What the installed keras-hub (0.32) does, read from its source
 (keras_hub/src/models/gemma/, gemma3/) and read back from the built layers
 (`_differences`, `effective`):
@@ -95,7 +104,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.adapters.base import DTYPES, Adapter, RunResult
+from parity.adapters.base import DTYPES, Adapter, CacheView, DecodeResult, DecodeStep, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, gemma_layer_types
 from parity.taps import expand_tap_map, layer_of, tap_names
@@ -382,12 +391,7 @@ class KerasAdapter(Adapter):
     # ---------------------------------------------------------------- run
     def run(self, model: KerasModel, tokens: list[int], feed: dict[str, np.ndarray] | None = None) -> RunResult:
         spec = model.spec
-        bad = [t for t in tokens if not (isinstance(t, (int, np.integer)) and 0 <= t < spec.vocab_size)]
-        if not tokens or bad:
-            raise ParityInputError(
-                f"{self.name}: tokens must be a non-empty list of ids in [0, {spec.vocab_size}); "
-                f"got {bad[:3] or tokens}"
-            )
+        self._check_ids(spec, tokens, "tokens", empty_ok=False)
         tap_map = expand_tap_map(TAP_MAP, spec)
         feeds = _feeds(spec, feed, len(tokens))
         ids = np.asarray([tokens], dtype="int32")
@@ -400,21 +404,83 @@ class KerasAdapter(Adapter):
         model.observed = observed
         if clean:
             model.clean = {**observed, "call_order": list(order)}
-        unavailable = {
-            f"layers.{i}.attn.scores": (
-                "keras-hub's Softmax layer takes the unmasked logits and a boolean mask and adds its large negative "
-                "inside the layer: the masked scores never exist as a value")
-            for i in range(spec.num_layers)
-        }
-        for t in tap_map:
-            if t in taps:
-                continue
-            if t.endswith(".attn.probs") and _fused(model):
-                why = "keras-hub ran its fused attention op (ops.dot_product_attention): no probabilities exist"
-            else:
-                why = "not produced during the forward pass; the installed keras-hub's call structure differs"
-            unavailable[t] = observed["missing"].get(t, why)
-        return RunResult(dict(taps), unavailable)
+        return RunResult(dict(taps), _unavailable(model, tap_map, taps, observed))
+
+    # ------------------------------------------------------------- decode
+    decodes = True
+
+    def decode(self, model: KerasModel, prompt: list[int], continuation: list[int]) -> DecodeResult:
+        """keras-hub's incremental path: the cache seeded by `_build_cache` as `generate()` seeds it, then one
+        eager `call_with_cache(token, cache, cache_update_index=p)` per continuation token.
+
+        The cache is keras-hub's own dense buffer of len(prompt) + len(continuation) slots, slot j holding
+        position j (GemmaCausalLM: one [batch, layers, 2, slots, kv, head_dim] tensor; Gemma3CausalLM: a
+        tuple of per-layer (key, value) [batch, slots, kv, head_dim]). Every layer, local or global, keeps
+        every position; the window is only a mask. The softmax runs over all slots, so `attn.probs` is
+        [heads, 1, slots] with key positions 0..slots-1 (slots past p, which hold the prefill's pad keys,
+        and out-of-window slots get probability 0). The cache views hold positions 0..p.
+        """
+        from keras import ops
+
+        spec, lm = model.spec, model.lm
+        self._check_ids(spec, prompt, "prompt", empty_ok=False)
+        self._check_ids(spec, continuation, "continuation", empty_ok=True)
+        P, slots = len(prompt), len(prompt) + len(continuation)
+        tap_map = expand_tap_map(TAP_MAP, spec)
+        # generate()'s buffer: the prompt, then the preprocessor's pad id (0) where tokens are to come;
+        # the pads' keys are written by the prefill and overwritten one by one as the decode reaches them
+        ids = np.zeros((1, slots), "int32")
+        ids[0, :P] = prompt
+        padding = np.zeros((1, slots), bool)
+        padding[0, :P] = True
+        build_params = list(inspect.signature(lm._build_cache).parameters)[1:]
+        step_params = inspect.signature(lm.call_with_cache).parameters
+        attention = [b.attention for b in model.backbone.transformer_layers]
+        # GemmaBackbone stores q and k permuted to interleaved order after RoPE; the view un-permutes the
+        # keys to the half-split layout every other implementation (and the contract) uses
+        permuted = [_permuted_after_rope(a) for a in attention]
+        steps: list[DecodeStep] = []
+        observed: dict = {"missing": {}}
+        with _inference(self.backend):
+            # Gemma3CausalLM's generate() passes its padding mask to the prefill (None for images);
+            # GemmaCausalLM's takes the token ids alone
+            extra = {n: (ops.convert_to_tensor(padding) if n == "padding_mask" else None) for n in build_params}
+            _, cache = lm._build_cache(ops.convert_to_tensor(ids), **extra)
+            for s, token in enumerate(continuation):
+                p = P + s
+                ids[0, p] = token  # where generate()'s sampler writes the token it chose
+                kw = {}
+                if "cache_update_mask" in step_params:  # generate(): ~padding_mask, True past the prompt
+                    kw["cache_update_mask"] = ops.convert_to_tensor(~padding[:, p:p + 1])
+                with _recording(model, tap_map, {}) as (taps, observed):  # the same wrappers as run()
+                    # an int tensor index, as generate()'s loop passes it
+                    _, _, cache = lm.call_with_cache(ops.convert_to_tensor(ids[:, p:p + 1]), cache,
+                                                     ops.convert_to_tensor(p, "int32"), **kw)
+                views = {}
+                for i, (k, v) in enumerate(_layer_kv(cache, spec.num_layers, model.dtype)):
+                    k, v = k[:p + 1].transpose(1, 0, 2), v[:p + 1].transpose(1, 0, 2)  # [kv, p + 1, hd]
+                    if permuted[i]:
+                        k = np.concatenate([k[..., 0::2], k[..., 1::2]], axis=-1)
+                    views[i] = CacheView(np.arange(p + 1), np.ascontiguousarray(k), v.copy())
+                probs = {i: np.arange(slots) for i in range(spec.num_layers) if f"layers.{i}.attn.probs" in taps}
+                steps.append(DecodeStep(taps=dict(taps), cache=views, key_positions=probs))
+        unavailable = _unavailable(model, tap_map, steps[-1].taps, observed) if steps else {}
+        for i, known in enumerate(permuted):
+            if known is None:
+                for name in ("cache.k", "cache.v"):
+                    unavailable[f"layers.{i}.{name}"] = (
+                        "could not tell whether this keras-hub permutes the keys after RoPE (private _apply_rope)")
+                for step in steps:
+                    step.cache.pop(i, None)
+        return DecodeResult(steps, unavailable)
+
+    def _check_ids(self, spec: GemmaSpec, ids, what: str, empty_ok: bool) -> None:
+        bad = [t for t in ids if not (isinstance(t, (int, np.integer)) and 0 <= t < spec.vocab_size)]
+        if bad or (not ids and not empty_ok):
+            raise ParityInputError(
+                f"{self.name}: the {what} must be a {'' if empty_ok else 'non-empty '}list of ids in "
+                f"[0, {spec.vocab_size}); got {bad[:3] or ids}"
+            )
 
     # ---------------------------------------------------------- effective
     def effective(self, model: KerasModel) -> dict:
@@ -524,8 +590,8 @@ def _call_order(layer, names: tuple[str, ...]):
                 object.__setattr__(sub, "call", previous)
 
 
-def _rope_layout(a) -> str:
-    """Half-split or interleaved, and whether q/k are permuted after the rotation, read off the layer."""
+def _rope_probe(a):
+    """(x, the RotaryEmbedding of x, the attention's _apply_rope of x or None) for a random x [1, 3, 1, hd]."""
     from keras import ops
 
     hd = int(a.head_dim)
@@ -535,6 +601,30 @@ def _rope_layout(a) -> str:
     try:
         applied = np.asarray(ops.convert_to_numpy(a._apply_rope(xt, 0)), np.float32)
     except Exception:  # a private helper
+        applied = None
+    return x, rotated, applied
+
+
+def _interleaved(x: np.ndarray) -> np.ndarray:
+    """[a0, b0, a1, b1, ...] from the halves a, b of the last axis (GemmaBackbone's post-RoPE layout)."""
+    return np.stack(np.split(x, 2, axis=-1), axis=-1).reshape(x.shape)
+
+
+def _permuted_after_rope(a) -> bool | None:
+    """Whether the attention layer permutes rotated q/k into interleaved order; None: cannot tell."""
+    _, rotated, applied = _rope_probe(a)
+    if applied is None:
+        return None
+    if np.array_equal(applied, rotated):
+        return False
+    return True if np.array_equal(applied, _interleaved(rotated)) else None
+
+
+def _rope_layout(a) -> str:
+    """Half-split or interleaved, and whether q/k are permuted after the rotation, read off the layer."""
+    x, rotated, applied = _rope_probe(a)
+    hd = int(a.head_dim)
+    if applied is None:
         return "half-split (RotaryEmbedding); post-rotation layout not determined"
     # half-split rotation at position 1: x1' = x1 cos - x2 sin (first half from both halves)
     half = hd // 2
@@ -547,10 +637,63 @@ def _rope_layout(a) -> str:
     split = "half-split" if np.allclose(rotated[0, 1, 0], want, atol=2e-2) else "not half-split"
     if np.array_equal(applied, rotated):
         return f"{split} (RotaryEmbedding), q/k not permuted"
-    perm = np.stack(np.split(rotated, 2, axis=-1), axis=-1).reshape(rotated.shape)
-    if np.array_equal(applied, perm):
+    if np.array_equal(applied, _interleaved(rotated)):
         return f"{split} (RotaryEmbedding), then q/k permuted to interleaved order (scores unchanged)"
     return f"{split} (RotaryEmbedding), then q/k changed in an unrecognised way"
+
+
+def _unavailable(model: KerasModel, tap_map: dict, taps: dict, observed: dict) -> dict[str, str]:
+    """tap -> why it was not recorded, for the taps of `tap_map` a forward pass (or decode step) lacked."""
+    unavailable = {
+        f"layers.{i}.attn.scores": (
+            "keras-hub's Softmax layer takes the unmasked logits and a boolean mask and adds its large negative "
+            "inside the layer: the masked scores never exist as a value")
+        for i in range(model.spec.num_layers)
+    }
+    for t in tap_map:
+        if t in taps:
+            continue
+        if t.endswith(".attn.probs") and _fused(model):
+            why = "keras-hub ran its fused attention op (ops.dot_product_attention): no probabilities exist"
+        else:
+            why = "not produced during the forward pass; the installed keras-hub's call structure differs"
+        unavailable[t] = observed["missing"].get(t, why)
+    return unavailable
+
+
+def _layer_kv(cache, num_layers: int, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each layer's (keys, values) [slots, kv, head_dim] from keras-hub's cache, batch dropped.
+
+    GemmaCausalLM stacks every layer into one [batch, layers, 2, slots, kv, hd] tensor; Gemma3CausalLM
+    keeps a tuple of per-layer (key, value) tensors [batch, slots, kv, hd].
+    """
+    from keras import ops
+
+    out = np.float64 if dtype == "float64" else np.float32  # bf16/fp16 -> fp32 is exact
+
+    def arr(t) -> np.ndarray:
+        return np.asarray(ops.convert_to_numpy(t)).astype(out)[0]
+
+    if isinstance(cache, (tuple, list)):
+        if len(cache) != num_layers:
+            raise RuntimeError(f"keras-hub's cache has {len(cache)} entries for {num_layers} layers")
+        return [(arr(k), arr(v)) for k, v in cache]
+    whole = arr(cache)  # [layers, 2, slots, kv, hd]
+    if whole.ndim != 5 or whole.shape[:2] != (num_layers, 2):
+        raise RuntimeError(f"keras-hub's cache has shape {whole.shape}, not [layers, 2, slots, kv, head_dim]")
+    return [(whole[i, 0], whole[i, 1]) for i in range(num_layers)]
+
+
+@contextmanager
+def _inference(backend: str):
+    """No autograd graph on torch: the cache of each step would otherwise hold every earlier step's graph."""
+    if backend != "torch":
+        yield
+        return
+    import torch
+
+    with torch.no_grad():
+        yield
 
 
 def _fused(model: KerasModel) -> bool | None:
