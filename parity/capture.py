@@ -159,8 +159,9 @@ def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights
     unavailable = dict(getattr(adapter, "cannot", {}) or {})
     unavailable.update(getattr(result, "unavailable", {}) or {})
     check_contract(impl, dtype, FULL, spec, result, unavailable, cache=True)
-    full = Trace(**meta, mode=FULL, taps={k: widen(v) for k, v in full_rows(result.taps, spec, P, S).items()},
-                 unavailable=unavailable)
+    order = {t: i for i, t in enumerate(decode_tap_order(spec))}
+    forward = lambda taps: {k: widen(taps[k]) for k in sorted(taps, key=lambda k: order.get(k, 10**6))}  # noqa: E731
+    full = Trace(**meta, mode=FULL, taps=forward(full_rows(result.taps, spec, P, S)), unavailable=unavailable)
     del result
     if mode == FULL:
         return [full]
@@ -175,7 +176,7 @@ def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights
     declared = dict(getattr(adapter, "cannot", {}) or {})
     declared.update(unavailable)
     check_contract(impl, dtype, DECODE, spec, RunResult(rows), declared, cache=True)
-    dec = Trace(**meta, mode=DECODE, taps={k: widen(v) for k, v in rows.items()}, unavailable=declared)
+    dec = Trace(**meta, mode=DECODE, taps=forward(rows), unavailable=declared)
     return [full, dec]
 
 

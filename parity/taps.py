@@ -31,11 +31,12 @@ CACHE_TAPS = ("cache.k", "cache.v")  # decode only: what a layer's KV cache hold
 
 
 def decode_tap_order(spec: GemmaSpec) -> list[str]:
-    """tap_order with each layer's cache taps after its attention internals (decode traces)."""
+    """tap_order with each layer's cache taps before its attention internals (decode traces): the cache is
+    written, then read by the scores, so a wrong cache entry is where a decode divergence starts."""
     out = []
     for t in tap_order(spec):
         i = layer_of(t)
-        if i is not None and t == f"layers.{i}.attn":
+        if i is not None and t == f"layers.{i}.{INTERNAL_TAPS[0]}":
             out += [f"layers.{i}.{x}" for x in CACHE_TAPS]
         out.append(t)
     return out

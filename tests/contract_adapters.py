@@ -69,3 +69,32 @@ class IgnoresFeed(_Port):
 
 class NamedHF(_Port):
     label = "hf"
+
+
+class NoDecode(LitgptStyleAdapter):
+    """A prefill-only implementation: it declares no decode path."""
+
+    decodes = False
+
+    def __init__(self) -> None:
+        super().__init__(name="prefill-only")
+
+
+class DecodesTooFew(LitgptStyleAdapter):
+    """Drops the last decode step."""
+
+    def __init__(self) -> None:
+        super().__init__(name="decodes-too-few")
+
+    def decode(self, model, prompt, continuation):
+        result = super().decode(model, prompt, continuation)
+        result.steps = result.steps[:-1]
+        return result
+
+
+def no_decode():
+    return NoDecode()
+
+
+def decodes_too_few():
+    return DecodesTooFew()

@@ -269,3 +269,82 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
         "evidence": why["evidence"] if why else "",
         "margin": (rv.first.stat / rv.first.bound if rv.first.bound else float("inf")) if rv.first else None,
     }
+
+
+# ------------------------------------------------------------------ the decode path
+@dataclass
+class DecodeFault:
+    name: str
+    cause: str
+    first_tap: str
+    first_step: int | dict  # with the 8-token prompt and DECODE_STEPS steps (a dict: per dtype)
+    factory: Callable
+    spec: str = "tiny-gemma2"
+
+    def step_in(self, dtype: str) -> int:
+        return self.first_step[dtype] if isinstance(self.first_step, dict) else self.first_step
+
+
+DECODE_STEPS = 20  # positions 8..27: past the tiny presets' window of 16, so a ring of 16 slots wraps
+
+
+def _hf_decoding_under(cause: str, cache: str = "dynamic"):
+    from tests.decode_faults_hf import decoding_under
+
+    return lambda: decoding_under(cause, cache)
+
+
+DECODE_FAULTS = [
+    DecodeFault("port sees a key too many", "cache-window", "layers.0.attn.scores", 8,
+                port("port-window-plus", {"decode_window": 1})),
+    DecodeFault("port sees a key too few", "cache-window", "layers.0.attn.scores", 7,
+                port("port-window-minus", {"decode_window": -1})),
+    DecodeFault("port rotates the new token at p+1", "cache-position", "rope.cos", 0,
+                port("port-pos-plus", {"decode_pos_offset": 1})),
+    DecodeFault("port ring written one slot late", "cache-stale", "layers.0.cache.k", 8,
+                port("port-stale", {"decode_stale": True})),
+    DecodeFault("port windows the global layers while decoding", "decode-mask", "layers.1.attn.scores", 8,
+                port("port-global-windowed", {"decode_mask_global_window": True})),
+    DecodeFault("hf sliding mask window-1 on decode", "cache-window", "layers.0.attn.probs", 7,
+                _hf_decoding_under("cache-window")),
+    DecodeFault("hf position ids +1 on decode", "cache-position", "rope.cos", 0,
+                _hf_decoding_under("cache-position")),
+    # the dynamic sliding layer holds window - 1 entries after a step: it goes stale one step before the ring would
+    DecodeFault("hf sliding layer keeps stale entries", "cache-stale", "layers.0.cache.k", 7,
+                _hf_decoding_under("cache-stale")),
+    DecodeFault("hf static sliding layer writes one slot early", "cache-stale", "layers.0.cache.k", 8,
+                _hf_decoding_under("cache-stale", "static"), spec="tiny-gemma3"),
+    DecodeFault("hf global layers windowed on decode", "decode-mask", "layers.1.attn.probs", 8,
+                _hf_decoding_under("decode-mask")),
+    # dropping one key of 17 at step 8 stays within bf16's honest noise on these weights; one of 18 does not
+    DecodeFault("hf gemma 3 global layer windowed on decode", "decode-mask", "layers.5.attn.probs",
+                {"float32": 8, "bfloat16": 9},
+                _hf_decoding_under("decode-mask"), spec="tiny-gemma3"),
+]
+
+
+def detect_decode(fault: DecodeFault, dtype: str) -> dict:
+    """The harness decoding under the fault in one dtype: detected, located at its (step, tap), named."""
+    from parity.harness import Request, run
+    from parity.presets import PRESETS
+    from parity.prompts import default_prompts
+
+    spec = PRESETS[fault.spec]
+    adapter = fault.factory()
+    report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
+                         prompts={"short": default_prompts(spec)["short"]}, decode=DECODE_STEPS))
+    (rv,) = [r for r in report.verdict.runs if r.mode == "decode"]
+    why = rv.explanation
+    return {
+        "fault": fault.name, "cause": fault.cause, "dtype": dtype, "detected": not report.passed,
+        "status": rv.status, "first_tap": rv.first.tap if rv.first else None,
+        "first_step": rv.first.step if rv.first else None,
+        "located": rv.first is not None and (rv.first.step, rv.first.tap) == (fault.step_in(dtype), fault.first_tap),
+        "named": why is not None and why["cause"] == fault.cause, "named_as": why["cause"] if why else None,
+        "evidence": why["evidence"] if why else "", "headline": report.verdict.headline,
+        "prefill_passed": all(r.status != "FAIL" for r in report.verdict.runs if r.mode == "cumulative"),
+    }
+
+
+def _port_stale():
+    return LitgptStyleAdapter(PortOptions(decode_stale=True), name="port-stale")
