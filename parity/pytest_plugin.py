@@ -14,6 +14,7 @@ Options (all under `--parity-`):
     --parity-baseline FILE      the baseline the gate compares with (default fixtures/baseline.json)
     --parity-update-baseline    rewrite the baseline from this session (the gate then fails once)
     --parity-waivers FILE       accepted divergences (default fixtures/waivers.toml, if it exists)
+    --parity-decode N|auto      decode steps of the decode checks (default auto: past every sliding window)
 
 Fixtures for your own parity tests:
 
@@ -24,6 +25,7 @@ Fixtures for your own parity tests:
                      a prompt name, or a list of token ids)
     parity_baseline  parity_baseline(path=None, factor=2.0, floor=0.05) -> parity.baseline.Gate
     parity_waivers   the waivers in force, for reports you build yourself (parity.waivers.apply_waivers)
+    parity_decode_report  a Report that also decodes --parity-decode steps through every implementation's cache
 
 e.g.
 
@@ -65,6 +67,7 @@ class _State:
     params: list | None = None  # [(impl name, dtype)] for impl_dtype
     error: str | None = None  # bad input found during collection: raised as a UsageError when it ends
     report: object = None
+    decode_report: object = None  # the decode checks' report (parity_decode_report), built when first asked
     applied: object = None  # parity.waivers.Applied
     gates: list = field(default_factory=list)  # parity.baseline.Gate, one per parity_baseline call
     written: list = field(default_factory=list)
@@ -75,7 +78,7 @@ _STATE = pytest.StashKey[_State]()
 
 
 PLUGIN_FLAGS = {"out": "--parity-report-dir", "impls": "--parity-impls", "dtypes": "--parity-dtypes",
-                "spec": "--parity-spec", "weights_profile": "--parity-weights-profile"}
+                "spec": "--parity-spec", "weights_profile": "--parity-weights-profile", "decode": "--parity-decode"}
 
 
 def plugin_flag(option: str) -> str:
@@ -100,6 +103,9 @@ def pytest_addoption(parser):
                 help=f"baseline for test_baseline_gate (default {DEFAULT_BASELINE} under the rootdir)")
     g.addoption("--parity-update-baseline", action="store_true", default=False,
                 help="rewrite the baseline from this session; the gate fails that run so the change is reviewed")
+    g.addoption("--parity-decode", default="auto", metavar="N|auto",
+                help="decode steps of the decode checks (parity/test_decode.py; default auto: twice the longest "
+                     "sliding window plus two)")
     g.addoption("--parity-waivers", default=None, metavar="FILE",
                 help=f"TOML file of accepted divergences (default {DEFAULT_WAIVERS} under the rootdir, if it exists)")
 
@@ -286,6 +292,30 @@ def _report(config):
         state.applied = apply_waivers(report, state.waivers)
         state.report = report
     return state.report
+
+
+@pytest.fixture(scope="session")
+def parity_decode_report(request):
+    """One harness run that decodes (--parity-decode steps after each prompt through every implementation's
+    cache; cumulative prefill beside it), waivers applied."""
+    config = request.config
+    state = _state(config)
+    if state.decode_report is None:
+        import dataclasses
+
+        from parity.errors import ParityInputError
+        from parity.harness import run
+        from parity.waivers import apply_waivers
+
+        text = config.getoption("--parity-decode").strip()
+        steps = "auto" if text == "auto" else int(text) if text.lstrip("-").isdigit() else text
+        try:
+            report = run(dataclasses.replace(_request(config), mode="cumulative", decode=steps))
+        except ParityInputError as e:
+            pytest.fail(f"parity: {e.render(plugin_flag)}", pytrace=False)
+        apply_waivers(report, state.waivers)
+        state.decode_report = report
+    return state.decode_report
 
 
 @pytest.fixture(scope="session")
