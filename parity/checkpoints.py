@@ -26,9 +26,9 @@ Three layouts are recognised, by the files in the directory:
 
 Pickles (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are never opened: a directory that
 only has those is refused with one line naming the file and the fix (convert
-to safetensors). Safetensors files are read by memory-mapping the file and
-viewing each tensor in its stored dtype (bf16 through ml_dtypes, so no torch is
-needed), then copied once to float32. Every path ends in
+to safetensors). Safetensors files are read with `parity.tensor_file`, a
+tensor at a time and converted to float32 a block of rows at a time (bf16 by
+its bits, so no torch is needed). Every path ends in
 `parity.weights.check_tensors`: a missing tensor, a wrong shape or a NaN is a
 one-line `ParityInputError`.
 """
@@ -36,15 +36,14 @@ one-line `ParityInputError`.
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from parity.errors import ParityInputError
 from parity.spec import GemmaSpec, from_hf_config, gemma_layer_types
+from parity.tensor_file import TensorFile
 from parity.weights import Weights, canonical_shapes, check_tensors
 
 HF_SINGLE = "model.safetensors"
@@ -126,56 +125,6 @@ def _finish(spec: GemmaSpec, tensors: dict[str, np.ndarray], source: str) -> tup
     return spec, Weights(spec, tensors, source=source)
 
 
-# ------------------------------------------------------------ safetensors
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bfloat16"}  # safetensors is little-endian
-
-
-class _SafeTensors:
-    """A safetensors file memory-mapped, tensors viewed in their stored dtype (no pickle, no torch)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(f.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise ParityInputError(f"{path}: not a readable safetensors file ({e}); re-export it") from None
-        if not isinstance(header, dict) or not all(
-                isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= set(e)
-                for k, e in header.items() if k != "__metadata__"):
-            raise ParityInputError(f"{path}: safetensors header is malformed; re-export the file")
-        header.pop("__metadata__", None)
-        self.header, self.start, self.size = header, 8 + n, size - 8 - n
-        self._map = np.memmap(path, dtype=np.uint8, mode="r", offset=self.start, shape=(self.size,)) \
-            if self.size else np.zeros(0, np.uint8)
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def float32(self, name: str) -> np.ndarray:
-        e = self.header[name]
-        dt = _ST_DTYPES.get(e.get("dtype"))
-        if dt is None:
-            raise ParityInputError(f"{self.path}: tensor {name!r} is stored as {e.get('dtype')}; "
-                                   f"parity reads {sorted(_ST_DTYPES)}: re-export it in one of those")
-        if dt == "bfloat16":
-            import ml_dtypes
-
-            dt = ml_dtypes.bfloat16
-        dt = np.dtype(dt)
-        shape = tuple(int(s) for s in e["shape"])
-        lo, hi = (int(x) for x in e["data_offsets"])
-        if not (0 <= lo <= hi <= self.size) or hi - lo != math.prod(shape) * dt.itemsize:
-            raise ParityInputError(f"{self.path}: tensor {name!r} has offsets {lo}..{hi} that do not hold "
-                                   f"{shape} {e['dtype']}; the file is truncated or corrupt: re-export it")
-        a = self._map[lo:hi].view(dt).reshape(shape)
-        return a.astype(np.float32)  # the one in-memory copy; the map is only read
-
-
 # --------------------------------------------------------------- HuggingFace
 # Gemma 3 multimodal: text weights' prefixes (transformers 5 writes the first, holds the second in memory)
 _MM_TEXT = (("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -186,19 +135,19 @@ def _load_hf(d: Path, cfg) -> tuple[GemmaSpec, Weights]:
     spec = from_hf_config(cfg, where=str(d / "config.json"))
     multimodal = "text_config" in cfg
     if (d / HF_SINGLE).is_file():
-        files = {n: HF_SINGLE for n in _SafeTensors(d / HF_SINGLE).keys()}
+        files = {n: HF_SINGLE for n in TensorFile(d / HF_SINGLE).keys()}
     else:
         files = _hf_index(d)
-    opened: dict[str, _SafeTensors] = {}
+    opened: dict[str, TensorFile] = {}
     tensors: dict[str, np.ndarray] = {}
     for name, shard in files.items():
         canon = _hf_canonical(name, multimodal)
         if canon is None:
             continue
         if shard not in opened:
-            opened[shard] = _SafeTensors(d / shard)
+            opened[shard] = TensorFile(d / shard)
         st = opened[shard]
-        if name not in st.header:
+        if name not in st:
             raise ParityInputError(f"{d / HF_INDEX}: lists tensor {name!r} in {shard}, which does not hold it; "
                                    "the index and the shards disagree: re-save the checkpoint")
         if canon in tensors:
@@ -541,7 +490,7 @@ def _load_litgpt(d: Path) -> tuple[GemmaSpec, Weights]:
     inverse = {v: k for k, v in base.items() if v is not None and "qkv" not in k}
     for target in QKV_TARGET.values():
         inverse[target] = "model.layers.{}.self_attn.qkv.weight"
-    st = _SafeTensors(d / LIT_WEIGHTS)
+    st = TensorFile(d / LIT_WEIGHTS)
     tensors: dict[str, np.ndarray] = {}
     layouts = set()
     for name in st.keys():

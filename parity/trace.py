@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +34,12 @@ import numpy as np
 
 from parity.errors import ParityInputError
 from parity.metrics import rms, row_stats, top_ids
+from parity.tensor_file import TensorFile, write_safetensors
 
 MAX_ROWS = 16  # whole rows a reduced tap keeps
 TOP_K = 5  # logits ids kept per position
 SEP = "::"  # reduced tap T is stored as T::rows, T::row_index, ...
+_FIX = "capture it again"  # what a bad trace file's message tells the user to do
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,10 +127,7 @@ class LazyTaps(Mapping):
     def __getitem__(self, name: str) -> np.ndarray | ReducedTap:
         if name not in self._names:
             raise KeyError(name)
-        from safetensors import safe_open
-
-        with safe_open(self._path, framework="numpy") as f:
-            return _read_tap(f, name, self._reduced.get(name))
+        return _read_tap(TensorFile(self._path, _FIX), name, self._reduced.get(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)
@@ -151,11 +149,7 @@ class LazyTaps(Mapping):
         """Shape and dtype of a whole stored tap without reading it; None for a reduced one."""
         if name in self._reduced:
             return None
-        from safetensors import safe_open
-
-        with safe_open(self._path, framework="numpy") as f:
-            s = f.get_slice(name)
-            return tuple(s.get_shape()), np.dtype(_FROM_ST[s.get_dtype()])
+        return TensorFile(self._path, _FIX).layout(name)
 
 
 @dataclass
@@ -213,15 +207,7 @@ class Trace:
         meta = self.meta()
         if reduced:
             meta["reduced"] = reduced
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".part")
-        try:
-            write_safetensors(tmp, entries, {"parity_trace": json.dumps(meta)})
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(p)  # never leave a half-written trace under the real name
-        return p
+        return write_safetensors(p, entries, {"parity_trace": json.dumps(meta)})
 
 
 def widen(a: np.ndarray) -> np.ndarray:
@@ -239,64 +225,6 @@ def _layout(taps: Mapping, name: str) -> tuple[tuple[int, ...], np.dtype] | None
         return None
     v = np.asarray(v)
     return v.shape, np.dtype(np.float64 if v.dtype == np.float64 else np.float32)
-
-
-# ------------------------------------------------------------------------------------- safetensors I/O
-
-_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
-          "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-_FROM_ST = {v: k for k, v in _TO_ST.items()}
-
-# (name, shape, dtype, fetch): fetch() gives the array when its turn to be written comes
-TensorEntry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
-
-
-def safetensors_header(tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
-                       metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length and the JSON header of a safetensors file whose tensors follow in this order.
-
-    tensors: (name, safetensors dtype code, shape, bytes per element). The JSON is padded with spaces to a
-    multiple of 8, so the data starts aligned; equal inputs give equal lengths (the weight store rewrites
-    its header in place once the weights' hash is known).
-    """
-    header: dict = {}
-    offset = 0
-    for name, code, shape, itemsize in tensors:
-        nbytes = itemsize * math.prod(shape)
-        header[name] = {"dtype": code, "shape": [int(n) for n in shape], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written one tensor at a time, so only one is in memory (safe_open reads it).
-
-    Layout: 8-byte little-endian header length, the JSON header (dtype, shape, data_offsets per tensor,
-    `__metadata__`) padded with spaces to a multiple of 8, then each tensor's little-endian bytes in order.
-    """
-    entries = list(entries)
-    seen: set[str] = set()
-    for name, shape, dtype, _ in entries:
-        dt = np.dtype(dtype)
-        if name in seen or name == "__metadata__":
-            raise ValueError(f"tensor name {name!r} given twice or reserved")
-        seen.add(name)
-        if dt.name not in _TO_ST:
-            raise ValueError(f"tensor {name!r}: dtype {dt} has no safetensors code; use one of {sorted(_TO_ST)}")
-    header = safetensors_header([(n, _TO_ST[np.dtype(d).name], s, np.dtype(d).itemsize) for n, s, d, _ in entries],
-                                metadata)
-    with open(path, "wb") as f:
-        f.write(header)
-        for name, shape, dtype, fetch in entries:
-            a = np.asarray(fetch())
-            if a.shape != tuple(shape) or a.dtype.name != np.dtype(dtype).name:
-                raise ValueError(f"tensor {name!r} is {a.dtype}{list(a.shape)} when written, "
-                                 f"{np.dtype(dtype)}{list(shape)} when announced")
-            f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
 
 
 def _stored_names(name: str, red: dict | None) -> list[str]:
@@ -318,21 +246,18 @@ def _read_tap(f, name: str, red: dict | None) -> np.ndarray | ReducedTap:
 
 def load_trace(path: str | Path, lazy: bool = False) -> Trace:
     """A saved trace; with lazy=True its taps are read from the file when asked for (LazyTaps)."""
-    from safetensors import safe_open
-
     p = Path(path)
     if not p.is_file():
         raise ParityInputError(f"trace {str(p)!r} does not exist; give a file written by parity capture")
     try:
-        with safe_open(str(p), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {})["parity_trace"])
-            order, reduced = meta.pop("order"), meta.pop("reduced", {})
-            stored = set(f.keys())
-            missing = [n for k in order for n in _stored_names(k, reduced.get(k)) if n not in stored]
-            if missing:
-                raise ParityInputError(f"{p}: tensors {missing[:3]} of the trace are not in the file "
-                                       f"({len(missing)} missing); capture it again")
-            taps = LazyTaps(p, order, reduced) if lazy else {k: _read_tap(f, k, reduced.get(k)) for k in order}
+        f = TensorFile(p, _FIX)
+        meta = json.loads(f.metadata["parity_trace"])
+        order, reduced = meta.pop("order"), meta.pop("reduced", {})
+        missing = [n for k in order for n in _stored_names(k, reduced.get(k)) if n not in f]
+        if missing:
+            raise ParityInputError(f"{p}: tensors {missing[:3]} of the trace are not in the file "
+                                   f"({len(missing)} missing); capture it again")
+        taps = LazyTaps(p, order, reduced) if lazy else {k: _read_tap(f, k, reduced.get(k)) for k in order}
     except ParityInputError:
         raise
     except (KeyError, json.JSONDecodeError):

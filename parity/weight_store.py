@@ -7,8 +7,7 @@ bfloat16 safetensors file in a cache directory; implementations then fill
 their own parameters straight from the file (`read_into`), converting a few
 rows at a time, so the only full copy in memory is the implementation's own.
 
-Reads use `pread`, not a memory map: mapped pages that have been touched count
-in the process's resident set until unmapped, page-cache reads do not.
+The file format, its writer and its reader are `parity.tensor_file`'s.
 
 The values are bit-identical to `weights.random_tensor` (same generator
 stream per tensor, same float64 -> float32 -> bfloat16 rounding), so the
@@ -30,8 +29,8 @@ import numpy as np
 
 from parity.errors import ParityInputError
 from parity.spec import GemmaSpec
-from parity.tensor_file import (  # noqa: F401 -- the reader's names, re-exported for existing callers
-    CHUNK_ELEMENTS, StoredTensors, _rows_per_block, bf16_bits, bf16_to_f32,
+from parity.tensor_file import (  # noqa: F401 -- CHUNK_ELEMENTS: re-exported for existing callers
+    CHUNK_ELEMENTS, StoredTensors, _rows_per_block, bf16_bits, bf16_to_f32, numpy_dtype, write_safetensors,
 )
 
 def cache_dir() -> Path:
@@ -72,36 +71,26 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     Tensors are written in sorted name order so the SHA-256 of their float32
     values (`Weights.hash`) is computed on the way, without a second pass.
     """
-    from parity.trace import safetensors_header
     from parity.weights import canonical_shapes, random_source
 
     shapes = dict(sorted(canonical_shapes(spec).items()))
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.part")
     h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            # the hash goes in the header, which comes first: reserve it, then rewrite it at the end
-            meta = {"spec": json.dumps(spec.to_dict()), "source": random_source(seed, profile),
-                    "generator": "parity", "weights_hash": "0" * 16}
-            entries = [(k, "BF16", s, 2) for k, s in shapes.items()]
-            f.write(safetensors_header(entries, meta))
-            for i, (name, shape) in enumerate(shapes.items()):
-                if progress and i % 16 == 0:
-                    progress(f"generating random weights: {name} ({i + 1}/{len(shapes)})")
-                h.update(name.encode())
-                h.update(b"float32")
-                for block in _random_blocks(name, shape, seed, spec, profile):
-                    h.update(np.ascontiguousarray(block).tobytes())
-                    f.write(bf16_bits(block).tobytes())
-            meta["weights_hash"] = h.hexdigest()[:16]
-            f.seek(0)
-            f.write(safetensors_header(entries, meta))  # same length: only the hash's 16 characters changed
-        tmp.replace(p)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p
+    bf16 = numpy_dtype("BF16")
+
+    def blocks(i: int, name: str, shape: tuple[int, ...]):
+        if progress and i % 16 == 0:
+            progress(f"generating random weights: {name} ({i + 1}/{len(shapes)})")
+        h.update(name.encode())
+        h.update(b"float32")
+        for block in _random_blocks(name, shape, seed, spec, profile):
+            h.update(np.ascontiguousarray(block).tobytes())
+            yield bf16_bits(block).view(bf16)
+
+    entries = [(k, s, bf16, lambda i=i, k=k, s=s: blocks(i, k, s)) for i, (k, s) in enumerate(shapes.items())]
+    # the hash goes in the header, which comes first: reserved at its length, filled in once the data is written
+    meta = {"spec": json.dumps(spec.to_dict()), "source": random_source(seed, profile), "generator": "parity",
+            "weights_hash": "0" * 16}
+    return write_safetensors(path, entries, meta, late_metadata=lambda: {"weights_hash": h.hexdigest()[:16]})
 
 
 def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile: str = "default"):

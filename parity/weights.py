@@ -28,6 +28,7 @@ import numpy as np
 from parity.canonical import canonical_shapes  # noqa: F401 -- its home is parity.canonical
 from parity.errors import ParityInputError
 from parity.spec import GemmaSpec
+from parity.tensor_file import StoredTensors, write_safetensors
 
 
 def _round_bf16(a: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ def param_count(spec: GemmaSpec) -> int:
 
 @dataclass
 class Weights:
-    """The canonical tensors: in memory (a dict) or in a file (`weight_store.StoredTensors`).
+    """The canonical tensors: in memory (a dict) or in a file (`tensor_file.StoredTensors`).
 
     Adapters fill their parameters through `read_into`, which works for both
     and never holds a second full copy of a stored tensor.
@@ -189,17 +190,16 @@ def random_weights(spec: GemmaSpec, seed: int = 0, profile: str = "default") -> 
 
 
 def save_weights(w: Weights, path: str | Path) -> Path:
-    from safetensors.numpy import save_file
-
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if w.stored:  # already a file: write it out tensor by tensor would need the whole thing in memory
+    if w.stored:  # already a file: copied byte for byte, its bfloat16 bits as they are
         import shutil
 
+        p.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(w.tensors.path, p)
         return p
-    save_file(w.tensors, str(p), metadata={"spec": json.dumps(w.spec.to_dict()), "source": w.source})
-    return p
+    arrays = {k: np.asarray(v) for k, v in sorted(w.tensors.items())}
+    entries = [(k, a.shape, a.dtype, lambda a=a: a) for k, a in arrays.items()]
+    return write_safetensors(p, entries, {"spec": json.dumps(w.spec.to_dict()), "source": w.source})
 
 
 def load_weights(path: str | Path, spec: GemmaSpec | None = None) -> Weights:
@@ -208,8 +208,6 @@ def load_weights(path: str | Path, spec: GemmaSpec | None = None) -> Weights:
     Nothing is read but the header until an adapter asks for a tensor: the
     file may be larger than memory allows twice.
     """
-    from parity.tensor_file import StoredTensors
-
     p = Path(path)
     if not p.is_file():
         raise ParityInputError(f"weights file {str(p)!r} does not exist; give an existing .safetensors path")
