@@ -19,7 +19,8 @@ _PUBLIC = {
     "random_weights": "parity.weights", "load_weights": "parity.weights", "map_weights": "parity.weights",
     # traces and adapters
     "Trace": "parity.trace", "load_trace": "parity.trace", "Adapter": "parity.adapters.base",
-    "RunResult": "parity.adapters.base", "get_adapter": "parity.adapters",
+    "RunResult": "parity.adapters.base", "DecodeStep": "parity.adapters.base", "DecodeResult": "parity.adapters.base",
+    "CacheView": "parity.adapters.base", "get_adapter": "parity.adapters",
     "recording": "parity.adapters.torch_hooks", "module_feeds": "parity.adapters.torch_hooks",
     "function_taps": "parity.adapters.torch_hooks", "expand_tap_map": "parity.taps",
     # errors, causes, checks

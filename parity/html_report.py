@@ -13,7 +13,7 @@ import math
 from html import escape
 
 from parity.render import effective_table
-from parity.verdict import decide, ratio, used
+from parity.verdict import decide, ratio, step_errors, used
 from parity.taps import layer_of, tap_order
 
 PASS, FAIL, NOTE = "#1a7f37", "#cf222e", "#9a6700"  # the verdict colours (the test looks for them)
@@ -121,7 +121,30 @@ def _plots_section(report, prompt: str | None) -> str:
     for mode in modes:
         out.append(f'<div class="plot">{_mode_plot(report, name, mode)}</div>')
     out.append("</div>")
+    steps = step_errors(report)
+    if steps:
+        out.append("<h2>Error per decode step</h2>")
+        out.append(f'<p class="caption">{len(report.continuation)} tokens decoded one at a time after each prompt '
+                   "through each implementation's own KV cache. y: the step's worst tap (every tap of every layer, "
+                   "the attended keys and the cache contents, over every prompt) as a share of its bound, log "
+                   "scale; above 1 it diverges. <i>decode</i>: against the float64 port's full forward; "
+                   "<i>decode-self</i>: against the implementation's own full forward in its dtype.</p>")
+        out.append(f'<div class="plots"><div class="plot">{_decode_plot(steps)}</div></div>')
     return "\n".join(out)
+
+
+def _decode_plot(steps: dict) -> str:
+    series = []
+    for n, ((impl, dtype, mode), used_) in enumerate(steps.items()):
+        lab = f"{impl}@{dtype} {mode}"
+        pts = [(s, u, f"{lab} step {s}: {ratio(u)} of its bound", u > 1) for s, u in enumerate(used_)]
+        series.append({"label": lab, "color": PALETTE[n % len(PALETTE)], "dash": "4 3" if mode != "decode" else "",
+                       "points": pts})
+    n = max(len(u) for u in steps.values())
+    ticks = [(s, str(s)) for s in range(0, n, max(1, math.ceil(n / 12)))]
+    return svg_line_plot(series, [{"label": "the bound", "color": "#d0d7de", "points": [(0, 1.0), (n - 1, 1.0)]}],
+                         title="decode: each step's worst share of its bound", x_ticks=ticks, x_max=max(n - 1, 1),
+                         x_label="decode step", y_label="share of the bound", flag_label="step beyond its bound")
 
 
 def _summary_section(report) -> str:

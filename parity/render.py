@@ -117,7 +117,8 @@ def to_markdown(report) -> str:
     firsts = [r.first for r in v.runs if r.first is not None]
     if firsts:
         f = firsts[0]
-        lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}, prompt {f.prompt}): "
+        at = f", decode step {f.step}" if f.step is not None else ""
+        lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}{at}, prompt {f.prompt}): "
                   f"{ratio(used(f))} of its bound (needs {f.stat:.3g} x row RMS, {f.bound:.3g} allowed: {f.basis}); "
                   f"max abs {f.max_abs:.3g}"
                   + (f"; {len(firsts) - 1} more run(s) diverge" if len(firsts) > 1 else ""), ""]
@@ -126,7 +127,8 @@ def to_markdown(report) -> str:
         lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
         for d in causes:
             sev = {"note": " (note)", "waived": " (waived)"}.get(d["severity"], "")
-            lines.append(f"| {d['impl']} | {d['dtype']} | `{d['cause']}`{sev} | `{d['tap']}` | {d['evidence']} |")
+            mode = f" ({d['mode']})" if d.get("mode") else ""
+            lines.append(f"| {d['impl']} | {d['dtype']}{mode} | `{d['cause']}`{sev} | `{d['tap']}` | {d['evidence']} |")
         lines.append("")
     lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
               f"({report.weights_source}); reference `{report.reference}`; prompts "
@@ -140,6 +142,13 @@ def to_markdown(report) -> str:
     partial = [rv for rv in v.runs if rv.not_compared]
     if partial:
         lines += [""] + [f"- {rv.label} {rv.mode}: {rv.not_compared_text}" for rv in partial]
+    steps = step_table(report)
+    if steps is not None:
+        head, rows = steps
+        lines += ["", "<details><summary>Decode: each step's worst tap, as a share of its bound (>1x diverges)"
+                  "</summary>", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(f"**{c[:-1]}**" if c.endswith("!") else c for c in row) + " |" for row in rows]
+        lines += ["", "</details>"]
     lines += ["", "<details><summary>Per-layer error (share of the bound used, worst tap of the layer)</summary>", ""]
     lines += _layer_table(report)
     lines += ["", "</details>", ""]
