@@ -107,6 +107,9 @@ def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
     """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
     c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
          for d in (1, -1)]
+    if spec.attn_softcap is not None:  # litgpt #1672: only its softcap path adds the boolean mask
+        c.append(Counterfactual("decode-mask", "the cached prefill's mask added as 0/1, not 0/-inf",
+                                options=(("prefill_mask_added_as_bool", True),)))
     if "local" in spec.layer_types:
         c += [Counterfactual("cache-window", f"local layers see window{d:+d} keys while decoding",
                              options=(("decode_window", d),)) for d in (1, -1)]

@@ -249,9 +249,16 @@ def counterfactual(report, dec, first, order) -> dict:
     last = order.get(f"layers.{layer}.out", order.get(first.tap, 0)) if layer is not None else order.get(first.tap, 0)
     run_spec = truncate(spec, layer + 1) if layer is not None else spec
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
-    prompt, cont = dec.tokens[:dec.prefill], dec.tokens[dec.prefill:first.step + 1 + dec.prefill]
-    mine = dataclasses.replace(dec, taps={k: np.asarray(v)[:first.step + 1] for k, v in dec.taps.items()
-                                          if order.get(k, 10**6) <= last}, tokens=list(prompt) + list(cont))
+    # the whole continuation is decoded (attention and cache taps are laid out over all its positions), and
+    # the steps up to the divergent one compared
+    prompt, cont = dec.tokens[:dec.prefill], dec.tokens[dec.prefill:]
+    upto = first.step + 1
+
+    def head(t):
+        return dataclasses.replace(t, taps={k: np.asarray(v)[:upto] for k, v in t.taps.items()
+                                            if order.get(k, 10**6) <= last})
+
+    mine = head(dec)
     failed = []
 
     def score(cf) -> float | None:
@@ -261,7 +268,7 @@ def counterfactual(report, dec, first, order) -> dict:
         except Exception as e:  # noqa: BLE001 -- a variant that cannot run is reported, not dropped
             failed.append((cf.label, f"{type(e).__name__}: {e}"[:200]))
             return None
-        ours = next(t for t in got if t.mode == DECODE)
+        ours = head(next(t for t in got if t.mode == DECODE))
         ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
         rs = compare_trace(ours, mine, report.tolerances, DECODE, report.noise)
         from parity.verdict import used

@@ -305,6 +305,10 @@ DECODE_FAULTS = [
                 port("port-stale", {"decode_stale": True})),
     DecodeFault("port windows the global layers while decoding", "decode-mask", "layers.1.attn.scores", 8,
                 port("port-global-windowed", {"decode_mask_global_window": True})),
+    # litgpt #1672: its Gemma 2 softcap path adds the cache's boolean mask as 0/1; layer 0's keys come from the
+    # embeddings, so the first wrong cache entries are layer 1's, written by the non-causal prefill
+    DecodeFault("port adds the cached prefill's mask as 0/1", "decode-mask", "layers.1.cache.k", 0,
+                port("port-bool-mask", {"prefill_mask_added_as_bool": True})),
     DecodeFault("hf sliding mask window-1 on decode", "cache-window", "layers.0.attn.probs", 7,
                 _hf_decoding_under("cache-window")),
     DecodeFault("hf position ids +1 on decode", "cache-position", "rope.cos", 0,

@@ -47,6 +47,8 @@ class PortOptions:
     decode_pos_offset: int = 0  # cache-position: the new token rotated at position p + this (kept at p)
     decode_stale: bool = False  # cache-stale: a local ring writes the new key one slot late (a live slot overwritten)
     decode_mask_global_window: bool = False  # decode-mask: the decode step's mask applies the window on global layers
+    prefill_mask_added_as_bool: bool = False  # decode-mask: a prefill through the cache adds its mask as 0/1, not
+    # 0/-inf (litgpt #1672, Gemma 2's softcap path), so the cached prompt keys and values are not causal
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -308,6 +310,8 @@ class LayerCache:
         if window is not None:
             ok &= rel < window
         mask = torch.zeros(ok.shape, dtype=_compute_dtype(k.dtype)).masked_fill(~ok, float("-inf"))
+        if self.opts.prefill_mask_added_as_bool and not decoding:
+            mask = ok.to(_compute_dtype(k.dtype))  # +1 where allowed, +0 (not -inf) where masked
         self._store(k, v, positions, decoding)
         self.key_positions = kpos
         return keys, values, mask
