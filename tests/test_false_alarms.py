@@ -45,6 +45,31 @@ def test_correct_implementations_never_diverge(spec, profile, data):
     assert report.passed, f"false alarm on {spec} ({profile} weights): {report.divergent_causes[:2]} {bad}"
 
 
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, derandomize=EXAMPLES <= 10,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=gemma_specs(), profile=weight_profiles(), data=st.data())
+def test_correct_caches_never_diverge_while_decoding(spec, profile, data):
+    """Decoding past the window through the port's ring buffer and transformers' caches, on drawn specs."""
+    tokens = data.draw(token_prompts(spec, min_len=1, max_len=24), label="tokens")
+    window = spec.sliding_window or 4
+    steps = data.draw(st.integers(1, min(2 * window + 2, spec.max_position - len(tokens))), label="steps")
+    impls = ["litgpt-style"]
+    from parity.adapters import get_adapter
+    from parity.errors import Unsupported
+
+    try:
+        for d in ("float32", "bfloat16", "float16"):
+            get_adapter("hf").check(spec, d)
+        impls += ["hf", "hf-static"]
+    except Unsupported:
+        pass  # transformers refuses this spec: the port's own cache is still checked against its full forward
+    report = run(Request(spec=spec, impls=impls, dtypes=["float32", "bfloat16", "float16"], prompts={"p": tokens},
+                         decode=steps, weights_profile=profile))
+    bad = [r.message() for r in report.results if not r.passed][:3]
+    assert report.passed, f"false alarm decoding {steps} steps on {spec} ({profile} weights): " \
+                          f"{report.divergent_causes[:2]} {bad}"
+
+
 def test_strategies_refuse_bad_bounds():
     with pytest.raises(InvalidArgument, match="families"):
         gemma_specs(families=(4,)).example()
