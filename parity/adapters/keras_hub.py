@@ -106,54 +106,23 @@ import numpy as np
 
 from parity.adapters.base import DTYPES, Adapter, CacheView, DecodeResult, DecodeStep, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
-from parity.spec import GemmaSpec, gemma_layer_types
+from parity.formats.keras_hub import (  # noqa: F401 -- NAME_MAP* and to_keras_layout: this module's public names
+    NAME_MAP,
+    NAME_MAP_SANDWICH,
+    QK_NORM_MAP,
+    backbone_kwargs,
+    inexpressible,
+    name_map,
+    query_scalar,
+    to_keras_layout,
+)
+from parity.formats.keras_hub import to_layout as keras_layout
+from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map, layer_of, tap_names
 from parity.weights import Weights, map_weights
 
 BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}  # keras backend -> pip package
 DEFAULT_BACKEND = "jax"
-
-# canonical (HF) name -> keras variable path; `{}` is the layer index. One literal map per norm layout
-# (HF's names differ: see weights.canonical_shapes), plus the q/k norms of a qk_norm spec.
-NAME_MAP = {  # pre-norm only (Gemma 1)
-    "model.embed_tokens.weight": "token_embedding/embeddings",  # also the (tied) output head
-    "model.layers.{}.input_layernorm.weight": "decoder_block_{}/pre_attention_norm/scale",
-    "model.layers.{}.self_attn.q_proj.weight": "decoder_block_{}/attention/query/kernel",
-    "model.layers.{}.self_attn.k_proj.weight": "decoder_block_{}/attention/key/kernel",
-    "model.layers.{}.self_attn.v_proj.weight": "decoder_block_{}/attention/value/kernel",
-    "model.layers.{}.self_attn.o_proj.weight": "decoder_block_{}/attention/attention_output/kernel",
-    "model.layers.{}.post_attention_layernorm.weight": "decoder_block_{}/pre_ffw_norm/scale",  # Gemma 1: pre-MLP
-    "model.layers.{}.mlp.gate_proj.weight": "decoder_block_{}/ffw_gating/kernel",  # gelu() is applied to this one
-    "model.layers.{}.mlp.up_proj.weight": "decoder_block_{}/ffw_gating_2/kernel",
-    "model.layers.{}.mlp.down_proj.weight": "decoder_block_{}/ffw_linear/kernel",
-    "model.norm.weight": "final_normalization/scale",
-}
-NAME_MAP_SANDWICH = {  # pre and post norms around both sub-layers (Gemma 2, 3)
-    "model.embed_tokens.weight": "token_embedding/embeddings",
-    "model.layers.{}.input_layernorm.weight": "decoder_block_{}/pre_attention_norm/scale",
-    "model.layers.{}.self_attn.q_proj.weight": "decoder_block_{}/attention/query/kernel",
-    "model.layers.{}.self_attn.k_proj.weight": "decoder_block_{}/attention/key/kernel",
-    "model.layers.{}.self_attn.v_proj.weight": "decoder_block_{}/attention/value/kernel",
-    "model.layers.{}.self_attn.o_proj.weight": "decoder_block_{}/attention/attention_output/kernel",
-    "model.layers.{}.post_attention_layernorm.weight": "decoder_block_{}/post_attention_norm/scale",  # AFTER attn
-    "model.layers.{}.pre_feedforward_layernorm.weight": "decoder_block_{}/pre_ffw_norm/scale",
-    "model.layers.{}.mlp.gate_proj.weight": "decoder_block_{}/ffw_gating/kernel",
-    "model.layers.{}.mlp.up_proj.weight": "decoder_block_{}/ffw_gating_2/kernel",
-    "model.layers.{}.mlp.down_proj.weight": "decoder_block_{}/ffw_linear/kernel",
-    "model.layers.{}.post_feedforward_layernorm.weight": "decoder_block_{}/post_ffw_norm/scale",
-    "model.norm.weight": "final_normalization/scale",
-}
-QK_NORM_MAP = {  # Gemma 3 (use_query_key_norm): RMSNorm over head_dim, one weight shared by all heads
-    "model.layers.{}.self_attn.q_norm.weight": "decoder_block_{}/attention/query_norm/scale",
-    "model.layers.{}.self_attn.k_norm.weight": "decoder_block_{}/attention/key_norm/scale",
-}
-
-
-def name_map(spec: GemmaSpec) -> dict[str, str]:
-    """The literal name map for the spec's norm layout (and q/k norms)."""
-    base = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP
-    return {**base, **QK_NORM_MAP} if spec.qk_norm else dict(base)
-
 
 # Pseudo-paths that are not keras layers:
 GELU = "gelu"  # decoder_block_{}/gelu: the inline keras.activations.gelu call in the decoder block's call
@@ -205,32 +174,6 @@ FEED_MAP = {
     "final_norm": ("final_normalization",),
     "logits": ("token_embedding" + REVERSE,),
 }
-
-
-def keras_layout(name: str, t: np.ndarray, spec: GemmaSpec) -> np.ndarray:
-    """Reshape/transpose one canonical (HF, torch Linear [out, in]) tensor into keras-hub's layout.
-
-    The same conversion as keras-hub's own convert_gemma.py / convert_gemma3.py;
-    no head permutation is needed because keras-hub rotates half-split like HF
-    (GemmaBackbone permutes q, k only after RoPE; Gemma3Backbone not at all).
-    q/k norm weights [head_dim] and the GeGLU halves of either width convention
-    need nothing more (the widths are the backbone's intermediate_dim choice).
-    Embeddings [vocab, h] and norm scales [h] are as HF stores them.
-    """
-    h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        n = nq if name.endswith("q_proj.weight") else nkv
-        return t.reshape(n, hd, h).transpose(0, 2, 1)  # [n*hd, h] -> [n, hd, h] -> EinsumDense "ndh": [n, h, hd]
-    if name.endswith("o_proj.weight"):
-        return t.T.reshape(nq, hd, h)  # [h, nq*hd] -> [nq*hd, h] -> "nhd": [nq, hd, h]
-    if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
-        return t.T  # [out, in] -> "df"/"fd": [in, out]
-    return t
-
-
-def to_keras_layout(tensors: dict[str, np.ndarray], spec: GemmaSpec) -> dict[str, np.ndarray]:
-    """Every canonical tensor in keras-hub's layout (names kept, for `map_weights`)."""
-    return {name: np.ascontiguousarray(keras_layout(name, t, spec)) for name, t in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -328,7 +271,7 @@ class KerasAdapter(Adapter):
                 "whatever the dtype (and JAX runs float64 as float32 unless x64 is enabled); "
                 "use float32, bfloat16 or float16"
             )
-        for field_, why in _inexpressible(spec):
+        for field_, why in inexpressible(spec):
             raise Unsupported(
                 f"{self.name}: spec {spec.name!r} has {field_}={getattr(spec, field_)!r}, but {why}; "
                 f"drop {self.name} from --impls for this spec"
@@ -345,7 +288,7 @@ class KerasAdapter(Adapter):
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> KerasModel:
         self.check(spec, dtype)
         _, hub = self._import()
-        kwargs = _backbone_kwargs(spec)
+        kwargs = backbone_kwargs(spec)
         if spec.family == 3 and not hasattr(hub.models, "Gemma3Backbone"):
             raise Unsupported(f"{self.name}: this keras-hub has no Gemma3Backbone (family=3); "
                               "pip install -U keras-hub, or drop it from --impls")
@@ -512,7 +455,7 @@ class KerasAdapter(Adapter):
 
         fused = _fused(model)
         norm_scale = float(ops.convert_to_numpy(ops.cast(ops.sqrt(bb.hidden_dim), cdt)))
-        qscales = [1 / math.sqrt(_built_query_scalar(a)) for a in att]
+        qscales = [1 / math.sqrt(_builtquery_scalar(a)) for a in att]
         placement = ["sandwich" if b.use_post_attention_norm and b.use_post_ffw_norm else
                      "pre" if not (b.use_post_attention_norm or b.use_post_ffw_norm) else
                      f"post-attention norm {b.use_post_attention_norm}, post-FFW norm {b.use_post_ffw_norm}"
@@ -704,114 +647,13 @@ def _fused(model: KerasModel) -> bool | None:
         return None
 
 
-LOCAL_PATTERN = {  # which layers keras-hub makes local (sliding), when sliding-window attention is on
-    1: ("i % 2 == 0 (GemmaBackbone)", lambda i: gemma_layer_types(2, i + 1)[i] == "local"),
-    2: ("i % 2 == 0 (GemmaBackbone)", lambda i: gemma_layer_types(2, i + 1)[i] == "local"),
-    3: ("i % 6 < 5 (Gemma3Backbone)", lambda i: gemma_layer_types(3, i + 1)[i] == "local"),
-}
-GEMMA_ROPE = 10_000.0  # CachedGemmaAttention: RotaryEmbedding(max_wavelength=10_000.0), every layer
-GEMMA3_ROPE = {"local": 10_000.0, "global": 1_000_000.0}  # Gemma3Backbone, by layer type
-
-
-def _query_scalar(spec: GemmaSpec) -> float:
-    return spec.query_pre_attn_scalar or spec.head_dim
-
-
-def _keras_local(spec: GemmaSpec) -> list[bool]:
-    """Which layers keras-hub builds local for this spec (use_sliding_window_attention = any local layer)."""
-    on = "local" in spec.layer_types
-    return [on and LOCAL_PATTERN[spec.family][1](i) for i in range(spec.num_layers)]
-
-
-def _inexpressible(spec: GemmaSpec):
-    """(spec field, why) for each number keras-hub has no way to be given; the first one is refused.
-
-    Numbers keras-hub accepts as an option but then builds otherwise (the query
-    scaling) are not here: the model is built as asked and the report shows it.
-    """
-    if not spec.norm_unit_offset:
-        yield "norm_unit_offset", "keras-hub's Gemma RMSNormalization always multiplies by (1 + scale)"
-    if spec.norm_eps != 1e-6:
-        yield "norm_eps", ("the backbones pass layer_norm_epsilon only to the final norm; the decoder-block "
-                           "norms (and Gemma 3's q/k norms) always use 1e-6")
-    if spec.gelu_approximate != "tanh":
-        yield "gelu_approximate", "the decoder blocks hard-code gelu(approximate=True) (tanh)"
-    if not spec.embed_scale:
-        yield "embed_scale", "the backbones always multiply the embeddings by sqrt(hidden_dim)"
-    if spec.embed_scale_dtype != "activation":
-        yield "embed_scale_dtype", "the backbones cast sqrt(hidden_dim) to the activation dtype"
-    if not spec.tied_head:
-        yield "tied_head", "ReversibleEmbedding(tie_weights=True) always ties the output head"
-    if spec.family in (1, 2) and spec.qk_norm:
-        yield "qk_norm", "GemmaBackbone has no q/k norm (Gemma3Backbone has: family=3)"
-    q, hd, per_head = _query_scalar(spec), spec.head_dim, spec.hidden_size // spec.num_heads
-    if q != hd and q != per_head:
-        yield "query_pre_attn_scalar", (
-            f"keras-hub's only query scalings are 1/sqrt(head_dim) = 1/sqrt({hd}) "
-            f"(query_head_dim_normalize=True) and 1/sqrt(hidden_dim // num_query_heads) = 1/sqrt({per_head}) (False)")
-    local = _keras_local(spec)
-    if "local" in spec.layer_types and tuple("local" if x else "global" for x in local) != spec.layer_types:
-        yield "layer_types", (f"keras-hub makes exactly the layers with {LOCAL_PATTERN[spec.family][0]} local "
-                              "(or none)")
-        return  # the rope checks below assume keras-hub's layer pattern
-    for i, is_local in enumerate(local):
-        base = spec.rope_base_for(i)
-        field_ = "rope_local_base" if is_local and spec.rope_local_base is not None else "rope_base"
-        if spec.family == 3:
-            kind = "local" if is_local else "global"
-            if base != GEMMA3_ROPE[kind]:
-                yield field_, (f"Gemma3Backbone hard-codes the rope wavelength {GEMMA3_ROPE[kind]:g} on its "
-                               f"{kind} layers (layer {i})")
-        else:
-            if base != GEMMA_ROPE:
-                yield field_, "CachedGemmaAttention hard-codes RotaryEmbedding(max_wavelength=10_000)"
-            if spec.rope_factor_for(i) != 1.0:
-                yield "rope_scaling_factor", "CachedGemmaAttention applies no RoPE scaling"
-
-
-def _backbone_kwargs(spec: GemmaSpec) -> dict:
-    """The backbone's keyword arguments: the spec's numbers, in keras-hub's options."""
-    sandwich = spec.norm_placement == "sandwich"
-    kw = dict(
-        vocabulary_size=spec.vocab_size,
-        num_layers=spec.num_layers,
-        num_query_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        hidden_dim=spec.hidden_size,
-        head_dim=spec.head_dim,
-        # True: 1/sqrt(head_dim); False: 1/sqrt(hidden_dim // num_query_heads) (27B); what the spec asks
-        query_head_dim_normalize=_query_scalar(spec) == spec.head_dim,
-        use_post_ffw_norm=sandwich,
-        use_post_attention_norm=sandwich,
-        attention_logit_soft_cap=spec.attn_softcap,
-        final_logit_soft_cap=spec.final_softcap,
-        use_sliding_window_attention="local" in spec.layer_types,
-        layer_norm_epsilon=spec.norm_eps,
-        dropout=0,
-    )
-    if spec.sliding_window:
-        kw["sliding_window_size"] = spec.sliding_window
-    if spec.family == 3:
-        kw.update(
-            intermediate_dim=spec.intermediate_size,  # gate_dim_reduction=1: one projection's width
-            image_size=None,  # text only: no vision encoder
-            vision_encoder=None,
-            use_query_key_norm=spec.qk_norm,
-            local_rope_scaling_factor=1.0,
-            global_rope_scaling_factor=spec.rope_scaling_factor,
-        )
-    else:
-        kw["intermediate_dim"] = 2 * spec.intermediate_size  # keras-hub: both GeGLU halves together
-    return kw
-
-
 def _block_norms(b) -> list:
     """A decoder block's RMSNormalization layers: the pre norms and whichever post norms it has."""
     names = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
     return [n for n in (getattr(b, name, None) for name in names) if n is not None]
 
 
-def _built_query_scalar(a) -> int:
+def _builtquery_scalar(a) -> int:
     """What the attention layer divides by (its own flag, not the block's or the backbone's)."""
     return a.head_dim if a.query_head_dim_normalize else a.hidden_dim // a.num_query_heads
 
@@ -833,7 +675,7 @@ def _differences(model: KerasModel) -> dict:
 
     for i, b in enumerate(blocks):
         a = b.attention
-        add("query_pre_attn_scalar", _query_scalar(s), _built_query_scalar(a))
+        add("query_pre_attn_scalar", query_scalar(s), _builtquery_scalar(a))
         add("rope_base", s.rope_base_for(i), float(a.rope_layer.max_wavelength))
         add("rope_scaling_factor", s.rope_factor_for(i),
             float(a.rope_layer.scaling_factor) if a.rope_layer.rope_type == "linear" else a.rope_layer.rope_type)
