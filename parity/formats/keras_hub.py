@@ -161,24 +161,24 @@ def query_scalar(spec: GemmaSpec) -> float:
     return spec.query_pre_attn_scalar or spec.head_dim
 
 
+# keras-hub option -> the spec field it holds unchanged; the sizes are required in a saved config, the
+# others have keras-hub defaults there and are read with them
+SIZES = {"vocabulary_size": "vocab_size", "num_layers": "num_layers", "num_query_heads": "num_heads",
+         "num_key_value_heads": "num_kv_heads", "hidden_dim": "hidden_size", "head_dim": "head_dim"}
+SAME = {**SIZES, "attention_logit_soft_cap": "attn_softcap", "final_logit_soft_cap": "final_softcap",
+        "layer_norm_epsilon": "norm_eps"}
+
+
 def backbone_kwargs(spec: GemmaSpec) -> dict:
     """The backbone's keyword arguments: the spec's numbers, in keras-hub's options."""
     sandwich = spec.norm_placement == "sandwich"
-    kw = dict(
-        vocabulary_size=spec.vocab_size,
-        num_layers=spec.num_layers,
-        num_query_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        hidden_dim=spec.hidden_size,
-        head_dim=spec.head_dim,
+    kw = {option: getattr(spec, f) for option, f in SAME.items()}
+    kw.update(
         # True: 1/sqrt(head_dim); False: 1/sqrt(hidden_dim // num_query_heads) (27B); what the spec asks
         query_head_dim_normalize=query_scalar(spec) == spec.head_dim,
         use_post_ffw_norm=sandwich,
         use_post_attention_norm=sandwich,
-        attention_logit_soft_cap=spec.attn_softcap,
-        final_logit_soft_cap=spec.final_softcap,
         use_sliding_window_attention="local" in spec.layer_types,
-        layer_norm_epsilon=spec.norm_eps,
         dropout=0,
     )
     if spec.sliding_window:
@@ -270,12 +270,10 @@ def spec_from_config(cfg: dict, where: str, name: str) -> GemmaSpec:
     if post_attn != post_ffw:
         refuse("use_post_attention_norm", f"but use_post_ffw_norm={post_ffw}; a spec has pre-norm or sandwich "
                "norms, not one of each")
-    n, heads, hd, hidden = int(c["num_layers"]), int(c["num_query_heads"]), int(c["head_dim"]), int(c["hidden_dim"])
-    kw: dict = dict(
-        name=name, vocab_size=int(c["vocabulary_size"]), hidden_size=hidden, num_layers=n,
-        num_heads=heads, num_kv_heads=int(c["num_key_value_heads"]), head_dim=hd, max_position=MAX_POSITION,
-        norm_eps=eps, norm_placement="sandwich" if post_attn else "pre", gelu_approximate="tanh", tied_head=True,
-    )
+    kw: dict = {f: int(c[option]) for option, f in SIZES.items()}
+    n, heads, hd, hidden = kw["num_layers"], kw["num_heads"], kw["head_dim"], kw["hidden_size"]
+    kw.update(name=name, max_position=MAX_POSITION, norm_eps=eps, norm_placement="sandwich" if post_attn else "pre",
+              gelu_approximate="tanh", tied_head=True)
     sliding = bool(c.get("use_sliding_window_attention"))
     local = local_layers(3 if cls == "Gemma3Backbone" else 2, n, sliding)
     if cls == "Gemma3Backbone":
