@@ -15,9 +15,9 @@ Three layouts are recognised, by the files in the directory:
   `model_0000X.weights.h5` shards). Read with h5py alone: keras is not
   imported. Keras 3 stores each layer's variables as datasets `0, 1, ...` in a
   group `<attribute path>/vars` whose `name` attribute is the keras layer's name;
-  the variables are located by those layer names (`decoder_block_3/attention/query`),
-  i.e. by the keras-hub adapter's own `NAME_MAP`, and converted back to HF
-  layout by inverting its `to_keras_layout`.
+  the variables are located by those layer names (`decoder_block_3/attention/query`);
+  the names, the layouts and the config's options are read through
+  `parity.formats.keras_hub`, the format the keras-hub adapter builds with.
 * **litgpt** — `model_config.yaml` and `lit_model.safetensors` (litgpt itself
   writes `lit_model.pth`, a pickle, which is refused). The spec comes from the
   litgpt `Config` fields; names go through the litgpt adapter's `NAME_MAP_*`
@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import ParityInputError
-from parity.spec import GemmaSpec, from_hf_config, gemma_layer_types
+from parity.formats import keras_hub as keras_format
+from parity.spec import GemmaSpec, from_hf_config
 from parity.tensor_file import TensorFile
-from parity.weights import Weights, canonical_shapes, check_tensors
+from parity.weights import Weights, check_tensors
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -184,92 +185,13 @@ def _hf_canonical(name: str, multimodal: bool) -> str | None:
 
 
 # ----------------------------------------------------------------- keras-hub
-KERAS_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")  # Gemma 1/2, and Gemma 3 text
-KERAS_MAX_POSITION = 8192  # keras-hub's Gemma backbones have no position limit; Gemma 1/2's context length
-
-
-def keras_name_map(spec: GemmaSpec) -> dict[str, str]:
-    """canonical -> keras variable path for the spec: the keras-hub adapter's own literal maps."""
-    from parity.adapters import keras_hub
-
-    if hasattr(keras_hub, "name_map"):
-        return keras_hub.name_map(spec)
-    # an adapter that maps Gemma 1 only: Gemma 2's post norms, as keras-hub's convert_gemma.py ports them
-    sandwich = {
-        "model.layers.{}.post_attention_layernorm.weight": "decoder_block_{}/post_attention_norm/scale",
-        "model.layers.{}.pre_feedforward_layernorm.weight": "decoder_block_{}/pre_ffw_norm/scale",
-        "model.layers.{}.post_feedforward_layernorm.weight": "decoder_block_{}/post_ffw_norm/scale",
-    }
-    return {**keras_hub.NAME_MAP, **(sandwich if spec.norm_placement == "sandwich" else {})}
-
-
-def _keras_spec(d: Path, cfg: dict) -> GemmaSpec:
-    """The spec a keras-hub backbone config computes (what its layers hard-code included)."""
-    where = d / "config.json"
-    cls = cfg.get("class_name")
-    if cls not in KERAS_BACKBONES:
-        raise ParityInputError(f"{where}: class_name {cls!r} is not one of keras-hub's {KERAS_BACKBONES}; "
-                               "export the model to a HuggingFace directory instead")
-    c = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
-
-    def refuse(field: str, why: str) -> None:
-        raise ParityInputError(f"{where}: {field}={c.get(field)!r} {why}")
-
-    need = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
-            "intermediate_dim", "head_dim")
-    missing = [k for k in need if k not in c]
-    if missing:
-        raise ParityInputError(f"{where}: {cls} config has no {missing[0]!r}; re-save the preset")
-    eps = float(c.get("layer_norm_epsilon", 1e-6))
-    if eps != 1e-6:
-        refuse("layer_norm_epsilon", "reaches only keras-hub's final norm (its decoder blocks use 1e-6), which "
-               "one spec cannot express; use 1e-6")
-    post_attn, post_ffw = bool(c.get("use_post_attention_norm")), bool(c.get("use_post_ffw_norm"))
-    if post_attn != post_ffw:
-        refuse("use_post_attention_norm", f"but use_post_ffw_norm={post_ffw}; a spec has pre-norm or sandwich "
-               "norms, not one of each")
-    sliding = bool(c.get("use_sliding_window_attention"))
-    attn_cap, final_cap = c.get("attention_logit_soft_cap"), c.get("final_logit_soft_cap")
-    n, heads, hd, hidden = int(c["num_layers"]), int(c["num_query_heads"]), int(c["head_dim"]), int(c["hidden_dim"])
-    scalar = hd if c.get("query_head_dim_normalize", True) else hidden // heads  # what the attention divides by
-    kw: dict = dict(
-        name=d.name or "keras-hub", vocab_size=int(c["vocabulary_size"]), hidden_size=hidden, num_layers=n,
-        num_heads=heads, num_kv_heads=int(c["num_key_value_heads"]), head_dim=hd, max_position=KERAS_MAX_POSITION,
-        norm_eps=eps, norm_placement="sandwich" if post_attn else "pre", gelu_approximate="tanh", tied_head=True,
-    )
-    if cls == "Gemma3Backbone":
-        for f, ok in (("vision_encoder", None), ("is_embedding_model", False),
-                      ("use_bidirectional_attention", False), ("local_rope_scaling_factor", 1.0)):
-            if c.get(f, ok) != ok:
-                refuse(f, f"is not the text-only causal Gemma 3 that parity compares (needs {ok!r})")
-        # Gemma3Backbone: the window on layers i % 6 < 5; rope 10_000 there, 1_000_000 on the others
-        local = [sliding and t == "local" for t in gemma_layer_types(3, n)]
-        kw.update(family=3, intermediate_size=int(c["intermediate_dim"]), qk_norm=bool(c.get("use_query_key_norm",
-                  True)), rope_base=1_000_000.0, rope_scaling_factor=float(c.get("global_rope_scaling_factor", 1.0)),
-                  rope_local_base=10_000.0 if any(local) else None)
-    else:
-        if c["intermediate_dim"] % 2:
-            refuse("intermediate_dim", "is odd; GemmaBackbone splits it into two equal GeGLU halves")
-        # GemmaBackbone: the window on even layers, rope 10_000 everywhere
-        local = [sliding and t == "local" for t in gemma_layer_types(2, n)]
-        family = 2 if (post_attn or sliding or attn_cap is not None or final_cap is not None) else 1
-        kw.update(family=family, intermediate_size=int(c["intermediate_dim"]) // 2, rope_base=10_000.0)
-    if kw["family"] == 1:
-        kw["query_pre_attn_scalar"] = None if scalar == hd else scalar
-    else:
-        kw.update(query_pre_attn_scalar=scalar, attn_softcap=attn_cap, final_softcap=final_cap)
-        if any(local):
-            kw["layer_types"] = tuple("local" if x else "global" for x in local)
-            kw["sliding_window"] = int(c.get("sliding_window_size", 4096))
-    return GemmaSpec(**kw)
+keras_name_map = keras_format.name_map  # canonical -> keras variable path; its home is parity.formats.keras_hub
 
 
 def _load_keras(d: Path, cfg: dict) -> tuple[GemmaSpec, Weights]:
-    spec = _keras_spec(d, cfg)
-    name_map = keras_name_map(spec)
+    spec = keras_format.spec_from_config(cfg, where=str(d / "config.json"), name=d.name or "keras-hub")
     wanted: dict[str, str] = {}  # keras layer path -> canonical name
-    for canon in _expand(name_map, spec):
-        var = _fill(name_map, canon)
+    for canon, var in keras_format.variable_paths(spec).items():
         wanted[var.rsplit("/", 1)[0]] = canon
     groups = _keras_groups(d)
     unused = sorted(p for p, g in groups.items() if g["data"] and p not in wanted)
@@ -286,18 +208,7 @@ def _load_keras(d: Path, cfg: dict) -> tuple[GemmaSpec, Weights]:
             raise ParityInputError(f"{d}: keras layer {layer!r} holds {len(data)} variables, a Gemma backbone "
                                    "holds one (untied or quantized embeddings?); re-save a plain GemmaBackbone")
         raw[canon] = _h5_float32(data["0"], layer)
-    return _finish(spec, _from_keras_layout(raw, spec, str(d)), f"{d} (keras-hub)")
-
-
-def _expand(name_map: dict, spec: GemmaSpec) -> list[str]:
-    """The canonical names the spec needs that the map covers."""
-    return [k for k in canonical_shapes(spec) if re.sub(r"\.\d+\.", ".{}.", k, count=1) in name_map]
-
-
-def _fill(name_map: dict, canon: str) -> str:
-    m = re.search(r"\.(\d+)\.", canon)
-    key = re.sub(r"\.\d+\.", ".{}.", canon, count=1)
-    return name_map[key].format(m.group(1)) if m else name_map[key]
+    return _finish(spec, keras_format.from_keras_layout(raw, spec, str(d)), f"{d} (keras-hub)")
 
 
 def _keras_groups(d: Path) -> dict[str, dict]:
@@ -362,27 +273,6 @@ def _h5_float32(ds, layer: str) -> np.ndarray:
         raise ParityInputError(f"keras layer {layer!r} stores {a.dtype}, not floating point; "
                                "dequantize and re-save the preset")
     return a.astype(np.float32, copy=False)
-
-
-def _from_keras_layout(raw: dict[str, np.ndarray], spec: GemmaSpec, where: str) -> dict[str, np.ndarray]:
-    """The inverse of parity.adapters.keras_hub.to_keras_layout: keras-hub layouts back to HF [out, in]."""
-    h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    out = {}
-    for name in list(raw):
-        t = raw.pop(name)  # one tensor in two layouts at a time, not the whole model
-        try:
-            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-                n = nq if name.endswith("q_proj.weight") else nkv
-                t = t.reshape(n, h, hd).transpose(0, 2, 1).reshape(n * hd, h)  # "ndh" [n, h, hd] -> [n*hd, h]
-            elif name.endswith("o_proj.weight"):
-                t = t.reshape(nq * hd, h).T  # "nhd" [nq, hd, h] -> [h, nq*hd]
-            elif name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
-                t = t.T  # [in, out] -> [out, in]
-        except ValueError:
-            raise ParityInputError(f"{where}: keras weight for {name!r} has shape {t.shape}, which does not fit "
-                                   "the config's sizes; the preset and its config.json disagree") from None
-        out[name] = np.ascontiguousarray(t)
-    return out
 
 
 # -------------------------------------------------------------------- litgpt
