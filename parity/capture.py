@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
+from parity.adapters.declared import Declared, declared
 from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
 from parity.spec import GemmaSpec
 from parity.decode import DECODE, FULL
@@ -90,7 +91,8 @@ def capture(
     (`decode`), both in parity.decode's layout; mode `decode-full` the first alone.
     """
     say = progress or (lambda _msg: None)
-    impl = getattr(adapter, "name", type(adapter).__name__)
+    own = declared(adapter)
+    impl = own.name
     with _phase(impl, dtype, "check()"):
         adapter.check(spec, dtype)
     say(f"{impl} {dtype}: building")
@@ -101,7 +103,7 @@ def capture(
         traces = []
         for mode, (name, ids) in ((m, p) for m in modes for p in prompts.items()):
             if mode in (DECODE, FULL):
-                got = _capture_decode(adapter, impl, model, spec, weights, dtype, name, ids, continuation or [],
+                got = _capture_decode(adapter, own, model, spec, weights, dtype, name, ids, continuation or [],
                                       mode, say)
                 traces += [spill(t) if spill else t for t in got]
                 continue
@@ -113,7 +115,7 @@ def capture(
                 feed = isolated_feed(spec, references[name])
             with _phase(impl, dtype, f"run() ({mode}, prompt {name!r})"):
                 result = adapter.run(model, ids, feed=feed)
-            unavailable = dict(getattr(adapter, "cannot", {}) or {})
+            unavailable = dict(own.cannot)
             unavailable.update(getattr(result, "unavailable", {}) or {})
             check_contract(impl, dtype, mode, spec, result, unavailable)
             order = [t for t in tap_order(spec) if t in result.taps]
@@ -142,21 +144,22 @@ def capture(
         del model
 
 
-def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,
+def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,
                     ids: list[int], cont: list[int], mode: str, say) -> list[Trace]:
     """The full forward over prompt + continuation (decode-full) and, for `decode`, the decode itself."""
     from parity.adapters.base import RunResult
     from parity.decode import decode_rows, full_rows
 
+    impl = own.name
     P, S = len(ids), len(cont)
     tokens = list(ids) + list(cont)
     meta = dict(impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
                 weights_hash=weights.hash, tokens=tokens, prompt=name, prefill=P)
     say(f"{adapter.name} {dtype} decode: full forward over prompt {name!r} + {S} tokens")
-    kw = {"cache_taps": True} if getattr(adapter, "full_cache_taps", False) else {}
+    kw = {"cache_taps": True} if own.full_cache_taps else {}
     with _phase(impl, dtype, f"run() (decode-full, prompt {name!r})"):
         result = adapter.run(model, tokens, **kw)
-    unavailable = dict(getattr(adapter, "cannot", {}) or {})
+    unavailable = dict(own.cannot)
     unavailable.update(getattr(result, "unavailable", {}) or {})
     check_contract(impl, dtype, FULL, spec, result, unavailable, cache=True)
     order = {t: i for i, t in enumerate(decode_tap_order(spec))}
@@ -165,7 +168,7 @@ def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights
     del result
     if mode == FULL:
         return [full]
-    if not getattr(adapter, "decodes", False):
+    if not own.decodes:
         raise ParityInputError(f"{impl} cannot decode (its adapter does not declare decodes = True); drop it from "
                                "{option} or implement Adapter.decode", option="impls")
     say(f"{adapter.name} {dtype} decode: prompt {name!r}, then {S} steps through its cache")
@@ -173,10 +176,10 @@ def _capture_decode(adapter, impl: str, model, spec: GemmaSpec, weights: Weights
         result = adapter.decode(model, list(ids), list(cont))
     with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
         rows, unavailable = decode_rows(result, spec, P, S, f"{impl}@{dtype}")
-    declared = dict(getattr(adapter, "cannot", {}) or {})
-    declared.update(unavailable)
-    check_contract(impl, dtype, DECODE, spec, RunResult(rows), declared, cache=True)
-    dec = Trace(**meta, mode=DECODE, taps=forward(rows), unavailable=declared)
+    said = dict(own.cannot)
+    said.update(unavailable)
+    check_contract(impl, dtype, DECODE, spec, RunResult(rows), said, cache=True)
+    dec = Trace(**meta, mode=DECODE, taps=forward(rows), unavailable=said)
     return [full, dec]
 
 
@@ -475,7 +478,7 @@ def _check(a) -> dict:
     req = Selection(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
                     reference=(ref_name, ref_dtype))
     impls, skipped, ref = checked_impls(req, spec)
-    return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": bool(getattr(ad, "decodes", False))}
+    return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": declared(ad).decodes}
                       for n, ad in impls}, "skipped": skipped,
             "reference": [ref.name, ref.version()]}
 

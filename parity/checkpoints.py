@@ -21,7 +21,7 @@ Three layouts are recognised, by the files in the directory:
 * **litgpt** — `model_config.yaml` and `lit_model.safetensors` (litgpt itself
   writes `lit_model.pth`, a pickle, which is refused). The spec comes from the
   litgpt `Config` fields; names go through the litgpt adapter's `NAME_MAP_*`
-  inverted, and the fused q/k/v is split back (0.5 `attn.qkv` [Q; K; V]
+  inverted, and the fused q/k/v is split back by `parity.adapters.litgpt_format` (0.5 `attn.qkv` [Q; K; V]
   stacked, 0.4 `attn.attn` grouped per kv group).
 
 Pickles (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are never opened: a directory that
@@ -361,7 +361,8 @@ def _litgpt_spec(d: Path, c: dict) -> GemmaSpec:
 def _load_litgpt(d: Path) -> tuple[GemmaSpec, Weights]:
     import dataclasses
 
-    from parity.adapters.litgpt_pkg import NAME_MAP_PRE, NAME_MAP_SANDWICH, QKV_TARGET
+    from parity.adapters.litgpt_format import FUSED, LAYOUT_OF, QKV_TARGET, split_qkv
+    from parity.adapters.litgpt_pkg import NAME_MAP_PRE, NAME_MAP_SANDWICH
 
     try:
         import yaml
@@ -379,7 +380,7 @@ def _load_litgpt(d: Path) -> tuple[GemmaSpec, Weights]:
     base = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
     inverse = {v: k for k, v in base.items() if v is not None and "qkv" not in k}
     for target in QKV_TARGET.values():
-        inverse[target] = "model.layers.{}.self_attn.qkv.weight"
+        inverse[target] = FUSED
     st = TensorFile(d / LIT_WEIGHTS)
     tensors: dict[str, np.ndarray] = {}
     layouts = set()
@@ -390,39 +391,16 @@ def _load_litgpt(d: Path) -> tuple[GemmaSpec, Weights]:
                                    "spec has; check model_config.yaml matches the weights")
         m = re.search(r"\.(\d+)\.", name)
         canon = inverse[key].format(m.group(1)) if m else inverse[key]
-        if key.endswith(("attn.qkv.weight", "attn.attn.weight")):
-            layouts.add("stacked" if key.endswith("qkv.weight") else "grouped")
+        if key in LAYOUT_OF:
+            layouts.add(LAYOUT_OF[key])
         tensors[canon] = st.float32(name)
     if len(layouts) > 1:
         raise ParityInputError(f"{d / LIT_WEIGHTS}: mixes attn.qkv (litgpt 0.5) and attn.attn (0.4) tensors; "
                                "re-save it from one litgpt version")
-    _split_qkv(tensors, spec, layouts.pop() if layouts else "stacked", str(d / LIT_WEIGHTS))
+    split_qkv(tensors, spec, layouts.pop() if layouts else "stacked", str(d / LIT_WEIGHTS))
     head, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
     if head is not None and emb is not None and head.shape == emb.shape and np.array_equal(head, emb):
         del tensors["lm_head.weight"]  # litgpt stores the tied head as a copy of the embedding
     else:
         spec = dataclasses.replace(spec, tied_head=False)
     return _finish(spec, tensors, f"{d} (litgpt)")
-
-
-def _split_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec, layout: str, where: str) -> None:
-    """The inverse of parity.adapters.litgpt_pkg.fuse_qkv, in place."""
-    hd, kv, g = spec.head_dim, spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
-    for i in range(spec.num_layers):
-        p = f"model.layers.{i}.self_attn."
-        fused = tensors.pop(p + "qkv.weight", None)
-        if fused is None:
-            continue  # check_tensors names the missing q/k/v
-        want = ((spec.num_heads + 2 * kv) * hd, spec.hidden_size)
-        if fused.shape != want:
-            raise ParityInputError(f"{where}: layer {i}'s fused qkv has shape {fused.shape}, the config needs "
-                                   f"{want}; the weights and model_config.yaml disagree")
-        if layout == "stacked":  # [Q; K; V]
-            q, k, v = np.split(fused, [spec.num_heads * hd, (spec.num_heads + kv) * hd], axis=0)
-        else:  # per kv group: its g query heads, its key head, its value head
-            grouped = fused.reshape(kv, (g + 2) * hd, -1)
-            q = grouped[:, : g * hd].reshape(-1, fused.shape[1])
-            k = grouped[:, g * hd: (g + 1) * hd].reshape(-1, fused.shape[1])
-            v = grouped[:, (g + 1) * hd:].reshape(-1, fused.shape[1])
-        for n, t in zip("qkv", (q, k, v)):
-            tensors[p + n + "_proj.weight"] = np.ascontiguousarray(t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from parity.adapters.declared import declared
 from parity.capture import Progress, capture, capture_in_subprocess, produced
 from parity.compare import TapResult, compare_all, compare_traces
 from parity.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
@@ -177,10 +178,10 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     def modes_for(adapter, dtype):
         """The reference against itself says nothing in cumulative mode; its own cache it still checks."""
         ms = [m for m in modes if not ((adapter.name, dtype) == (ref_name, ref_dtype) and m == "cumulative")]
-        return [m for m in ms if m != DECODE or getattr(adapter, "decodes", False)]
+        return [m for m in ms if m != DECODE or declared(adapter).decodes]
 
     for _, a in impls:
-        if cont and not getattr(a, "decodes", False):
+        if cont and not declared(a).decodes:
             skipped[f"{a.name} (decode)"] = "its adapter does not decode (Adapter.decodes is False): prefill only"
     planned = [(a.name, d) for _, a in impls for d in req.dtypes if modes_for(a, d)]
     if not planned:
@@ -200,8 +201,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     stored = dict(out_dir=trace_dir, reduce_over=req.reduce_over, full_taps=req.full_taps) if separate else {}
 
     def take(name, adapter, dtype, mode, refs=None):
-        own = separate or getattr(adapter, "needs_own_process", lambda: False)()
-        if own:
+        if separate or declared(adapter).own_process:
             return capture_in_subprocess(name, spec, weights, dtype, prompts, mode=mode, references=refs,
                                          progress=progress, continuation=cont, **stored)
         return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from parity.adapters import DEFAULT_IMPLS, get_adapter
+from parity.adapters.declared import declared
 from parity.errors import BackendMissing, ParityInputError, Unsupported, phase
 from parity.spec import GemmaSpec
 
@@ -53,7 +54,7 @@ def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
 
 def _check(adapter, spec: GemmaSpec, dtype: str) -> None:
     """adapter.check, its failures typed: bad input stays exit 2, anything else is the implementation's (exit 3)."""
-    with phase(getattr(adapter, "name", type(adapter).__name__), dtype, "check()"):
+    with phase(declared(adapter).name, dtype, "check()"):
         adapter.check(spec, dtype)
 
 

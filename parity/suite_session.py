@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from parity.adapters.declared import declared
 from parity.errors import ParityInputError
 
 DEFAULT_BASELINE = "fixtures/baseline.json"
@@ -234,7 +235,7 @@ class ParitySession:
                     found = report.trace(adapter.name, dtype, name)
                 except KeyError:
                     found = None
-            if found is None and getattr(adapter, "needs_own_process", lambda: False)():
+            if found is None and declared(adapter).own_process:
                 from parity.capture import capture_in_subprocess  # keras on a second backend
 
                 found = capture_in_subprocess(impl, spec, weights, dtype, {name: list(tokens)})[0]

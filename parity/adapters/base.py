@@ -54,6 +54,9 @@ compared; a breach exits 3 naming the implementation, the phase and the tap):
       the cache lacks fail; extra entries (masked) are allowed.
   Taps or caches it cannot expose while decoding go in `DecodeResult.unavailable`
   (cache taps are `layers.{i}.cache.k` / `.cache.v`).
+* Optional members (`cannot`, `decodes`, `full_cache_taps`, `needs_own_process`)
+  take the defaults below when a duck-typed adapter lacks them; parity reads
+  them through parity.adapters.declared, never by probing.
 * Any exception in the factory, `check` (other than ParityInputError, which is
   bad input: exit 2), `build`, `run`, `effective` or `release` is an
   implementation failure (exit 3), never a divergence.
@@ -109,6 +112,10 @@ class Adapter:
     #: whether `run(model, tokens, cache_taps=True)` also returns `layers.{i}.cache.k` / `.cache.v` [T, kv, hd]
     #: (the keys and values each position writes): what a reference needs to check decode caches
     full_cache_taps: bool = False
+
+    def needs_own_process(self) -> bool:
+        """Whether it must be captured in a fresh Python process (keras, once another backend is imported)."""
+        return False
 
     def version(self) -> str:
         raise NotImplementedError

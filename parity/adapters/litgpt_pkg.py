@@ -61,13 +61,14 @@ from contextlib import contextmanager
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
+from parity.adapters.litgpt_format import FUSED, QKV_TARGET, fuse_qkv  # noqa: F401 -- the old import path of both
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.spec import GemmaSpec, gemma_layer_types
 from parity.taps import expand_tap_map, tap_names
 from parity.weights import Weights, map_weights
 
 # canonical (HF) name -> litgpt parameter name; `{}` is the layer index.
-# `self_attn.qkv.weight` is the fused tensor `fuse_qkv` makes from q, k and v.
+# `self_attn.qkv.weight` is the fused tensor `litgpt_format.fuse_qkv` makes from q, k and v.
 # `lm_head.weight`, when the head is tied, is the embedding, added the way
 # litgpt's convert_hf_checkpoint adds it (litgpt's lm_head is its own parameter).
 NAME_MAP_PRE = {
@@ -90,8 +91,6 @@ NAME_MAP_SANDWICH = {
     "model.layers.{}.pre_feedforward_layernorm.weight": "transformer.h.{}.norm_2.weight",
     "model.layers.{}.post_feedforward_layernorm.weight": "transformer.h.{}.post_mlp_norm.weight",
 }
-# litgpt 0.4.x names the fused projection attn.attn (grouped layout)
-QKV_TARGET = {"stacked": "transformer.h.{}.attn.qkv.weight", "grouped": "transformer.h.{}.attn.attn.weight"}
 
 TAP_MAP = {
     # the sqrt(n_embd) scaling is inline in GPT.forward: its result is the input of block 0
@@ -118,29 +117,6 @@ INLINE_TAPS = {
 
 OFFSET_NAME = "Gemma (parity)"  # litgpt turns the (1 + w) offset on when "Gemma" is in the name
 NO_OFFSET_NAME = "parity, no unit offset"
-
-
-def fuse_qkv(tensors: dict[str, np.ndarray], spec: GemmaSpec, layout: str) -> dict[str, np.ndarray]:
-    """Replace each layer's q, k, v by litgpt's fused weight (each used exactly once).
-
-    layout "stacked" (litgpt 0.5.x `attn.qkv`): plain [Q; K; V], as its
-    convert_hf_checkpoint does. layout "grouped" (0.4.x `attn.attn`): per kv
-    group, that group's query heads, then its key head, then its value head.
-    """
-    out = dict(tensors)
-    hd, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
-    for i in range(spec.num_layers):
-        p = f"model.layers.{i}.self_attn."
-        q, k, v = (out.pop(p + n + "_proj.weight") for n in "qkv")
-        if layout == "stacked":
-            fused = np.concatenate([q, k, v], axis=0)  # [(H + 2 KV) * hd, hidden]
-        else:
-            qg = q.reshape(spec.num_kv_heads, g * hd, -1)  # [KV, g * hd, hidden]
-            kg = k.reshape(spec.num_kv_heads, hd, -1)  # [KV, hd, hidden]
-            vg = v.reshape(spec.num_kv_heads, hd, -1)
-            fused = np.concatenate([qg, kg, vg], axis=1).reshape(-1, q.shape[-1])
-        out[p + "qkv.weight"] = fused
-    return out
 
 
 def _litgpt():
@@ -269,9 +245,9 @@ class LitgptAdapter(Adapter):
         config = self._config(spec)
         model = litgpt.GPT(config)  # fp32, as litgpt constructs it; the rope cache is computed here
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}
-        layout = "stacked" if "transformer.h.0.attn.qkv.weight" in params else "grouped"
+        layout = "stacked" if QKV_TARGET["stacked"].format(0) in params else "grouped"
         base = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
-        name_map = {**base, "model.layers.{}.self_attn.qkv.weight": QKV_TARGET[layout]}
+        name_map = {**base, FUSED: QKV_TARGET[layout]}
         tensors = fuse_qkv(weights.tensors, spec, layout)
         if spec.tied_head:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # as convert_hf_checkpoint does

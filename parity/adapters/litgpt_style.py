@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
+from parity.adapters.litgpt_format import FUSED, qkv_rows
 from parity.spec import GemmaSpec
 from parity.taps import expand_tap_map
 from parity.weights import Part, Weights, fill, map_weights, parts
@@ -60,26 +61,17 @@ def _np(t) -> np.ndarray:
 
 
 def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec, stacked: bool = False) -> dict[str, Part]:
-    """Replace each layer's q, k, v with litgpt's fused layout (each used exactly once).
+    """Replace each layer's q, k, v with litgpt's fused layout (parity.adapters.litgpt_format), each used once.
 
-    Per kv group: that group's query heads, then its key head, then its value
-    head. A plain [Q; K; V] stack (`stacked`, the qkv-order fault) is wrong
-    whenever num_kv_heads > 1.
+    The port reads the grouped layout; `stacked` loads a plain [Q; K; V] instead (the qkv-order fault).
     """
     out = dict(plan)
-    hd, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
+    rows = qkv_rows(spec, "stacked" if stacked else "grouped")
     for i in range(spec.num_layers):
         p = f"model.layers.{i}.self_attn."
-        q, k, v = (out.pop(p + n + "_proj.weight") for n in "qkv")
-        if stacked:
-            out[p + "qkv.weight"] = Part(((g + 2) * hd * spec.num_kv_heads, q.shape[1]),
-                                         (q.pieces[0], k.pieces[0], v.pieces[0]))
-            continue
-        pieces = []
-        for group in range(spec.num_kv_heads):  # rows of q_proj are heads x head_dim, group-major
-            pieces += [(q.pieces[0][0], group * g * hd, g * hd), (k.pieces[0][0], group * hd, hd),
-                       (v.pieces[0][0], group * hd, hd)]
-        out[p + "qkv.weight"] = Part(((g + 2) * hd * spec.num_kv_heads, q.shape[1]), tuple(pieces))
+        src = {n: out.pop(p + n + "_proj.weight") for n in "qkv"}
+        pieces = tuple((src[w].pieces[0][0], r, n) for w, r, n in rows)
+        out[FUSED.format(i)] = Part((sum(n for _, _, n in rows), src["q"].shape[1]), pieces)
     return out
 
 
