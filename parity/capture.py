@@ -11,6 +11,7 @@ from typing import Callable
 
 from parity.adapters.declared import Declared, declared
 from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
+from parity.implementations import Selection, check_adapter, checked_impls
 from parity.spec import GemmaSpec
 from parity.decode import DECODE, FULL
 from parity.taps import decode_tap_order, layer_of, tap_names, tap_order
@@ -80,6 +81,7 @@ def capture(
     progress: Progress | None = None,
     spill: Callable[[Trace], Trace] | None = None,
     continuation: list[int] | None = None,
+    checked: bool = False,
 ) -> list[Trace]:
     """Every prompt in every mode (a str or a list: the model is built once for all of them).
 
@@ -89,12 +91,14 @@ def capture(
     `continuation`) gives two traces per prompt, the full forward over prompt +
     continuation (`decode-full`) and the decode through the library's cache
     (`decode`), both in parity.decode's layout; mode `decode-full` the first alone.
+    `checked`: the caller has already passed `adapter` through parity.implementations.check_adapter for
+    this spec and dtype (the harness does, for every run, before any work), so it is not asked again.
     """
     say = progress or (lambda _msg: None)
     own = declared(adapter)
     impl = own.name
-    with _phase(impl, dtype, "check()"):
-        adapter.check(spec, dtype)
+    if not checked:
+        check_adapter(adapter, spec, dtype)
     say(f"{impl} {dtype}: building")
     with _phase(impl, dtype, "build()"):
         model = adapter.build(spec, weights, dtype)
@@ -469,9 +473,6 @@ def _has_no_spec(path: str) -> bool:
 
 def _check(a) -> dict:
     import json
-
-    from parity.implementations import Selection, checked_impls
-    from parity.spec import GemmaSpec
 
     spec = GemmaSpec.from_dict(json.loads(a.spec_json))
     ref_name, _, ref_dtype = a.reference.partition("@")

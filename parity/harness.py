@@ -200,12 +200,13 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         trace_dir = tempfile.mkdtemp(prefix="parity-traces-")
     stored = dict(out_dir=trace_dir, reduce_over=req.reduce_over, full_taps=req.full_taps) if separate else {}
 
-    def take(name, adapter, dtype, mode, refs=None):
+    def take(name, adapter, dtype, mode, refs=None, checked=True):
+        """`checked`: checked above with the others (a noise member is not: capture checks it)."""
         if separate or declared(adapter).own_process:
             return capture_in_subprocess(name, spec, weights, dtype, prompts, mode=mode, references=refs,
                                          progress=progress, continuation=cont, **stored)
         return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress,
-                       continuation=cont)
+                       continuation=cont, checked=checked)
 
     got = take(ref_name, ref_adapter, ref_dtype, ["cumulative"] + ([FULL] if cont else []))
     ref_traces = {t.prompt: t for t in got if t.mode == "cumulative"}
@@ -244,7 +245,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                 continue
             # in separate processes the child builds the member: this process imports no framework
             honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
-                           ref_traces)
+                           ref_traces, checked=False)
     noise = measure(ref_traces, honest, table, ref_full) if honest else None
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
     report = Report(

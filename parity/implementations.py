@@ -31,7 +31,8 @@ def _adapter(req, name: str):
 
 
 def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
-    """(name, adapter) pairs to run, and the defaults skipped because their backend is missing."""
+    """(name, adapter) pairs to run, each checked against `req.spec` in every dtype, and the defaults skipped
+    because their backend is missing or they cannot build the spec."""
     explicit = req.impls is not None
     names = list(req.impls) if explicit else list(DEFAULT_IMPLS)
     seen, out, skipped = set(), [], {}
@@ -42,7 +43,7 @@ def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
         adapter = _adapter(req, name)
         try:
             for d in req.dtypes or ["float32"]:
-                _check(adapter, req.spec, d)
+                check_adapter(adapter, req.spec, d)
         except (BackendMissing, Unsupported) as e:
             if explicit:
                 raise
@@ -52,21 +53,23 @@ def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
     return out, skipped
 
 
-def _check(adapter, spec: GemmaSpec, dtype: str) -> None:
-    """adapter.check, its failures typed: bad input stays exit 2, anything else is the implementation's (exit 3)."""
+def check_adapter(adapter, spec: GemmaSpec, dtype: str) -> None:
+    """The one caller of `adapter.check`: bad input stays exit 2, anything else it raises is the implementation's
+    (exit 3). Adapters' `build` may assume it passed, so every path to a build comes through here first."""
     with phase(declared(adapter).name, dtype, "check()"):
         adapter.check(spec, dtype)
 
 
 def checked_impls(req, spec: GemmaSpec):
-    """`resolve_impls`, then every run and the reference checked against `spec`: unsupported
-    combinations are refused before any work. Returns (impls, skipped, reference adapter)."""
+    """`resolve_impls`, and the reference checked too, against `spec`: unsupported combinations are refused
+    before any work. Returns (impls, skipped, reference adapter)."""
     impls, skipped = resolve_impls(req)
-    for _, adapter in impls:
-        for d in req.dtypes:
-            _check(adapter, spec, d)
+    if spec != req.spec:  # a truncated depth (first_layers): what the runs will build
+        for _, adapter in impls:
+            for d in req.dtypes:
+                check_adapter(adapter, spec, d)
     ref = _adapter(req, req.reference[0])
-    _check(ref, spec, req.reference[1])
+    check_adapter(ref, spec, req.reference[1])
     return impls, skipped, ref
 
 

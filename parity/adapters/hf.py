@@ -148,7 +148,6 @@ class HFAdapter(Adapter):
         from parity.adapters.torch_load import load
         from parity.adapters.torch_setup import torch_dtype
 
-        self.check(spec, dtype)
         config = self._config(spec)
         model_cls = getattr(transformers, CLASSES[spec.family])
         with torch.device("meta"):  # no storage, no random init: the weights are written once, below

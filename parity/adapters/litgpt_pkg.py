@@ -239,7 +239,6 @@ class LitgptAdapter(Adapter):
 
         from parity.adapters.torch_setup import configure, torch_dtype
 
-        self.check(spec, dtype)
         configure()
         litgpt = _litgpt()
         config = self._config(spec)
