@@ -30,13 +30,13 @@ import os, sys, json
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from parity.adapters import get_adapter
 from parity.harness import Request, resolve_impls
-from parity.prompts import default_prompts
-from parity.presets import resolve_spec
-from parity.weights import random_weights
+from parity.model.prompts import default_prompts
+from parity.model.presets import resolve_spec
+from parity.model.weights import random_weights
 a = json.loads(sys.argv[1])
 spec = resolve_spec(a["spec"])
 if a.get("stored"):
-    from parity.weight_store import stored_random_weights
+    from parity.model.weight_store import stored_random_weights
     w = stored_random_weights(spec, 0)
 else:
     w = random_weights(spec, 0)
@@ -70,8 +70,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     from parity.harness import is_large
-    from parity.presets import resolve_spec
-    from parity.weights import param_count
+    from parity.model.presets import resolve_spec
+    from parity.model.weights import param_count
 
     spec = resolve_spec(a.spec)
     large = is_large(spec)

@@ -24,8 +24,8 @@ FAMILIES = ("embed", "layers.*.attn_norm", "layers.*.attn.scores", "layers.*.att
 
 def old_verdict(report, impl: str, dtype: str, mode: str) -> bool:
     """The fixed table's rule before the honest model: |a - r| <= atol x rms(tap) x growth + rtol |r|."""
-    from parity.metrics import compare_arrays, rms
-    from parity.tolerances import TOLERANCES, growth
+    from parity.numerics.metrics import compare_arrays, rms
+    from parity.numerics.tolerances import TOLERANCES, growth
 
     tol = TOLERANCES[dtype]
     n = report.spec.num_layers
@@ -51,9 +51,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     a = ap.parse_args()
     from parity.harness import Request, run
-    from parity.presets import PRESETS
-    from parity.taps import family_of
-    from parity.verdict import used
+    from parity.model.presets import PRESETS
+    from parity.model.taps import family_of
+    from parity.gate.verdict import used
 
     spec = PRESETS[a.spec]
     print("| profile | dtype | " + " | ".join(f"`{f}`" for f in FAMILIES) + " |")

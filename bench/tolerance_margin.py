@@ -1,4 +1,4 @@
-"""Re-measure the honest error behind parity/tolerances.py.
+"""Re-measure the honest error behind parity/numerics/tolerances.py.
 
 For correct implementations (the port and HF) against the float64 port, over
 three seeds and a 64-token prompt, print per dtype and depth the atol (in RMS
@@ -16,10 +16,10 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parity.adapters import get_adapter  # noqa: E402
-from parity.presets import PRESETS  # noqa: E402
-from parity.taps import layer_of  # noqa: E402
-from parity.tolerances import TOLERANCES  # noqa: E402
-from parity.weights import random_weights  # noqa: E402
+from parity.model.presets import PRESETS  # noqa: E402
+from parity.model.taps import layer_of  # noqa: E402
+from parity.numerics.tolerances import TOLERANCES  # noqa: E402
+from parity.model.weights import random_weights  # noqa: E402
 
 
 def main() -> None:

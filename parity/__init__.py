@@ -13,21 +13,21 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # running and the result
     "run": "parity.harness", "from_traces": "parity.harness", "Request": "parity.harness", "Report": "parity.harness",
-    "Verdict": "parity.verdict", "RunVerdict": "parity.verdict", "decide": "parity.verdict",
+    "Verdict": "parity.gate.verdict", "RunVerdict": "parity.gate.verdict", "decide": "parity.gate.verdict",
     # the model and its weights
-    "GemmaSpec": "parity.spec", "PRESETS": "parity.presets", "Weights": "parity.weights",
-    "random_weights": "parity.weights", "load_weights": "parity.weights", "map_weights": "parity.weights",
+    "GemmaSpec": "parity.model.spec", "PRESETS": "parity.model.presets", "Weights": "parity.model.weights",
+    "random_weights": "parity.model.weights", "load_weights": "parity.model.weights", "map_weights": "parity.model.weights",
     # traces and adapters
-    "Trace": "parity.trace", "load_trace": "parity.trace", "Adapter": "parity.adapters.base",
+    "Trace": "parity.capture.trace", "load_trace": "parity.capture.trace", "Adapter": "parity.adapters.base",
     "RunResult": "parity.adapters.base", "DecodeStep": "parity.adapters.base", "DecodeResult": "parity.adapters.base",
     "CacheView": "parity.adapters.base", "get_adapter": "parity.adapters",
     "recording": "parity.adapters.torch_hooks", "module_feeds": "parity.adapters.torch_hooks",
-    "function_taps": "parity.adapters.torch_hooks", "expand_tap_map": "parity.taps",
+    "function_taps": "parity.adapters.torch_hooks", "expand_tap_map": "parity.model.taps",
     # errors, causes, checks
-    "ParityInputError": "parity.errors", "ImplementationError": "parity.errors", "CAUSES": "parity.causes",
-    "check_within_tolerance": "parity.checks", "check_norm_placement": "parity.checks",
-    "check_norm_unit_offset": "parity.checks", "check_geglu": "parity.checks", "check_gelu_tanh": "parity.checks",
-    "check_embedding_scale": "parity.checks",
+    "ParityInputError": "parity.errors", "ImplementationError": "parity.errors", "CAUSES": "parity.diagnose.causes",
+    "check_within_tolerance": "parity.gate.checks", "check_norm_placement": "parity.gate.checks",
+    "check_norm_unit_offset": "parity.gate.checks", "check_geglu": "parity.gate.checks", "check_gelu_tanh": "parity.gate.checks",
+    "check_embedding_scale": "parity.gate.checks",
 }
 __all__ = sorted(_PUBLIC)
 

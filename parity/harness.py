@@ -10,19 +10,19 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from parity.adapters.declared import declared
-from parity.capture import Progress, capture, capture_in_subprocess, produced
-from parity.compare import TapResult, compare_all, compare_traces
-from parity.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
+from parity.capture.runner import Progress, capture, capture_in_subprocess, produced
+from parity.compare.pairs import TapResult, compare_all, compare_traces
+from parity.capture.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
 from parity.errors import ParityInputError
-from parity.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
+from parity.capture.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
     Elsewhere, checked_impls, resolve_elsewhere, resolve_impls,
 )
-from parity.noise import LARGE_MEMBERS, SMALL_MEMBERS, NoiseModel, factory_spec, measure, members
-from parity.prompts import default_prompts, validate_tokens
-from parity.spec import GemmaSpec, truncate  # noqa: F401 -- truncate: the old import path
-from parity.tolerances import TOLERANCES, Tolerance
-from parity.trace import Trace
-from parity.weights import Weights, random_weights
+from parity.compare.noise import LARGE_MEMBERS, SMALL_MEMBERS, NoiseModel, factory_spec, measure, members
+from parity.model.prompts import default_prompts, validate_tokens
+from parity.model.spec import GemmaSpec, truncate  # noqa: F401 -- truncate: the old import path
+from parity.numerics.tolerances import TOLERANCES, Tolerance
+from parity.capture.trace import Trace
+from parity.model.weights import Weights, random_weights
 
 MODES = ("cumulative", "isolated", "both")
 PORT = "litgpt-style"  # the project's port: the reference, and the honest ensemble's first member
@@ -34,7 +34,7 @@ REDUCE_OVER = 1 << 24  # 16M elements: a Gemma logits tap of 128 tokens (32M) is
 def is_large(spec: GemmaSpec) -> bool:
     import os
 
-    from parity.weights import param_count
+    from parity.model.weights import param_count
 
     text = os.environ.get("PARITY_LARGE_OVER", str(LARGE_BYTES))
     try:
@@ -63,9 +63,9 @@ class Request:
     trace_dir: str | None = None  # where traces go; None: a temporary directory (separate processes only)
     reduce_over: int | None = REDUCE_OVER  # taps of more elements are stored reduced (separate processes)
     full_taps: str | None = None  # glob patterns of taps never reduced
-    weights_profile: str = "default"  # statistics of the seeded random weights (parity.weights.PROFILES)
+    weights_profile: str = "default"  # statistics of the seeded random weights (parity.model.weights.PROFILES)
     raw_logits: bool = False  # compare logits as they are, not up to a constant per position
-    noise_members: int | None = None  # honest-ensemble size (parity.noise); None: 4, 2 at real sizes; 0: table only
+    noise_members: int | None = None  # honest-ensemble size (parity.compare.noise); None: 4, 2 at real sizes; 0: table only
     decode: int | str = 0  # decode steps after each prompt through each implementation's cache; "auto": past the window
     decode_tokens: list[int] | None = None  # the continuation decoded (teacher-forced); None: seeded ids
 
@@ -95,8 +95,8 @@ class Report:
 
     @property
     def verdict(self):
-        """The one verdict (parity.verdict.decide), computed from the current results and diagnosis."""
-        from parity.verdict import decide
+        """The one verdict (parity.gate.verdict.decide), computed from the current results and diagnosis."""
+        from parity.gate.verdict import decide
 
         return decide(self)
 
@@ -154,7 +154,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             # layers, so only those are generated (a Gemma-2-27B shape's 54 GB never are)
             spec = truncate(spec, req.first_layers)
         if large:
-            from parity.weight_store import stored_random_weights
+            from parity.model.weight_store import stored_random_weights
 
             weights = stored_random_weights(spec, req.seed, progress, req.weights_profile)
         else:
@@ -258,7 +258,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         import weakref
 
         weakref.finalize(report, shutil.rmtree, trace_dir, True)  # the lazy traces read from there until then
-    from parity.diagnose import diagnose
+    from parity.diagnose.run import diagnose
 
     diagnose(report)
     return report
@@ -312,7 +312,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     first trace's. Weight-based probes and counterfactuals need the weights;
     without them those probes say "cannot tell".
     """
-    from parity.spec import GemmaSpec
+    from parity.model.spec import GemmaSpec
 
     if not traces:
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
@@ -350,7 +350,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
         skipped={}, effective=effective, tolerances=table, weights=weights,
     )
-    from parity.diagnose import diagnose
+    from parity.diagnose.run import diagnose
 
     diagnose(report)
     return report

@@ -8,8 +8,8 @@ the keys and values each position must see.
 
 import pytest
 
-from parity.checks import check_within_tolerance
-from parity.decode import DECODE, SELF
+from parity.gate.checks import check_within_tolerance
+from parity.capture.decode import DECODE, SELF
 
 
 def _runs(report, impl, dtype):

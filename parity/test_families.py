@@ -8,8 +8,8 @@ longer than the sliding window.
 
 import pytest
 
-from parity import checks
-from parity.probes import probe_attention_mask, probe_lm_head
+from parity.gate import checks
+from parity.diagnose.probes import probe_attention_mask, probe_lm_head
 
 FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3"]
 
@@ -17,8 +17,8 @@ FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3"]
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_report(request):
     from parity.harness import Request, run
-    from parity.presets import PRESETS
-    from parity.prompts import default_prompts
+    from parity.model.presets import PRESETS
+    from parity.model.prompts import default_prompts
 
     spec = PRESETS[request.param]
     return run(Request(spec=spec, dtypes=["float32", "bfloat16"], mode="both",

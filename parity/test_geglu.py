@@ -1,6 +1,6 @@
 """GeGLU checks: mlp.hidden = gelu(gate) * up, two half-width projections."""
 
-from parity.checks import check_geglu, check_within_tolerance
+from parity.gate.checks import check_geglu, check_within_tolerance
 
 
 def test_geglu_gate_times_up_half_width(traces, spec):

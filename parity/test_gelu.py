@@ -1,6 +1,6 @@
 """GELU checks: the tanh approximation, read from each implementation's own gate and act."""
 
-from parity.checks import check_gelu_tanh, check_within_tolerance
+from parity.gate.checks import check_gelu_tanh, check_within_tolerance
 
 
 def test_gelu_is_tanh_approximation(traces, spec):

@@ -1,6 +1,6 @@
 """Whole-trace checks: every tap in both modes, the embedding scale, and no named divergence."""
 
-from parity.checks import check_embedding_scale, check_within_tolerance
+from parity.gate.checks import check_embedding_scale, check_within_tolerance
 
 
 def test_layers_cumulative_within_tolerance(results):

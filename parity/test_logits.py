@@ -1,7 +1,7 @@
 """Logits checks: within tolerance, and the next-token distribution agrees (KL, top-1)."""
 
-from parity.checks import check_within_tolerance
-from parity.tolerances import LOGITS_KL_MAX as KL_MAX
+from parity.gate.checks import check_within_tolerance
+from parity.numerics.tolerances import LOGITS_KL_MAX as KL_MAX
 
 
 def test_logits_within_tolerance(results):

@@ -8,14 +8,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 @pytest.fixture(scope="session")
 def tiny():
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
 
     return PRESETS["tiny-gemma"]
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tiny):
-    from parity.weights import random_weights
+    from parity.model.weights import random_weights
 
     return random_weights(tiny, seed=0)
 

@@ -245,9 +245,9 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     fault that stays within noise, the cause a probe names.
     """
     from parity.harness import Request, run
-    from parity.presets import PRESETS
-    from parity.prompts import default_prompts
-    from parity.render import to_json
+    from parity.model.presets import PRESETS
+    from parity.model.prompts import default_prompts
+    from parity.report.render import to_json
 
     spec = PRESETS[fault.spec].replace(**fault.spec_changes) if fault.spec_changes else PRESETS[fault.spec]
     adapter = fault.factory()
@@ -330,8 +330,8 @@ DECODE_FAULTS = [
 def detect_decode(fault: DecodeFault, dtype: str) -> dict:
     """The harness decoding under the fault in one dtype: detected, located at its (step, tap), named."""
     from parity.harness import Request, run
-    from parity.presets import PRESETS
-    from parity.prompts import default_prompts
+    from parity.model.presets import PRESETS
+    from parity.model.prompts import default_prompts
 
     spec = PRESETS[fault.spec]
     adapter = fault.factory()

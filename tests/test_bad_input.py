@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from parity.report import main as report_main
-from parity.capture import main as capture_main
+from parity.report.cli import main as report_main
+from parity.capture.runner import main as capture_main
 
 BASE = ["--impls", "litgpt-style", "--dtypes", "float32", "--tokens", "2,17,301", "--quiet"]
 
@@ -55,8 +55,8 @@ def files(tmp_path_factory):
     from safetensors.numpy import save_file
     import numpy as np
 
-    from parity.presets import PRESETS
-    from parity.weights import random_weights, save_weights
+    from parity.model.presets import PRESETS
+    from parity.model.weights import random_weights, save_weights
 
     d = tmp_path_factory.mktemp("capture")
     save_weights(random_weights(PRESETS["tiny-gemma"]), d / "w.safetensors")
@@ -91,8 +91,8 @@ def test_capture_bad_input_is_one_line(files, capsys, monkeypatch, args, needle)
 def test_the_library_names_fields_and_each_front_end_its_flags(tiny, tmp_path, capsys):
     from parity.errors import ParityInputError, cli_flag
     from parity.harness import Request, run
-    from parity.pytest_plugin import plugin_flag
-    from parity.report import check_out_dir
+    from parity.suite.plugin import plugin_flag
+    from parity.report.cli import check_out_dir
 
     with pytest.raises(ParityInputError) as e:
         run(Request(spec=tiny, impls=["litgpt-style"], mode="sideways"))

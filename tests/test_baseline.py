@@ -1,4 +1,4 @@
-"""parity.baseline and parity.waivers as functions: reduce, gate (regression, new divergence, improvement,
+"""parity.gate.baseline and parity.gate.waivers as functions: reduce, gate (regression, new divergence, improvement,
 update, missing), and waivers (parse, bad input, apply, expiry), on one module-scoped harness run."""
 
 import copy
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from parity import baseline as bl
+from parity.gate import baseline as bl
 from parity.errors import ParityInputError
-from parity.waivers import (CAUSE_IDS, apply_waivers, explains_failure, load_waivers, parse_waivers, unwaived,
+from parity.gate.waivers import (CAUSE_IDS, apply_waivers, explains_failure, load_waivers, parse_waivers, unwaived,
                             waived_causes)
 
 PROMPTS = {"p": [2, 17, 301, 5, 88, 260, 9, 140]}
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(impls):
     from parity.harness import Request, run
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
     from tests.variants import swapped_geglu
 
     return run(Request(spec=PRESETS["tiny-gemma"], impls=impls, adapters={"swapped-geglu": swapped_geglu()},
@@ -243,7 +243,7 @@ def test_waived_divergence_passes_with_a_note(fresh):
     assert any(not r.passed for r in unwaived(fresh.run_results("swapped-geglu", "bfloat16", "cumulative")))
     assert waived_causes(fresh, "swapped-geglu", "float32") == {"geglu-swapped": d32["waived"]}
     assert any(line.startswith("waived: swapped-geglu@float32 geglu-swapped") for line in applied.lines())
-    from parity.render import to_json
+    from parity.report.render import to_json
 
     assert to_json(fresh)["diagnosis"][0]["waived"].startswith("the MLP rewrite")
     # the gate does not count waived growth or failures
@@ -320,6 +320,6 @@ def test_the_example_waiver_file_parses_and_waives_nothing_by_default():
 
 
 def test_cause_ids_are_the_catalogue():
-    from parity.causes import CAUSE_IDS as catalogue
+    from parity.diagnose.causes import CAUSE_IDS as catalogue
 
     assert CAUSE_IDS is catalogue  # waivers check ids against the one table (tests/test_causes.py tests the table)

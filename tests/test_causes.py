@@ -1,4 +1,4 @@
-"""The cause catalogue: parity/causes.py is the one table, docs/causes.md is generated from it, and every
+"""The cause catalogue: parity/diagnose/causes.py is the one table, docs/causes.md is generated from it, and every
 cause id the code names is in it."""
 
 import ast
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from parity import causes
-from parity.causes import CAUSE_IDS, CAUSES, KINDS, NOTE_CAUSES, check_cause, describe, markdown_drift, to_markdown
+from parity.diagnose import causes
+from parity.diagnose.causes import CAUSE_IDS, CAUSES, KINDS, NOTE_CAUSES, check_cause, describe, markdown_drift, to_markdown
 from parity.errors import ParityInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 ID = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # lowercase words joined by dashes
 # the files that name causes: the diagnosis and what it relies on, and the injected faults
-NAMING_FILES = ("parity/probes.py", "parity/counterfactuals.py", "parity/diagnose.py", "tests/faults.py")
+NAMING_FILES = ("parity/diagnose/probes.py", "parity/diagnose/counterfactuals.py", "parity/diagnose/run.py", "tests/faults.py")
 # ids published before the catalogue moved into the project: reports, baselines and waiver files hold them
 PUBLISHED = {
     "gelu-exact", "geglu-swapped", "geglu-width", "norm-unit-offset-missing", "norm-unit-offset-lowp",
@@ -50,7 +50,7 @@ def test_describe_and_check_cause():
 
 
 def test_waivers_use_the_one_table():
-    from parity import waivers
+    from parity.gate import waivers
 
     assert waivers.CAUSE_IDS is CAUSE_IDS
 
@@ -162,11 +162,11 @@ def test_every_cause_the_code_names_is_in_the_catalogue():
     found = named_causes(NAMING_FILES)
     for p, ids in found.items():
         assert ids, f"{p}: no cause id found; has the way it names causes changed? update named_causes"
-        assert ids <= CAUSE_IDS, f"{p} names cause ids not in parity/causes.py: {sorted(ids - CAUSE_IDS)}"
+        assert ids <= CAUSE_IDS, f"{p} names cause ids not in parity/diagnose/causes.py: {sorted(ids - CAUSE_IDS)}"
     # the reader sees what is really there: the probes' and the faults' ids, positional ones included
     assert {"gelu-exact", "geglu-swapped", "norm-cast-order", "final-norm-missing", "unexplained"} <= \
-        found["parity/probes.py"]
-    assert {"rope-layout", "query-scale", "qk-norm-missing"} <= found["parity/counterfactuals.py"]
+        found["parity/diagnose/probes.py"]
+    assert {"rope-layout", "query-scale", "qk-norm-missing"} <= found["parity/diagnose/counterfactuals.py"]
     assert {"norm-unit-offset-lowp", "attn-softcap-missing", "act-lowp"} <= found["tests/faults.py"]
 
 

@@ -1,4 +1,4 @@
-"""parity.checkpoints: real checkpoint directories, written by each library's own save function, load back
+"""parity.model.checkpoints: real checkpoint directories, written by each library's own save function, load back
 bit for bit into the canonical weights they were made from; bad directories are refused in one line."""
 
 import json
@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from parity.checkpoints import load_checkpoint
+from parity.model.checkpoints import load_checkpoint
 from parity.errors import ParityInputError
-from parity.presets import PRESETS
-from parity.weights import random_weights
+from parity.model.presets import PRESETS
+from parity.model.weights import random_weights
 
 
 def weights_for(preset):
@@ -90,7 +90,7 @@ def test_hf_gemma3_multimodal(tmp_path, original_format):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from parity.spec import to_hf_config
+    from parity.model.spec import to_hf_config
 
     spec = PRESETS["tiny-gemma3"]
     text = {k: v for k, v in to_hf_config(spec).items() if k not in ("parity", "architectures")}
@@ -161,8 +161,8 @@ def test_keras_preset_round_trip(tmp_path, keras_adapter, dtype):
 def test_keras_gemma2_preset(tmp_path, keras_adapter):
     """keras-hub's GemmaBackbone in its Gemma 2 configuration (post norms, softcaps, even-layer windows)."""
     from parity.adapters.keras_hub import to_keras_layout
-    from parity.checkpoints import keras_name_map
-    from parity.weights import map_weights
+    from parity.model.checkpoints import keras_name_map
+    from parity.model.weights import map_weights
 
     _, hub = keras_adapter._import()
     spec, want = PRESETS["tiny-gemma2"], weights_for("tiny-gemma2")
@@ -224,7 +224,7 @@ def lit_dir(tmp_path, preset, layout):
     from safetensors.numpy import save_file
 
     from parity.adapters.litgpt_pkg import NAME_MAP_PRE, NAME_MAP_SANDWICH, QKV_TARGET, fuse_qkv
-    from parity.weights import map_weights
+    from parity.model.weights import map_weights
 
     spec, w = PRESETS[preset], weights_for(preset)
     tensors = fuse_qkv(w.tensors, spec, layout)

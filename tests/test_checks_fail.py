@@ -2,9 +2,9 @@
 
 import pytest
 
-from parity import checks
+from parity.gate import checks
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.capture import capture
+from parity.capture.runner import capture
 from tests import variants
 
 DTYPES = ["float32", "bfloat16"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.report import main
-from parity.weights import random_weights, save_weights
+from parity.report.cli import main
+from parity.model.weights import random_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--impls", "litgpt-style,hf", "--quiet", "--tokens", "2,17,301,5,88"]
@@ -59,7 +59,7 @@ def test_swapped_geglu_fails_with_its_cause(tmp_path):
 
 def _bad_inputs(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
-    other = random_weights(__import__("parity.presets").presets.PRESETS["tiny-gemma"].replace(num_layers=2))
+    other = random_weights(__import__("importlib").import_module("parity.model.presets").PRESETS["tiny-gemma"].replace(num_layers=2))
     save_weights(other, tmp_path / "other.safetensors")
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -130,7 +130,7 @@ def test_pickled_checkpoint_is_refused(tmp_path, capsys):
 def test_waivers_make_an_accepted_divergence_pass_and_say_so(tmp_path):
     import json
 
-    from parity.report import main
+    from parity.report.cli import main
 
     waivers = tmp_path / "w.toml"
     waivers.write_text('[[waiver]]\nimpl = "swapped-geglu"\ntap = "*"\ndtype = "*"\ncause = "geglu-swapped"\n'

@@ -35,8 +35,8 @@ def test_an_adapter_that_ignores_feed_is_not_called_isolated(tiny):
 
 
 def test_declared_unavailable_taps_are_shown_everywhere(tiny, tmp_path):
-    from parity.html_report import to_html
-    from parity.render import to_json, to_markdown
+    from parity.report.html import to_html
+    from parity.report.render import to_json, to_markdown
 
     rep = _run(tiny, ca.Declares())
     assert rep.passed
@@ -56,7 +56,7 @@ def test_two_implementations_of_one_name_are_refused(tiny):
 
 
 def test_from_the_command_line_a_breach_is_one_line_and_exit_3(tmp_path, capsys):
-    from parity.report import main
+    from parity.report.cli import main
 
     code = main(["--impls", "tests.contract_adapters:OnlyLogits", "--dtypes", "float32", "--tokens", "2,17,301",
                  "--quiet", "--out", str(tmp_path / "o")])

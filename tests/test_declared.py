@@ -1,5 +1,5 @@
 """An adapter's optional members are read once, with the documented defaults (parity.adapters.declared), and its
-`check` is asked once per implementation and dtype, by parity.implementations.check_adapter alone."""
+`check` is asked once per implementation and dtype, by parity.capture.implementations.check_adapter alone."""
 
 import pytest
 
@@ -72,7 +72,7 @@ def test_a_refused_check_stops_the_run_before_any_build(tiny):
 
 
 def test_capture_alone_still_checks(tiny, tiny_weights):
-    from parity.capture import capture
+    from parity.capture.runner import capture
 
     calls = []
     capture(_Counting(calls), tiny, tiny_weights, "float32", {"p": [2, 17, 301, 5]})

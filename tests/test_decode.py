@@ -12,8 +12,8 @@ import json
 import pytest
 
 from parity.harness import Request, run
-from parity.presets import PRESETS
-from parity.report import main
+from parity.model.presets import PRESETS
+from parity.report.cli import main
 from tests.faults import DECODE_FAULTS, detect_decode
 
 SPECS = ("tiny-gemma", "tiny-gemma2", "tiny-gemma3")

@@ -15,11 +15,11 @@ import pytest
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
 from parity.litgpt_style import PortOptions
-from parity.presets import resolve_spec
-from parity.prompts import default_prompts
-from parity.taps import layer_of, tap_order
-from parity.tolerances import TOLERANCES, growth
-from parity.weights import random_weights
+from parity.model.presets import resolve_spec
+from parity.model.prompts import default_prompts
+from parity.model.taps import layer_of, tap_order
+from parity.numerics.tolerances import TOLERANCES, growth
+from parity.model.weights import random_weights
 from tests.decode_faults_hf import FAULTS
 
 SPECS = ("tiny-gemma", "tiny-gemma2", "tiny-gemma3")
@@ -34,7 +34,7 @@ OWN = {"float32": 1e-4, "bfloat16": TOLERANCES["bfloat16"].atol}
 
 
 def _excess(actual, ref, rtol: float = 0.0) -> float:
-    """The verdict's statistic (parity.metrics.excess: max of (|a - r| - rtol |r|) / its row's RMS, a row
+    """The verdict's statistic (parity.numerics.metrics.excess: max of (|a - r| - rtol |r|) / its row's RMS, a row
     one index of the first axis), without the rest of compare_arrays' metrics: it runs ~10^5 times here."""
     a, b = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)

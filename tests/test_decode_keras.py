@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 
 from parity.errors import BackendMissing, ParityInputError
-from parity.presets import resolve_spec
-from parity.prompts import default_prompts
-from parity.taps import tap_names
-from parity.weights import random_weights
+from parity.model.presets import resolve_spec
+from parity.model.prompts import default_prompts
+from parity.model.taps import tap_names
+from parity.model.weights import random_weights
 
 SPECS = ("tiny-gemma", "tiny-gemma2", "tiny-gemma3")
 CONTINUATION = [int(t) for t in np.random.default_rng(7).integers(3, 500, 34)]

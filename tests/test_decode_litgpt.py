@@ -1,8 +1,8 @@
 """Decoding through the released litgpt's own KV cache: each step agrees with litgpt's full forward and with
 the float64 port, the cache holds what each step must see, and what litgpt's cache path gets wrong is pinned.
 
-Bounds are the verdict's table (parity.tolerances: atol in units of each row's RMS, times the depth growth),
-measured against parity.metrics.excess. Measured (litgpt 0.5.13, torch 2.13 CPU) where litgpt decodes
+Bounds are the verdict's table (parity.numerics.tolerances: atol in units of each row's RMS, times the depth growth),
+measured against parity.numerics.metrics.excess. Measured (litgpt 0.5.13, torch 2.13 CPU) where litgpt decodes
 correctly, as a fraction of the bound: fp32 <= 0.053 against litgpt's full forward, <= 0.045 against the
 port, <= 0.031 in the cache (plain max error over the row's RMS 1.9e-5 / 1.2e-5, logits 4.5e-6 / 3.9e-6);
 bf16 <= 0.32, <= 0.58, <= 0.21 (plain 0.17 / 0.24, logits 0.049 / 0.091). Gemma 2's prefill: 3e4 (fp32), 10.
@@ -16,12 +16,12 @@ litgpt = pytest.importorskip("litgpt")
 from parity.adapters import get_adapter  # noqa: E402
 from parity.adapters.litgpt_style import LitgptStyleAdapter  # noqa: E402
 from parity.errors import ParityInputError, Unsupported  # noqa: E402
-from parity.metrics import excess  # noqa: E402
-from parity.presets import resolve_spec  # noqa: E402
-from parity.prompts import default_prompts  # noqa: E402
-from parity.taps import tap_names  # noqa: E402
-from parity.tolerances import TOLERANCES, growth  # noqa: E402
-from parity.weights import random_weights  # noqa: E402
+from parity.numerics.metrics import excess  # noqa: E402
+from parity.model.presets import resolve_spec  # noqa: E402
+from parity.model.prompts import default_prompts  # noqa: E402
+from parity.model.taps import tap_names  # noqa: E402
+from parity.numerics.tolerances import TOLERANCES, growth  # noqa: E402
+from parity.model.weights import random_weights  # noqa: E402
 
 CONTINUATION = np.random.default_rng(7).integers(3, 500, 34).tolist()
 DTYPES = ["float32", "bfloat16"]

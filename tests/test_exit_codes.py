@@ -2,7 +2,7 @@
 
 import pytest
 
-from parity.report import main
+from parity.report.cli import main
 
 ARGS = ["--dtypes", "float32", "--tokens", "2,17,301,5", "--quiet"]
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from parity.harness import Request, run
-from parity.strategies import gemma_specs, token_prompts, weight_profiles
+from parity.suite.strategies import gemma_specs, token_prompts, weight_profiles
 
 EXAMPLES = int(os.environ.get("PARITY_HYPOTHESIS_EXAMPLES", "6"))
 
@@ -75,7 +75,7 @@ def test_strategies_refuse_bad_bounds():
         gemma_specs(families=(4,)).example()
     with pytest.raises(InvalidArgument, match="layers"):
         gemma_specs(min_layers=3, max_layers=1).example()
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
 
     with pytest.raises(InvalidArgument, match="max_position"):
         token_prompts(PRESETS["tiny-gemma"], max_len=10_000).example()

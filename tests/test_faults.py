@@ -30,13 +30,13 @@ def test_fault_is_detected_located_named(fault, dtype, profile):
 
 
 def test_every_gemma1_cause_has_a_fault():
-    from parity.causes import CAUSE_IDS, CAUSES
+    from parity.diagnose.causes import CAUSE_IDS, CAUSES
 
     # catalogue ids that upcoming work will inject, with no fault in tests/faults.py yet: take an id out
     # of this set when its fault lands (the assertion below fails until it is taken out)
     NOT_YET_INJECTED: set[str] = set()
     injected = {f.cause for f in FAULTS} | {f.cause for f in DECODE_FAULTS}  # decode causes: tests/test_decode.py
-    assert injected <= CAUSE_IDS, f"faults name ids not in parity/causes.py: {sorted(injected - CAUSE_IDS)}"
+    assert injected <= CAUSE_IDS, f"faults name ids not in parity/diagnose/causes.py: {sorted(injected - CAUSE_IDS)}"
     assert NOT_YET_INJECTED <= CAUSE_IDS, sorted(NOT_YET_INJECTED - CAUSE_IDS)
     assert not NOT_YET_INJECTED & injected, \
         f"these now have a fault: remove them from NOT_YET_INJECTED: {sorted(NOT_YET_INJECTED & injected)}"
@@ -49,7 +49,7 @@ def test_raw_logits_make_a_centred_unembedding_a_divergence():
     """By default logits are compared up to a constant per position (logit-shift is a note); --raw-logits asks
     for the values themselves, and then the shift is the first divergence, explained by logit-shift."""
     from parity.harness import Request, run
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
     from tests.faults import FAULTS
 
     (fault,) = [f for f in FAULTS if f.cause == "logit-shift"]

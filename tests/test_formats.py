@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from parity.formats import keras_hub as keras_format
-from parity.presets import PRESETS
-from parity.weights import random_weights
+from parity.model.presets import PRESETS
+from parity.model.weights import random_weights
 
 TINY = ("tiny-gemma", "tiny-gemma2", "tiny-gemma3")
 

@@ -5,7 +5,7 @@ import pytest
 
 from parity.adapters import get_adapter
 from parity.errors import ParityInputError
-from parity.taps import tap_order
+from parity.model.taps import tap_order
 
 
 @pytest.fixture(scope="module")

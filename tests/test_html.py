@@ -1,4 +1,4 @@
-"""report.html (parity.html_report.to_html): its content, and what headless Chromium draws of it.
+"""report.html (parity.report.html.to_html): its content, and what headless Chromium draws of it.
 
 Reports come from the real harness on tiny-gemma: a passing one (the port and HF,
 float32 and bfloat16, both modes) and a failing one (the port with gate and up
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.html_report import BANDS, FAIL, PALETTE, PASS, to_html
-from parity.render import headline
+from parity.report.html import BANDS, FAIL, PALETTE, PASS, to_html
+from parity.report.render import headline
 
 PROMPT = {"p": [2, 17, 301, 5, 88, 260, 9, 140]}
 CHROMIUM = "/usr/bin/chromium"
@@ -30,7 +30,7 @@ WIDTH, HEIGHT = 1400, 2000
 @pytest.fixture(scope="module")
 def good():
     from parity.harness import Request, run
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
 
     return run(Request(spec=PRESETS["tiny-gemma"], impls=["litgpt-style", "hf"], dtypes=["float32", "bfloat16"],
                        mode="both", prompts=PROMPT))
@@ -39,7 +39,7 @@ def good():
 @pytest.fixture(scope="module")
 def bad():
     from parity.harness import Request, run
-    from parity.presets import PRESETS
+    from parity.model.presets import PRESETS
     from tests.variants import swapped_geglu
 
     return run(Request(spec=PRESETS["tiny-gemma"], impls=["swapped-geglu"], adapters={"swapped-geglu": swapped_geglu()},

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from parity.errors import BackendMissing, ParityInputError, Unsupported
-from parity.presets import PRESETS
-from parity.taps import tap_names
-from parity.weights import random_weights
+from parity.model.presets import PRESETS
+from parity.model.taps import tap_names
+from parity.model.weights import random_weights
 
 SPEC = PRESETS["tiny-gemma"]
 TOKENS = [2, 17, 300, 45, 9, 511, 128, 77]
@@ -247,8 +247,8 @@ def test_feed_replaces_the_sub_layer_input(adapter, models):
 
 
 def test_isolated_run_on_reference_inputs_agrees_locally(adapter, models, reference):
-    from parity.capture import isolated_feed
-    from parity.trace import Trace
+    from parity.capture.runner import isolated_feed
+    from parity.capture.trace import Trace
 
     ref = Trace(impl="litgpt-style", version="", dtype="float64", spec=SPEC.to_dict(), weights_hash="",
                 tokens=TOKENS, taps=reference)
@@ -316,7 +316,7 @@ def test_a_second_backend_in_one_process_is_refused(adapter):
 
     assert sys.modules["keras"].config.backend() == "jax"
     other = KerasAdapter(backend="torch")
-    assert other.needs_own_process()  # the harness captures it in a fresh process (parity.capture)
+    assert other.needs_own_process()  # the harness captures it in a fresh process (parity.capture.runner)
     other.check(SPEC, "float32")  # so check only looks for the package...
     with pytest.raises(ParityInputError, match="separate process"):
         other.build(SPEC, random_weights(SPEC, seed=0), "float32")  # ...and building here is refused
@@ -324,7 +324,7 @@ def test_a_second_backend_in_one_process_is_refused(adapter):
 
 def test_weight_map_refuses_a_missing_or_misnamed_tensor(models, weights):
     from parity.adapters.keras_hub import NAME_MAP, to_keras_layout
-    from parity.weights import map_weights
+    from parity.model.weights import map_weights
 
     shapes = {v.path: tuple(v.shape) for v in models("float32").backbone.weights}
     tensors = to_keras_layout(weights.tensors, SPEC)
@@ -356,14 +356,14 @@ class Built:
         self.ref = port.run(port.build(self.spec, self.weights, "float64"), LONG).taps
 
     def trace(self, taps: dict, impl: str, dtype: str, spec=None):
-        from parity.trace import Trace
+        from parity.capture.trace import Trace
 
         return Trace(impl=impl, version="", dtype=dtype, spec=(spec or self.spec).to_dict(),
                      weights_hash=self.weights.hash, tokens=LONG, taps=taps)
 
     def compare(self, ref_taps: dict | None = None, ref_spec=None):
         """The report's comparison (its tolerance table) of the keras run with a float64 port trace."""
-        from parity.compare import compare_trace
+        from parity.compare.pairs import compare_trace
 
         spec = ref_spec or self.spec
         ref = self.trace(self.ref if ref_taps is None else ref_taps, "litgpt-style", "float64", spec)
@@ -436,7 +436,7 @@ def test_family_attention_window_as_keras_hub_masks_it(fam):
 
 
 def test_family_isolated_run_on_reference_inputs_agrees_locally(adapter, fam):
-    from parity.capture import isolated_feed
+    from parity.capture.runner import isolated_feed
 
     feed = isolated_feed(fam.spec, fam.trace(fam.ref, "litgpt-style", "float64"))
     assert {f"layers.0.post_attn_norm", "layers.0.post_mlp_norm"} <= set(feed)
@@ -468,7 +468,7 @@ def test_family_effective_reads_the_built_model(adapter, fam):
 
 def test_family_weight_map_names_the_missing_tensor(fam):
     from parity.adapters.keras_hub import name_map, to_keras_layout
-    from parity.weights import map_weights
+    from parity.model.weights import map_weights
 
     shapes = {v.path: tuple(v.shape) for v in fam.model.backbone.weights}
     tensors = to_keras_layout(fam.weights.tensors, fam.spec)

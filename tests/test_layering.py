@@ -71,6 +71,59 @@ def outside_adapters(frameworks: dict[str, set[str]], package: str = "parity") -
     return {m: fw for m, fw in frameworks.items() if not m.startswith(f"{package}.adapters")}
 
 
+# the stages in the order data flows through them; a module may import its own stage and earlier ones only
+STAGES = ("numerics", "model", "formats", "adapters", "capture", "compare", "diagnose", "gate", "harness", "report",
+          "suite")
+LEVEL = {"numerics": 0, "model": 1, "formats": 1, "adapters": 2, "capture": 3, "compare": 4, "diagnose": 5,
+         "gate": 6, "harness": 7, "report": 8, "suite": 9}
+CORE = {"errors"}  # below every stage
+SHIMS = {"spec", "weights", "taps", "trace", "checks", "presets", "litgpt_style"}  # old paths, for users' imports
+
+
+def level_of(module: str, package: str = "parity") -> int | None:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != package:
+        return None
+    if parts[1] in CORE:
+        return -1
+    if len(parts) == 2 and (parts[1] in SHIMS or parts[1].startswith("test_")):
+        return None  # a shim re-exports a moved module; the shipped suite's tests use every stage
+    return LEVEL.get(parts[1])
+
+
+def upward(graph: dict[str, set[str]], package: str = "parity") -> list[tuple[str, str]]:
+    """(module, the later stage's module it imports), function-local imports included."""
+    out = []
+    for m, deps in sorted(graph.items()):
+        a = level_of(m, package)
+        for d in sorted(deps):
+            b = level_of(d, package)
+            if a is not None and b is not None and b > a:
+                out.append((m, d))
+    return out
+
+
+def test_no_stage_imports_a_later_stage():
+    graph, _ = import_graph(ROOT)
+    assert upward(graph) == []
+    top = {m.split(".")[1] for m in graph if m.count(".") >= 1}
+    unplaced = sorted(t for t in top if t not in LEVEL and t not in CORE and t not in SHIMS
+                      and not t.startswith("test_"))
+    assert not unplaced, f"modules outside every stage (give each a stage in STAGES): {unplaced}"
+
+
+def test_the_stage_check_fails_on_an_upward_import(tmp_path):
+    pkg = tmp_path / "parity"
+    for d in ("model", "report"):
+        (pkg / d).mkdir(parents=True)
+        (pkg / d / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model" / "spec.py").write_text("def f():\n    from parity.report.cli import main  # upward\n")
+    (pkg / "report" / "cli.py").write_text("from parity.model.spec import f  # downward: fine\n")
+    graph, _ = import_graph(tmp_path)
+    assert upward(graph) == [("parity.model.spec", "parity.report.cli")]
+
+
 def test_parity_has_no_import_circle():
     graph, _ = import_graph(ROOT)
     assert cycles(graph) == []

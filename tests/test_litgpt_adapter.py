@@ -10,10 +10,10 @@ litgpt = pytest.importorskip("litgpt")
 from parity.adapters import get_adapter  # noqa: E402
 from parity.adapters import litgpt_pkg  # noqa: E402
 from parity.errors import BackendMissing, ParityInputError  # noqa: E402
-from parity.presets import PRESETS  # noqa: E402
-from parity.prompts import default_prompts  # noqa: E402
-from parity.taps import tap_names  # noqa: E402
-from parity.weights import random_weights  # noqa: E402
+from parity.model.presets import PRESETS  # noqa: E402
+from parity.model.prompts import default_prompts  # noqa: E402
+from parity.model.taps import tap_names  # noqa: E402
+from parity.model.weights import random_weights  # noqa: E402
 
 FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"]
 # fp32 agreement with the float64 port, as max abs error over the reference tap's RMS;

@@ -1,13 +1,13 @@
-"""litgpt's fused q/k/v (parity.adapters.litgpt_format): fusing then splitting gives back every projection, and the
+"""litgpt's fused q/k/v (parity.formats.litgpt): fusing then splitting gives back every projection, and the
 port's lazily planned fuse writes the same rows as the array one."""
 
 import numpy as np
 import pytest
 
-from parity.adapters.litgpt_format import FUSED, LAYOUTS, fuse_qkv, split_qkv
+from parity.formats.litgpt import FUSED, LAYOUTS, fuse_qkv, split_qkv
 from parity.adapters.litgpt_style import fuse_qkv_parts
-from parity.presets import PRESETS
-from parity.weights import fill, parts, random_weights
+from parity.model.presets import PRESETS
+from parity.model.weights import fill, parts, random_weights
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from parity.metrics import compare_arrays, logit_metrics, ulp_of
+from parity.numerics.metrics import compare_arrays, logit_metrics, ulp_of
 
 
 def test_identical_arrays_have_zero_error():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from parity.harness import Request, run
-from parity.metrics import excess, row_norms
-from parity.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance
+from parity.numerics.metrics import excess, row_norms
+from parity.numerics.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance
 
 TOKENS = {"p": [2, 17, 301, 5, 88, 260, 9, 140, 33, 7, 412, 3]}
 
@@ -70,8 +70,8 @@ def test_one_massive_activation_does_not_loosen_the_other_rows():
 
 
 def test_a_counterfactual_that_cannot_run_is_reported_not_dropped(tiny, monkeypatch):
-    from parity import counterfactuals
-    from parity.counterfactuals import Counterfactual
+    from parity.diagnose import counterfactuals
+    from parity.diagnose.counterfactuals import Counterfactual
 
     real = counterfactuals.candidates
     broken = Counterfactual("rope-layout", "a variant that cannot be built", options=(("no_such_option", True),))
@@ -93,13 +93,13 @@ def test_a_counterfactual_that_cannot_run_is_reported_not_dropped(tiny, monkeypa
 def test_the_first_divergence_is_in_forward_order_over_every_prompt(tiny):
     """A fault whose first tap diverges only on the long prompt is still the first divergence, though the
     short prompt's results come first: the verdict, the headline and the diagnosis agree on it."""
-    from parity.prompts import default_prompts
+    from parity.model.prompts import default_prompts
 
     prompts = default_prompts(tiny)
     rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=prompts,
                       adapters={"rope-base-fault": _rope_base_fault()}))
     (rv,) = rep.verdict.runs
-    from parity.taps import tap_order
+    from parity.model.taps import tap_order
 
     order = {t: i for i, t in enumerate(tap_order(tiny))}
     failing = [r for r in rep.run_results(rv.impl, rv.dtype, rv.mode) if not r.passed]

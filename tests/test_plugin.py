@@ -22,8 +22,8 @@ def warm(tmp_path_factory):
     import safetensors.numpy  # noqa: F401
 
     from parity.harness import Request, run
-    from parity.presets import PRESETS
-    from parity.report import write_report
+    from parity.model.presets import PRESETS
+    from parity.report.cli import write_report
 
     report = run(Request(spec=PRESETS["tiny-gemma"], impls=["litgpt-style"], dtypes=["float32"], mode="both",
                          prompts={"p": [2, 5, 7]}))
@@ -183,16 +183,16 @@ def test_user_fixtures_from_a_checkpoint(pytester):
     """--parity-checkpoint gives parity_spec and parity_weights; parity_trace runs one implementation."""
     from safetensors.numpy import save_file
 
-    from parity.presets import PRESETS
-    from parity.spec import save_config_json
-    from parity.weights import random_weights
+    from parity.model.presets import PRESETS
+    from parity.model.spec import save_config_json
+    from parity.model.weights import random_weights
 
     spec = PRESETS["tiny-gemma"].replace(num_layers=2)
     ckpt = pytester.path / "ckpt"
     save_config_json(spec, ckpt)
     save_file(random_weights(spec, seed=3).tensors, str(ckpt / "model.safetensors"))
     pytester.makepyfile(test_mine="""
-        from parity.checks import check_gelu_tanh, check_norm_unit_offset
+        from parity.gate.checks import check_gelu_tanh, check_norm_unit_offset
 
 
         def test_my_port(parity_spec, parity_weights, parity_trace, parity_waivers):

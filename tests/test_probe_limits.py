@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from parity.litgpt_style import causal_mask
-from parity.presets import PRESETS
-from parity.probes import (MIN_TRUSTED, agreement, gelu_exact, gelu_tanh, probe_attention_mask, probe_geglu,
+from parity.model.presets import PRESETS
+from parity.diagnose.probes import (MIN_TRUSTED, agreement, gelu_exact, gelu_tanh, probe_attention_mask, probe_geglu,
                            probe_gelu, probe_rmsnorm, probe_softmax)
-from parity.trace import Trace
+from parity.capture.trace import Trace
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 GEMMA2 = PRESETS["tiny-gemma2"]  # layer 0 local (window 16), layer 1 global
@@ -108,7 +108,7 @@ def test_mask_probe_on_the_real_port_in_fp16_probabilities_only():
     from parity.adapters.litgpt_style import LitgptStyleAdapter
     from parity.harness import Request, run
     from parity.litgpt_style import PortOptions
-    from parity.prompts import default_prompts
+    from parity.model.prompts import default_prompts
 
     narrow = LitgptStyleAdapter(PortOptions(), {"sliding_window": 15}, name="window-15")
     report = run(Request(spec=GEMMA2, impls=["litgpt-style", "window-15"], dtypes=["float16"],

@@ -8,8 +8,8 @@ import pytest
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.capture import capture
-from parity.presets import PRESETS
+from parity.capture.runner import capture
+from parity.model.presets import PRESETS
 
 SPEC = PRESETS["tiny-gemma2"]  # sandwich norms, softcaps, local and global layers
 PROMPTS = {"long": list(range(2, 50))}  # 48 tokens, past the window of 16
@@ -17,7 +17,7 @@ PROMPTS = {"long": list(range(2, 50))}  # 48 tokens, past the window of 16
 
 @pytest.fixture(scope="module")
 def weights():
-    from parity.weights import random_weights
+    from parity.model.weights import random_weights
 
     return random_weights(SPEC, seed=0)
 
@@ -119,7 +119,7 @@ def test_first_layers_runs_the_first_layers_of_the_same_model(weights):
 
 
 def test_first_layers_outside_the_spec_is_bad_input(tmp_path, capsys):
-    from parity.report import main
+    from parity.report.cli import main
 
     assert main(["--spec", "tiny-gemma", "--first-layers", "9", "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_stream_setting_is_checked(monkeypatch):
 
 
 def test_real_widths_get_a_128_token_long_prompt():
-    from parity.prompts import default_prompts
+    from parity.model.prompts import default_prompts
 
     assert len(default_prompts(PRESETS["gemma-2b"])["long"]) == 128
     assert len(default_prompts(SPEC)["long"]) == 48
@@ -153,7 +153,7 @@ def test_with_separate_processes_the_report_process_imports_no_framework(tmp_pat
 
     code = ("import sys, json\n"
             "from parity.harness import Request, run\n"
-            "from parity.presets import PRESETS\n"
+            "from parity.model.presets import PRESETS\n"
             "r = run(Request(spec=PRESETS['tiny-gemma'], impls=['litgpt-style', 'hf'], dtypes=['float32'],"
             " prompts={'p': [2, 5, 9]}, separate_processes=%s))\n" % separate +
             "print(json.dumps([r.passed, r.runs[0]['version'], [m for m in ('torch', 'transformers', 'tensorflow',"
@@ -168,9 +168,9 @@ def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candi
     """A tolerance too tight for the shape (as bf16 attention probabilities at 128 tokens and 18 layers
     were for the tiny-calibrated table): the honest runs reproduce it, so it passes, said to be honest
     rounding; without honest runs (table only) the unchanged port reproduces it and no candidate is run."""
-    from parity import counterfactuals
+    from parity.diagnose import counterfactuals
     from parity.harness import Request, run
-    from parity.tolerances import TOLERANCES, Tolerance
+    from parity.numerics.tolerances import TOLERANCES, Tolerance
 
     tight = {**TOLERANCES, "bfloat16": Tolerance(1e-4, 1e-4, "too tight on purpose")}
     monkeypatch.setattr(counterfactuals, "candidates", lambda spec: pytest.fail("candidates were run"))
@@ -190,7 +190,7 @@ def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candi
     ([], {"PARITY_STREAM": "sometimes"}, "PARITY_STREAM='sometimes'"),
 ])
 def test_bad_real_size_settings_are_one_line_bad_input(tmp_path, capsys, monkeypatch, args, env, needle):
-    from parity.report import main
+    from parity.report.cli import main
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)

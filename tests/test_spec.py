@@ -3,9 +3,9 @@ import json
 import pytest
 
 from parity.errors import ParityInputError
-from parity.presets import PRESETS
-from parity.presets import resolve_spec
-from parity.spec import GemmaSpec, from_hf_config, load_config_json, save_config_json, to_hf_config
+from parity.model.presets import PRESETS
+from parity.model.presets import resolve_spec
+from parity.model.spec import GemmaSpec, from_hf_config, load_config_json, save_config_json, to_hf_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from parity import tensor_file
+from parity.model import tensor_file
 from parity.errors import ParityInputError
-from parity.tensor_file import StoredTensors, TensorFile, write_safetensors
+from parity.model.tensor_file import StoredTensors, TensorFile, write_safetensors
 
 RNG = np.random.default_rng(0)
 ARRAYS = {

@@ -1,7 +1,7 @@
 import pytest
 
 from parity.errors import ParityInputError
-from parity.tolerances import TOLERANCES, growth, load_overrides
+from parity.numerics.tolerances import TOLERANCES, growth, load_overrides
 
 
 def test_every_dtype_has_a_reasoned_tolerance():

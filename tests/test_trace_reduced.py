@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from parity.compare import compare_trace
+from parity.compare.pairs import compare_trace
 from parity.errors import ParityInputError
-from parity.metrics import rms, row_norms
-from parity.trace import ReducedTap, Trace, load_trace, reduce_at, reduce_tap, row_indices, write_safetensors
+from parity.numerics.metrics import rms, row_norms
+from parity.capture.trace import ReducedTap, Trace, load_trace, reduce_at, reduce_tap, row_indices, write_safetensors
 
 T, HIDDEN, VOCAB = 40, 8, 50  # 40 tokens: more than the 16 rows a reduced tap keeps
 ROWS = row_indices(T)

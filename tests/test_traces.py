@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.capture import capture, capture_in_subprocess
+from parity.capture.runner import capture, capture_in_subprocess
 from parity.errors import ParityInputError
-from parity.report import main
-from parity.trace import load_trace
+from parity.report.cli import main
+from parity.capture.trace import load_trace
 
 
 def test_save_load_round_trip_keeps_bf16_values_and_metadata(tiny, tiny_weights, tokens, tmp_path):

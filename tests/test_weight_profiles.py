@@ -1,6 +1,6 @@
 """The trained-like weight profile, measured through the real port (float64) on the tiny presets.
 
-What it must reproduce (parity.weight_profiles): heavy-tailed norm weights, a
+What it must reproduce (parity.model.weight_profiles): heavy-tailed norm weights, a
 massive activation on BOS in one channel, an attention sink on BOS; finite in
 bfloat16 and float16; and the default profile must not change by a bit.
 """
@@ -9,17 +9,17 @@ import math
 
 import numpy as np
 
-from parity import tensor_file
+from parity.model import tensor_file
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parity.adapters.litgpt_style import LitgptStyleAdapter
 from parity.errors import ParityInputError
-from parity.presets import PRESETS
-from parity.prompts import default_prompts
-from parity.strategies import gemma_specs, token_prompts, weight_profiles
-from parity.weights import PROFILES, random_weights
+from parity.model.presets import PRESETS
+from parity.model.prompts import default_prompts
+from parity.suite.strategies import gemma_specs, token_prompts, weight_profiles
+from parity.model.weights import PROFILES, random_weights
 
 PRESET_NAMES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"]
 # `random_weights(spec, seed).hash` before the profiles existed: the default profile is bit-identical
@@ -134,7 +134,7 @@ def test_the_first_layers_are_the_shallow_specs_weights():
 
 
 def test_stored_trained_like_weights_are_the_in_memory_ones(tmp_path, monkeypatch):
-    from parity import weight_store
+    from parity.model import weight_store
 
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
     monkeypatch.setattr(tensor_file, "CHUNK_ELEMENTS", 1000)  # every matrix in several blocks
@@ -150,7 +150,7 @@ def test_stored_trained_like_weights_are_the_in_memory_ones(tmp_path, monkeypatc
 
 
 def test_an_unknown_profile_is_refused(tmp_path, monkeypatch):
-    from parity.weight_store import stored_random_weights
+    from parity.model.weight_store import stored_random_weights
 
     monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
     spec = PRESETS["tiny-gemma"]
@@ -164,7 +164,7 @@ def test_an_unknown_profile_is_refused(tmp_path, monkeypatch):
 
 def test_the_harness_and_the_cli_take_the_profile(tmp_path, capsys):
     from parity.harness import Request, run
-    from parity.report import build_request, main, parser
+    from parity.report.cli import build_request, main, parser
 
     spec = PRESETS["tiny-gemma"]
     report = run(Request(spec=spec, impls=["litgpt-style"], dtypes=["float32"], weights_profile="trained-like",

@@ -6,11 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity import weight_store
-from parity import tensor_file
+from parity.model import weight_store
+from parity.model import tensor_file
 from parity.errors import ParityInputError
-from parity.presets import PRESETS
-from parity.weights import Weights, load_weights, random_weights, save_weights
+from parity.model.presets import PRESETS
+from parity.model.weights import Weights, load_weights, random_weights, save_weights
 
 
 @pytest.fixture()

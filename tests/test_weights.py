@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from parity.errors import ParityInputError
-from parity.weights import canonical_shapes, load_weights, map_weights, random_weights, save_weights
+from parity.model.weights import canonical_shapes, load_weights, map_weights, random_weights, save_weights
 
 
 def test_random_weights_are_deterministic_realistic_and_bf16_exact(tiny):

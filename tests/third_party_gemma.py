@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from parity.adapters.base import Adapter, RunResult
 from parity.adapters.torch_hooks import function_taps, module_feeds, recording
-from parity.taps import expand_tap_map
-from parity.weights import map_weights
+from parity.model.taps import expand_tap_map
+from parity.model.weights import map_weights
 
 
 def gelu_tanh(x):

@@ -10,13 +10,13 @@ Isolated mode: `run(..., feed=...)` maps a tap name to an array that replaces
 the *input* of the sub-module producing that tap (the reference's input), so
 the tap's error is local to that sub-module.
 
-The contract (checked by parity.capture.check_contract before anything is
+The contract (checked by parity.capture.runner.check_contract before anything is
 compared; a breach exits 3 naming the implementation, the phase and the tap):
 
 * `run` returns `RunResult(taps, unavailable)`. `taps` maps canonical tap
-  names (parity.taps.tap_order) to numpy arrays (never framework tensors),
+  names (parity.model.taps.tap_order) to numpy arrays (never framework tensors),
   the batch dimension dropped. Every canonical tap of the spec
-  (`parity.taps.tap_names`) is either returned or declared in `unavailable`
+  (`parity.model.taps.tap_names`) is either returned or declared in `unavailable`
   (or the class attribute `cannot`) as `tap -> reason`; declared taps show in
   every report as "not compared: reason". A name the contract does not know
   is refused, so a misspelt tap is never silently ignored.
@@ -69,8 +69,8 @@ from typing import Any
 
 import numpy as np
 
-from parity.spec import GemmaSpec
-from parity.weights import Weights
+from parity.model.spec import GemmaSpec
+from parity.model.weights import Weights
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
 from parity.errors import BackendMissing, ParityInputError, Unsupported
-from parity.spec import GemmaSpec, to_hf_config
-from parity.taps import expand_tap_map
-from parity.weights import Weights, map_weights, parts
+from parity.model.spec import GemmaSpec, to_hf_config
+from parity.model.taps import expand_tap_map
+from parity.model.weights import Weights, map_weights, parts
 
 # canonical names are HF names: the map is the identity, kept literal so the
 # every-tensor-used-once check runs like every other adapter's

@@ -61,36 +61,13 @@ from contextlib import contextmanager
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
-from parity.adapters.litgpt_format import FUSED, QKV_TARGET, fuse_qkv  # noqa: F401 -- the old import path of both
+from parity.formats.litgpt import FUSED, QKV_TARGET, fuse_qkv  # noqa: F401 -- the old import path of both
 from parity.errors import BackendMissing, ParityInputError, Unsupported
-from parity.spec import GemmaSpec, gemma_layer_types
-from parity.taps import expand_tap_map, tap_names
-from parity.weights import Weights, map_weights
+from parity.model.spec import GemmaSpec, gemma_layer_types
+from parity.model.taps import expand_tap_map, tap_names
+from parity.model.weights import Weights, map_weights
 
-# canonical (HF) name -> litgpt parameter name; `{}` is the layer index.
-# `self_attn.qkv.weight` is the fused tensor `litgpt_format.fuse_qkv` makes from q, k and v.
-# `lm_head.weight`, when the head is tied, is the embedding, added the way
-# litgpt's convert_hf_checkpoint adds it (litgpt's lm_head is its own parameter).
-NAME_MAP_PRE = {
-    "model.embed_tokens.weight": "transformer.wte.weight",
-    "model.layers.{}.input_layernorm.weight": "transformer.h.{}.norm_1.weight",
-    "model.layers.{}.self_attn.qkv.weight": "transformer.h.{}.attn.qkv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "transformer.h.{}.attn.proj.weight",
-    "model.layers.{}.self_attn.q_norm.weight": "transformer.h.{}.attn.norm_q.weight",
-    "model.layers.{}.self_attn.k_norm.weight": "transformer.h.{}.attn.norm_k.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "transformer.h.{}.norm_2.weight",  # Gemma 1: the pre-MLP norm
-    "model.layers.{}.mlp.gate_proj.weight": "transformer.h.{}.mlp.fc_1.weight",
-    "model.layers.{}.mlp.up_proj.weight": "transformer.h.{}.mlp.fc_2.weight",
-    "model.layers.{}.mlp.down_proj.weight": "transformer.h.{}.mlp.proj.weight",
-    "model.norm.weight": "transformer.ln_f.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-NAME_MAP_SANDWICH = {
-    **NAME_MAP_PRE,
-    "model.layers.{}.post_attention_layernorm.weight": "transformer.h.{}.post_attention_norm.weight",  # after attn
-    "model.layers.{}.pre_feedforward_layernorm.weight": "transformer.h.{}.norm_2.weight",
-    "model.layers.{}.post_feedforward_layernorm.weight": "transformer.h.{}.post_mlp_norm.weight",
-}
+from parity.formats.litgpt import NAME_MAP_PRE, NAME_MAP_SANDWICH  # noqa: E402,F401 -- the format's names
 
 TAP_MAP = {
     # the sqrt(n_embd) scaling is inline in GPT.forward: its result is the input of block 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
-from parity.adapters.litgpt_format import FUSED, qkv_rows
-from parity.spec import GemmaSpec
-from parity.taps import expand_tap_map
-from parity.weights import Part, Weights, fill, map_weights, parts
+from parity.formats.litgpt import FUSED, qkv_rows
+from parity.model.spec import GemmaSpec
+from parity.model.taps import expand_tap_map
+from parity.model.weights import Part, Weights, fill, map_weights, parts
 
 # canonical (HF) name -> port name; `{}` is the layer index
 NAME_MAP_PRE = {
@@ -61,7 +61,7 @@ def _np(t) -> np.ndarray:
 
 
 def fuse_qkv_parts(plan: dict[str, Part], spec: GemmaSpec, stacked: bool = False) -> dict[str, Part]:
-    """Replace each layer's q, k, v with litgpt's fused layout (parity.adapters.litgpt_format), each used once.
+    """Replace each layer's q, k, v with litgpt's fused layout (parity.formats.litgpt), each used once.
 
     The port reads the grouped layout; `stacked` loads a plain [Q; K; V] instead (the qkv-order fault).
     """
@@ -88,7 +88,7 @@ class LitgptStyleAdapter(Adapter):
 
     def __init__(self, options=None, spec_changes: dict | None = None, name: str | None = None,
                  qkv_stacked: bool = False) -> None:
-        # options: parity.litgpt_style.PortOptions (None = the correct port); spec_changes: fields
+        # options: parity.adapters.port_model.PortOptions (None = the correct port); spec_changes: fields
         # built differently from the requested spec. Both exist to build deliberately wrong
         # variants (the diagnosis's counterfactuals, the fault-injection suite).
         self.options = options
@@ -126,7 +126,7 @@ class LitgptStyleAdapter(Adapter):
 
     def run(self, model, tokens, feed=None, cache_taps: bool = False) -> RunResult:
         """`cache_taps`: also each layer's keys and values as a cache would hold them (`layers.{i}.cache.k`,
-        `.cache.v`, [T, kv, hd]), the ground truth of a decode run's cache contents (parity.decode)."""
+        `.cache.v`, [T, kv, hd]), the ground truth of a decode run's cache contents (parity.capture.decode)."""
         import torch
 
         from parity.adapters.torch_hooks import module_feeds, recording

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parity.spec import GemmaSpec
+from parity.model.spec import GemmaSpec
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class PortOptions:
     skip_qk_norm: bool = False  # qk-norm-missing: the q/k norms hold weights but do nothing
     extra_post_norms: bool = False  # norm-placement: pre-norm spec run with norms after each sub-layer too
     softcap_on_norm: bool = False  # softcap-misplaced: the final softcap applied to the final norm's output
-    # --- equally correct rounding orders (parity.noise's honest ensemble), not faults
+    # --- equally correct rounding orders (parity.compare.noise's honest ensemble), not faults
     scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
     accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
     perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity.weights import Part, Weights, fill
+from parity.model.weights import Part, Weights, fill
 
 
 def numpy_view(t) -> np.ndarray:

@@ -1,7 +1,7 @@
 """keras-hub's Gemma format, both directions, without keras: variable names, tensor layouts, backbone options.
 
 Forwards (spec + canonical weights -> keras-hub) serves the keras adapter's build; backwards (a saved
-preset's config.json and variables -> spec + canonical weights) serves `parity.checkpoints`. Both read the
+preset's config.json and variables -> spec + canonical weights) serves `parity.model.checkpoints`. Both read the
 same tables, so a preset the adapter would build reads back to the spec and weights it was built from
 (tests/test_formats.py).
 
@@ -26,9 +26,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from parity.canonical import canonical_shapes
+from parity.model.canonical import canonical_shapes
 from parity.errors import ParityInputError
-from parity.spec import GemmaSpec, gemma_layer_types
+from parity.model.spec import GemmaSpec, gemma_layer_types
 
 # ------------------------------------------------------------------ names
 # canonical (HF) name -> keras variable path; `{}` is the layer index. One literal map per norm layout

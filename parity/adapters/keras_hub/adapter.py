@@ -45,9 +45,9 @@ from parity.adapters.keras_hub.recording import COS, GELU, REVERSE, Inline, Reco
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 from parity.formats.keras_hub import backbone_kwargs, class_names, inexpressible, name_map
 from parity.formats.keras_hub import to_layout as keras_layout
-from parity.spec import GemmaSpec
-from parity.taps import expand_tap_map, layer_of, tap_names
-from parity.weights import Weights, map_weights
+from parity.model.spec import GemmaSpec
+from parity.model.taps import expand_tap_map, layer_of, tap_names
+from parity.model.weights import Weights, map_weights
 
 BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}  # keras backend -> pip package
 DEFAULT_BACKEND = "jax"

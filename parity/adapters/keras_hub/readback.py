@@ -65,7 +65,7 @@ import numpy as np
 from parity.adapters.base import CacheView
 from parity.adapters.keras_hub.recording import to_numpy
 from parity.formats.keras_hub import query_scalar
-from parity.spec import GemmaSpec
+from parity.model.spec import GemmaSpec
 
 QK_ROPE_CALLS = ("query_norm", "key_norm", "rope_layer")  # block 0's attention: the order tells where q/k norm is
 

@@ -1,0 +1,490 @@
+"""Capture: build one implementation in one dtype, run every prompt, return traces.
+
+The model is built once per (implementation, dtype) and released before the
+next is built, so only one implementation is resident at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable
+
+from parity.adapters.declared import Declared, declared
+from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
+from parity.capture.implementations import Selection, check_adapter, checked_impls
+from parity.model.spec import GemmaSpec
+from parity.capture.decode import DECODE, FULL
+from parity.model.taps import decode_tap_order, layer_of, tap_names, tap_order
+from parity.capture.trace import ReducedTap, Trace, widen
+from parity.model.weights import Weights
+
+Progress = Callable[[str], None]
+
+
+class Feed(Mapping):
+    """tap -> the reference's input to it, read from the reference trace when asked (it may be a file)."""
+
+    def __init__(self, ref: Trace, sources: dict[str, str]) -> None:
+        self.ref, self.sources = ref, sources
+
+    def __getitem__(self, tap: str):
+        value = self.ref.taps[self.sources[tap]]
+        if isinstance(value, ReducedTap):
+            raise ParityInputError(f"isolated mode needs the reference's whole {self.sources[tap]!r}, but its trace "
+                                   "holds it reduced; capture the reference without --reduce-over")
+        return value
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def isolated_feed(spec: GemmaSpec, ref: Trace) -> Feed:
+    """For every sub-layer, the reference's value of the tap that feeds it.
+
+    Feeding the input of the module that produces tap X with the reference's
+    input to X makes X's error local: nothing computed upstream leaks in.
+    """
+    feed = {}
+    for tap in tap_names(spec):
+        i = layer_of(tap)
+        if i is None:
+            if tap == "final_norm":
+                feed[tap] = f"layers.{spec.num_layers - 1}.out"
+            continue
+        p = f"layers.{i}."
+        prev = "embed" if i == 0 else f"layers.{i - 1}.out"
+        source = {
+            p + "attn_norm": prev,
+            p + "attn": p + "attn_norm",
+            p + "post_attn_norm": p + "attn",
+            p + "mlp_norm": p + "attn_residual",
+            p + "mlp": p + "mlp_norm",
+            p + "post_mlp_norm": p + "mlp",
+            p + "out": prev,
+        }.get(tap)
+        if source is not None and source in ref.taps:
+            feed[tap] = source
+    return Feed(ref, feed)
+
+
+def capture(
+    adapter,
+    spec: GemmaSpec,
+    weights: Weights,
+    dtype: str,
+    prompts: dict[str, list[int]],
+    mode: str | list[str] = "cumulative",
+    references: dict[str, Trace] | None = None,
+    progress: Progress | None = None,
+    spill: Callable[[Trace], Trace] | None = None,
+    continuation: list[int] | None = None,
+    checked: bool = False,
+) -> list[Trace]:
+    """Every prompt in every mode (a str or a list: the model is built once for all of them).
+
+    `spill`, when given, takes each trace as soon as it is complete and returns
+    what to keep instead (a lazily read file), so a process holds the model and
+    one trace rather than the model and all of them. Mode `decode` (with
+    `continuation`) gives two traces per prompt, the full forward over prompt +
+    continuation (`decode-full`) and the decode through the library's cache
+    (`decode`), both in parity.capture.decode's layout; mode `decode-full` the first alone.
+    `checked`: the caller has already passed `adapter` through parity.capture.implementations.check_adapter for
+    this spec and dtype (the harness does, for every run, before any work), so it is not asked again.
+    """
+    say = progress or (lambda _msg: None)
+    own = declared(adapter)
+    impl = own.name
+    if not checked:
+        check_adapter(adapter, spec, dtype)
+    say(f"{impl} {dtype}: building")
+    with _phase(impl, dtype, "build()"):
+        model = adapter.build(spec, weights, dtype)
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    try:
+        traces = []
+        for mode, (name, ids) in ((m, p) for m in modes for p in prompts.items()):
+            if mode in (DECODE, FULL):
+                got = _capture_decode(adapter, own, model, spec, weights, dtype, name, ids, continuation or [],
+                                      mode, say)
+                traces += [spill(t) if spill else t for t in got]
+                continue
+            say(f"{adapter.name} {dtype} {mode}: running prompt {name!r} ({len(ids)} tokens)")
+            feed = None
+            if mode == "isolated":
+                if not references or name not in references:
+                    raise ParityInputError("isolated mode needs the reference trace of each prompt first")
+                feed = isolated_feed(spec, references[name])
+            with _phase(impl, dtype, f"run() ({mode}, prompt {name!r})"):
+                result = adapter.run(model, ids, feed=feed)
+            unavailable = dict(own.cannot)
+            unavailable.update(getattr(result, "unavailable", {}) or {})
+            check_contract(impl, dtype, mode, spec, result, unavailable)
+            order = [t for t in tap_order(spec) if t in result.taps]
+            extra = [t for t in result.taps if t not in order]  # attention internals etc.
+            trace = Trace(
+                impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
+                weights_hash=weights.hash, tokens=list(ids), prompt=name, mode=mode,
+                taps={t: result.taps[t] for t in order + extra}, unavailable=unavailable,
+            )
+            if spill is None:  # kept in memory: float32 (exact), as every consumer of a trace expects
+                trace.taps = {k: widen(v) for k, v in trace.taps.items()}
+            del result
+            traces.append(spill(trace) if spill else trace)
+        with _phase(impl, dtype, "effective()"):
+            effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
+        if "cumulative" in modes and "isolated" in modes:
+            for name in prompts:
+                got = {t.mode: t for t in traces if t.prompt == name}
+                check_feed_used(impl, dtype, got["cumulative"], got["isolated"], references[name], spec)
+        for t in traces:
+            t.effective = effective
+        return traces
+    finally:
+        with _phase(impl, dtype, "release()"):
+            adapter.release(model)
+        del model
+
+
+def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,
+                    ids: list[int], cont: list[int], mode: str, say) -> list[Trace]:
+    """The full forward over prompt + continuation (decode-full) and, for `decode`, the decode itself."""
+    from parity.adapters.base import RunResult
+    from parity.capture.decode import decode_rows, full_rows
+
+    impl = own.name
+    P, S = len(ids), len(cont)
+    tokens = list(ids) + list(cont)
+    meta = dict(impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
+                weights_hash=weights.hash, tokens=tokens, prompt=name, prefill=P)
+    say(f"{adapter.name} {dtype} decode: full forward over prompt {name!r} + {S} tokens")
+    kw = {"cache_taps": True} if own.full_cache_taps else {}
+    with _phase(impl, dtype, f"run() (decode-full, prompt {name!r})"):
+        result = adapter.run(model, tokens, **kw)
+    unavailable = dict(own.cannot)
+    unavailable.update(getattr(result, "unavailable", {}) or {})
+    check_contract(impl, dtype, FULL, spec, result, unavailable, cache=True)
+    order = {t: i for i, t in enumerate(decode_tap_order(spec))}
+    forward = lambda taps: {k: widen(taps[k]) for k in sorted(taps, key=lambda k: order.get(k, 10**6))}  # noqa: E731
+    full = Trace(**meta, mode=FULL, taps=forward(full_rows(result.taps, spec, P, S)), unavailable=unavailable)
+    del result
+    if mode == FULL:
+        return [full]
+    if not own.decodes:
+        raise ParityInputError(f"{impl} cannot decode (its adapter does not declare decodes = True); drop it from "
+                               "{option} or implement Adapter.decode", option="impls")
+    say(f"{adapter.name} {dtype} decode: prompt {name!r}, then {S} steps through its cache")
+    with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
+        result = adapter.decode(model, list(ids), list(cont))
+    with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
+        rows, unavailable = decode_rows(result, spec, P, S, f"{impl}@{dtype}")
+    said = dict(own.cannot)
+    said.update(unavailable)
+    check_contract(impl, dtype, DECODE, spec, RunResult(rows), said, cache=True)
+    dec = Trace(**meta, mode=DECODE, taps=forward(rows), unavailable=said)
+    return [full, dec]
+
+
+def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, unavailable: dict,
+                   cache: bool = False) -> None:
+    """What parity.adapters.base promises, checked before anything is compared (a breach is exit 3).
+
+    Every canonical tap of the spec is returned or declared unavailable with a reason; no tap has a name
+    the contract does not know (a misspelt tap is not silently ignored); every value is a numpy array.
+    """
+    import numpy as np
+
+    where = f"run() ({mode})"
+    taps = getattr(result, "taps", None)
+    if not isinstance(taps, Mapping):
+        raise ImplementationError(f"{impl}@{dtype}", where, f"returned {type(result).__name__}, not a RunResult",
+                                  "return parity.adapters.base.RunResult(taps={name: numpy array})")
+    known = set(decode_tap_order(spec) if cache else tap_order(spec))
+    for what, names in (("returned", list(taps)), ("declared unavailable", list(unavailable))):
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise ImplementationError(
+                f"{impl}@{dtype}", where, f"{what} {len(unknown)} tap name(s) the contract does not know, first "
+                f"{unknown[0]!r}", "use the canonical names documented in parity.adapters.base")
+    for t, v in taps.items():
+        if not isinstance(v, np.ndarray):
+            raise ImplementationError(
+                f"{impl}@{dtype}", where, f"tap {t!r} is a {type(v).__module__}.{type(v).__name__}, not a numpy "
+                "array", "return numpy arrays (for torch: tensor.detach().float().cpu().numpy())")
+    missing = [t for t in tap_names(spec) if t not in taps and t not in unavailable]
+    if missing:
+        raise ImplementationError(
+            f"{impl}@{dtype}", where, f"{len(missing)} required tap(s) neither returned nor declared unavailable "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})",
+            "return them, or declare each in RunResult.unavailable (or Adapter.cannot) with the reason")
+
+
+def check_feed_used(impl: str, dtype: str, cumulative: Trace, isolated: Trace, ref: Trace, spec: GemmaSpec) -> None:
+    """An adapter that ignores `feed` returns its cumulative taps again in isolated mode; refuse to call that isolated.
+
+    Judged on the taps the feed replaces the input of (attention and MLP outputs): all of them equal to
+    the cumulative ones, bit for bit, although the reference input fed differs from the run's own.
+    """
+    import numpy as np
+
+    from parity.numerics.metrics import round_to
+
+    feed = isolated_feed(spec, ref)
+    checked, differs = 0, False
+    for tap in (f"layers.{i}.{k}" for i in range(spec.num_layers) for k in ("attn", "mlp")):
+        src = feed.sources.get(tap)
+        if src is None or tap not in isolated.taps or tap not in cumulative.taps or src not in cumulative.taps:
+            continue
+        a, c = isolated.taps[tap], cumulative.taps[tap]
+        if isinstance(a, ReducedTap) or isinstance(c, ReducedTap):
+            continue
+        if not np.array_equal(np.asarray(a, np.float64), np.asarray(c, np.float64)):
+            return  # the feed changed something: the adapter uses it
+        checked += 1
+        fed, own = round_to(np.asarray(ref.taps[src], np.float64), dtype), np.asarray(cumulative.taps[src], np.float64)
+        differs |= fed.shape == own.shape and not np.array_equal(fed, own)
+    if checked and differs:
+        raise ImplementationError(
+            f"{impl}@{dtype}", "run() (isolated)", f"ignores feed: its isolated taps equal its cumulative taps at "
+            f"all {checked} fed sub-layers although the reference inputs fed differ from its own",
+            "replace each fed module's input with feed[tap] in run() (parity.adapters.torch_hooks does it for "
+            "torch modules); until then run --mode cumulative")
+
+
+_phase = phase  # the old name
+
+
+# ------------------------------------------------------------- in another process
+def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
+    from pathlib import Path
+
+    return Path(out_dir) / f"{impl}@{dtype}.{mode}.{prompt}.safetensors"
+
+
+def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
+                          mode: str | list[str] = "cumulative", references: dict[str, Trace] | None = None,
+                          progress: Progress | None = None, out_dir=None, reduce_over: int | None = None,
+                          full_taps: str | None = None, continuation: list[int] | None = None) -> list[Trace]:
+    """Run one implementation in a fresh Python process and read its traces back from files.
+
+    For implementations that cannot share a process with others (keras on a
+    second backend), and for real sizes: one implementation resident at a
+    time, its memory returned to the system when the process ends, traces on
+    disk. Stored weights and traces already on disk are passed by path, never
+    copied. With `out_dir` the traces stay there and come back lazily (read tap
+    by tap); without it they are read whole from a temporary directory.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from parity.capture.trace import load_trace
+    from parity.model.weights import save_weights
+
+    say = progress or (lambda _msg: None)
+    with tempfile.TemporaryDirectory(prefix="parity-capture-") as tmp:
+        tmp = Path(tmp)
+        wpath = weights.tensors.path if weights.stored else save_weights(weights, tmp / "weights.safetensors")
+        (tmp / "prompts.json").write_text(json.dumps(prompts))
+        out = Path(out_dir) if out_dir is not None else tmp / "out"
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        cmd = [sys.executable, "-m", "parity.capture", "--impl", impl, "--dtype", dtype, "--mode", ",".join(modes),
+               "--weights", str(wpath), "--prompts", str(tmp / "prompts.json"), "--out", str(out)]
+        cmd += ["--spec-json", json.dumps(spec.to_dict())]  # the weights file may hold a deeper spec
+        if reduce_over is not None:
+            cmd += ["--reduce-over", str(reduce_over)]
+        if full_taps:
+            cmd += ["--full-taps", full_taps]
+        if continuation:
+            cmd += ["--continuation", json.dumps(list(continuation))]
+        if references:
+            refs = {}
+            for name, t in references.items():
+                source = getattr(t.taps, "path", None)  # a lazily read trace is already a file
+                refs[name] = str(source) if source else str(t.save(tmp / "refs" / f"{name}.safetensors"))
+            (tmp / "refs.json").write_text(json.dumps(refs))
+            cmd += ["--references", str(tmp / "refs.json")]
+        say(f"{impl} {dtype} {'+'.join(modes)}: running in a separate process")
+        import os
+        import time
+
+        start = time.perf_counter()
+        with open(tmp / "stderr", "w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the running max
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            stderr = err.read()
+        if proc.returncode != 0:
+            last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+            if proc.returncode == 2:
+                raise ParityInputError(last.removeprefix("parity: error: "))
+            why = (f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+                   if proc.returncode < 0 else last.removeprefix("parity: implementation failed: "))
+            raise ImplementationError(f"{impl}@{dtype}", "capture in a separate process", why,
+                                      "the child's output is in the log", traceback=stderr)
+        lazy = out_dir is not None
+        traces = [load_trace(trace_file(out, impl, dtype, m2, p), lazy=lazy) for m in modes for p in prompts
+                  for m2 in produced(m)]
+        for t in traces:  # kept in memory for the report's runs, not in the trace file
+            t.resources = {"process": "separate", "wall_s": round(time.perf_counter() - start, 2),
+                           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        return traces
+
+
+def produced(mode: str) -> list[str]:
+    """The trace modes one capture mode writes per prompt, in order."""
+    return [FULL, DECODE] if mode == DECODE else [mode]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parity.capture`: capture one implementation's traces into files."""
+    import argparse
+    import fnmatch
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from parity.adapters import get_adapter
+    from parity.capture.trace import load_trace
+    from parity.model.weights import load_weights
+
+    checking = "--check" in (sys.argv[1:] if argv is None else argv)  # --check needs no capture arguments
+    ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
+    ap.add_argument("--check", action="store_true", help="only check --impls (default: every built-in) can "
+                                                          "run --spec-json in --dtypes; print JSON")
+    ap.add_argument("--impls", help="with --check: comma-separated implementations")
+    ap.add_argument("--dtypes", help="with --check: comma-separated dtypes")
+    ap.add_argument("--reference", default="litgpt-style@float64", help="with --check: impl@dtype")
+    ap.add_argument("--impl", required=not checking)
+    ap.add_argument("--dtype", required=not checking)
+    ap.add_argument("--weights", required=not checking,
+                    help="canonical weights written by parity (spec in metadata)")
+    ap.add_argument("--prompts", required=not checking,
+                    help="JSON file: prompt name -> token ids")
+    ap.add_argument("--mode", default="cumulative")
+    ap.add_argument("--references", help="JSON file: prompt -> reference trace file (isolated mode)")
+    ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
+    ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
+    ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
+    ap.add_argument("--continuation", help="JSON list of token ids decoded after each prompt (modes decode, "
+                                           "decode-full)")
+    ap.add_argument("--out", required=not checking)
+    a = ap.parse_args(argv)
+    try:
+        if a.check:
+            print(json.dumps(_check(a)))
+            return 0
+        from parity.adapters.base import DTYPES
+        from parity.model.prompts import validate_tokens
+
+        if a.dtype not in DTYPES:
+            raise ParityInputError(f"--dtype {a.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
+        modes = a.mode.split(",")
+        bad = [m for m in modes if m not in ("cumulative", "isolated", DECODE, FULL)]
+        if bad or not modes:
+            raise ParityInputError(f"--mode {a.mode!r}: {bad[0] if bad else ''!r} is not a mode; use a comma list of "
+                                   f"cumulative, isolated, {DECODE}, {FULL}")
+        cont = None
+        if a.continuation:
+            cont = json.loads(a.continuation)
+            if not isinstance(cont, list) or not all(isinstance(t, int) for t in cont):
+                raise ParityInputError(f"--continuation {a.continuation!r} is not a JSON list of token ids")
+        if any(m in (DECODE, FULL) for m in modes) and not cont:
+            raise ParityInputError(f"--mode {a.mode!r} needs --continuation (the tokens to decode)")
+        if "isolated" in modes and not a.references:
+            raise ParityInputError("--mode isolated needs --references (the reference's traces to feed)")
+        out = Path(a.out)
+        if out.exists() and not out.is_dir():
+            raise ParityInputError(f"--out {a.out!r} is an existing file; give a directory (created if missing)")
+        prompts = _read_json(a.prompts, "--prompts", "a JSON object of prompt name -> token ids")
+        if not isinstance(prompts, dict) or not prompts:
+            raise ParityInputError(f"--prompts {a.prompts!r} must hold a non-empty JSON object of prompt name -> "
+                                   "token ids, e.g. {\"p\": [2, 17, 301]}")
+        if a.spec_json:
+            from parity.model.spec import GemmaSpec
+
+            spec = GemmaSpec.from_dict(json.loads(a.spec_json))
+            weights = load_weights(a.weights, spec if _has_no_spec(a.weights) else None)
+        else:
+            if _has_no_spec(a.weights):
+                raise ParityInputError(f"--weights {a.weights!r} carries no spec in its metadata; give --spec-json "
+                                       "with the spec's JSON (python -m parity.report writes weights that carry it)")
+            weights = load_weights(a.weights)
+            spec = weights.spec
+        if spec != weights.spec:
+            weights = weights.truncated(spec)
+        for k, v in prompts.items():
+            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise ParityInputError(f"--prompts {a.prompts!r}: prompt {k!r} is not a list of token ids; give "
+                                       "e.g. [2, 17, 301]")
+        prompts = {k: validate_tokens(k, v, spec) for k, v in prompts.items()}
+        refs = None
+        if a.references:
+            refs = {p: load_trace(f, lazy=True) for p, f in json.loads(Path(a.references).read_text()).items()}
+        adapter = get_adapter(a.impl)
+
+        def spill(t):  # to disk at once, whole (effective is known only after every run): one trace in memory
+            return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
+
+        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=modes, references=refs,
+                         spill=spill, continuation=cont):
+            keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
+            t.save(trace_file(out, a.impl, a.dtype, t.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
+            t.taps.path.unlink()
+        return 0
+    except ParityInputError as e:
+        print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
+        return 2
+    except ImplementationError as e:
+        print(e.traceback, file=sys.stderr)
+        print(f"parity: implementation failed: {e}", file=sys.stderr)
+        return 3
+
+
+def _read_json(path: str, flag: str, what: str):
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ParityInputError(f"{flag} {path!r} does not exist; give {what}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"{flag} {path!r} is not JSON ({e}); give {what}") from None
+
+
+def _has_no_spec(path: str) -> bool:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return False  # load_weights says it does not exist
+    from parity.model.weight_store import StoredTensors
+
+    return "spec" not in StoredTensors(path).metadata
+
+
+def _check(a) -> dict:
+    import json
+
+    spec = GemmaSpec.from_dict(json.loads(a.spec_json))
+    ref_name, _, ref_dtype = a.reference.partition("@")
+    req = Selection(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
+                    reference=(ref_name, ref_dtype))
+    impls, skipped, ref = checked_impls(req, spec)
+    return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": declared(ad).decodes}
+                      for n, ad in impls}, "skipped": skipped,
+            "reference": [ref.name, ref.version()]}
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

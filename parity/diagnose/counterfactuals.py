@@ -1,0 +1,236 @@
+"""Counterfactuals: re-run the reference port with one numeric choice changed.
+
+When no probe names a divergence (attention faults leave no single-op
+fingerprint in the canonical taps), each candidate cause is reproduced by the
+lit-gpt-style port with exactly one field of the spec or of `PortOptions`
+changed, run in the implementation's own dtype on the same tokens, and
+compared with the implementation's trace. The candidate whose trace the
+implementation matches (within tolerance, through the end of the first
+divergent layer) explains it; the report gives its score and how much better
+it is than the runner-up. When none matches, the answer is "unexplained".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parity.model.spec import GemmaSpec
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    cause: str
+    label: str
+    spec_changes: tuple = ()
+    options: tuple = ()
+    swaps: tuple = ()  # (canonical name, canonical name): two tensors loaded into each other's place
+    transposes: tuple = ()  # canonical names of square projections loaded transposed
+    adapter_kw: tuple = ()  # how the port loads its weights (qkv_stacked)
+
+    def weights(self, weights):
+        """The weights this variant is built from: the same, or with tensors exchanged or transposed."""
+        if not self.swaps and not self.transposes:
+            return weights
+        import dataclasses
+
+        t = dict(weights.tensors)
+        for a, b in self.swaps:
+            t[a], t[b] = t[b], t[a]
+        for a in self.transposes:
+            t[a] = t[a].T.copy()
+        return dataclasses.replace(weights, tensors=t, _hash=None)
+
+    def adapter(self):
+        from parity.adapters.litgpt_style import LitgptStyleAdapter
+        from parity.adapters.port_model import PortOptions
+
+        return LitgptStyleAdapter(PortOptions(**dict(self.options)), dict(self.spec_changes), name=f"cf:{self.label}",
+                                  **dict(self.adapter_kw))
+
+
+def candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """One-change variants of the correct port, each tagged with the cause it would be."""
+    c = [
+        Counterfactual("rope-layout", "rope pairs interleaved", options=(("rope_layout", "interleaved"),)),
+        Counterfactual("rope-precision", "rope angles in the activation dtype", options=(("rope_lowp", True),)),
+        Counterfactual("softmax-precision", "softmax in the activation dtype", options=(("softmax_lowp", True),)),
+        Counterfactual("gelu-exact", "exact GELU", (("gelu_approximate", "none"),)),
+        Counterfactual("act-lowp", "GELU op by op", options=(("gelu_lowp", True),)),
+        Counterfactual("geglu-swapped", "GELU on up", options=(("geglu_swapped", True),)),
+        Counterfactual("norm-unit-offset-missing", "norm without (1 + w)", (("norm_unit_offset", False),)),
+        Counterfactual("norm-unit-offset-lowp", "(1 + w) in param dtype", options=(("offset_lowp", True),)),
+        Counterfactual("norm-cast-order", "cast before multiply", options=(("norm_cast", "before"),)),
+        Counterfactual("embed-scale-missing", "no embedding scale", (("embed_scale", False),)),
+        Counterfactual("embed-scale-dtype", "embedding scale in fp32", (("embed_scale_dtype", "float32"),)),
+        Counterfactual("final-norm-missing", "no final norm", options=(("final_norm", False),)),
+    ]
+    if spec.norm_placement == "pre":
+        c.append(Counterfactual("norm-placement", "norms after sub-layers too", options=(("extra_post_norms", True),)))
+    # query scale: the usual wrong choices, where they differ from the spec's
+    d = spec.head_dim
+    scalars = {d, spec.hidden_size // spec.num_heads, 2 * d, max(d // 2, 1), 1, 224, 256, 144}
+    for q in sorted(scalars):
+        if abs(1.0 / q**0.5 - spec.query_scale) > 1e-9:
+            c.append(Counterfactual("query-scale", f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
+    # rope bases: Gemma's two bases, and local/global swapped
+    b = spec.rope_base
+    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b}):
+        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", (("rope_base", base),)))
+    if spec.rope_local_base is not None:
+        c.append(Counterfactual("rope-base", "local and global bases swapped",
+                                (("rope_base", spec.rope_local_base), ("rope_local_base", spec.rope_base))))
+    if spec.rope_scaling_factor != 1.0:
+        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    if spec.attn_softcap is not None:
+        c.append(Counterfactual("attn-softcap-missing", "no attention softcap", (("attn_softcap", None),)))
+    if spec.final_softcap is not None:
+        c.append(Counterfactual("final-softcap-missing", "no final softcap", (("final_softcap", None),)))
+        c.append(Counterfactual("softcap-misplaced", "final softcap on the final norm's output",
+                                options=(("softcap_on_norm", True),)))
+    if spec.sliding_window:
+        w = spec.sliding_window
+        for lab, ch in ((f"window {w - 1}", w - 1), (f"window {w + 1}", w + 1)):
+            c.append(Counterfactual("sliding-window", lab, (("sliding_window", ch),)))
+        flipped = tuple("global" if t == "local" else "local" for t in spec.layer_types)
+        if "local" in flipped:
+            c.append(Counterfactual("sliding-window", "local and global layers swapped", (("layer_types", flipped),)))
+        c.append(Counterfactual("sliding-window", "no sliding window",
+                                (("layer_types", ("global",) * spec.num_layers), ("sliding_window", None),
+                                 ("rope_local_base", None), ("rope_base", spec.rope_base))))
+    if spec.qk_norm:
+        c.append(Counterfactual("qk-norm-missing", "QK-norm after RoPE", options=(("qk_norm_after_rope", True),)))
+        c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
+    return c
+
+
+def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
+    c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
+         for d in (1, -1)]
+    if spec.attn_softcap is not None:  # litgpt #1672: only its softcap path adds the boolean mask
+        c.append(Counterfactual("decode-mask", "the cached prefill's mask added as 0/1, not 0/-inf",
+                                options=(("prefill_mask_added_as_bool", True),)))
+    if "local" in spec.layer_types:
+        c += [Counterfactual("cache-window", f"local layers see window{d:+d} keys while decoding",
+                             options=(("decode_window", d),)) for d in (1, -1)]
+        c.append(Counterfactual("cache-stale", "ring buffer written one slot late", options=(("decode_stale", True),)))
+        if "global" in spec.layer_types:
+            c.append(Counterfactual("decode-mask", "global layers masked with the window while decoding",
+                                    options=(("decode_mask_global_window", True),)))
+    return c
+
+
+def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual]:
+    """Two tensors of the same shape loaded into each other's place, the first of them in `layer`.
+
+    Within the layer: any two of its norms (pre and post norms exchanged), gate and up, q and k, k and v;
+    across layers: each of its tensors with the same tensor of another layer. Only for weights in memory
+    (stored real-size weights would need a copy to exchange two tensors).
+    """
+    from parity.diagnose.probes import layer_norms
+    from parity.model.weights import canonical_shapes
+
+    if getattr(weights, "stored", True):
+        return [Counterfactual("qkv-order", "fused q/k/v stacked [Q; K; V] instead of per kv group",
+                               adapter_kw=(("qkv_stacked", True),))] if spec.num_kv_heads > 1 else []
+    shapes = canonical_shapes(spec)
+    p = f"model.layers.{layer}."
+    norms = [p + "input_layernorm.weight"] + [w for _, _, w in layer_norms(spec, layer)]
+    pairs = [(a, b) for i, a in enumerate(norms) for b in norms[i + 1:]]
+    pairs += [(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+              (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight"),
+              (p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight")]
+    mine = [k for k in shapes if k.startswith(p)]
+    pairs += [(k, k.replace(p, f"model.layers.{j}.", 1)) for k in mine for j in range(spec.num_layers) if j != layer]
+    short = lambda n: n.removeprefix("model.").removesuffix(".weight")  # noqa: E731
+    out = [Counterfactual("weights-swapped", f"{short(a)} and {short(b)} swapped", swaps=((a, b),))
+           for a, b in pairs if a in shapes and b in shapes and shapes[a] == shapes[b]]
+    # a square projection loaded transposed keeps its shape (Gemma-2B's q_proj and o_proj are 2048 x 2048)
+    out += [Counterfactual("weights-transposed", f"{short(k)} transposed", transposes=(k,))
+            for k in mine if len(shapes[k]) == 2 and shapes[k][0] == shapes[k][1]]
+    if spec.num_kv_heads > 1:  # with one kv group the grouped and stacked layouts coincide
+        out.append(Counterfactual("qkv-order", "fused q/k/v stacked [Q; K; V] instead of per kv group",
+                                  adapter_kw=(("qkv_stacked", True),)))
+    return out
+
+
+def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
+    try:
+        spec.replace(**dict(cf.spec_changes))
+        return True
+    except ValueError:
+        return False
+
+
+def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[str, int],
+            noise=None) -> dict | None:
+    """Rank counterfactuals by how well they reproduce `trace` up to `until_tap`'s layer.
+
+    Score: the worst share of its bound used over the compared taps, the
+    implementation's trace judged against the counterfactual's with the same
+    bounds as the verdict (the honest noise where there is a noise model): <= 1
+    means re-running the port with that change brings the error into honest noise.
+    """
+    from parity.capture.runner import capture
+    from parity.compare.pairs import compare_trace
+    from parity.model.taps import layer_of
+    from parity.compare.pairs import used
+
+    import dataclasses
+
+    from parity.model.spec import truncate
+
+    layer = layer_of(until_tap)
+    last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
+    # only the layers up to the divergence matter: run a model that deep (at real sizes, the difference
+    # between re-running 18 layers twenty times and re-running one), and read the trace's taps once
+    run_spec = truncate(spec, layer + 1) if layer is not None else spec
+    run_weights = weights.truncated(run_spec) if run_spec != spec else weights
+    trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
+
+    failed: list[tuple[str, str]] = []  # (candidate, why it could not be scored)
+
+    def score(adapter, cf: Counterfactual | None = None) -> float | None:
+        # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
+        w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
+        try:
+            got = capture(adapter or cf.adapter(), run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
+        except Exception as e:  # noqa: BLE001 -- a variant that cannot be built is reported, not silently dropped
+            failed.append((cf.label if cf is not None else "unchanged port", f"{type(e).__name__}: {e}"[:200]))
+            return None
+        got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
+        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
+        return max(used(r) for r in rs) if rs else None
+
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+
+    # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
+    baseline = score(LitgptStyleAdapter(name="cf:unchanged"))
+    if baseline is not None and baseline <= 1.0:
+        # the correct port reproduces it: no single change can explain it better (and at real sizes
+        # each candidate is a model run), so the candidates are not run
+        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
+                "baseline_score": baseline, "explains": False, "failed": failed}
+    scored: list = []
+    swaps = swap_candidates(spec, layer, weights) if layer is not None else []
+    for cf in candidates(run_spec) + swaps:
+        if not _valid(cf, run_spec):
+            continue
+        sc = score(None, cf)
+        if sc is not None:
+            scored.append((sc, cf))
+    if not scored:
+        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
+                "baseline_score": baseline, "explains": False, "ranked": [], "failed": failed}
+    scored.sort(key=lambda x: x[0])
+    best_score, best = scored[0]
+    runner = scored[1] if len(scored) > 1 else (float("inf"), None)
+    # a change explains the trace only if it matches and the unchanged port does not
+    return {
+        "cause": best.cause, "label": best.label, "score": best_score,
+        "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
+        "baseline_score": baseline,
+        "explains": best_score <= 1.0 and (baseline is None or baseline > 1.0),
+        "ranked": [(cf.label, sc) for sc, cf in scored[:5]],
+        "failed": failed,
+    }

@@ -1,0 +1,289 @@
+"""Name the cause of a decode divergence: probes on what the cache and the mask hold, then counterfactuals.
+
+A decode run fails at its first (step, tap). The evidence, at that step and in
+the layers up to the divergent one, in the order that decides:
+
+* the rotary table (`rope.cos`, where exposed) equals the reference's at
+  another position, or a cached key is the reference's key rotated by a few
+  positions while its value is right: `cache-position`;
+* the set of keys the step attended to (finite scores, non-zero
+  probabilities) differs from the positions it must see: off by one at a
+  local layer's window edge, `cache-window`; anything else, `decode-mask`
+  (unless the implementation's own full forward has the same mask: then the
+  window is wrong in both paths, `sliding-window`, which the prefill names);
+* a cache entry is missing or holds another position's key or value:
+  `cache-stale` (missing at the window's edge only: `cache-window`).
+
+Where nothing is exposed, the port is re-run decoding with each decode-path
+fault (parity.diagnose.counterfactuals.decode_candidates) in the implementation's dtype
+and the one that reproduces the trace within the verdict's bounds, through the
+divergent step and layer, names it. Framework-free but for the port re-runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from parity.capture.decode import DECODE, FULL, SELF, visible
+
+SHIFTS = (-3, -2, -1, 1, 2, 3)  # rotary offsets a position bug makes
+
+
+def diagnose_decode(report) -> list[dict]:
+    """One entry per failing decode run (mode decode or decode-self), explaining its first divergence."""
+    from parity.compare.pairs import first_key, forward_order
+
+    order = forward_order(report.spec)
+    entries = []
+    for run in report.runs:
+        mode = run["mode"]
+        if mode not in (DECODE, SELF):
+            continue
+        failing = [r for r in report.run_results(run["impl"], run["dtype"], mode) if not r.passed]
+        if not failing:
+            continue
+        first = min(failing, key=lambda r: first_key(r, order))
+        entries.append(explain(report, run["impl"], run["dtype"], mode, first, order))
+    return entries
+
+
+def _trace(report, impl, dtype, prompt, mode):
+    return next((t for t in report.traces if (t.impl, t.dtype, t.prompt, t.mode) == (impl, dtype, prompt, mode)), None)
+
+
+def explain(report, impl: str, dtype: str, mode: str, first, order) -> dict:
+    ref_name, ref_dtype = report.reference.split("@")
+    dec = _trace(report, impl, dtype, first.prompt, DECODE)
+    truth = _trace(report, *((impl, dtype) if mode == SELF else (ref_name, ref_dtype)), first.prompt, FULL)
+    own = _trace(report, impl, dtype, first.prompt, FULL)
+    entry = {"impl": impl, "dtype": dtype, "mode": mode, "tap": first.tap, "step": first.step,
+             "severity": "divergence", "explains": first.tap}
+    where = f"first divergence at decode step {first.step} (position {dec.prefill + first.step}), {first.tap}"
+    found = probe(report.spec, dec, truth, own, first) if dec is not None and truth is not None else None
+    if found is not None:
+        cause, evidence = found
+        return {**entry, "cause": cause, "source": "probe", "evidence": f"{where}: {evidence}"}
+    if report.weights is None:
+        return {**entry, "cause": "unexplained", "source": "first-divergence",
+                "evidence": f"{where}; no probe names it, and counterfactuals need the weights"}
+    best = counterfactual(report, dec, first, order)
+    if best.get("explains"):
+        return {**entry, "cause": best["cause"], "source": "counterfactual",
+                "evidence": f"{where}; the port decoding with {best['label']!r} reproduces it within honest noise "
+                            f"({best['score']:.2g}x of the bound through that step and layer)"
+                            + (f"; next best {best['runner_up']!r} {best['runner_up_score']:.2g}x"
+                               if best.get("runner_up") else "")}
+    closest = ", ".join(f"{lab!r} {sc:.2g}x" for lab, sc in best.get("ranked", [])[:3])
+    if best.get("baseline") is not None and best["baseline"] <= 1.0:
+        closest = f"the correct port decoding in {dtype} reproduces it ({best['baseline']:.2g}x): honest rounding"
+    return {**entry, "cause": "unexplained", "source": "first-divergence",
+            "evidence": f"{where}; no probe and no decode-path counterfactual reproduces it"
+                        + (f"; closest: {closest}" if closest else "")}
+
+
+# ------------------------------------------------------------------ probes
+def probe(spec, dec, truth, own, first) -> tuple[str, str] | None:
+    s = first.step
+    last = first.layer if first.layer is not None else spec.num_layers - 1
+    tol = max(first.bound, 1e-12)
+    got = _rope_shift(dec, truth, s, tol)
+    if got is not None:
+        return "cache-position", got
+    for i in range(last + 1):
+        got = _mask(spec, dec, truth, own, s, i)
+        if got is not None:
+            return got
+        got = _cache(spec, dec, truth, s, i, tol)
+        if got is not None:
+            return got
+    return None
+
+
+def _row(trace, tap, s):
+    if trace is None or tap not in trace.taps:
+        return None
+    a = trace.taps[tap]
+    if not isinstance(a, np.ndarray) and not hasattr(a, "__array__"):
+        return None  # reduced
+    a = np.asarray(a, np.float64)
+    return a[s] if s < a.shape[0] else None
+
+
+def _rms(x) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.sqrt(np.mean(x * x))) if x.size else 1.0
+
+
+def _rope_shift(dec, truth, s, tol) -> str | None:
+    a, ref = _row(dec, "rope.cos", s), truth.taps.get("rope.cos") if "rope.cos" in truth.taps else None
+    if a is None or ref is None:
+        return None
+    ref = np.asarray(ref, np.float64)
+    scale = _rms(ref[s])
+    if np.max(np.abs(a - ref[s])) / scale <= tol:
+        return None
+    for d in sorted(SHIFTS, key=abs):
+        if 0 <= s + d < ref.shape[0] and np.max(np.abs(a - ref[s + d])) / scale <= tol:
+            return (f"rope.cos at step {s} is the reference's table at position {dec.prefill + s + d}, {d:+d} from "
+                    f"the token's position {dec.prefill + s}: the new token is rotated at the wrong position")
+    return None
+
+
+def _visible_set(trace, layer, s) -> np.ndarray | None:
+    sc = _row(trace, f"layers.{layer}.attn.scores", s)
+    if sc is not None:
+        return np.isfinite(sc).any(axis=0)  # [n, T] -> [T]
+    pr = _row(trace, f"layers.{layer}.attn.probs", s)
+    if pr is not None:
+        return (pr > 0).any(axis=0)
+    return None
+
+
+def _mask(spec, dec, truth, own, s, layer) -> tuple[str, str] | None:
+    seen = _visible_set(dec, layer, s)
+    if seen is None:
+        return None
+    p = dec.prefill + s
+    must = np.zeros_like(seen)
+    must[visible(spec, layer, p)] = True
+    if np.array_equal(seen, must):
+        return None
+    extra, lacking = np.flatnonzero(seen & ~must), np.flatnonzero(must & ~seen)
+    text = (f"layer {layer} at position {p} attends to {int(seen.sum())} keys, must see {int(must.sum())}"
+            + (f"; sees also {extra[:4].tolist()}" if extra.size else "")
+            + (f"; lacks {lacking[:4].tolist()}" if lacking.size else ""))
+    own_seen = _visible_set(own, layer, s)
+    if own_seen is not None and np.array_equal(own_seen, seen):
+        return "sliding-window", text + "; its own full forward masks the same: the window is wrong in both paths"
+    w = spec.window_for(layer)
+    edge = {p - w, p - w + 1} if w else set()
+    if w and set(extra.tolist()) | set(lacking.tolist()) <= edge:
+        return "cache-window", text + f" (the window's edge; window {w}); its own full forward masks correctly"
+    return "decode-mask", text + "; its own full forward at this position masks correctly"
+
+
+def _cache(spec, dec, truth, s, layer, tol) -> tuple[str, str] | None:
+    k, kr = _row(dec, f"layers.{layer}.cache.k", s), _row(truth, f"layers.{layer}.cache.k", s)
+    v, vr = _row(dec, f"layers.{layer}.cache.v", s), _row(truth, f"layers.{layer}.cache.v", s)
+    if k is None or kr is None:
+        return None
+    p = dec.prefill + s
+    pos = visible(spec, layer, p)
+    scale = _rms(kr[:, :len(pos)])
+    err = lambda a, b: float(np.max(np.abs(a - b))) / scale if np.all(np.isfinite(a)) else math.inf  # noqa: E731
+    bad = [j for j in range(len(pos)) if not err(k[:, j], kr[:, j]) <= tol]
+    if v is not None and vr is not None:
+        bad = sorted(set(bad) | {j for j in range(len(pos)) if not err(v[:, j], vr[:, j]) <= tol})
+    if not bad:
+        return None
+    missing = [j for j in bad if not np.all(np.isfinite(k[:, j]))]
+    w = spec.window_for(layer)
+    if missing:
+        at = [int(pos[j]) for j in missing]
+        if w and set(at) <= {p - w + 1}:
+            return "cache-window", (f"layer {layer}'s cache lacks position {at[0]} at position {p}, the window's "
+                                    f"edge (window {w}): it keeps one key too few")
+        return "cache-stale", f"layer {layer}'s cache holds no entry for position(s) {at[:4]} at position {p}"
+    keys = _all_positions(spec, truth, layer, "k")
+    vals = _all_positions(spec, truth, layer, "v")
+    for j in bad:
+        q = int(pos[j])
+        for other, kk in keys.items():
+            if other != q and err(k[:, j], kk) <= tol:
+                return "cache-stale", (f"layer {layer}'s cache entry for position {q} holds position {other}'s key "
+                                       f"at position {p}: a slot written in the wrong place or not overwritten")
+        if v is not None and q in vals and err(v[:, j], vals[q]) <= tol:
+            d = _rotation(spec, layer, k[:, j], kr[:, j], scale, tol)
+            if d is not None:
+                return "cache-position", (f"layer {layer}'s cached key for position {q} is the reference's rotated "
+                                          f"by {d:+d} positions (its value is right): RoPE applied at position "
+                                          f"{q + d}")
+    return None
+
+
+def _all_positions(spec, truth, layer, part) -> dict[int, np.ndarray]:
+    """position -> the reference's key (or value) there, from every step's row of the cache tap."""
+    tap = f"layers.{layer}.cache.{part}"
+    if tap not in truth.taps:
+        return {}
+    a = np.asarray(truth.taps[tap], np.float64)  # [S, kv, V, hd]
+    out = {}
+    for s in range(a.shape[0]):
+        for j, q in enumerate(visible(spec, layer, truth.prefill + s)):
+            out.setdefault(int(q), a[s, :, j])
+    return out
+
+
+def rotate(x: np.ndarray, spec, layer: int, d: int) -> np.ndarray:
+    """A post-RoPE key [kv, hd] moved by d positions (RoPE composes: R(p + d) = R(d) R(p)); half-split pairs."""
+    hd = x.shape[-1]
+    inv = 1.0 / spec.rope_base_for(layer) ** (np.arange(0, hd, 2) / hd)
+    ang = d / spec.rope_factor_for(layer) * np.concatenate([inv, inv])  # [hd]
+    half = hd // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * np.cos(ang) + rot * np.sin(ang)
+
+
+def _rotation(spec, layer, k, kr, scale, tol) -> int | None:
+    for d in sorted(SHIFTS, key=abs):
+        if float(np.max(np.abs(k - rotate(kr, spec, layer, d)))) / scale <= tol:
+            return d
+    return None
+
+
+# ------------------------------------------------------------------ counterfactuals
+def counterfactual(report, dec, first, order) -> dict:
+    """The decode-path fault whose port decode reproduces `dec` through the first divergent step and layer."""
+    import dataclasses
+
+    from parity.capture.runner import capture
+    from parity.compare.pairs import compare_trace
+    from parity.diagnose.counterfactuals import decode_candidates
+    from parity.model.spec import truncate
+
+    spec, weights = report.spec, report.weights
+    layer = first.layer
+    last = order.get(f"layers.{layer}.out", order.get(first.tap, 0)) if layer is not None else order.get(first.tap, 0)
+    run_spec = truncate(spec, layer + 1) if layer is not None else spec
+    run_weights = weights.truncated(run_spec) if run_spec != spec else weights
+    # the whole continuation is decoded (attention and cache taps are laid out over all its positions), and
+    # the steps up to the divergent one compared
+    prompt, cont = dec.tokens[:dec.prefill], dec.tokens[dec.prefill:]
+    upto = first.step + 1
+
+    def head(t):
+        return dataclasses.replace(t, taps={k: np.asarray(v)[:upto] for k, v in t.taps.items()
+                                            if order.get(k, 10**6) <= last})
+
+    mine = head(dec)
+    failed = []
+
+    def score(cf) -> float | None:
+        try:
+            got = capture(cf.adapter(), run_spec, run_weights, dec.dtype, {dec.prompt: list(prompt)}, mode=[DECODE],
+                          continuation=list(cont))
+        except Exception as e:  # noqa: BLE001 -- a variant that cannot run is reported, not dropped
+            failed.append((cf.label, f"{type(e).__name__}: {e}"[:200]))
+            return None
+        ours = head(next(t for t in got if t.mode == DECODE))
+        ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
+        rs = compare_trace(ours, mine, report.tolerances, DECODE, report.noise)
+        from parity.compare.pairs import used
+
+        return max((used(r) for r in rs), default=None)
+
+    from parity.diagnose.counterfactuals import Counterfactual
+
+    baseline = score(Counterfactual("none", "unchanged port"))
+    if baseline is not None and baseline <= 1.0:
+        return {"explains": False, "baseline": baseline, "failed": failed}
+    scored = sorted(((sc, cf) for cf in decode_candidates(run_spec) if (sc := score(cf)) is not None),
+                    key=lambda x: x[0])
+    if not scored:
+        return {"explains": False, "baseline": baseline, "ranked": [], "failed": failed}
+    (best_score, best), runner = scored[0], (scored[1] if len(scored) > 1 else (None, None))
+    return {"explains": best_score <= 1.0, "cause": best.cause, "label": best.label, "score": best_score,
+            "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
+            "baseline": baseline, "ranked": [(cf.label, sc) for sc, cf in scored[:5]], "failed": failed}

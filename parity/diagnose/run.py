@@ -1,0 +1,131 @@
+"""Diagnose: name the cause of each divergence with an id from DIVERGENCES.md, with evidence.
+
+Probes give direct evidence on each implementation's own inputs. A probe
+finding fails the run even when the tolerance passed (in bf16 an exact GELU
+hides under rounding noise), except for causes that are precision choices
+rather than wrong formulas (`PRECISION_ONLY`), which are reported as notes
+unless the tolerance also failed. When no probe explains a failing tap, the
+diagnosis says so ("unexplained") rather than guess.
+"""
+
+from __future__ import annotations
+
+from parity.diagnose.causes import NOTE_CAUSES
+from parity.compare.pairs import DECODE_MODES
+from parity.diagnose.probes import run_probes
+from parity.model.taps import tap_order
+
+# a different rounding order, not a different function: named, reported, never failed on its own
+PRECISION_ONLY = NOTE_CAUSES
+
+
+def _order(spec) -> dict[str, int]:
+    return {t: i for i, t in enumerate(tap_order(spec))}
+
+
+def diagnose(report) -> None:
+    """Fill report.probes and report.diagnosis (in place).
+
+    Every failing cumulative run's first divergence gets exactly one entry
+    marked `"explains": <its tap>`: the probe cause at or before that tap
+    (upstream faults propagate), else a counterfactual that brings the error
+    back into honest noise, else `unexplained` with the closest candidates. A
+    cause found at a later tap never stands in for it. Precision causes stay
+    notes unless they are what explains the first divergence.
+    """
+    for run in report.runs:
+        if run["mode"] != "cumulative":
+            continue  # probes read an implementation's own chain of taps
+        probes, entries = diagnose_run(report, run["impl"], run["dtype"])
+        report.probes += probes
+        report.diagnosis += entries
+    if any(run["mode"] in DECODE_MODES for run in report.runs):
+        from parity.diagnose.decode import diagnose_decode
+
+        report.diagnosis += diagnose_decode(report)
+
+
+def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]:
+    """One cumulative run's probe results and diagnosis entries; the entry that explains the first
+    divergence comes first, so a reader of `diagnosis[0]` of a run meets the cause of its first divergence."""
+    spec = report.spec
+    weights = report.weights.tensors if report.weights is not None else {}
+    order = _order(spec)
+    prompt = "long" if "long" in report.prompts else next(iter(report.prompts))
+    trace = report.trace(impl, dtype, prompt, "cumulative")
+    probes = run_probes(trace, spec, weights)
+    probe_rows = [{"impl": impl, "dtype": dtype, **p.to_json()} for p in probes]
+    entries: list[dict] = []
+    results = report.run_results(impl, dtype, "cumulative")
+    failed = [r for r in results if not r.passed]
+    first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
+    at_first = order.get(first.tap, 10**6) if first is not None else None
+    # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
+    found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
+    seen, explained = set(), False
+    for p in found:
+        if p.cause in seen:
+            continue
+        seen.add(p.cause)
+        upstream = at_first is not None and order.get(p.tap, 10**6) <= at_first
+        note = p.cause in PRECISION_ONLY and not (first is not None and p.tap == first.tap)
+        entry = {
+            "impl": impl, "dtype": dtype, "cause": p.cause, "tap": p.tap,
+            "evidence": f"{p.name} probe: {p.sentence()}",
+            "severity": "note" if note else "divergence", "source": "probe",
+        }
+        if upstream and not note and not explained:
+            entry["explains"] = first.tap
+            explained = True
+        entries.append(entry)
+    if first is not None and not explained:
+        entries.append(_explain_first(report, impl, dtype, first, order))
+    entries.sort(key=lambda e: "explains" not in e)  # stable: the rest keep their forward order
+    return probe_rows, entries
+
+
+def _explain_first(report, impl: str, dtype: str, first, order) -> dict:
+    """The entry for a first divergence no probe at or before it explains."""
+    entry = {"impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
+             "source": "first-divergence", "explains": first.tap}
+    if first.reason.startswith(("shape", "NaN", "inf in")) and not first.sampled:
+        # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
+        # scores where the reference has -inf, is left to the counterfactuals)
+        return {**entry, "evidence": f"first divergence at {first.tap}: {first.reason}"}
+    if report.weights is None:
+        return {**entry, "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals "
+                                     "need the weights (pass --weights)"}
+    return _counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order)
+
+
+def trace_for(report, impl, dtype, prompt):
+    return report.trace(impl, dtype, prompt, "cumulative")
+
+
+def _counterfactual(report, trace, first, order) -> dict:
+    from parity.diagnose.counterfactuals import explain
+
+    from parity.compare.pairs import ratio, used
+
+    where = (f"first divergence at {first.tap} ({ratio(used(first))} of its bound: needs {first.stat:.3g} x row RMS, "
+             f"allowed {first.bound:.3g}, {first.basis})")
+    best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
+    entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
+             "explains": first.tap}
+    if best and best["explains"]:
+        runner = (f"; next best {best['runner_up']!r} uses {ratio(best['runner_up_score'])}"
+                  if best["runner_up"] else "")
+        return {**entry, "cause": best["cause"], "source": "counterfactual",
+                "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it within honest "
+                            f"noise ({ratio(best['score'])} of the bound through the layer's end){runner}"}
+    ranked = best.get("ranked", []) if best else []
+    closest = ("; closest single changes: " + ", ".join(f"{lab!r} {ratio(sc)}" for lab, sc in ranked[:3])) \
+        if ranked else ""
+    if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
+        closest = (f"; the correct port run in {first.dtype} reproduces it ({ratio(best['baseline_score'])} of the "
+                   "bound): honest rounding at this tap, not a wrong formula")
+    failed = best.get("failed", []) if best else []
+    if failed:
+        closest += (f"; {len(failed)} candidate(s) could not be run (first: {failed[0][0]!r}: {failed[0][1]})")
+    return {**entry, "cause": "unexplained", "source": "first-divergence",
+            "evidence": f"{where}; no probe and no single-change counterfactual brings it into honest noise{closest}"}

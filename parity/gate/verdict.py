@@ -1,0 +1,160 @@
+"""The one verdict: per run PASS, FAIL or WAIVED, the first divergence, the worst tap, the causes.
+
+Every output (terminal, report.json, report.md, report.html, the pytest
+summary, the exit status) renders what `decide` returns; none of them decides
+anything on its own. Numbers shown to people are formatted here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from parity.compare.pairs import first_key, forward_order, ratio, used  # noqa: F401 -- the verdict's numbers
+
+PASS, FAIL, WAIVED = "PASS", "FAIL", "WAIVED"
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    impl: str
+    dtype: str
+    mode: str
+    status: str
+    taps: int  # taps compared
+    passed_taps: int  # within their bound (waived ones not counted)
+    honest_taps: int  # beyond the fixed table but within honest noise: reported, never a failure
+    first: object | None  # the first unwaived failing TapResult in forward order
+    worst: object | None  # the TapResult that used the largest share of its bound
+    causes: tuple  # this run's diagnosis entries (cumulative rows; probes read cumulative traces)
+    basis: str  # "honest" (every tap had honest runs), "table" (none did) or "mixed"
+    not_compared: tuple = ()  # (tap, reason) the implementation declared it cannot give
+
+    @property
+    def not_compared_text(self) -> str:
+        """`N tap(s) not compared: family (reason); ...`, grouped by tap family and reason."""
+        if not self.not_compared:
+            return ""
+        from parity.model.taps import family_of
+
+        groups: dict = {}
+        for tap, why in self.not_compared:
+            groups.setdefault((family_of(tap), why), 0)
+            groups[(family_of(tap), why)] += 1
+        return f"{len(self.not_compared)} tap(s) not compared: " + "; ".join(
+            f"{fam} ({why})" for (fam, why) in groups)
+
+    @property
+    def label(self) -> str:
+        return f"{self.impl}@{self.dtype}"
+
+    @property
+    def explanation(self) -> dict | None:
+        """The diagnosis entry that explains the first divergence (or says it is unexplained)."""
+        if self.first is None:
+            return None
+        return next((c for c in self.causes if c.get("explains") == self.first.tap), None)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    runs: tuple[RunVerdict, ...]
+    headline: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status != FAIL
+
+    @property
+    def lead(self) -> RunVerdict | None:
+        return next((r for r in self.runs if r.status == FAIL), None)
+
+
+def _run_verdict(report, run: dict) -> RunVerdict:
+    impl, dtype, mode = run["impl"], run["dtype"], run["mode"]
+    rs = report.run_results(impl, dtype, mode)
+    causes = tuple(d for d in report.diagnosis
+                   if (d["impl"], d["dtype"], d.get("mode", "cumulative")) == (impl, dtype, mode))
+    failing = [r for r in rs if not r.passed and not r.waived]
+    divergent = [c for c in causes if c["severity"] == "divergence"]
+    waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c["severity"] == "waived"]
+    status = FAIL if failing or divergent else WAIVED if waived else PASS
+    bases = {r.noise is not None for r in rs}
+    missing: dict = {}
+    for t in report.traces:
+        if (t.impl, t.dtype, t.mode) == (impl, dtype, mode):
+            missing.update(getattr(t, "unavailable", {}) or {})
+    order = _order(report)
+    # the first divergence in forward order over every prompt (ties: the earlier prompt), as diagnose finds it
+    first = min(failing, key=lambda r: first_key(r, order)) if failing else None
+    return RunVerdict(
+        not_compared=tuple(sorted(missing.items(), key=lambda kv: order.get(kv[0], 10**6))),
+        impl=impl, dtype=dtype, mode=mode, status=status, taps=len(rs),
+        passed_taps=sum(r.passed for r in rs),
+        honest_taps=sum(r.passed and r.stat > r.floor for r in rs),
+        first=first, worst=max(rs, key=used) if rs else None, causes=causes,
+        basis="honest" if bases == {True} else "table" if bases == {False} else "mixed",
+    )
+
+
+def _order(report) -> dict:
+    return forward_order(report.spec)
+
+
+def decide(report) -> Verdict:
+    runs = tuple(_run_verdict(report, run) for run in report.runs)
+    # a probe-named divergence of a run whose only mode is isolated still fails the report
+    loose = [d for d in report.diagnosis if d["severity"] == "divergence"]
+    status = FAIL if any(r.status == FAIL for r in runs) or loose else \
+        WAIVED if any(r.status == WAIVED for r in runs) else PASS
+    return Verdict(status=status, runs=runs, headline=_headline(report, status, runs, loose))
+
+
+def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) -> str:
+    if status != FAIL:
+        n = len(runs)
+        text = f"{status}: {n} run(s) agree with {report.reference} within honest noise"
+        honest = sum(r.honest_taps for r in runs)
+        if honest:
+            text += f" ({honest} tap(s) beyond the fixed table reproduced by the honest runs: honest rounding)"
+        partial = [r for r in runs if r.not_compared]
+        if partial:
+            text += (f"; {sum(len(r.not_compared) for r in partial)} tap(s) of {len(partial)} run(s) not compared "
+                     "(declared unavailable)")
+        if all(r.basis == "table" for r in runs):
+            text = text.replace("within honest noise", "within the fixed table (no honest runs: table-based)")
+        notes = sorted({d["cause"] for d in report.diagnosis if d["severity"] == "note"})
+        waived = sorted({f"{d['impl']}@{d['dtype']} {d['cause']}" for d in report.diagnosis
+                         if d["severity"] == "waived"})
+        if notes:
+            text += f"; notes: {', '.join(notes)}"
+        if waived:
+            text += f"; waived: {', '.join(waived)}"
+        return text
+    lead = next((r for r in runs if r.first is not None), None)
+    if lead is not None:
+        f = lead.first
+        why = lead.explanation
+        cause = why["cause"] if why else "unexplained"
+        what = f.reason.split(";")[0] if f.reason else f"{ratio(used(f))} of its bound"
+        at = f", decode step {f.step}" if f.step is not None else ""
+        return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}{at}, {what}): cause {cause}"
+    d = loose[0]
+    return f"FAIL: {d['impl']}@{d['dtype']}: cause {d['cause']} at {d['tap']}, named by a probe (within noise)"
+
+
+def step_errors(report) -> dict[tuple[str, str, str], list[float]]:
+    """Per decode run (impl, dtype, mode), each step's largest share of its bound over every tap and prompt."""
+    out: dict = {}
+    for r in report.results:
+        if r.steps is None:
+            continue
+        row = out.setdefault((r.impl, r.dtype, r.mode), [0.0] * len(r.steps))
+        if len(row) < len(r.steps):
+            row += [0.0] * (len(r.steps) - len(row))
+        for s, x in enumerate(r.steps):
+            u = math.inf if not math.isfinite(x) else (x / r.bound if r.bound > 0 else (0.0 if x == 0 else math.inf))
+            row[s] = max(row[s], u)
+    return out
+

@@ -1,0 +1,369 @@
+"""Everything numeric about a Gemma architecture, as one frozen dataclass.
+
+Numerics come from explicit fields, never from a model's name: the bugs this
+tool hunts are exactly the ones where a library derived a number from a name
+or a drifting config key. Every adapter builds its model from these fields,
+and the diagnosis re-runs the reference port with one field changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from parity.errors import ParityInputError
+
+NormPlacement = Literal["pre", "sandwich"]
+GeluApprox = Literal["tanh", "none"]
+
+NORM_PLACEMENTS = ("pre", "sandwich")
+GELU_APPROXIMATIONS = ("tanh", "none")
+LAYER_TYPES = ("global", "local")
+SCALE_DTYPES = ("activation", "float32")
+HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
+HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class GemmaSpec:
+    # --- which architecture family: picks the library class, not the numbers
+    family: int = 1
+    name: str = "tiny-gemma"
+    # --- sizes
+    vocab_size: int = 512
+    hidden_size: int = 96
+    intermediate_size: int = 256  # width of EACH of the two GeGLU halves (HF convention)
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    max_position: int = 512
+    # --- RMSNorm
+    norm_eps: float = 1e-6
+    norm_unit_offset: bool = True  # multiply by (1 + w), w stored centred on 0
+    norm_placement: NormPlacement = "pre"  # Gemma 1: pre only; Gemma 2/3: sandwich
+    # --- MLP
+    gelu_approximate: GeluApprox = "tanh"
+    # --- embedding
+    embed_scale: bool = True  # multiply embeddings by sqrt(hidden_size)
+    embed_scale_dtype: str = "activation"  # the normaliser is rounded to the activation dtype
+    tied_head: bool = True
+    # --- attention
+    rope_base: float = 10_000.0  # global layers (all layers in Gemma 1/2)
+    rope_local_base: float | None = None  # Gemma 3 local layers
+    rope_scaling_factor: float = 1.0  # linear position scaling on global layers (Gemma 3 4B+)
+    query_pre_attn_scalar: float | None = None  # None: scale by 1/sqrt(head_dim)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = field(default=())  # per layer "global"|"local"; () = all global
+    qk_norm: bool = False
+    # --- special tokens (only used to build prompts)
+    bos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("global",) * self.num_layers)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        validate(self)
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def query_scale(self) -> float:
+        """The factor the attention scores are multiplied by."""
+        scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return 1.0 / math.sqrt(scalar)
+
+    @property
+    def embed_normalizer(self) -> float:
+        return math.sqrt(self.hidden_size) if self.embed_scale else 1.0
+
+    def rope_base_for(self, layer: int) -> float:
+        if self.layer_types[layer] == "local" and self.rope_local_base is not None:
+            return self.rope_local_base
+        return self.rope_base
+
+    def rope_factor_for(self, layer: int) -> float:
+        return 1.0 if self.layer_types[layer] == "local" else self.rope_scaling_factor
+
+    def window_for(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer] == "local" else None
+
+    def replace(self, **changes) -> "GemmaSpec":
+        if "num_layers" in changes and "layer_types" not in changes and "local" not in self.layer_types:
+            changes["layer_types"] = ()  # all-global layers follow the new depth
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemmaSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ParityInputError(
+                f"spec has unknown field(s) {unknown}; known fields are {sorted(known)}: remove or rename them"
+            )
+        d = dict(d)
+        if "layer_types" in d:
+            d["layer_types"] = tuple(d["layer_types"])
+        return cls(**d)
+
+
+def validate(s: GemmaSpec) -> None:
+    """Refuse a spec whose numbers contradict each other, naming them."""
+
+    def bad(msg: str) -> None:
+        raise ParityInputError(f"spec {s.name!r}: {msg}")
+
+    if s.family not in (1, 2, 3):
+        bad(f"family={s.family} is not a Gemma family; use 1, 2 or 3")
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim", "max_position"):
+        v = getattr(s, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f"{f}={v!r} must be a positive integer")
+    if s.num_heads % s.num_kv_heads:
+        bad(f"num_heads={s.num_heads} is not a multiple of num_kv_heads={s.num_kv_heads}; "
+            "grouped-query attention needs whole groups")
+    if s.head_dim % 2:
+        bad(f"head_dim={s.head_dim} is odd; rotary embeddings rotate pairs, so it must be even")
+    if s.vocab_size <= s.bos_token_id:
+        bad(f"vocab_size={s.vocab_size} does not hold bos_token_id={s.bos_token_id}")
+    if not (0 < s.norm_eps < 0.1):
+        bad(f"norm_eps={s.norm_eps} is outside (0, 0.1); Gemma uses 1e-6")
+    if s.norm_placement not in NORM_PLACEMENTS:
+        bad(f"norm_placement={s.norm_placement!r}; use one of {NORM_PLACEMENTS}")
+    if s.gelu_approximate not in GELU_APPROXIMATIONS:
+        bad(f"gelu_approximate={s.gelu_approximate!r}; use one of {GELU_APPROXIMATIONS}")
+    if s.embed_scale_dtype not in SCALE_DTYPES:
+        bad(f"embed_scale_dtype={s.embed_scale_dtype!r}; use one of {SCALE_DTYPES}")
+    if len(s.layer_types) != s.num_layers:
+        bad(f"layer_types has {len(s.layer_types)} entries but num_layers={s.num_layers}")
+    if any(t not in LAYER_TYPES for t in s.layer_types):
+        bad(f"layer_types={list(s.layer_types)} may only hold {LAYER_TYPES}")
+    has_local = "local" in s.layer_types
+    if has_local and not s.sliding_window:
+        bad("some layer_types are 'local' but sliding_window is not set; give the window size")
+    if s.sliding_window is not None and s.sliding_window <= 0:
+        bad(f"sliding_window={s.sliding_window} must be positive")
+    if s.sliding_window and not has_local:
+        bad(f"sliding_window={s.sliding_window} is set but no layer is 'local'; set layer_types")
+    if s.rope_local_base is not None and not has_local:
+        bad(f"rope_local_base={s.rope_local_base} is set but no layer is 'local'")
+    for f in ("rope_base", "rope_scaling_factor"):
+        if getattr(s, f) <= 0:
+            bad(f"{f}={getattr(s, f)} must be positive")
+    for f in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_base"):
+        v = getattr(s, f)
+        if v is not None and v <= 0:
+            bad(f"{f}={v} must be positive or null")
+    if s.family == 1:
+        for f, off in (("attn_softcap", None), ("final_softcap", None), ("sliding_window", None),
+                       ("qk_norm", False), ("rope_local_base", None)):
+            if getattr(s, f) != off:
+                bad(f"family=1 (Gemma 1) has no {f}, but it is {getattr(s, f)!r}; "
+                    "set family=2 or 3, or drop the field")
+    if s.family == 2 and s.qk_norm:
+        bad("family=2 (Gemma 2) has no qk_norm; it first appears in Gemma 3 (family=3)")
+
+
+# --------------------------------------------------------------- config.json
+def to_hf_config(s: GemmaSpec) -> dict:
+    """A HuggingFace config.json dict for this spec.
+
+    Choices HF cannot express (a missing unit offset, a norm placement
+    contrary to the family) go under a "parity" key, which HF ignores and
+    `from_hf_config` reads back, so the round trip is exact.
+    """
+    act = "gelu_pytorch_tanh" if s.gelu_approximate == "tanh" else "gelu"
+    cfg: dict = {
+        "architectures": [HF_ARCHITECTURES[s.family]],
+        "model_type": HF_MODEL_TYPES[s.family],
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": s.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "max_position_embeddings": s.max_position,
+        "rms_norm_eps": s.norm_eps,
+        "hidden_act": act,
+        "hidden_activation": act,
+        "rope_theta": s.rope_base,
+        "tie_word_embeddings": s.tied_head,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": s.bos_token_id,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    }
+    if s.family >= 2:
+        q = s.query_pre_attn_scalar or s.head_dim
+        cfg["query_pre_attn_scalar"] = int(q) if float(q).is_integer() else q  # HF's config wants an int
+        cfg["attn_logit_softcapping"] = s.attn_softcap
+        cfg["final_logit_softcapping"] = s.final_softcap
+        cfg["sliding_window"] = s.sliding_window
+        cfg["layer_types"] = [
+            "sliding_attention" if t == "local" else "full_attention" for t in s.layer_types
+        ]
+    if s.family == 3:
+        cfg["rope_local_base_freq"] = s.rope_local_base or s.rope_base
+        cfg["rope_scaling"] = (
+            {"rope_type": "linear", "factor": s.rope_scaling_factor}
+            if s.rope_scaling_factor != 1.0 else None
+        )
+    extra = {}
+    default_placement = "pre" if s.family == 1 else "sandwich"
+    if s.norm_placement != default_placement:
+        extra["norm_placement"] = s.norm_placement
+    for f, default in (("norm_unit_offset", True), ("embed_scale", True),
+                       ("embed_scale_dtype", "activation"), ("qk_norm", s.family == 3),
+                       ("name", None)):
+        if getattr(s, f) != default:
+            extra[f] = getattr(s, f)
+    if s.family == 1 and s.query_pre_attn_scalar is not None:
+        extra["query_pre_attn_scalar"] = s.query_pre_attn_scalar
+    if s.family < 3 and s.rope_scaling_factor != 1.0:
+        extra["rope_scaling_factor"] = s.rope_scaling_factor
+    if extra:
+        cfg["parity"] = extra
+    return cfg
+
+
+def _require(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise ParityInputError(f"{where}: config.json has no {key!r}; add it (HF Gemma configs always carry it)")
+    return cfg[key]
+
+
+def from_hf_config(cfg: dict, where: str = "config.json") -> GemmaSpec:
+    """Read a HuggingFace Gemma 1/2/3 (text) config.json dict into a spec."""
+    if not isinstance(cfg, dict):
+        raise ParityInputError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    if "text_config" in cfg:  # Gemma 3 multimodal wrapper: numerics live in text_config
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+    mt = cfg.get("model_type")
+    families = {v: k for k, v in HF_MODEL_TYPES.items()} | {"gemma3": 3}
+    if mt not in families:
+        raise ParityInputError(
+            f"{where}: model_type={mt!r} is not a Gemma text model; expected one of {sorted(families)}"
+        )
+    family = families[mt]
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh",
+              "gelu": "none", "gelu_python": "none"}.get(act)
+    if approx is None:
+        raise ParityInputError(f"{where}: hidden_activation={act!r} is not a GELU; Gemma uses gelu_pytorch_tanh")
+    extra = cfg.get("parity") or {}
+    rope = cfg.get("rope_parameters") or {}
+    # transformers 5 nests rope numbers per layer type; older configs keep them flat
+    full = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
+    local = rope.get("sliding_attention", {}) if isinstance(rope, dict) else {}
+    rope_base = full.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+    scaling = cfg.get("rope_scaling") or (full if full.get("rope_type") == "linear" else None)
+    try:
+        n_layers = int(_require(cfg, "num_hidden_layers", where))
+        hidden = int(_require(cfg, "hidden_size", where))
+        heads = int(_require(cfg, "num_attention_heads", where))
+        kw: dict = dict(
+            family=family,
+            name=extra.get("name", cfg.get("_name_or_path") or Path(str(where)).parent.name or mt),
+            vocab_size=int(_require(cfg, "vocab_size", where)),
+            hidden_size=hidden,
+            intermediate_size=int(_require(cfg, "intermediate_size", where)),
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=int(cfg.get("head_dim", hidden // heads)),
+            max_position=int(cfg.get("max_position_embeddings", 8192)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            gelu_approximate=approx,
+            rope_base=float(rope_base),
+            tied_head=bool(cfg.get("tie_word_embeddings", True)),
+            bos_token_id=int(cfg.get("bos_token_id", 2) if cfg.get("bos_token_id") is not None else 2),
+            norm_placement=extra.get("norm_placement", "pre" if family == 1 else "sandwich"),
+            norm_unit_offset=bool(extra.get("norm_unit_offset", True)),
+            embed_scale=bool(extra.get("embed_scale", True)),
+            embed_scale_dtype=extra.get("embed_scale_dtype", "activation"),
+            qk_norm=bool(extra.get("qk_norm", family == 3)),
+        )
+        if family == 1:
+            kw["query_pre_attn_scalar"] = extra.get("query_pre_attn_scalar")
+            kw["rope_scaling_factor"] = float(extra.get("rope_scaling_factor", 1.0))
+        else:
+            kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
+            kw["attn_softcap"] = cfg.get("attn_logit_softcapping")
+            kw["final_softcap"] = cfg.get("final_logit_softcapping")
+            types = cfg.get("layer_types")
+            if types is None:
+                kw["layer_types"] = gemma_layer_types(family, n_layers, int(cfg.get("sliding_window_pattern", 6)))
+            else:
+                kw["layer_types"] = tuple("local" if t == "sliding_attention" else "global" for t in types)
+            kw["sliding_window"] = cfg.get("sliding_window") if "local" in kw["layer_types"] else None
+            if family == 2:
+                kw["rope_scaling_factor"] = float(extra.get("rope_scaling_factor", 1.0))
+        if family == 3:
+            kw["rope_local_base"] = float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0)))
+            kw["rope_scaling_factor"] = float((scaling or {}).get("factor", 1.0))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ParityInputError):
+            raise
+        raise ParityInputError(f"{where}: a number in config.json is malformed ({e}); fix the value") from None
+    return GemmaSpec(**kw)
+
+
+def load_config_json(path: str | Path) -> GemmaSpec:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ParityInputError(f"config file {str(p)!r} does not exist; give a preset name or a path to config.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"{p}: not valid JSON ({e}); fix the file or pass a preset name") from None
+    return from_hf_config(cfg, where=str(p))
+
+
+def save_config_json(spec: GemmaSpec, path: str | Path) -> Path:
+    p = Path(path)
+    if p.suffix != ".json":
+        p = p / "config.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(to_hf_config(spec), indent=2) + "\n")
+    return p
+
+
+def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
+    """The spec's first n layers, as a model of their own (the final norm and head on top of layer n-1)."""
+    if not 1 <= n <= spec.num_layers:
+        raise ParityInputError(f"{{option}} {n} is outside 1..{spec.num_layers} (the spec's layers); "
+                               "give a depth the spec has", option="first_layers")
+    if n == spec.num_layers:
+        return spec
+    return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")
+
+
+def gemma_layer_types(family: int, n: int, period: int = 6) -> tuple[str, ...]:
+    """Gemma's local/global layer pattern, the one home of it.
+
+    Gemma 1: every layer global. Gemma 2: even layers local, odd layers global
+    (HF, litgpt and keras-hub agree; one third-party description says odd).
+    Gemma 3: `period - 1` local layers, then one global (HF's
+    sliding_window_pattern, 6; keras-hub's `i % 6 < 5`).
+    """
+    if family == 1:
+        return ("global",) * n
+    if family == 2:
+        return tuple("local" if i % 2 == 0 else "global" for i in range(n))
+    return tuple("global" if (i + 1) % period == 0 else "local" for i in range(n))

@@ -1,0 +1,1 @@
+"""Report: the terminal, report.json, report.md and report.html, and the `python -m parity.report` command line."""

@@ -1,0 +1,304 @@
+"""`python -m parity.report`: run every implementation, compare layer by layer, write the report.
+
+Exit status: 0 parity holds, 1 a divergence beyond honest noise (or a cause
+named by a probe), 2 bad input (one line naming the problem and the fix;
+nothing written), 3 an implementation failed to build or run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from parity.errors import ImplementationError, ParityInputError, cli_flag
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def parser() -> argparse.ArgumentParser:
+    from parity.model.weights import PROFILES
+
+    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0],
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", help="preset name (default tiny-gemma) or path to a HuggingFace config.json")
+    p.add_argument("--weights", help="canonical weights (.safetensors, HF names); default: seeded random")
+    p.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory (HuggingFace, keras-hub preset, "
+                                                       "or litgpt with lit_model.safetensors): gives the spec and "
+                                                       "the weights; pickled checkpoints are refused")
+    p.add_argument("--impls", help="comma-separated implementations (default: every installed built-in); "
+                                   "names, entry points or module:factory")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (float64,float32,bfloat16,float16)")
+    p.add_argument("--layers", default="all", help="'all' or indices and ranges, e.g. 0,2-3")
+    p.add_argument("--taps", help="comma-separated glob patterns over tap names, e.g. 'layers.*.mlp.act,logits'")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", action="append", help="prompt text (tokenized with the checkpoint's tokenizer, "
+                                                      "else bytes); repeatable")
+    g.add_argument("--tokens", action="append", help="comma-separated token ids; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--weights-profile", choices=PROFILES,
+                   help="statistics of the seeded random weights: default, or trained-like (heavy-tailed norm "
+                        "weights, a massive BOS activation, an attention sink)")
+    p.add_argument("--mode", default="cumulative", help="cumulative, isolated or both")
+    p.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
+    p.add_argument("--reference", default="litgpt-style@float64", help="impl@dtype every run is compared to")
+    p.add_argument("--trace", action="append", help="compare traces captured elsewhere instead of running "
+                                                     "(repeatable; written by --save-traces or python -m parity.capture)")
+    p.add_argument("--save-traces", action="store_true", help="also write every trace under OUT/traces/")
+    p.add_argument("--first-layers", type=int, metavar="N", help="run only the spec's first N layers, with the "
+                                                                  "final norm and head on top (real sizes)")
+    p.add_argument("--separate-processes", action="store_true", default=None,
+                   help="capture each implementation and dtype in its own process (default at real sizes: "
+                        "float32 weights over 1 GiB)")
+    p.add_argument("--reduce-over", type=int, metavar="N", default=1 << 24,
+                   help="store taps of more than N elements as statistics plus 16 sampled rows (separate "
+                        "processes; default 16777216: a 256k-vocabulary logits tap); 0 reduces every tap")
+    p.add_argument("--full-taps", metavar="GLOBS", help="taps kept whole whatever their size, e.g. 'logits'")
+    p.add_argument("--waivers", metavar="FILE", help="accepted divergences (the format of fixtures/waivers.toml): "
+                                                      "a waived cause and its taps count as passing, and say why")
+    p.add_argument("--raw-logits", action="store_true",
+                   help="require the logits themselves to match, not only up to a constant per position (a centred "
+                        "unembedding changes no distribution and is otherwise a note, logit-shift)")
+    p.add_argument("--noise-members", type=int, metavar="N",
+                   help="size of the honest-noise ensemble (default 4, 2 at real sizes); 0: the fixed table alone")
+    p.add_argument("--decode", default="0", metavar="N|auto",
+                   help="after each prompt, decode N tokens one at a time through every implementation's own KV "
+                        "cache and compare each step layer by layer (and with the implementation's own full "
+                        "forward); auto: twice the longest sliding window plus two, so every ring buffer wraps "
+                        "(default 0: prefill only)")
+    p.add_argument("--decode-tokens", metavar="IDS", help="comma-separated token ids to decode (teacher-forced), "
+                                                          "instead of seeded ones; implies --decode")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_request(args):
+    from parity.harness import Request
+    from parity.model.prompts import parse_tokens, text_to_tokens
+    from parity.model.presets import resolve_spec
+    from parity.model.taps import parse_layers
+    from parity.numerics.tolerances import load_overrides
+    from parity.model.weights import load_weights
+
+    ckpt_dir = None
+    if args.weights_profile and (args.weights or args.checkpoint):
+        raise ParityInputError(f"--weights-profile {args.weights_profile} shapes the seeded random weights, but "
+                               f"--{'weights' if args.weights else 'checkpoint'} gives the weights; drop one of them")
+    if args.checkpoint:
+        if args.spec or args.weights:
+            raise ParityInputError("--checkpoint gives both the spec and the weights; drop --spec and --weights")
+        from parity.model.checkpoints import load_checkpoint
+
+        spec, weights = load_checkpoint(args.checkpoint)
+        p = Path(args.checkpoint)
+        ckpt_dir = str(p if p.is_dir() else p.parent)
+    else:
+        spec = resolve_spec(args.spec)
+        if args.trace and not args.spec:  # the traces carry their spec
+            from parity.model.spec import GemmaSpec
+            from parity.capture.trace import load_trace
+
+            spec = GemmaSpec.from_dict(load_trace(args.trace[0]).spec)
+        weights = load_weights(args.weights, spec) if args.weights else None
+    prompts = None
+    if args.tokens:
+        prompts = {f"tokens{i}": parse_tokens(t) for i, t in enumerate(args.tokens)}
+    elif args.prompt:
+        tok_dir = ckpt_dir or (str(Path(args.spec).parent) if args.spec and args.spec.endswith(".json") else None)
+        tokenize = None
+        if tok_dir:
+            from parity.adapters.hf import tokenize as hf_tokenize
+
+            tokenize = lambda text: hf_tokenize(text, tok_dir)  # noqa: E731
+        prompts = {f"prompt{i}": text_to_tokens(t, spec, tokenize) for i, t in enumerate(args.prompt)}
+    if "@" not in args.reference:
+        raise ParityInputError(f"--reference {args.reference!r} must be impl@dtype, e.g. litgpt-style@float64")
+    ref = tuple(args.reference.split("@", 1))
+    return Request(
+        spec=spec, impls=_split(args.impls), dtypes=_split(args.dtypes) or [],
+        layers=parse_layers(args.layers, spec.num_layers), prompts=prompts, seed=args.seed, mode=args.mode,
+        weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
+        separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
+        trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
+        raw_logits=args.raw_logits,
+        weights_profile=args.weights_profile or "default",
+        decode=_decode_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
+        else None,
+    )
+
+
+def _decode_steps(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ParityInputError(f"--decode {text!r} is not a step count; give N >= 0 or 'auto'")
+    return n
+
+
+_CREATED: list[Path] = []  # directories check_out_dir made, removed again if bad input follows
+
+
+def check_out_dir(out: str) -> Path:
+    """Fail before any work if the output directory cannot be written."""
+    p = Path(out)
+    missing = [d for d in [p, *p.parents] if not d.exists()]
+    _CREATED[:] = missing  # deepest first
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".parity-probe-"):
+            pass
+    except OSError as e:
+        raise ParityInputError(f"{{option}} {out!r} cannot be written ({e.strerror}); choose a writable directory",
+                               option="out") from None
+    return p
+
+
+def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
+    """Render everything first, then move the files into place: never a half-written report."""
+    from parity.report.html import to_html
+    from parity.report.render import to_json, to_markdown
+
+    data = to_json(report)
+    if taps:
+        from parity.model.taps import select_taps
+
+        keep = set(select_taps([t["tap"] for t in data["taps"]], taps))
+        data["taps"] = [t for t in data["taps"] if t["tap"] in keep]
+    files = {"report.json": json.dumps(data, indent=2) + "\n", "report.md": to_markdown(report),
+             "report.html": to_html(report)}
+    written = []
+    for name, text in files.items():
+        tmp = out / f".{name}.part"
+        tmp.write_text(text)
+        written.append((tmp, out / name))
+    for tmp, final in written:
+        tmp.replace(final)
+    return [f for _, f in written]
+
+
+EXIT_CODES = """exit status:
+  0  parity: every implementation within honest noise, and no cause named
+  1  a divergence beyond honest noise, or a formula-level cause named by a probe
+  2  bad input (one line naming the value and the fix; nothing written)
+  3  an implementation failed to build or run (one line: implementation, phase, error;
+     the traceback in OUT/parity-error.log)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = None
+    try:
+        req = build_request(args)
+        if args.taps:
+            from parity.model.taps import select_taps, tap_order
+
+            select_taps(tap_order(req.spec), args.taps)  # validate before running
+        out = check_out_dir(args.out)
+        if args.waivers:  # read before any work: a malformed file is bad input
+            from parity.gate.waivers import load_waivers
+
+            waivers = load_waivers(args.waivers)
+        from parity.harness import from_traces, run
+
+        start = time.perf_counter()
+        progress = None if args.quiet else _progress()
+        if args.trace:
+            from parity.capture.trace import load_trace
+
+            report = from_traces([load_trace(p, lazy=True) for p in args.trace], req.reference, req.weights, req.tolerances,
+                                 req.layers if args.layers != "all" else None, args.raw_logits)
+        else:
+            report = run(req, progress=progress)
+        if args.waivers:
+            from parity.gate.waivers import apply_waivers
+
+            apply_waivers(report, waivers)
+        if progress:
+            progress.done()
+        from parity.report.render import print_terminal
+
+        print_terminal(report)
+        files = write_report(report, out, args.taps)
+        if args.save_traces:
+            from parity.capture.runner import trace_file
+
+            for t in report.traces:
+                f = trace_file(out / "traces", t.impl, t.dtype, t.mode, t.prompt)
+                if getattr(t.taps, "path", None) != f:  # captured in another process: already there
+                    t.save(f)
+                files.append(f)
+        print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
+        return 0 if report.passed else 1
+    except ParityInputError as e:
+        print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
+        _remove_created()
+        return 2
+    except ImplementationError as e:
+        log = _log_failure(out, e.traceback or str(e))
+        print(f"parity: implementation failed: {e}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 -- a crash is never a verdict: not 1, which means "divergence"
+        import traceback
+
+        log = _log_failure(out, traceback.format_exc())
+        print(f"parity: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+              + (f" (traceback: {log})" if log else "") + "; please report it", file=sys.stderr)
+        return 3
+
+
+def _remove_created() -> None:
+    """Bad input leaves nothing behind: the output directories this run made, if still empty, go."""
+    for d in _CREATED:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (or not ours): keep it and its parents
+    _CREATED.clear()
+
+
+def _log_failure(out: Path | None, text: str) -> Path | None:
+    if out is None:
+        return None
+    try:
+        log = out / "parity-error.log"
+        log.write_text(text)
+        return log
+    except OSError:
+        return None
+
+
+class _progress:
+    """One transient status line on a terminal; plain lines to a log otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + msg)
+            sys.stderr.flush()
+        else:
+            print(f"  .. {msg}", file=sys.stderr)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Render a Report: report.json (the contract in DESIGN.md), report.md, and the terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+from parity.model.taps import layer_of
+from parity.gate.verdict import decide, ratio, step_errors, used
+
+tol_used = used  # the old name: how much of its bound a tap used
+
+
+def _num(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _clean(o):
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return _num(o)
+
+
+def _at(f) -> dict:
+    return {"impl": f.impl, "dtype": f.dtype, "mode": f.mode, "tap": f.tap, "layer": f.layer, "prompt": f.prompt,
+            "step": f.step}
+
+
+def to_json(report) -> dict:
+    v = decide(report)
+    firsts = [r.first for r in v.runs if r.first is not None]
+    lead = None
+    if firsts:
+        lead = _at(firsts[0])
+    elif report.divergent_causes:  # a probe-only divergence (below the tolerance, named by a probe)
+        d = report.divergent_causes[0]
+        lead = {"impl": d["impl"], "dtype": d["dtype"], "mode": d.get("mode", "cumulative"), "tap": d["tap"],
+                "layer": layer_of(d["tap"]), "prompt": None, "step": d.get("step")}
+    return _clean({
+        "passed": v.passed,
+        "status": v.status,
+        "headline": v.headline,
+        "verdicts": [{"impl": r.impl, "dtype": r.dtype, "mode": r.mode, "status": r.status, "taps": r.taps,
+                      "passed_taps": r.passed_taps, "honest_taps": r.honest_taps, "basis": r.basis,
+                      "first_divergence": _at(r.first) if r.first else None,
+                      "explained_by": (r.explanation or {}).get("cause") if r.first else None,
+                      "worst": {**_at(r.worst), "used": used(r.worst)} if r.worst else None,
+                      "not_compared": dict(r.not_compared)} for r in v.runs],
+        "noise": None if report.noise is None else {"members": list(report.noise.members),
+                                                    "margin": _margin(), "per_family": report.noise.summary()},
+        "reference": report.reference,
+        "decode": None if not report.continuation else {
+            "continuation": list(report.continuation),
+            "per_step": [{"impl": i, "dtype": d, "mode": m, "used": u} for (i, d, m), u in step_errors(report).items()]},
+        "runs": report.runs,
+        "taps": [r.to_json() for r in report.results],
+        "first_divergence": lead,
+        "first_divergences": [_at(f) for f in firsts],
+        "diagnosis": report.diagnosis,
+        "probes": report.probes,
+        "effective": report.effective,
+        "spec": report.spec.to_dict(),
+        "weights": {"hash": report.weights_hash, "source": report.weights_source},
+        "prompts": report.prompts,
+        "skipped": report.skipped,
+        "tolerances": {k: {"atol_rms": v.atol, "rtol": v.rtol, "reason": v.reason}
+                       for k, v in report.tolerances.items()},
+    })
+
+
+def _library_versions() -> str:
+    """The numeric libraries' versions, read from the installed metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "transformers", "keras", "keras-hub", "jax", "numpy"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def _margin() -> float:
+    from parity.numerics.tolerances import NOISE_MARGIN
+
+    return NOISE_MARGIN
+
+
+def worst_text(r) -> str:
+    if r is None:
+        return "-"
+    return f"{r.tap} [{r.prompt}] {r.max_abs:.2g} ({ratio(used(r))} of bound)"
+
+
+def cause_text(causes) -> str:
+    if not causes:
+        return "-"
+    tag = {"note": " (note)", "waived": " (waived)"}
+    return ", ".join(c["cause"] + tag.get(c["severity"], "") for c in causes)
+
+
+def headline(report) -> str:
+    return decide(report).headline
+
+
+def to_markdown(report) -> str:
+    s = report.spec
+    v = decide(report)
+    mark = {"PASS": "✅ PASS", "WAIVED": "🟡 WAIVED", "FAIL": "❌ FAIL"}[v.status]
+    lines = [f"## parity: {mark}", "", f"**{v.headline}**", ""]
+    firsts = [r.first for r in v.runs if r.first is not None]
+    if firsts:
+        f = firsts[0]
+        at = f", decode step {f.step}" if f.step is not None else ""
+        lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}{at}, prompt {f.prompt}): "
+                  f"{ratio(used(f))} of its bound (needs {f.stat:.3g} x row RMS, {f.bound:.3g} allowed: {f.basis}); "
+                  f"max abs {f.max_abs:.3g}"
+                  + (f"; {len(firsts) - 1} more run(s) diverge" if len(firsts) > 1 else ""), ""]
+    causes = [d for d in report.diagnosis]
+    if causes:
+        lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
+        for d in causes:
+            sev = {"note": " (note)", "waived": " (waived)"}.get(d["severity"], "")
+            mode = f" ({d['mode']})" if d.get("mode") else ""
+            lines.append(f"| {d['impl']} | {d['dtype']}{mode} | `{d['cause']}`{sev} | `{d['tap']}` | {d['evidence']} |")
+        lines.append("")
+    lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
+              f"({report.weights_source}); reference `{report.reference}`; prompts "
+              + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()), ""]
+    lines += ["| run | mode | taps passed | worst tap | first divergence | cause | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for rv in v.runs:
+        first = f"`{rv.first.tap}`" if rv.first else "-"
+        lines.append(f"| {rv.label} | {rv.mode} | {rv.passed_taps}/{rv.taps} | {worst_text(rv.worst)} "
+                     f"| {first} | {cause_text(rv.causes)} | {rv.status} |")
+    partial = [rv for rv in v.runs if rv.not_compared]
+    if partial:
+        lines += [""] + [f"- {rv.label} {rv.mode}: {rv.not_compared_text}" for rv in partial]
+    steps = step_table(report)
+    if steps is not None:
+        head, rows = steps
+        lines += ["", "<details><summary>Decode: each step's worst tap, as a share of its bound (>1x diverges)"
+                  "</summary>", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(f"**{c[:-1]}**" if c.endswith("!") else c for c in row) + " |" for row in rows]
+        lines += ["", "</details>"]
+    lines += ["", "<details><summary>Per-layer error (share of the bound used, worst tap of the layer)</summary>", ""]
+    lines += _layer_table(report)
+    lines += ["", "</details>", ""]
+    if report.skipped:
+        lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items()), ""]
+    keys, cols, cells, differs = effective_table(report)
+    lines += ["<details><summary>Effective configuration (what each built model computes; **bold**: reads "
+              f"differently from {report.reference})</summary>", "",
+              "| property | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in keys:
+        row = [(f"**{cells[(k, c)]}**" if (k, c) in differs else cells[(k, c)]).replace("|", "\\|") for c in cols]
+        lines.append(f"| {k} | " + " | ".join(row) + " |")
+    lines += ["", "</details>", ""]
+    versions = {r["impl"]: r.get("version", "") for r in report.runs}
+    lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; {_library_versions()}", ""]
+    return "\n".join(lines)
+
+
+def _layer_table(report) -> list[str]:
+    runs = [(r["impl"], r["dtype"], r["mode"]) for r in report.runs]
+    cell: dict = defaultdict(float)
+    rows: list = []
+    for r in report.results:
+        key = r.layer if r.layer is not None else r.tap
+        if key not in rows:
+            rows.append(key)
+        cell[(key, (r.impl, r.dtype, r.mode))] = max(cell[(key, (r.impl, r.dtype, r.mode))], used(r))
+    head = "| layer | " + " | ".join(f"{i}@{d} {m[:3]}" for i, d, m in runs) + " |"
+    out = [head, "|---|" + "---|" * len(runs)]
+    for key in rows:
+        vals = []
+        for run in runs:
+            v = cell[(key, run)]
+            vals.append(("**" if v > 1 else "") + ratio(v) + ("**" if v > 1 else ""))
+        out.append(f"| {key} | " + " | ".join(vals) + " |")
+    return out
+
+
+MAX_STEP_ROWS = 40  # more decode steps than this: every k-th step, the last, and every failing one
+
+
+def step_table(report) -> tuple[list[str], list[list[str]]] | None:
+    """The per-step error table (header, rows: step, position, one cell per decode run), or None."""
+    errs = step_errors(report)
+    if not errs:
+        return None
+    runs = list(errs)
+    n = max(len(u) for u in errs.values())
+    stride = max(1, -(-n // MAX_STEP_ROWS))
+    failing = {s for u in errs.values() for s, x in enumerate(u) if x > 1}
+    shown = sorted({s for s in range(0, n, stride)} | {n - 1} | failing)
+    prefill = {len(v) for v in report.prompts.values()}
+    pos = (lambda s: str(next(iter(prefill)) + s)) if len(prefill) == 1 else (lambda s: "+" + str(s))
+    head = ["step", "position"] + [f"{i}@{d} {m}" for i, d, m in runs]
+    rows = [[str(s), pos(s)] + [ratio(errs[r][s]) + ("!" if errs[r][s] > 1 else "") if s < len(errs[r]) else "-"
+                                for r in runs] for s in shown]
+    return head, rows
+
+
+def print_terminal(report, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    s = report.spec
+    v = decide(report)
+    color = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[v.status]
+    console.print(f"[bold {color}]{v.headline}[/bold {color}]")  # the verdict and its cause lead
+    console.print(f"[bold]parity[/bold] {s.name} (Gemma {s.family}, {s.num_layers} layers), weights "
+                  f"{report.weights_hash} ({report.weights_source}), reference {report.reference}")
+    keys, cols, cells, differs = effective_table(report)
+    if cols:
+        conf = Table(title="what each built model computes (yellow: reads differently from the reference)",
+                     show_lines=False, title_justify="left")
+        conf.add_column("property", overflow="fold")
+        for c in cols:
+            conf.add_column(c, overflow="fold")
+        for k in keys:
+            conf.add_row(k, *[f"[yellow]{cells[(k, c)]}[/yellow]" if (k, c) in differs else cells[(k, c)]
+                              for c in cols])
+        console.print(conf)
+    table = Table(show_lines=False)
+    for col in ("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict"):
+        table.add_column(col)
+    for rv in v.runs:
+        style = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[rv.status]
+        table.add_row(rv.label, rv.mode, f"{rv.passed_taps}/{rv.taps}", worst_text(rv.worst),
+                      rv.first.tap if rv.first else "-", cause_text(rv.causes),
+                      f"[{style}]{rv.status}[/{style}]")
+    console.print(table)
+    steps = step_table(report)
+    if steps is not None:
+        head, rows = steps
+        st = Table(title="decode: each step's worst tap, as a share of its bound (>1x diverges)",
+                   title_justify="left", show_lines=False)
+        for col in head:
+            st.add_column(col)
+        for row in rows:
+            st.add_row(*[f"[red]{c}[/red]" if c.endswith("!") else c for c in row])
+        console.print(st)
+    for rv in v.runs:
+        if rv.not_compared:
+            console.print(f"  [yellow]{rv.label} {rv.mode}[/yellow]: {rv.not_compared_text}", soft_wrap=True)
+    for d in report.diagnosis:
+        console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
+                      soft_wrap=True)
+    for k, why in report.skipped.items():
+        console.print(f"  [yellow]skipped {k}[/yellow]: {why}")
+    console.print(f"[bold {color}]{v.headline}[/bold {color}]")
+
+
+def value_text(v) -> str:
+    """One effective-configuration value as every view writes it."""
+    if isinstance(v, list) and v and all(x == v[0] for x in v):
+        return f"{value_text(v[0])} (all layers)"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if v is None:
+        return "none"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(_clean(v), default=str)
+    return str(v)
+
+
+def effective_table(report) -> tuple[list[str], list[str], dict, set]:
+    """The effective configuration as property x implementation: (properties, columns, cell text, differing).
+
+    A cell differs when its value reads differently from the reference's for the same property (libraries
+    describe some properties in their own words); "-" where an implementation does not report it.
+    """
+    eff = report.effective or {}
+    cols = list(eff)
+    keys: list[str] = []
+    for d in eff.values():
+        keys += [k for k in d if k not in keys]
+    ref = eff.get(report.reference, eff[cols[0]] if cols else {})
+    cells, differs = {}, set()
+    for k in keys:
+        for c in cols:
+            cells[(k, c)] = value_text(eff[c][k]) if k in eff[c] else "-"
+            if c != report.reference and k in eff[c] and k in ref and cells[(k, c)] != value_text(ref[k]):
+                differs.add((k, c))
+    return keys, cols, cells, differs
