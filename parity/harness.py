@@ -22,7 +22,10 @@ from parity.model.prompts import default_prompts, validate_tokens
 from parity.model.spec import GemmaSpec, truncate  # noqa: F401 -- truncate: the old import path
 from parity.numerics.tolerances import TOLERANCES, Tolerance
 from parity.capture.trace import Trace
-from parity.model.weights import Weights, random_weights
+from parity.model.weights import param_count, random_weights, Weights
+from parity.adapters.torch_setup import threads
+from parity.diagnose.run import diagnose
+from parity.gate.verdict import decide
 
 MODES = ("cumulative", "isolated", "both")
 PORT = "litgpt-style"  # the project's port: the reference, and the honest ensemble's first member
@@ -34,7 +37,6 @@ REDUCE_OVER = 1 << 24  # 16M elements: a Gemma logits tap of 128 tokens (32M) is
 def is_large(spec: GemmaSpec) -> bool:
     import os
 
-    from parity.model.weights import param_count
 
     text = os.environ.get("PARITY_LARGE_OVER", str(LARGE_BYTES))
     try:
@@ -96,8 +98,6 @@ class Report:
     @property
     def verdict(self):
         """The one verdict (parity.gate.verdict.decide), computed from the current results and diagnosis."""
-        from parity.gate.verdict import decide
-
         return decide(self)
 
     @property
@@ -118,16 +118,15 @@ class Report:
         raise KeyError(f"no trace for {impl}@{dtype} {mode} prompt {prompt!r}")
 
 
-def run(req: Request, progress: Progress | None = None) -> Report:
-    spec = req.spec
+def check_request(req: Request) -> None:
+    """The request's own fields, checked before any work (bad input: one line, exit 2)."""
+    from parity.adapters.base import DTYPES
+
     if req.mode not in MODES:
         raise ParityInputError(f"{{option}} {req.mode!r} is not a mode; use one of {MODES}", option="mode")
     if req.reduce_over is not None and req.reduce_over < 0:
         raise ParityInputError(f"{{option}} {req.reduce_over} is negative; give an element count >= 0 "
                                "(0 reduces every tap)", option="reduce_over")
-    from parity.adapters.base import DTYPES
-    from parity.adapters.torch_setup import threads
-
     for d in req.dtypes:
         if d not in DTYPES:
             raise ParityInputError(f"unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
@@ -138,8 +137,13 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                                f"dtype; use one of {', '.join(DTYPES)} (e.g. litgpt-style@float64)", option="reference")
     if req.seed < 0:
         raise ParityInputError(f"{{option}} {req.seed} is negative; give a seed >= 0", option="seed")
-    threads()
-    large = is_large(spec)
+    if req.noise_members is not None and req.noise_members < 0:
+        raise ParityInputError(f"noise_members {req.noise_members} is negative; give 0 (table only) or more members")
+
+
+def weights_for(req: Request, large: bool, progress: Progress | None = None) -> tuple[GemmaSpec, Weights]:
+    """The spec as run (truncated to --first-layers) and its checked weights: given, stored or in memory."""
+    spec = req.spec
     if req.weights is not None:
         weights = req.weights
         if weights.spec != spec:
@@ -148,18 +152,26 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         if req.first_layers is not None:
             spec = truncate(spec, req.first_layers)
             weights = weights.truncated(spec)
-    else:
-        if req.first_layers is not None:
-            # random weights are seeded per tensor by name: the shallow spec's are the deep one's first
-            # layers, so only those are generated (a Gemma-2-27B shape's 54 GB never are)
-            spec = truncate(spec, req.first_layers)
-        if large:
-            from parity.model.weight_store import stored_random_weights
+        return spec, weights
+    if req.first_layers is not None:
+        # random weights are seeded per tensor by name: the shallow spec's are the deep one's first
+        # layers, so only those are generated (a Gemma-2-27B shape's 54 GB never are)
+        spec = truncate(spec, req.first_layers)
+    if large:
+        from parity.model.weight_store import stored_random_weights
 
-            weights = stored_random_weights(spec, req.seed, progress, req.weights_profile)
-        else:
-            weights = random_weights(spec, req.seed, req.weights_profile)
-        weights.check()
+        weights = stored_random_weights(spec, req.seed, progress, req.weights_profile)
+    else:
+        weights = random_weights(spec, req.seed, req.weights_profile)
+    weights.check()
+    return spec, weights
+
+
+def run(req: Request, progress: Progress | None = None) -> Report:
+    check_request(req)
+    threads()
+    large = is_large(req.spec)
+    spec, weights = weights_for(req, large, progress)
     prompts = {k: validate_tokens(k, v, spec) for k, v in (req.prompts or default_prompts(spec)).items()}
     cont = decode_plan(req, spec, prompts)
     table = req.tolerances or TOLERANCES
@@ -230,22 +242,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
-    if count < 0:
-        raise ParityInputError(f"noise_members {count} is negative; give 0 (table only) or more members")
-    honest = []
-    for d in dict.fromkeys(req.dtypes) if count else ():
-        if d == ref_dtype:
-            continue  # the reference dtype's honest error is the reference's own: the table's floor decides
-        produced_modes = [p for m in modes for p in produced(m)]
-        for m in members(count):
-            own = [dataclasses.replace(t, impl=m.impl) for t in traces  # the port already ran: reuse it
-                   if not m.options and pure_port and (t.impl, t.dtype) == (PORT, d) and t.mode in produced_modes]
-            if own and len(own) == len(produced_modes) * len(prompts):
-                honest += own
-                continue
-            # in separate processes the child builds the member: this process imports no framework
-            honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
-                           ref_traces, checked=False)
+    honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
     noise = measure(ref_traces, honest, table, ref_full) if honest else None
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
     report = Report(
@@ -258,10 +255,31 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         import weakref
 
         weakref.finalize(report, shutil.rmtree, trace_dir, True)  # the lazy traces read from there until then
-    from parity.diagnose.run import diagnose
 
     diagnose(report)
     return report
+
+
+def honest_traces(req: Request, count: int, modes: list[str], prompts: dict, traces: list[Trace], pure_port: bool,
+                  separate: bool, take, ref_traces: dict) -> list[Trace]:
+    """The honest ensemble's traces in every dtype but the reference's (parity.compare.noise), reusing the port's
+    own runs as the first member's where the port ran unchanged."""
+    honest: list[Trace] = []
+    ref_dtype = req.reference[1]
+    produced_modes = [p for m in modes for p in produced(m)]
+    for d in dict.fromkeys(req.dtypes) if count else ():
+        if d == ref_dtype:
+            continue  # the reference dtype's honest error is the reference's own: the table's floor decides
+        for m in members(count):
+            own = [dataclasses.replace(t, impl=m.impl) for t in traces  # the port already ran: reuse it
+                   if not m.options and pure_port and (t.impl, t.dtype) == (PORT, d) and t.mode in produced_modes]
+            if own and len(own) == len(produced_modes) * len(prompts):
+                honest += own
+                continue
+            # in separate processes the child builds the member: this process imports no framework
+            honest += take(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d, modes,
+                           ref_traces, checked=False)
+    return honest
 
 
 def decode_plan(req: Request, spec: GemmaSpec, prompts: dict[str, list[int]]) -> list[int]:
@@ -312,7 +330,6 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     first trace's. Weight-based probes and counterfactuals need the weights;
     without them those probes say "cannot tell".
     """
-    from parity.model.spec import GemmaSpec
 
     if not traces:
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
@@ -350,7 +367,6 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
         skipped={}, effective=effective, tolerances=table, weights=weights,
     )
-    from parity.diagnose.run import diagnose
 
     diagnose(report)
     return report

@@ -1,1 +1,3 @@
-"""Capture: resolve the implementations, run each in one dtype (in this process or another), and lay out what it computed as traces (prefill and decode)."""
+"""Capture: resolve the implementations, run each in one dtype (in this process or another), and lay out what
+it computed as traces (prefill and decode).
+"""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity.errors import ParityInputError
+from parity.errors import ImplementationError, ParityInputError
 from parity.model.spec import GemmaSpec
 from parity.model.taps import CACHE_TAPS, layer_of
 
@@ -109,8 +109,6 @@ def _cache_from_full(a: np.ndarray, spec: GemmaSpec, layer: int, P: int, S: int)
 
 def decode_rows(result, spec: GemmaSpec, P: int, S: int, impl: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """An adapter's DecodeResult in the decode layout, and the taps it declared or could not lay out."""
-    from parity.errors import ImplementationError
-
     steps = list(getattr(result, "steps", []) or [])
     if len(steps) != S:
         raise ImplementationError(impl, "decode()", f"returned {len(steps)} steps for {S} continuation tokens",

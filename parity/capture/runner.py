@@ -13,17 +13,20 @@ from parity.adapters.declared import Declared, declared
 from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
 from parity.capture.implementations import Selection, check_adapter, checked_impls
 from parity.model.spec import GemmaSpec
-from parity.capture.decode import DECODE, FULL
+from parity.capture.decode import DECODE, decode_rows, FULL, full_rows
 from parity.model.taps import decode_tap_order, layer_of, tap_names, tap_order
-from parity.capture.trace import ReducedTap, Trace, widen
-from parity.model.weights import Weights
+from parity.capture.trace import load_trace, ReducedTap, Trace, widen
+from parity.model.weights import load_weights, save_weights, Weights
+from parity.adapters import get_adapter
+from parity.adapters.base import RunResult
+from parity.model.weight_store import StoredTensors
+from parity.numerics.metrics import round_to
 
 Progress = Callable[[str], None]
 
 
 class Feed(Mapping):
     """tap -> the reference's input to it, read from the reference trace when asked (it may be a file)."""
-
     def __init__(self, ref: Trace, sources: dict[str, str]) -> None:
         self.ref, self.sources = ref, sources
 
@@ -151,9 +154,6 @@ def capture(
 def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,
                     ids: list[int], cont: list[int], mode: str, say) -> list[Trace]:
     """The full forward over prompt + continuation (decode-full) and, for `decode`, the decode itself."""
-    from parity.adapters.base import RunResult
-    from parity.capture.decode import decode_rows, full_rows
-
     impl = own.name
     P, S = len(ids), len(cont)
     tokens = list(ids) + list(cont)
@@ -229,7 +229,6 @@ def check_feed_used(impl: str, dtype: str, cumulative: Trace, isolated: Trace, r
     """
     import numpy as np
 
-    from parity.numerics.metrics import round_to
 
     feed = isolated_feed(spec, ref)
     checked, differs = 0, False
@@ -282,8 +281,6 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
     import tempfile
     from pathlib import Path
 
-    from parity.capture.trace import load_trace
-    from parity.model.weights import save_weights
 
     say = progress or (lambda _msg: None)
     with tempfile.TemporaryDirectory(prefix="parity-capture-") as tmp:
@@ -351,9 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from parity.adapters import get_adapter
-    from parity.capture.trace import load_trace
-    from parity.model.weights import load_weights
 
     checking = "--check" in (sys.argv[1:] if argv is None else argv)  # --check needs no capture arguments
     ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
@@ -466,7 +460,6 @@ def _has_no_spec(path: str) -> bool:
 
     if not Path(path).is_file():
         return False  # load_weights says it does not exist
-    from parity.model.weight_store import StoredTensors
 
     return "spec" not in StoredTensors(path).metadata
 

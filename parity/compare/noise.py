@@ -26,6 +26,9 @@ members), with an ensemble rather than one trusted run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from parity.adapters.litgpt_style import LitgptStyleAdapter
+from parity.compare.pairs import compare_all
+from parity.model.taps import family_of
 
 HONEST_IMPL = "honest"  # traces of the ensemble are labelled honest:<member>
 
@@ -40,7 +43,6 @@ class Member:
         return f"{HONEST_IMPL}:{self.label}"
 
     def adapter(self):
-        from parity.adapters.litgpt_style import LitgptStyleAdapter
         from parity.adapters.port_model import PortOptions
 
         return LitgptStyleAdapter(PortOptions(**dict(self.options)), name=self.impl)
@@ -80,7 +82,6 @@ def __getattr__(name: str):
 @dataclass
 class NoiseModel:
     """(dtype, mode, prompt, tap) -> the largest honest statistic, and which member made it."""
-
     members: tuple[str, ...] = ()
     stats: dict[tuple[str, str, str, str], tuple[float, str]] = field(default_factory=dict)
 
@@ -107,8 +108,6 @@ class NoiseModel:
 
     def summary(self) -> dict:
         """Per dtype and mode, per tap family: the largest honest statistic (for report.json and the README)."""
-        from parity.model.taps import family_of
-
         out: dict = {}
         for (dtype, mode, _prompt, tap), (v, _who) in self.stats.items():
             fam = family_of(tap)
@@ -120,7 +119,6 @@ class NoiseModel:
 def measure(refs: dict, traces: list, table, ref_full: dict | None = None) -> NoiseModel:
     """The noise model from the members' traces (compared with the reference as any run is: decode traces
     with the reference's full forward and with their own, parity.compare.pairs.compare_all)."""
-    from parity.compare.pairs import compare_all
 
     model = NoiseModel(members=tuple(dict.fromkeys(t.impl for t in traces)))
     model.add(compare_all(refs, ref_full or {}, traces, table))

@@ -25,7 +25,7 @@ import numpy as np
 
 from parity.errors import ParityInputError
 from parity.numerics.metrics import compare_arrays, logit_metrics, rms, row_norms
-from parity.model.taps import layer_of
+from parity.model.taps import decode_tap_order, layer_of
 from parity.numerics.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance, growth
 from parity.capture.decode import DECODE, FULL, SELF
 from parity.capture.trace import ReducedTap, Trace, reduce_at
@@ -382,8 +382,6 @@ def ratio(x: float) -> str:
 
 def forward_order(spec) -> dict:
     """tap -> its place in forward order (decode traces' cache taps included)."""
-    from parity.model.taps import decode_tap_order
-
     return {t: i for i, t in enumerate(decode_tap_order(spec))}
 
 

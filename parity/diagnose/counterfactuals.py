@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.model.spec import GemmaSpec
+from parity.model.spec import GemmaSpec, truncate
+from parity.adapters.litgpt_style import LitgptStyleAdapter
+from parity.capture.runner import capture
+from parity.compare.pairs import compare_trace, used
+from parity.diagnose.probes import layer_norms
+from parity.model.taps import layer_of
+from parity.model.weights import canonical_shapes
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,6 @@ class Counterfactual:
         return dataclasses.replace(weights, tensors=t, _hash=None)
 
     def adapter(self):
-        from parity.adapters.litgpt_style import LitgptStyleAdapter
         from parity.adapters.port_model import PortOptions
 
         return LitgptStyleAdapter(PortOptions(**dict(self.options)), dict(self.spec_changes), name=f"cf:{self.label}",
@@ -127,8 +132,6 @@ def swap_candidates(spec: GemmaSpec, layer: int, weights) -> list[Counterfactual
     across layers: each of its tensors with the same tensor of another layer. Only for weights in memory
     (stored real-size weights would need a copy to exchange two tensors).
     """
-    from parity.diagnose.probes import layer_norms
-    from parity.model.weights import canonical_shapes
 
     if getattr(weights, "stored", True):
         return [Counterfactual("qkv-order", "fused q/k/v stacked [Q; K; V] instead of per kv group",
@@ -171,14 +174,9 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     bounds as the verdict (the honest noise where there is a noise model): <= 1
     means re-running the port with that change brings the error into honest noise.
     """
-    from parity.capture.runner import capture
-    from parity.compare.pairs import compare_trace
-    from parity.model.taps import layer_of
-    from parity.compare.pairs import used
 
     import dataclasses
 
-    from parity.model.spec import truncate
 
     layer = layer_of(until_tap)
     last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
@@ -202,7 +200,6 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
         return max(used(r) for r in rs) if rs else None
 
-    from parity.adapters.litgpt_style import LitgptStyleAdapter
 
     # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
     baseline = score(LitgptStyleAdapter(name="cf:unchanged"))

@@ -27,14 +27,16 @@ import math
 import numpy as np
 
 from parity.capture.decode import DECODE, FULL, SELF, visible
+from parity.capture.runner import capture
+from parity.compare.pairs import compare_trace, first_key, forward_order, used
+from parity.diagnose.counterfactuals import Counterfactual, decode_candidates
+from parity.model.spec import truncate
 
 SHIFTS = (-3, -2, -1, 1, 2, 3)  # rotary offsets a position bug makes
 
 
 def diagnose_decode(report) -> list[dict]:
     """One entry per failing decode run (mode decode or decode-self), explaining its first divergence."""
-    from parity.compare.pairs import first_key, forward_order
-
     order = forward_order(report.spec)
     entries = []
     for run in report.runs:
@@ -238,10 +240,6 @@ def counterfactual(report, dec, first, order) -> dict:
     """The decode-path fault whose port decode reproduces `dec` through the first divergent step and layer."""
     import dataclasses
 
-    from parity.capture.runner import capture
-    from parity.compare.pairs import compare_trace
-    from parity.diagnose.counterfactuals import decode_candidates
-    from parity.model.spec import truncate
 
     spec, weights = report.spec, report.weights
     layer = first.layer
@@ -270,11 +268,9 @@ def counterfactual(report, dec, first, order) -> dict:
         ours = head(next(t for t in got if t.mode == DECODE))
         ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
         rs = compare_trace(ours, mine, report.tolerances, DECODE, report.noise)
-        from parity.compare.pairs import used
 
         return max((used(r) for r in rs), default=None)
 
-    from parity.diagnose.counterfactuals import Counterfactual
 
     baseline = score(Counterfactual("none", "unchanged port"))
     if baseline is not None and baseline <= 1.0:

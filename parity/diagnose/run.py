@@ -11,9 +11,10 @@ diagnosis says so ("unexplained") rather than guess.
 from __future__ import annotations
 
 from parity.diagnose.causes import NOTE_CAUSES
-from parity.compare.pairs import DECODE_MODES
+from parity.compare.pairs import DECODE_MODES, ratio, used
 from parity.diagnose.probes import run_probes
 from parity.model.taps import tap_order
+from parity.diagnose.counterfactuals import explain
 
 # a different rounding order, not a different function: named, reported, never failed on its own
 PRECISION_ONLY = NOTE_CAUSES
@@ -103,9 +104,6 @@ def trace_for(report, impl, dtype, prompt):
 
 
 def _counterfactual(report, trace, first, order) -> dict:
-    from parity.diagnose.counterfactuals import explain
-
-    from parity.compare.pairs import ratio, used
 
     where = (f"first divergence at {first.tap} ({ratio(used(first))} of its bound: needs {first.stat:.3g} x row RMS, "
              f"allowed {first.bound:.3g}, {first.basis})")

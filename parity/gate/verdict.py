@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from parity.compare.pairs import first_key, forward_order, ratio, used  # noqa: F401 -- the verdict's numbers
+from parity.model.taps import family_of
 
 PASS, FAIL, WAIVED = "PASS", "FAIL", "WAIVED"
 
@@ -35,7 +36,6 @@ class RunVerdict:
         """`N tap(s) not compared: family (reason); ...`, grouped by tap family and reason."""
         if not self.not_compared:
             return ""
-        from parity.model.taps import family_of
 
         groups: dict = {}
         for tap, why in self.not_compared:

@@ -82,6 +82,8 @@ from typing import NamedTuple
 import numpy as np
 
 from parity.model.spec import GemmaSpec
+from parity.model.canonical import canonical_shapes
+from parity.model.tensor_file import bf16_bits, bf16_to_f32
 
 NAME = "trained-like"
 BOS_PEAK = 800.0  # BOS's channel c over the other elements' RMS, after the sqrt(hidden) scale
@@ -101,8 +103,6 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
 
 def trained_like(spec: GemmaSpec, seed: int) -> dict[str, np.ndarray]:
     """Every canonical tensor of `spec` in the trained-like profile (float32, bfloat16-exact)."""
-    from parity.model.canonical import canonical_shapes
-
     return {name: trained_like_tensor(spec, name, shape, seed) for name, shape in canonical_shapes(spec).items()}
 
 
@@ -114,8 +114,6 @@ def trained_like_tensor(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed
 
 def tensor_blocks(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int, rows: int) -> Iterator[np.ndarray]:
     """float32 blocks of `rows` rows of the trained-like tensor `name`, in order (the same values for any `rows`)."""
-    from parity.model.tensor_file import bf16_bits, bf16_to_f32
-
     def rounded(a: np.ndarray) -> np.ndarray:
         return bf16_to_f32(bf16_bits(a.astype(np.float32)))
 
@@ -142,8 +140,6 @@ def _loguniform(rng: np.random.Generator, lo_hi: tuple[float, float], n: int | N
 
 def _rounded_scale(g: np.ndarray) -> np.ndarray:
     """(1 + w) as it will be stored: w rounded to bfloat16."""
-    from parity.model.tensor_file import bf16_bits, bf16_to_f32
-
     return 1.0 + bf16_to_f32(bf16_bits((g - 1.0).astype(np.float32))).astype(np.float64)
 
 
@@ -236,7 +232,6 @@ def _gelu_sq(var: float) -> float:
 # ------------------------------------------------------------------ the sink
 class _Sink(NamedTuple):
     """The solved magnitudes of one layer's sink construction."""
-
     q_d: float  # W_q[pair, d]
     k_c: float  # W_k[pair, c]
     k_d: float  # -W_k[pair, d]

@@ -32,6 +32,7 @@ from parity.model.spec import GemmaSpec
 from parity.model.tensor_file import (  # noqa: F401 -- CHUNK_ELEMENTS: re-exported for existing callers
     CHUNK_ELEMENTS, StoredTensors, _rows_per_block, bf16_bits, bf16_to_f32, numpy_dtype, write_safetensors,
 )
+from parity.model.weights import canonical_shapes, check_profile, param_count, random_source, random_tensor, Weights
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PARITY_CACHE") or Path.home() / ".cache" / "parity")
@@ -42,7 +43,6 @@ def _random_blocks(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec
                    profile: str = "default"):
     """float32 blocks of rows equal to `weights.random_tensor(name, shape, seed)`, generated in order
     (for the trained-like profile: to `weight_profiles.trained_like_tensor(spec, name, shape, seed)`)."""
-    from parity.model.weights import random_tensor
 
     if profile != "default":
         from parity.model.weight_profiles import tensor_blocks
@@ -71,7 +71,6 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     Tensors are written in sorted name order so the SHA-256 of their float32
     values (`Weights.hash`) is computed on the way, without a second pass.
     """
-    from parity.model.weights import canonical_shapes, random_source
 
     shapes = dict(sorted(canonical_shapes(spec).items()))
     h = hashlib.sha256()
@@ -96,7 +95,6 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
 def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile: str = "default"):
     """The seeded random weights of `spec` (in `profile`), generated into the cache on first use, then read
     from there. A profile other than the default is named in the file name: the two never collide."""
-    from parity.model.weights import Weights, check_profile, param_count, random_source
 
     suffix = "" if check_profile(profile) == "default" else f"-{profile}"
     path = cache_dir() / "weights" / f"{spec_digest(spec)}-seed{seed}{suffix}.safetensors"

@@ -1,2 +1,3 @@
 """The arithmetic every stage shares: the dtypes' formats and every per-dtype table (tolerances), and the error
-statistics (metrics). Imports nothing of parity but its errors."""
+statistics (metrics). Imports nothing of parity but its errors.
+"""

@@ -1,1 +1,3 @@
-"""Report: the terminal, report.json, report.md and report.html, and the `python -m parity.report` command line."""
+"""Report: the terminal, report.json, report.md and report.html, and the `python -m parity.report` command
+line.
+"""

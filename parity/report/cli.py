@@ -16,6 +16,14 @@ import time
 from pathlib import Path
 
 from parity.errors import ImplementationError, ParityInputError, cli_flag
+from parity.harness import Request
+from parity.model.presets import resolve_spec
+from parity.model.prompts import parse_tokens, text_to_tokens
+from parity.model.taps import parse_layers
+from parity.model.weights import load_weights
+from parity.numerics.tolerances import load_overrides
+from parity.report.html import to_html
+from parity.report.render import to_json, to_markdown
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,13 +91,6 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def build_request(args):
-    from parity.harness import Request
-    from parity.model.prompts import parse_tokens, text_to_tokens
-    from parity.model.presets import resolve_spec
-    from parity.model.taps import parse_layers
-    from parity.numerics.tolerances import load_overrides
-    from parity.model.weights import load_weights
-
     ckpt_dir = None
     if args.weights_profile and (args.weights or args.checkpoint):
         raise ParityInputError(f"--weights-profile {args.weights_profile} shapes the seeded random weights, but "
@@ -169,9 +170,6 @@ def check_out_dir(out: str) -> Path:
 
 def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
     """Render everything first, then move the files into place: never a half-written report."""
-    from parity.report.html import to_html
-    from parity.report.render import to_json, to_markdown
-
     data = to_json(report)
     if taps:
         from parity.model.taps import select_taps
@@ -283,7 +281,6 @@ def _log_failure(out: Path | None, text: str) -> Path | None:
 
 class _progress:
     """One transient status line on a terminal; plain lines to a log otherwise."""
-
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
 
