@@ -188,6 +188,10 @@ def _cache(spec, dec, truth, s, layer, tol) -> tuple[str, str] | None:
             return "cache-window", (f"layer {layer}'s cache lacks position {at[0]} at position {p}, the window's "
                                     f"edge (window {w}): it keeps one key too few")
         return "cache-stale", f"layer {layer}'s cache holds no entry for position(s) {at[:4]} at position {p}"
+    blank = [int(pos[j]) for j in bad if not np.any(k[:, j]) and (v is None or not np.any(v[:, j]))]
+    if blank:  # a preallocated slot the update never wrote (the update index off, or the write skipped)
+        return "cache-stale", (f"layer {layer}'s cache slot for position(s) {blank[:4]} still holds zeros at position "
+                               f"{p}: never written")
     keys = _all_positions(spec, truth, layer, "k")
     vals = _all_positions(spec, truth, layer, "v")
     for j in bad:
