@@ -37,6 +37,20 @@ CONTINUATION_SEED = 4321
 INTERNAL = ("attn.scores", "attn.probs")
 
 
+def parse_steps(text: str) -> int | str:
+    """The decode option's value as the command line and the plugin take it: `N` (>= 0) or `auto`."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ParityInputError(f"{{option}} {text!r} is not a step count; give N >= 0 or 'auto'", option="decode")
+    return n
+
+
 def auto_steps(spec: GemmaSpec) -> int:
     """Twice the longest sliding window plus two: every ring buffer wraps at least once past any prompt."""
     windows = [spec.window_for(i) for i in range(spec.num_layers)]

@@ -122,8 +122,7 @@ def capture(
                 feed = isolated_feed(spec, references[name])
             with _phase(impl, dtype, f"run() ({mode}, prompt {name!r})"):
                 result = adapter.run(model, ids, feed=feed)
-            unavailable = dict(own.cannot)
-            unavailable.update(getattr(result, "unavailable", {}) or {})
+            unavailable = _declared_unavailable(own, getattr(result, "unavailable", None))
             check_contract(impl, dtype, mode, spec, result, unavailable)
             order = [t for t in tap_order(spec) if t in result.taps]
             extra = [t for t in result.taps if t not in order]  # attention internals etc.
@@ -163,8 +162,7 @@ def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Wei
     kw = {"cache_taps": True} if own.full_cache_taps else {}
     with _phase(impl, dtype, f"run() (decode-full, prompt {name!r})"):
         result = adapter.run(model, tokens, **kw)
-    unavailable = dict(own.cannot)
-    unavailable.update(getattr(result, "unavailable", {}) or {})
+    unavailable = _declared_unavailable(own, getattr(result, "unavailable", None))
     check_contract(impl, dtype, FULL, spec, result, unavailable, cache=True)
     order = {t: i for i, t in enumerate(decode_tap_order(spec))}
     forward = lambda taps: {k: widen(taps[k]) for k in sorted(taps, key=lambda k: order.get(k, 10**6))}  # noqa: E731
@@ -178,13 +176,16 @@ def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Wei
     say(f"{adapter.name} {dtype} decode: prompt {name!r}, then {S} steps through its cache")
     with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
         result = adapter.decode(model, list(ids), list(cont))
-    with _phase(impl, dtype, f"decode() (prompt {name!r}, {S} steps)"):
         rows, unavailable = decode_rows(result, spec, P, S, f"{impl}@{dtype}")
-    said = dict(own.cannot)
-    said.update(unavailable)
+    said = _declared_unavailable(own, unavailable)
     check_contract(impl, dtype, DECODE, spec, RunResult(rows), said, cache=True)
     dec = Trace(**meta, mode=DECODE, taps=forward(rows), unavailable=said)
     return [full, dec]
+
+
+def _declared_unavailable(own: Declared, returned: dict | None) -> dict[str, str]:
+    """The taps an implementation cannot give: its class's `cannot`, then what this run's result declares."""
+    return {**own.cannot, **(returned or {})}
 
 
 def check_contract(impl: str, dtype: str, mode: str, spec: GemmaSpec, result, unavailable: dict,

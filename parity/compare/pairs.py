@@ -366,11 +366,16 @@ def _reduced_logit_metrics(a: ReducedTap, e: ReducedTap, rows: np.ndarray) -> di
 # ------------------------------------------------------------- the numbers every verdict and diagnosis reads
 def used(r) -> float:
     """How much of its bound a tap used: its statistic over the bound (inf when nothing could be compared)."""
-    if not math.isfinite(r.stat):
+    return share(r.stat, r.bound)
+
+
+def share(stat: float, bound: float) -> float:
+    """A statistic (a tap's, or one decode step's) as a share of its bound."""
+    if not math.isfinite(stat):
         return math.inf
-    if r.bound <= 0:
-        return 0.0 if r.stat == 0 else math.inf
-    return r.stat / r.bound
+    if bound <= 0:
+        return 0.0 if stat == 0 else math.inf
+    return stat / bound
 
 
 def ratio(x: float) -> str:

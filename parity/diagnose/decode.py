@@ -119,7 +119,7 @@ def _rms(x) -> float:
 
 
 def _rope_shift(dec, truth, s, tol) -> str | None:
-    a, ref = _row(dec, "rope.cos", s), truth.taps.get("rope.cos") if "rope.cos" in truth.taps else None
+    a, ref = _row(dec, "rope.cos", s), truth.taps.get("rope.cos")
     if a is None or ref is None:
         return None
     ref = np.asarray(ref, np.float64)

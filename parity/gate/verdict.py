@@ -7,10 +7,9 @@ anything on its own. Numbers shown to people are formatted here too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from parity.compare.pairs import first_key, forward_order, ratio, used  # noqa: F401 -- the verdict's numbers
+from parity.compare.pairs import first_key, forward_order, ratio, share, used  # noqa: F401 -- the verdict's numbers
 from parity.model.taps import family_of
 
 PASS, FAIL, WAIVED = "PASS", "FAIL", "WAIVED"
@@ -154,7 +153,6 @@ def step_errors(report) -> dict[tuple[str, str, str], list[float]]:
         if len(row) < len(r.steps):
             row += [0.0] * (len(r.steps) - len(row))
         for s, x in enumerate(r.steps):
-            u = math.inf if not math.isfinite(x) else (x / r.bound if r.bound > 0 else (0.0 if x == 0 else math.inf))
-            row[s] = max(row[s], u)
+            row[s] = max(row[s], share(x, r.bound))
     return out
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from parity.capture.decode import parse_steps
 from parity.errors import ImplementationError, ParityInputError, cli_flag
 from parity.harness import Request
 from parity.model.presets import resolve_spec
@@ -133,21 +134,9 @@ def build_request(args):
         trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
         raw_logits=args.raw_logits,
         weights_profile=args.weights_profile or "default",
-        decode=_decode_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
+        decode=parse_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
         else None,
     )
-
-
-def _decode_steps(text: str) -> int | str:
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ParityInputError(f"--decode {text!r} is not a step count; give N >= 0 or 'auto'")
-    return n
 
 
 _CREATED: list[Path] = []  # directories check_out_dir made, removed again if bad input follows

@@ -198,9 +198,10 @@ class ParitySession:
             from parity.harness import run
             from parity.gate.waivers import apply_waivers
 
-            text = self.config.getoption("--parity-decode").strip()
-            steps = "auto" if text == "auto" else int(text) if text.lstrip("-").isdigit() else text
+            from parity.capture.decode import parse_steps
+
             try:
+                steps = parse_steps(self.config.getoption("--parity-decode"))
                 report = run(dataclasses.replace(self.request(), mode="cumulative", decode=steps))
             except ParityInputError as e:
                 pytest.fail(message(e), pytrace=False)
