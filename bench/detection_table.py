@@ -1,6 +1,6 @@
 """Write the fault detection table (fault x dtype x weight profile: detected / located / named, and the margin).
 
-    python bench/detection_table.py            # prints it and rewrites the README section
+    python bench/detection_table.py            # prints it and rewrites the section in docs/diagnosis.md
 
 The same faults the test suite injects (tests/faults.py), through the same harness, on the
 default seeded weights and on the trained-like profile. The margin is the first divergent
@@ -36,7 +36,7 @@ def cell(f, dtype: str, profile: str) -> str:
 
 
 def table_text(rows: list[str]) -> str:
-    """The README section: the header, one row per fault, and what the cells and exemptions mean."""
+    """The docs/diagnosis.md section: the header, one row per fault, and what the cells and exemptions mean."""
     head = " | ".join(f"{d} {p}" for d, p in CELLS)
     exempt = sorted({f"{f.name} in {d}" for f in FAULTS for d in f.exempt})
     why = sorted({why for f in FAULTS for why in f.exempt.values()})
@@ -53,7 +53,7 @@ def main() -> None:
         rows.append(f"| `{f.cause}` | {f.name} ({f.spec}) | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     table = table_text(rows)
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "diagnosis.md"
     text = readme.read_text()
     if START in text and "--print" not in sys.argv:
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda m: f"{START}\n{table}\n{END}", text,
