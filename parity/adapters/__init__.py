@@ -14,7 +14,9 @@ from parity.adapters.registry import (
     get_adapter,
     installed,
     known_names,
+    listing,
 )
 
 __all__ = ["BUILTINS", "DEFAULT_IMPLS", "Builtin", "backend_missing", "default_impls", "frameworks", "get_adapter",
-           "installed", "known_names"]
+           "installed", "known_names",
+           "listing"]

@@ -80,6 +80,12 @@ def installed(name: str) -> bool:
     return not BUILTINS[name].absent()
 
 
+def listing() -> str:
+    """The built-ins for --help: each name, a missing one marked, and the default list."""
+    names = ", ".join(n if installed(n) else f"{n} (not installed)" for n in BUILTINS)
+    return f"built-ins: {names}; default: every installed one of {', '.join(default_impls())}"
+
+
 def frameworks() -> frozenset[str]:
     """Every framework a built-in runs on: the packages only parity/adapters/ may import."""
     return frozenset(f for b in BUILTINS.values() for f in b.frameworks)
