@@ -1,12 +1,27 @@
-"""The layering, checked: no import circle among parity's modules (function-local imports included), and no
-framework imported outside parity/adapters/. The scan is shown failing on a package that breaks each rule."""
+"""The layering, checked: no import circle among parity's modules (function-local imports included), no
+framework imported outside parity/adapters/, and each built-in's adapter importing only the frameworks its
+registry line declares. The frameworks are the registry's (parity.adapters.registry.frameworks()), never a copy
+kept here. The scan is shown failing on a package that breaks each rule."""
 
 import ast
+import importlib.util
 from pathlib import Path
 
-FRAMEWORKS = {"torch", "jax", "jaxlib", "keras", "keras_hub", "keras_nlp", "tensorflow", "transformers", "litgpt",
-              "flax"}
+from parity.adapters.registry import BUILTINS, Builtin, frameworks as registry_frameworks
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported(tree: ast.AST) -> list[str]:
+    """Every absolute module name a parsed file imports, function-local imports included (`from m import a`
+    gives m and m.a: a may be a module)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return out
 
 
 def import_graph(root: Path, package: str = "parity") -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -17,21 +32,15 @@ def import_graph(root: Path, package: str = "parity") -> tuple[dict[str, set[str
         mods[name] = f
     graph: dict[str, set[str]] = {m: set() for m in mods}
     frameworks: dict[str, set[str]] = {}
+    known = registry_frameworks()  # read now: the live registry, a test's toy entry included
     for m, f in mods.items():
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            for t in targets:
-                if t.split(".")[0] in FRAMEWORKS:
-                    frameworks.setdefault(m, set()).add(t.split(".")[0])
-                while t and t not in mods:
-                    t = t.rpartition(".")[0]
-                if t and t != m and not m.startswith(t + "."):  # a module reaching into its own package is not a cycle
-                    graph[m].add(t)
+        for t in imported(ast.parse(f.read_text())):
+            if t.split(".")[0] in known:
+                frameworks.setdefault(m, set()).add(t.split(".")[0])
+            while t and t not in mods:
+                t = t.rpartition(".")[0]
+            if t and t != m and not m.startswith(t + "."):  # a module reaching into its own package is not a cycle
+                graph[m].add(t)
     return graph, frameworks
 
 
@@ -69,6 +78,38 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def outside_adapters(frameworks: dict[str, set[str]], package: str = "parity") -> dict[str, set[str]]:
     return {m: fw for m, fw in frameworks.items() if not m.startswith(f"{package}.adapters")}
+
+
+def _source(module: str) -> Path | None:
+    """The .py file of `module` (its package's __init__.py for a package), or None: not a module here."""
+    try:
+        spec = importlib.util.find_spec(module)  # imports the parent packages only: parity.adapters is light
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def undeclared(entry: Builtin) -> dict[str, set[str]]:
+    """module -> the frameworks it imports that `entry` does not declare, over every module its adapter runs:
+    the factory's module, and what it imports from its own package and from parity.adapters (shared helpers
+    such as torch_hooks), followed transitively."""
+    start = entry.factory.partition(":")[0]
+    own = start.rpartition(".")[0] or start
+    known = registry_frameworks() | set(entry.frameworks)
+    todo, seen, out = [start], set(), {}
+    while todo:
+        mod = todo.pop()
+        path = _source(mod)
+        if mod in seen or path is None:
+            continue
+        seen.add(mod)
+        for t in imported(ast.parse(path.read_text())):
+            top = t.split(".")[0]
+            if top in known and top not in entry.frameworks:
+                out.setdefault(mod, set()).add(top)
+            if t.startswith(("parity.adapters.", f"{own}.")):
+                todo.append(t)
+    return out
 
 
 # the stages in the order data flows through them; a module may import its own stage and earlier ones only
@@ -132,6 +173,17 @@ def test_parity_has_no_import_circle():
 def test_frameworks_are_imported_only_in_adapters():
     _, frameworks = import_graph(ROOT)
     assert outside_adapters(frameworks) == {}
+
+
+def test_each_builtin_declares_the_frameworks_its_adapter_imports():
+    assert {b.name: undeclared(b) for b in BUILTINS.values()} == {b: {} for b in BUILTINS}
+    assert {"torch", "transformers", "keras", "jax", "litgpt"} <= registry_frameworks()
+
+
+def test_the_declaration_check_fails_on_an_adapter_importing_more_than_it_declares():
+    hf = BUILTINS["hf"]
+    wrong = Builtin(hf.name, hf.factory, ("torch",), hf.missing)  # hf without transformers
+    assert undeclared(wrong) == {"parity.adapters.hf": {"transformers"}}
 
 
 def test_the_scan_fails_on_a_circle_and_on_a_framework_outside_adapters(tmp_path):

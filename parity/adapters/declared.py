@@ -1,7 +1,7 @@
-"""What an adapter declares beyond the required members, read in one place with the documented defaults.
+"""What an adapter has, read in one place: its required members, and its optional ones with the documented defaults.
 
-Adapters may be duck-typed (any object with `name`, `version`, `check`,
-`build`, `run`; parity.adapters.get_adapter refuses one without them), so an
+Adapters may be duck-typed (any object with the REQUIRED members;
+parity.adapters.get_adapter refuses a user's adapter without them), so an
 optional member can be absent; its default here is the one parity.adapters.base
 documents, and the rest of parity reads `declared(adapter)` instead of probing.
 """
@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
+
+REQUIRED = ("name", "version", "check", "build", "run")  # parity.adapters.base.Adapter's abstract interface
+
+
+def missing_members(adapter) -> list[str]:
+    """The required members `adapter` lacks, in REQUIRED's order."""
+    return [m for m in REQUIRED if not hasattr(adapter, m)]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import inspect
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
-from parity.errors import BackendMissing, ParityInputError, Unsupported
+from parity.adapters.registry import backend_missing
+from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec, to_hf_config
 from parity.model.taps import expand_tap_map
 from parity.model.weights import Weights, map_weights, parts
@@ -103,7 +104,7 @@ class HFAdapter(Adapter):
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise BackendMissing("implementation 'hf' needs transformers: pip install 'transformers>=4.42'") from None
+            raise backend_missing(self.name, "transformers") from None
         fixed = {  # what HF's Gemma classes hard-code; a spec asking otherwise cannot be built here
             "norm_unit_offset": True, "embed_scale": True, "embed_scale_dtype": "activation",
             "norm_placement": "pre" if spec.family == 1 else "sandwich",

@@ -61,8 +61,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
+from parity.adapters.registry import backend_missing
 from parity.formats.litgpt import FUSED, QKV_TARGET, fuse_qkv  # noqa: F401 -- the old import path of both
-from parity.errors import BackendMissing, ParityInputError, Unsupported
+from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec, gemma_layer_types
 from parity.model.taps import expand_tap_map, tap_names
 from parity.model.weights import Weights, map_weights
@@ -101,7 +102,7 @@ def _litgpt():
         import litgpt
         import litgpt.model  # noqa: F401
     except ImportError:
-        raise BackendMissing("implementation 'litgpt' needs the litgpt package: pip install litgpt") from None
+        raise backend_missing("litgpt", "litgpt") from None
     return litgpt
 
 

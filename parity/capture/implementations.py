@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.adapters import DEFAULT_IMPLS, get_adapter
+from parity.adapters import default_impls, get_adapter
 from parity.adapters.declared import declared
 from parity.errors import BackendMissing, ParityInputError, Unsupported, phase
 from parity.model.spec import GemmaSpec
@@ -32,16 +32,16 @@ def _adapter(req, name: str):
 
 def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
     """(name, adapter) pairs to run, each checked against `req.spec` in every dtype, and the defaults skipped
-    because their backend is missing or they cannot build the spec."""
+    because their backend is missing (the registry's message) or they cannot build the spec."""
     explicit = req.impls is not None
-    names = list(req.impls) if explicit else list(DEFAULT_IMPLS)
+    names = list(req.impls) if explicit else default_impls()
     seen, out, skipped = set(), [], {}
     for name in names:
         if name in seen:
             continue
         seen.add(name)
-        adapter = _adapter(req, name)
         try:
+            adapter = _adapter(req, name)
             for d in req.dtypes or ["float32"]:
                 check_adapter(adapter, req.spec, d)
         except (BackendMissing, Unsupported) as e:

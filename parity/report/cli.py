@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from parity.adapters import listing
 from parity.capture.decode import parse_steps
 from parity.errors import ImplementationError, ParityInputError, cli_flag
 from parity.harness import Request
@@ -41,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory (HuggingFace, keras-hub preset, "
                                                        "or litgpt with lit_model.safetensors): gives the spec and "
                                                        "the weights; pickled checkpoints are refused")
-    p.add_argument("--impls", help="comma-separated implementations (default: every installed built-in); "
-                                   "names, entry points or module:factory")
+    p.add_argument("--impls", help=f"comma-separated implementations: names, entry points or module:factory "
+                                   f"({listing()})")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (float64,float32,bfloat16,float16)")
     p.add_argument("--layers", default="all", help="'all' or indices and ranges, e.g. 0,2-3")
     p.add_argument("--taps", help="comma-separated glob patterns over tap names, e.g. 'layers.*.mlp.act,logits'")

@@ -5,7 +5,7 @@
 - readback.py: what the built model computes, read off its layers (`effective`, `differences`);
 - keras-hub's format, names, layouts and options both ways, lives without keras in parity.formats.keras_hub.
 
-The registry (parity.adapters.BUILTIN) and users import `parity.adapters.keras_hub.KerasAdapter`; the
+The registry (parity.adapters.registry.BUILTINS) and users import `parity.adapters.keras_hub.KerasAdapter`; the
 format's names stay importable from here too.
 """
 

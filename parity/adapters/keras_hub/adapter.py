@@ -42,7 +42,8 @@ import numpy as np
 from parity.adapters.base import DTYPES, Adapter, DecodeResult, DecodeStep, RunResult
 from parity.adapters.keras_hub import readback
 from parity.adapters.keras_hub.recording import COS, GELU, REVERSE, Inline, Recorder, call_order
-from parity.errors import BackendMissing, ParityInputError, Unsupported
+from parity.adapters.registry import backend_missing
+from parity.errors import ParityInputError, Unsupported
 from parity.formats.keras_hub import backbone_kwargs, class_names, inexpressible, name_map
 from parity.formats.keras_hub import to_layout as keras_layout
 from parity.model.spec import GemmaSpec
@@ -167,11 +168,7 @@ class KerasAdapter(Adapter):
                 with _quiet_stderr():  # TensorFlow's and XLA's C++ start-up lines, written before any log level
                     import keras
             except ImportError as e:
-                pkg = BACKENDS[self.backend]
-                raise BackendMissing(
-                    f"{self.name}: cannot import keras on the {self.backend!r} backend ({e}); "
-                    f"pip install keras-hub {pkg}"
-                ) from None
+                raise backend_missing(self.name, f"keras on the {self.backend!r} backend ({e})") from None
         try:
             with _quiet_stderr():
                 import keras_hub as hub
@@ -179,7 +176,7 @@ class KerasAdapter(Adapter):
             try:
                 import keras_nlp as hub
             except ImportError:
-                raise BackendMissing(f"{self.name}: keras-hub is not installed; pip install keras-hub") from None
+                raise backend_missing(self.name, "keras-hub") from None
         if self.backend == "torch":
             from parity.adapters.torch_setup import configure
 
@@ -204,7 +201,7 @@ class KerasAdapter(Adapter):
             import importlib.util
 
             if not (importlib.util.find_spec("keras_hub") or importlib.util.find_spec("keras_nlp")):
-                raise BackendMissing(f"{self.name}: keras-hub is not installed; pip install keras-hub")
+                raise backend_missing(self.name, "keras-hub")
             return
         self._import()
 
