@@ -1,6 +1,5 @@
-"""`parity.taps` moved to `parity.model.taps`; this path keeps users' imports working."""
+"""`parity.taps` moved to `parity.model.taps` and goes in 0.3.0: each name read here warns (parity._deprecated)."""
 
-from parity.model.taps import *  # noqa: F401,F403
-from parity.model.taps import __dict__ as _moved
+from parity._deprecated import moved
 
-globals().update({k: v for k, v in _moved.items() if not k.startswith('__')})
+moved(__name__)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.litgpt_style import PortOptions
+from parity.adapters.port_model import PortOptions
 
 
 class PatchedHF(HFAdapter):

@@ -14,7 +14,7 @@ import pytest
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.litgpt_style import PortOptions
+from parity.adapters.port_model import PortOptions
 from parity.model.presets import resolve_spec
 from parity.model.prompts import default_prompts
 from parity.model.taps import layer_of, tap_order

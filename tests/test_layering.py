@@ -117,8 +117,8 @@ STAGES = ("numerics", "model", "formats", "adapters", "capture", "compare", "dia
           "suite")
 LEVEL = {"numerics": 0, "model": 1, "formats": 1, "adapters": 2, "capture": 3, "compare": 4, "diagnose": 5,
          "gate": 6, "harness": 7, "report": 8, "suite": 9}
-CORE = {"errors"}  # below every stage
-SHIMS = {"spec", "weights", "taps", "trace", "checks", "presets", "litgpt_style"}  # old paths, for users' imports
+CORE = {"errors", "_deprecated"}  # below every stage
+SHIMS = {"weights", "taps"}  # old paths, deprecated (parity._deprecated.MOVED)
 
 
 def level_of(module: str, package: str = "parity") -> int | None:

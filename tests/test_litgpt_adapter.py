@@ -103,7 +103,7 @@ def test_float32_agrees_with_the_float64_port_at_every_tap(lit, case, name):
 def test_bfloat16_rounds_the_norm_offset(lit, case, name):
     """litgpt computes (1 + w) in the parameter dtype: norm-unit-offset-lowp, visible at the first norm."""
     from parity.adapters.litgpt_style import LitgptStyleAdapter
-    from parity.litgpt_style import PortOptions
+    from parity.adapters.port_model import PortOptions
 
     spec, w, tokens, ref = case(name)
     supported(lit, spec)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PORTS = """
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.litgpt_style import PortOptions
+from parity.adapters.port_model import PortOptions
 
 
 def good():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.litgpt_style import causal_mask
+from parity.adapters.port_model import causal_mask
 from parity.model.presets import PRESETS
 from parity.diagnose.probes import (MIN_TRUSTED, agreement, gelu_exact, gelu_tanh, probe_attention_mask, probe_geglu,
                            probe_gelu, probe_rmsnorm, probe_softmax)
@@ -107,7 +107,7 @@ def test_mask_probe_on_the_real_port_in_fp16_probabilities_only():
     """The port itself, right and with a window one too narrow, its scores tap withheld as HF withholds it."""
     from parity.adapters.litgpt_style import LitgptStyleAdapter
     from parity.harness import Request, run
-    from parity.litgpt_style import PortOptions
+    from parity.adapters.port_model import PortOptions
     from parity.model.prompts import default_prompts
 
     narrow = LitgptStyleAdapter(PortOptions(), {"sliding_window": 15}, name="window-15")

@@ -4,7 +4,7 @@ Factories here are also loadable through `--impls tests.variants:<name>`.
 """
 
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.litgpt_style import PortOptions
+from parity.adapters.port_model import PortOptions
 
 
 def exact_gelu():

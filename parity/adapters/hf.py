@@ -408,7 +408,10 @@ def tokenize(text: str, directory: str) -> list[int] | None:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        from parity.adapters.offline import offline
+
+        with offline():  # local_files_only covers the files; offline also the library's own look-ups
+            tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever the tokenizer library raises on a broken file
         raise ParityInputError(f"{directory}: its tokenizer files do not load ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); fix them, or give --tokens") from None

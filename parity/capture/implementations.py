@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from parity.adapters import default_impls, get_adapter
 from parity.adapters.declared import declared
+from parity.adapters.offline import offline
 from parity.errors import BackendMissing, ParityInputError, Unsupported, phase
 from parity.model.spec import GemmaSpec
 
@@ -53,6 +54,7 @@ def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
     return out, skipped
 
 
+@offline()  # check() may import the library: it starts offline, as build() and run() do
 def check_adapter(adapter, spec: GemmaSpec, dtype: str) -> None:
     """The one caller of `adapter.check`: bad input stays exit 2, anything else it raises is the implementation's
     (exit 3). Adapters' `build` may assume it passed, so every path to a build comes through here first."""

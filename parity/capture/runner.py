@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Callable
 
 from parity.adapters.declared import Declared, declared
+from parity.adapters.offline import offline
 from parity.errors import ImplementationError, ParityInputError, cli_flag, phase
 from parity.capture.implementations import Selection, check_adapter, checked_impls
 from parity.model.spec import GemmaSpec
@@ -73,6 +74,7 @@ def isolated_feed(spec: GemmaSpec, ref: Trace) -> Feed:
     return Feed(ref, feed)
 
 
+@offline()
 def capture(
     adapter,
     spec: GemmaSpec,
@@ -339,16 +341,14 @@ def produced(mode: str) -> list[str]:
     return [FULL, DECODE] if mode == DECODE else [mode]
 
 
+@offline()  # the child process: its library calls never reach for the network
 def main(argv: list[str] | None = None) -> int:
     """`python -m parity.capture`: capture one implementation's traces into files."""
     import argparse
     import fnmatch
     import json
-    import os
     import sys
     from pathlib import Path
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     checking = "--check" in (sys.argv[1:] if argv is None else argv)  # --check needs no capture arguments
     ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from parity.adapters import listing
+from parity.adapters.offline import offline
 from parity.capture.decode import parse_steps
 from parity.errors import ImplementationError, ParityInputError, cli_flag
 from parity.harness import Request
@@ -26,10 +26,6 @@ from parity.model.weights import load_weights
 from parity.numerics.tolerances import load_overrides
 from parity.report.html import to_html
 from parity.report.render import to_json, to_markdown
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -186,6 +182,7 @@ EXIT_CODES = """exit status:
      the traceback in OUT/parity-error.log)"""
 
 
+@offline(TRANSFORMERS_VERBOSITY="error")  # set for the run only: main() may be called in a user's process
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = None

@@ -44,17 +44,12 @@ causes of its run is reported as xfail with the waiver's reason.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from parity.errors import ParityInputError
 from parity.suite.session import (  # noqa: F401 -- plugin_flag and the defaults: their old home
     DEFAULT_BASELINE, DEFAULT_WAIVERS, PLUGIN_FLAGS, ParitySession, message, plugin_flag,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SESSION = pytest.StashKey[ParitySession]()
 
