@@ -39,7 +39,7 @@ class ConfigReader:
     def get(self, key: str, default: Any = MISSING) -> Any:
         if key not in self.cfg:
             if default is MISSING:
-                raise ParityInputError(f"{self.where}: config.json has no {self.prefix}{key!r}; add it (HF Gemma "
+                raise ParityInputError(f"{self.where}: config.json has no '{self.prefix}{key}'; add it (HF Gemma "
                                        "configs always carry it)")
             return default
         return self.cfg[key]

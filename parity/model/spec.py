@@ -118,15 +118,15 @@ class GemmaSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmaSpec":
+        if not isinstance(d, dict):
+            raise ParityInputError(f"a spec must be a JSON object of its fields, not {type(d).__name__}; give "
+                                   "GemmaSpec.to_dict()'s output")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ParityInputError(
                 f"spec has unknown field(s) {unknown}; known fields are {sorted(known)}: remove or rename them"
             )
-        if not isinstance(d, dict):
-            raise ParityInputError(f"a spec must be a JSON object of its fields, not {type(d).__name__}; give "
-                                   "GemmaSpec.to_dict()'s output")
         d = dict(d)
         if "layer_types" in d and isinstance(d["layer_types"], list):
             d["layer_types"] = tuple(d["layer_types"])
