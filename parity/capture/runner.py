@@ -492,6 +492,8 @@ def _capture_job(a) -> dict:
     if out.exists() and not out.is_dir():
         raise ParityInputError(f"--out {a.out!r} is an existing file; give a directory (created if missing)")
     base = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not base.is_dir():
+        raise ParityInputError(f"--out {a.out!r} cannot be created ({base} is a file); choose a directory path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ParityInputError(f"--out {a.out!r} cannot be written ({base} is not writable); choose a writable "
                                "directory")
