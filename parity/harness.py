@@ -70,6 +70,7 @@ class Request:
     noise_members: int | None = None  # honest-ensemble size (parity.compare.noise); None: 4, 2 at real sizes; 0: table only
     decode: int | str = 0  # decode steps after each prompt through each implementation's cache; "auto": past the window
     decode_tokens: list[int] | None = None  # the continuation decoded (teacher-forced); None: seeded ids
+    allow_large: bool = False  # skip the up-front memory and disk estimate (parity.model.resources)
 
 
 @dataclass
@@ -139,6 +140,30 @@ def check_request(req: Request) -> None:
         raise ParityInputError(f"{{option}} {req.seed} is negative; give a seed >= 0", option="seed")
     if req.noise_members is not None and req.noise_members < 0:
         raise ParityInputError(f"noise_members {req.noise_members} is negative; give 0 (table only) or more members")
+    check_resources(req)
+
+
+def check_resources(req: Request) -> None:
+    """The memory and disk the run needs, estimated from the spec and refused before any weight is made."""
+    from pathlib import Path
+
+    from parity.model import resources
+    from parity.model.weight_store import cache_dir, spec_digest
+
+    threads()  # PARITY_THREADS bounds, also before any work
+    spec = req.spec if req.first_layers is None else truncate(req.spec, req.first_layers)
+    large = is_large(req.spec)
+    cache = None
+    if req.weights is None and large:
+        suffix = "" if req.weights_profile == "default" else f"-{req.weights_profile}"
+        cache = cache_dir() / "weights" / f"{spec_digest(spec)}-seed{req.seed}{suffix}.safetensors"
+        cache = None if cache.is_file() else cache
+    tokens = max((len(p) for p in (req.prompts or default_prompts(spec)).values() if isinstance(p, list)), default=1)
+    if isinstance(req.decode, int) and not isinstance(req.decode, bool) and req.decode > 0:
+        tokens += req.decode
+    in_memory = req.weights is None and not large
+    est = resources.estimate(spec, [*req.dtypes, req.reference[1]], tokens, in_memory, cache and Path(cache))
+    resources.check(est, req.allow_large)
 
 
 def weights_for(req: Request, large: bool, progress: Progress | None = None) -> tuple[GemmaSpec, Weights]:

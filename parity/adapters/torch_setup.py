@@ -31,17 +31,20 @@ def configure() -> None:
 
 
 def threads() -> int:
-    """PARITY_THREADS as a thread count; checked by the harness before any work (bad input, exit 2)."""
+    """PARITY_THREADS as a thread count; checked by the harness before any work (bad input, exit 2).
+
+    Bounded by four times the machine's cores: more oversubscribes every core for no gain, and a count
+    like 100000 makes torch's thread pool fail to start (a segfault, not an error).
+    """
     from parity.errors import ParityInputError
 
     text = os.environ.get("PARITY_THREADS", "1")
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ParityInputError(f"PARITY_THREADS={text!r} is not a positive thread count; set it to 1 or more "
-                               "(1 is the default and fastest for tiny models)")
+    most = 4 * (os.cpu_count() or 1)
+    n = int(text.strip()) if text.strip().isdigit() and text.strip().isascii() else 0
+    if not 1 <= n <= most:
+        raise ParityInputError(f"PARITY_THREADS={text!r} is not a positive thread count up to {most} (four times this "
+                               f"machine's {os.cpu_count() or 1} cores); set it to 1 (the default, fastest for tiny "
+                               "models) or up to the core count")
     return n
 
 
@@ -63,11 +66,7 @@ def stream_layers(weight_bytes: int) -> bool:
 
 
 def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: never stream on a guess
+    from parity.model.resources import available_memory as available
+
+    got = available()
+    return (1 << 62) if got is None else got  # unknown: never stream on a guess

@@ -6,6 +6,7 @@ next is built, so only one implementation is resident at a time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Callable
 
@@ -341,17 +342,34 @@ def produced(mode: str) -> list[str]:
     return [FULL, DECODE] if mode == DECODE else [mode]
 
 
+class _OneLineParser:
+    """argparse whose errors are one line, `parity: error: ...`, exit 2 (argparse prints usage and a second line)."""
+
+    @staticmethod
+    def make(**kw):
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message):
+                raise ParityInputError(f"{message}; see python -m parity.capture --help")
+
+        return Parser(**kw)
+
+
 @offline()  # the child process: its library calls never reach for the network
 def main(argv: list[str] | None = None) -> int:
-    """`python -m parity.capture`: capture one implementation's traces into files."""
-    import argparse
+    """`python -m parity.capture`: capture one implementation's traces into files.
+
+    The same contract as `python -m parity.report`: 0 captured, 2 bad input (one line, checked before any
+    capture, nothing left in --out), 3 the implementation failed (its traceback, then one line), 130 interrupted.
+    """
     import fnmatch
     import json
     import sys
-    from pathlib import Path
 
-    checking = "--check" in (sys.argv[1:] if argv is None else argv)  # --check needs no capture arguments
-    ap = argparse.ArgumentParser(prog="python -m parity.capture", description=main.__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    checking = "--check" in argv  # --check needs no capture arguments
+    ap = _OneLineParser.make(prog="python -m parity.capture", description=main.__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only check --impls (default: every built-in) can "
                                                           "run --spec-json in --dtypes; print JSON")
     ap.add_argument("--impls", help="with --check: comma-separated implementations")
@@ -366,94 +384,200 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="cumulative")
     ap.add_argument("--references", help="JSON file: prompt -> reference trace file (isolated mode)")
     ap.add_argument("--spec-json", help="the spec to build, when it differs from the weights' (a truncated depth)")
-    ap.add_argument("--reduce-over", type=int, help="store taps of more than N elements reduced")
+    ap.add_argument("--reduce-over", help="store taps of more than N elements reduced (N >= 0)")
     ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
     ap.add_argument("--continuation", help="JSON list of token ids decoded after each prompt (modes decode, "
                                            "decode-full)")
     ap.add_argument("--out", required=not checking)
-    a = ap.parse_args(argv)
+    made: list = []  # directories this run created, removed again on bad input
+    written: list = []  # trace files this run wrote, likewise
     try:
+        a = ap.parse_args(argv)
         if a.check:
             print(json.dumps(_check(a)))
             return 0
-        from parity.adapters.base import DTYPES
-        from parity.model.prompts import validate_tokens
-
-        if a.dtype not in DTYPES:
-            raise ParityInputError(f"--dtype {a.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
-        modes = a.mode.split(",")
-        bad = [m for m in modes if m not in ("cumulative", "isolated", DECODE, FULL)]
-        if bad or not modes:
-            raise ParityInputError(f"--mode {a.mode!r}: {bad[0] if bad else ''!r} is not a mode; use a comma list of "
-                                   f"cumulative, isolated, {DECODE}, {FULL}")
-        cont = None
-        if a.continuation:
-            cont = json.loads(a.continuation)
-            if not isinstance(cont, list) or not all(isinstance(t, int) for t in cont):
-                raise ParityInputError(f"--continuation {a.continuation!r} is not a JSON list of token ids")
-        if any(m in (DECODE, FULL) for m in modes) and not cont:
-            raise ParityInputError(f"--mode {a.mode!r} needs --continuation (the tokens to decode)")
-        if "isolated" in modes and not a.references:
-            raise ParityInputError("--mode isolated needs --references (the reference's traces to feed)")
-        out = Path(a.out)
-        if out.exists() and not out.is_dir():
-            raise ParityInputError(f"--out {a.out!r} is an existing file; give a directory (created if missing)")
-        prompts = _read_json(a.prompts, "--prompts", "a JSON object of prompt name -> token ids")
-        if not isinstance(prompts, dict) or not prompts:
-            raise ParityInputError(f"--prompts {a.prompts!r} must hold a non-empty JSON object of prompt name -> "
-                                   "token ids, e.g. {\"p\": [2, 17, 301]}")
-        if a.spec_json:
-            from parity.model.spec import GemmaSpec
-
-            spec = GemmaSpec.from_dict(json.loads(a.spec_json))
-            weights = load_weights(a.weights, spec if _has_no_spec(a.weights) else None)
-        else:
-            if _has_no_spec(a.weights):
-                raise ParityInputError(f"--weights {a.weights!r} carries no spec in its metadata; give --spec-json "
-                                       "with the spec's JSON (python -m parity.report writes weights that carry it)")
-            weights = load_weights(a.weights)
-            spec = weights.spec
-        if spec != weights.spec:
-            weights = weights.truncated(spec)
-        for k, v in prompts.items():
-            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-                raise ParityInputError(f"--prompts {a.prompts!r}: prompt {k!r} is not a list of token ids; give "
-                                       "e.g. [2, 17, 301]")
-        prompts = {k: validate_tokens(k, v, spec) for k, v in prompts.items()}
-        refs = None
-        if a.references:
-            refs = {p: load_trace(f, lazy=True) for p, f in json.loads(Path(a.references).read_text()).items()}
-        adapter = get_adapter(a.impl)
+        job = _capture_job(a)  # every argument checked and read: nothing is built or written before this
+        out = job["out"]
+        made[:] = [d for d in [out, *out.parents] if not d.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ParityInputError(f"--out {a.out!r} cannot be created ({e.strerror}); choose a writable "
+                                   "directory") from None
 
         def spill(t):  # to disk at once, whole (effective is known only after every run): one trace in memory
             return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
 
-        for t in capture(adapter, spec, weights, a.dtype, prompts, mode=modes, references=refs,
-                         spill=spill, continuation=cont):
-            keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in (a.full_taps or "").split(","))]
-            t.save(trace_file(out, a.impl, a.dtype, t.mode, t.prompt), reduce_over=a.reduce_over, keep=keep)
-            t.taps.path.unlink()
+        try:
+            for t in capture(job["adapter"], job["spec"], job["weights"], a.dtype, job["prompts"], mode=job["modes"],
+                             references=job["refs"], spill=spill, continuation=job["cont"]):
+                keep = [k for k in t.taps if any(fnmatch.fnmatchcase(k, p) for p in job["full_taps"])]
+                written.append(trace_file(out, a.impl, a.dtype, t.mode, t.prompt))
+                t.save(written[-1], reduce_over=job["reduce_over"], keep=keep)
+                t.taps.path.unlink()
+        finally:
+            for f in out.glob(f".{a.impl}@{a.dtype}.*.spill"):  # never left behind, whatever the exit
+                f.unlink(missing_ok=True)
         return 0
     except ParityInputError as e:
+        _remove_made(made, written)
         print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
         return 2
     except ImplementationError as e:
         print(e.traceback, file=sys.stderr)
         print(f"parity: implementation failed: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        _remove_made(made, written)
+        print("parity: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a crash is never success nor bad input: exit 3, the traceback first
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        print(f"parity: internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}; please report it",
+              file=sys.stderr)
+        return 3
+
+
+def _remove_made(made: list, written: list) -> None:
+    """Bad input leaves nothing behind: the traces this run wrote go, then the directories it made if empty."""
+    for f in written:
+        f.unlink(missing_ok=True)
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _capture_job(a) -> dict:
+    """Every argument of a capture, checked (cheapest first) and read; bad input raises ParityInputError."""
+    import os
+    from pathlib import Path
+
+    from parity.adapters.base import DTYPES
+    from parity.model.prompts import validate_tokens
+
+    if a.dtype not in DTYPES:
+        raise ParityInputError(f"--dtype {a.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
+    modes = a.mode.split(",")
+    known = ("cumulative", "isolated", DECODE, FULL)
+    bad = [m for m in modes if m not in known]
+    if bad:
+        raise ParityInputError(f"--mode {a.mode!r}: {bad[0]!r} is not a mode; use a comma list of "
+                               f"{', '.join(known)}")
+    if len(set(modes)) != len(modes):
+        raise ParityInputError(f"--mode {a.mode!r} names a mode twice; give each once")
+    cont = None
+    if a.continuation is not None:
+        cont = _json_arg(a.continuation, "--continuation", "a JSON list of token ids, e.g. [17, 301]")
+        if not isinstance(cont, list) or not cont or not all(_is_id(t) for t in cont):
+            raise ParityInputError(f"--continuation {_clip(a.continuation)} is not a non-empty JSON list of token "
+                                   "ids (integers >= 0); give e.g. [17, 301]")
+    if any(m in (DECODE, FULL) for m in modes) and not cont:
+        raise ParityInputError(f"--mode {a.mode!r} needs --continuation (the tokens to decode)")
+    if "isolated" in modes and not a.references:
+        raise ParityInputError("--mode isolated needs --references (the reference's traces to feed)")
+    reduce_over = None
+    if a.reduce_over is not None:
+        text = a.reduce_over.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ParityInputError(f"--reduce-over {a.reduce_over!r} is not an element count; give an integer >= 0 "
+                                   "(0 reduces every tap)")
+        reduce_over = int(text)
+    full_taps = [p for p in (a.full_taps or "").split(",") if p]
+    if not a.out:
+        raise ParityInputError("--out '' is empty; give a directory (created if missing)")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ParityInputError(f"--out {a.out!r} is an existing file; give a directory (created if missing)")
+    base = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not base.is_dir():
+        raise ParityInputError(f"--out {a.out!r} cannot be created ({base} is a file); choose a directory path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ParityInputError(f"--out {a.out!r} cannot be written ({base} is not writable); choose a writable "
+                               "directory")
+    spec = None
+    if a.spec_json is not None:
+        from parity.model.spec import GemmaSpec
+
+        spec = GemmaSpec.from_dict(_json_arg(a.spec_json, "--spec-json", "GemmaSpec.to_dict() as JSON"))
+    prompts = _read_json(a.prompts, "--prompts", "a JSON object of prompt name -> token ids")
+    if not isinstance(prompts, dict) or not prompts:
+        raise ParityInputError(f"--prompts {a.prompts!r} must hold a non-empty JSON object of prompt name -> "
+                               "token ids, e.g. {\"p\": [2, 17, 301]}")
+    for k, v in prompts.items():
+        if not isinstance(v, list) or not v or not all(_is_id(t) for t in v):
+            raise ParityInputError(f"--prompts {a.prompts!r}: prompt {k!r} is not a non-empty list of token ids "
+                                   "(integers >= 0); give e.g. [2, 17, 301]")
+    ref_files = None
+    if a.references:
+        ref_files = _read_json(a.references, "--references", "a JSON object of prompt name -> trace file")
+        if not isinstance(ref_files, dict) or not all(isinstance(f, str) for f in ref_files.values()):
+            raise ParityInputError(f"--references {a.references!r} must hold a JSON object of prompt name -> trace "
+                                   "file path")
+        missing = [p for p in prompts if p not in ref_files]
+        if "isolated" in modes and missing:
+            raise ParityInputError(f"--references {a.references!r} has no trace for prompt {missing[0]!r}; give one "
+                                   "per prompt")
+    adapter = get_adapter(a.impl)  # an unknown name before the weights are read
+    if spec is not None:
+        weights = load_weights(a.weights, spec if _has_no_spec(a.weights) else None)
+    else:
+        if _has_no_spec(a.weights):
+            raise ParityInputError(f"--weights {a.weights!r} carries no spec in its metadata; give --spec-json "
+                                   "with the spec's JSON (python -m parity.report writes weights that carry it)")
+        weights = load_weights(a.weights)
+        spec = weights.spec
+    if spec != weights.spec:
+        weights = weights.truncated(spec)
+    prompts = {k: validate_tokens(k, v, spec) for k, v in prompts.items()}
+    if cont:
+        validate_tokens("continuation", cont, spec)
+    refs = None if ref_files is None else {p: load_trace(f, lazy=True) for p, f in ref_files.items()}
+    return dict(out=out, modes=modes, cont=cont, reduce_over=reduce_over, full_taps=full_taps, spec=spec,
+                weights=weights, prompts=prompts, refs=refs, adapter=adapter)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def _clip(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _json_arg(text: str, flag: str, what: str):
+    """A JSON value given on the command line, strictly (no NaN or Infinity)."""
+    def no_constant(token):
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except ValueError as e:  # JSONDecodeError is one
+        raise ParityInputError(f"{flag} {_clip(text)} is not JSON ({e}); give {what}") from None
+    except RecursionError:
+        raise ParityInputError(f"{flag} is nested too deeply to be {what}") from None
 
 
 def _read_json(path: str, flag: str, what: str):
-    import json
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
-        raise ParityInputError(f"{flag} {path!r} does not exist; give {what}")
+        raise ParityInputError(f"{flag} {path!r} does not exist{' (a directory)' if p.is_dir() else ''}; give {what}")
     try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParityInputError(f"{flag} {path!r} is not JSON ({e}); give {what}") from None
+        return _json_arg(p.read_bytes().decode("utf-8"), flag, what) if p.stat().st_size < (64 << 20) else \
+            _too_big(flag, path, what)
+    except UnicodeDecodeError:
+        raise ParityInputError(f"{flag} {path!r} is not UTF-8 text; give {what}") from None
+    except OSError as e:
+        raise ParityInputError(f"{flag} {path!r} cannot be read ({e.strerror}); give {what}") from None
+
+
+def _too_big(flag: str, path: str, what: str):
+    raise ParityInputError(f"{flag} {path!r} is over 64 MB; give {what}")
 
 
 def _has_no_spec(path: str) -> bool:
@@ -466,12 +590,23 @@ def _has_no_spec(path: str) -> bool:
 
 
 def _check(a) -> dict:
-    import json
+    from parity.adapters.base import DTYPES
 
-    spec = GemmaSpec.from_dict(json.loads(a.spec_json))
+    if a.spec_json is None:
+        raise ParityInputError("--check needs --spec-json (the spec to check the implementations against)")
+    spec = GemmaSpec.from_dict(_json_arg(a.spec_json, "--spec-json", "GemmaSpec.to_dict() as JSON"))
     ref_name, _, ref_dtype = a.reference.partition("@")
-    req = Selection(spec=spec, impls=a.impls.split(",") if a.impls else None, dtypes=a.dtypes.split(","),
-                    reference=(ref_name, ref_dtype))
+    if not ref_name or ref_dtype not in DTYPES:
+        raise ParityInputError(f"--reference {a.reference!r} must be impl@dtype with a dtype of {', '.join(DTYPES)}; "
+                               "e.g. litgpt-style@float64")
+    dtypes = [d for d in (a.dtypes or "").split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ParityInputError(f"--dtypes {a.dtypes!r}: {'no dtype given' if not dtypes else repr(bad[0]) + ' is not a dtype'}"
+                               f"; give a comma list of {', '.join(DTYPES)}")
+    impls = [i for i in (a.impls or "").split(",") if i] or None
+    req = Selection(spec=spec, impls=impls,
+                    dtypes=dtypes, reference=(ref_name, ref_dtype))
     impls, skipped, ref = checked_impls(req, spec)
     return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": declared(ad).decodes}
                       for n, ad in impls}, "skipped": skipped,

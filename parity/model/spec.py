@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from parity.errors import ParityInputError
+from parity.model.config_checks import MAX_DIM, MAX_LAYERS, ConfigReader, read_config_file
 
 NormPlacement = Literal["pre", "sandwich"]
 GeluApprox = Literal["tanh", "none"]
@@ -25,6 +26,10 @@ GELU_APPROXIMATIONS = ("tanh", "none")
 LAYER_TYPES = ("global", "local")
 SCALE_DTYPES = ("activation", "float32")
 HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
+HF_LAYER_TYPES = ("full_attention", "sliding_attention")
+# parity's own fields in config.json (what to_hf_config writes under "parity"); anything else there is a typo
+PARITY_EXTRA = ("norm_placement", "norm_unit_offset", "embed_scale", "embed_scale_dtype", "qk_norm", "name",
+                "query_pre_attn_scalar", "rope_scaling_factor")
 HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
 
 
@@ -66,6 +71,13 @@ class GemmaSpec:
     bos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        n = self.num_layers  # checked first: the per-layer tuple below is built from it
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
+            raise ParityInputError(f"spec {self.name!r}: num_layers={n!r} must be an integer in 1..{MAX_LAYERS}; "
+                                   "real Gemmas have 18 to 62 layers")
+        if not isinstance(self.layer_types, (tuple, list)):
+            raise ParityInputError(f"spec {self.name!r}: layer_types={self.layer_types!r} is not a list; give one "
+                                   "'global' or 'local' per layer")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("global",) * self.num_layers)
         else:
@@ -106,6 +118,9 @@ class GemmaSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GemmaSpec":
+        if not isinstance(d, dict):
+            raise ParityInputError(f"a spec must be a JSON object of its fields, not {type(d).__name__}; give "
+                                   "GemmaSpec.to_dict()'s output")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -113,7 +128,7 @@ class GemmaSpec:
                 f"spec has unknown field(s) {unknown}; known fields are {sorted(known)}: remove or rename them"
             )
         d = dict(d)
-        if "layer_types" in d:
+        if "layer_types" in d and isinstance(d["layer_types"], list):
             d["layer_types"] = tuple(d["layer_types"])
         return cls(**d)
 
@@ -124,13 +139,31 @@ def validate(s: GemmaSpec) -> None:
     def bad(msg: str) -> None:
         raise ParityInputError(f"spec {s.name!r}: {msg}")
 
-    if s.family not in (1, 2, 3):
-        bad(f"family={s.family} is not a Gemma family; use 1, 2 or 3")
+    if not isinstance(s.family, int) or isinstance(s.family, bool) or s.family not in (1, 2, 3):
+        bad(f"family={s.family!r} is not a Gemma family; use 1, 2 or 3")
+    if not isinstance(s.name, str):
+        bad(f"name={s.name!r} is not a string; give the spec a name")
+    # no coercion anywhere: a bool is not a size, a string not a flag, NaN and infinity not numbers
+    for f in ("norm_unit_offset", "embed_scale", "tied_head", "qk_norm"):
+        if not isinstance(getattr(s, f), bool):
+            bad(f"{f}={getattr(s, f)!r} is not a boolean; give true or false")
+    for f in ("norm_eps", "rope_base", "rope_scaling_factor", "rope_local_base", "query_pre_attn_scalar",
+              "attn_softcap", "final_softcap"):
+        v = getattr(s, f)
+        if v is None and f not in ("norm_eps", "rope_base", "rope_scaling_factor"):
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            bad(f"{f}={v!r} is not a finite number; give one" + ("" if f in ("norm_eps", "rope_base",
+                                                                               "rope_scaling_factor") else " or null"))
+    if not isinstance(s.bos_token_id, int) or isinstance(s.bos_token_id, bool) or s.bos_token_id < 0:
+        bad(f"bos_token_id={s.bos_token_id!r} must be a token id (an integer >= 0)")
+    if s.sliding_window is not None and (not isinstance(s.sliding_window, int) or isinstance(s.sliding_window, bool)):
+        bad(f"sliding_window={s.sliding_window!r} must be a positive integer or null")
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
               "num_kv_heads", "head_dim", "max_position"):
         v = getattr(s, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            bad(f"{f}={v!r} must be a positive integer")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_DIM:
+            bad(f"{f}={v!r} must be a positive integer up to {MAX_DIM}")
     if s.num_heads % s.num_kv_heads:
         bad(f"num_heads={s.num_heads} is not a multiple of num_kv_heads={s.num_kv_heads}; "
             "grouped-query attention needs whole groups")
@@ -240,98 +273,127 @@ def to_hf_config(s: GemmaSpec) -> dict:
     return cfg
 
 
-def _require(cfg: dict, key: str, where: str):
-    if key not in cfg:
-        raise ParityInputError(f"{where}: config.json has no {key!r}; add it (HF Gemma configs always carry it)")
-    return cfg[key]
-
-
 def from_hf_config(cfg: dict, where: str = "config.json") -> GemmaSpec:
-    """Read a HuggingFace Gemma 1/2/3 (text) config.json dict into a spec."""
+    """Read a HuggingFace Gemma 1/2/3 (text) config.json dict into a spec.
+
+    Every field is read by type (parity.model.config_checks): a string, a bool, a fraction or a
+    non-finite number where a size or a float belongs is refused naming the field, never coerced.
+    """
     if not isinstance(cfg, dict):
         raise ParityInputError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
-    if "text_config" in cfg:  # Gemma 3 multimodal wrapper: numerics live in text_config
-        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+    top = ConfigReader(cfg, where)
     mt = cfg.get("model_type")
     families = {v: k for k, v in HF_MODEL_TYPES.items()} | {"gemma3": 3}
-    if mt not in families:
+    if "text_config" in cfg:  # Gemma 3 multimodal wrapper: numerics live in text_config
+        text = top.obj("text_config", nullable=False)
+        r = ConfigReader({**text.cfg, "model_type": "gemma3_text"}, where, "text_config.")
+        mt = "gemma3_text"
+    else:
+        r = top
+    if not isinstance(mt, str) or mt not in families:
         raise ParityInputError(
             f"{where}: model_type={mt!r} is not a Gemma text model; expected one of {sorted(families)}"
         )
     family = families[mt]
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    approx = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh",
-              "gelu": "none", "gelu_python": "none"}.get(act)
-    if approx is None:
-        raise ParityInputError(f"{where}: hidden_activation={act!r} is not a GELU; Gemma uses gelu_pytorch_tanh")
-    extra = cfg.get("parity") or {}
-    rope = cfg.get("rope_parameters") or {}
+    acts = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none",
+            "gelu_python": "none"}
+    key = "hidden_activation" if r.cfg.get("hidden_activation") is not None else "hidden_act"
+    act = r.get(key, "gelu_pytorch_tanh")
+    if act is None:  # Gemma 1 configs carry hidden_activation: null beside hidden_act
+        act = "gelu_pytorch_tanh"
+    if not isinstance(act, str) or act not in acts:
+        raise r.bad(key, act, "is not a GELU", f"Gemma uses gelu_pytorch_tanh (allowed: {', '.join(acts)})")
+    approx = acts[act]
+    extra = top.obj("parity") or ConfigReader({}, where, "parity.")
+    extra.only(PARITY_EXTRA)
+    rope = r.obj("rope_parameters")
     # transformers 5 nests rope numbers per layer type; older configs keep them flat
-    full = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
-    local = rope.get("sliding_attention", {}) if isinstance(rope, dict) else {}
-    rope_base = full.get("rope_theta", cfg.get("rope_theta", 10_000.0))
-    scaling = cfg.get("rope_scaling") or (full if full.get("rope_type") == "linear" else None)
-    try:
-        n_layers = int(_require(cfg, "num_hidden_layers", where))
-        hidden = int(_require(cfg, "hidden_size", where))
-        heads = int(_require(cfg, "num_attention_heads", where))
-        kw: dict = dict(
-            family=family,
-            name=extra.get("name", cfg.get("_name_or_path") or Path(str(where)).parent.name or mt),
-            vocab_size=int(_require(cfg, "vocab_size", where)),
-            hidden_size=hidden,
-            intermediate_size=int(_require(cfg, "intermediate_size", where)),
-            num_layers=n_layers,
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
-            head_dim=int(cfg.get("head_dim", hidden // heads)),
-            max_position=int(cfg.get("max_position_embeddings", 8192)),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            gelu_approximate=approx,
-            rope_base=float(rope_base),
-            tied_head=bool(cfg.get("tie_word_embeddings", True)),
-            bos_token_id=int(cfg.get("bos_token_id", 2) if cfg.get("bos_token_id") is not None else 2),
-            norm_placement=extra.get("norm_placement", "pre" if family == 1 else "sandwich"),
-            norm_unit_offset=bool(extra.get("norm_unit_offset", True)),
-            embed_scale=bool(extra.get("embed_scale", True)),
-            embed_scale_dtype=extra.get("embed_scale_dtype", "activation"),
-            qk_norm=bool(extra.get("qk_norm", family == 3)),
-        )
-        if family == 1:
-            kw["query_pre_attn_scalar"] = extra.get("query_pre_attn_scalar")
-            kw["rope_scaling_factor"] = float(extra.get("rope_scaling_factor", 1.0))
+    full = (rope.obj("full_attention") if "full_attention" in rope.cfg else rope) if rope else None
+    local = rope.obj("sliding_attention") if rope else None
+    rope_base = full.number("rope_theta") if full and "rope_theta" in full.cfg else r.number("rope_theta", 10_000.0)
+    n_layers = r.integer("num_hidden_layers", high=MAX_LAYERS)
+    hidden = r.integer("hidden_size")
+    heads = r.integer("num_attention_heads")
+    kv = r.integer("num_key_value_heads", heads)
+    if heads % kv:
+        raise r.bad("num_key_value_heads", kv, f"does not divide num_attention_heads={heads}",
+                    "grouped-query attention needs whole groups: give a divisor")
+    if "head_dim" not in r.cfg and hidden % heads:
+        raise r.bad("hidden_size", hidden, f"is not a multiple of num_attention_heads={heads} and head_dim is not "
+                    "given", "add head_dim")
+    head_dim = r.integer("head_dim", hidden // heads)
+    if head_dim % 2:
+        raise r.bad("head_dim", head_dim, "is odd", "rotary embeddings rotate pairs: give an even head_dim")
+    vocab = r.integer("vocab_size")
+    bos = r.integer("bos_token_id", 2, low=0, nullable=True)
+    bos = 2 if bos is None else bos
+    if bos >= vocab:
+        raise r.bad("bos_token_id", bos, f"is outside the vocabulary (vocab_size={vocab})",
+                    "give an id below vocab_size")
+    kw: dict = dict(
+        family=family,
+        name=_name(extra, r, where, mt),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=r.integer("intermediate_size"),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        max_position=r.integer("max_position_embeddings", 8192),
+        norm_eps=r.number("rms_norm_eps", 1e-6, below=0.1),
+        gelu_approximate=approx,
+        rope_base=rope_base,
+        tied_head=r.boolean("tie_word_embeddings", True),
+        bos_token_id=bos,
+        norm_placement=extra.choice("norm_placement", NORM_PLACEMENTS, "pre" if family == 1 else "sandwich"),
+        norm_unit_offset=extra.boolean("norm_unit_offset", True),
+        embed_scale=extra.boolean("embed_scale", True),
+        embed_scale_dtype=extra.choice("embed_scale_dtype", SCALE_DTYPES, "activation"),
+        qk_norm=extra.boolean("qk_norm", family == 3),
+    )
+    if family == 1:
+        kw["query_pre_attn_scalar"] = extra.number("query_pre_attn_scalar", None, nullable=True)
+        kw["rope_scaling_factor"] = extra.number("rope_scaling_factor", 1.0)
+    else:
+        kw["query_pre_attn_scalar"] = r.number("query_pre_attn_scalar", None, nullable=True)
+        kw["attn_softcap"] = r.number("attn_logit_softcapping", None, nullable=True)
+        kw["final_softcap"] = r.number("final_logit_softcapping", None, nullable=True)
+        types = r.string_list("layer_types", HF_LAYER_TYPES, length=n_layers)
+        if types is None:
+            period = r.integer("sliding_window_pattern", 6, nullable=True) or 6
+            kw["layer_types"] = gemma_layer_types(family, n_layers, period)
         else:
-            kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
-            kw["attn_softcap"] = cfg.get("attn_logit_softcapping")
-            kw["final_softcap"] = cfg.get("final_logit_softcapping")
-            types = cfg.get("layer_types")
-            if types is None:
-                kw["layer_types"] = gemma_layer_types(family, n_layers, int(cfg.get("sliding_window_pattern", 6)))
-            else:
-                kw["layer_types"] = tuple("local" if t == "sliding_attention" else "global" for t in types)
-            kw["sliding_window"] = cfg.get("sliding_window") if "local" in kw["layer_types"] else None
-            if family == 2:
-                kw["rope_scaling_factor"] = float(extra.get("rope_scaling_factor", 1.0))
-        if family == 3:
-            kw["rope_local_base"] = float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0)))
-            kw["rope_scaling_factor"] = float((scaling or {}).get("factor", 1.0))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ParityInputError):
-            raise
-        raise ParityInputError(f"{where}: a number in config.json is malformed ({e}); fix the value") from None
+            kw["layer_types"] = tuple("local" if t == "sliding_attention" else "global" for t in types)
+        window = r.integer("sliding_window", None, nullable=True)
+        if "local" in kw["layer_types"] and window is None:
+            raise r.bad("sliding_window", window, "is null but some layers use sliding attention",
+                        "give the window size in tokens")
+        kw["sliding_window"] = window if "local" in kw["layer_types"] else None
+        if family == 2:
+            kw["rope_scaling_factor"] = extra.number("rope_scaling_factor", 1.0)
+    if family == 3:
+        kw["rope_local_base"] = (local.number("rope_theta") if local and "rope_theta" in local.cfg
+                                 else r.number("rope_local_base_freq", 10_000.0))
+        scaling = r.obj("rope_scaling")
+        if scaling is None and full is not None and full.cfg.get("rope_type") == "linear":
+            scaling = full
+        if scaling is not None:
+            scaling.choice("rope_type", ("linear", "default"), "linear")
+        kw["rope_scaling_factor"] = scaling.number("factor", 1.0) if scaling else 1.0
     return GemmaSpec(**kw)
 
 
+def _name(extra: ConfigReader, r: ConfigReader, where: str, model_type: str) -> str:
+    """parity.name, else HF's _name_or_path, else the config's directory name, else the model type."""
+    if extra.cfg.get("name") is not None:
+        return extra.string("name")
+    path = r.cfg.get("_name_or_path")
+    return path if isinstance(path, str) and path else Path(str(where)).parent.name or model_type
+
+
 def load_config_json(path: str | Path) -> GemmaSpec:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise ParityInputError(f"config file {str(p)!r} does not exist; give a preset name or a path to config.json")
-    try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParityInputError(f"{p}: not valid JSON ({e}); fix the file or pass a preset name") from None
+    cfg, p = read_config_file(path)
     return from_hf_config(cfg, where=str(p))
 
 

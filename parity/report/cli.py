@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
                         "(default 0: prefill only)")
     p.add_argument("--decode-tokens", metavar="IDS", help="comma-separated token ids to decode (teacher-forced), "
                                                           "instead of seeded ones; implies --decode")
+    p.add_argument("--allow-large", action="store_true", help="run even when the up-front memory or disk estimate "
+                                                               "says the machine cannot hold it (PARITY_ALLOW_LARGE=1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -129,7 +131,7 @@ def build_request(args):
         weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
         trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
-        raw_logits=args.raw_logits,
+        raw_logits=args.raw_logits, allow_large=args.allow_large,
         weights_profile=args.weights_profile or "default",
         decode=parse_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
         else None,
