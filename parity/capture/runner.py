@@ -258,9 +258,10 @@ _phase = phase  # the old name
 
 # ------------------------------------------------------------- in another process
 def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
-    from pathlib import Path
+    """The one name of a trace file: inside `out_dir` whatever the implementation or prompt is called."""
+    from parity.capture.paths import inside
 
-    return Path(out_dir) / f"{impl}@{dtype}.{mode}.{prompt}.safetensors"
+    return inside(out_dir, f"{impl}@{dtype}.{mode}.{prompt}.safetensors")
 
 
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
