@@ -25,7 +25,7 @@ from parity.capture.trace import Trace
 from parity.model.weights import param_count, random_weights, Weights
 from parity.adapters.torch_setup import threads
 from parity.diagnose.run import diagnose
-from parity.gate.verdict import decide
+from parity.gate.verdict import check_compared, decide
 
 MODES = ("cumulative", "isolated", "both")
 PORT = "litgpt-style"  # the project's port: the reference, and the honest ensemble's first member
@@ -270,6 +270,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
     noise = measure(ref_traces, honest, table, ref_full) if honest else None
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
+    check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
@@ -386,6 +387,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_key[0]}@{ref_key[1]}'s; "
                                "pass at least one other trace with --trace")
     results = compare_runs(refs, others, table, layers, raw_logits=raw_logits)
+    check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=next(iter(refs.values())).weights_hash,
         weights_source=weights.source if weights else "from traces", reference=f"{ref_key[0]}@{ref_key[1]}",

@@ -89,3 +89,65 @@ class _KilledInBuild(LitgptStyleAdapter):
 
 def killed_in_build():
     return _KilledInBuild()
+
+
+# ------------------------------------------------------------------ hostile plug-ins (issue 18)
+def exits_in_factory():
+    """A factory that ends the process: the report must not end with its exit status."""
+    import sys
+
+    sys.exit(0)
+
+
+class _ExitsInBuild(LitgptStyleAdapter):
+    def __init__(self) -> None:
+        super().__init__(name="exits-in-build")
+
+    def build(self, spec, weights, dtype):
+        import sys
+
+        sys.exit(0)
+
+
+def exits_in_build():
+    return _ExitsInBuild()
+
+
+class _SleepsInRun(LitgptStyleAdapter):
+    """Hangs as a deadlocked kernel or a stuck download would."""
+
+    def __init__(self) -> None:
+        super().__init__(name="sleeps-in-run")
+
+    def run(self, model, tokens, feed=None):
+        import time
+
+        time.sleep(3600)
+
+
+def sleeps_in_run():
+    return _SleepsInRun()
+
+
+class _GivesNothing(LitgptStyleAdapter):
+    """Declares every tap unavailable: nothing to compare, which must never read as a PASS."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gives-nothing")
+
+    def run(self, model, tokens, feed=None):
+        got = super().run(model, tokens, feed)
+        return type(got)(taps={}, unavailable={k: "not exposed (simulated)" for k in got.taps})
+
+
+def gives_nothing():
+    return _GivesNothing()
+
+
+class _EvilName(LitgptStyleAdapter):
+    def __init__(self) -> None:
+        super().__init__(name="../../evil/name")
+
+
+def evil_name():
+    return _EvilName()

@@ -92,7 +92,7 @@ def test_the_library_names_fields_and_each_front_end_its_flags(tiny, tmp_path, c
     from parity.errors import ParityInputError, cli_flag
     from parity.harness import Request, run
     from parity.suite.plugin import plugin_flag
-    from parity.report.cli import check_out_dir
+    from parity.report.files import check_out_dir
 
     with pytest.raises(ParityInputError) as e:
         run(Request(spec=tiny, impls=["litgpt-style"], mode="sideways"))

@@ -23,7 +23,7 @@ def warm(tmp_path_factory):
 
     from parity.harness import Request, run
     from parity.model.presets import PRESETS
-    from parity.report.cli import write_report
+    from parity.report.files import write_report
 
     report = run(Request(spec=PRESETS["tiny-gemma"], impls=["litgpt-style"], dtypes=["float32"], mode="both",
                          prompts={"p": [2, 5, 7]}))

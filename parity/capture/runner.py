@@ -261,9 +261,10 @@ _phase = phase  # the old name
 
 # ------------------------------------------------------------- in another process
 def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
-    from pathlib import Path
+    """The one name of a trace file: inside `out_dir` whatever the implementation or prompt is called."""
+    from parity.capture.paths import inside
 
-    return Path(out_dir) / f"{impl}@{dtype}.{mode}.{prompt}.safetensors"
+    return inside(out_dir, f"{impl}@{dtype}.{mode}.{prompt}.safetensors")
 
 
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
@@ -405,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ParityInputError(f"--out {a.out!r} cannot be created ({e.strerror}); choose a writable "
                                    "directory") from None
 
+        spilled: list = []
+
         def spill(t):  # to disk at once, whole (effective is known only after every run): one trace in memory
-            return load_trace(t.save(out / f".{a.impl}@{a.dtype}.{t.mode}.{t.prompt}.spill"), lazy=True)
+            f = trace_file(out, a.impl, a.dtype, t.mode, t.prompt)  # inside --out whatever the impl is called
+            spilled.append(f.with_name(f".{f.name}.spill"))
+            return load_trace(t.save(spilled[-1]), lazy=True)
 
         try:
             for t in capture(job["adapter"], job["spec"], job["weights"], a.dtype, job["prompts"], mode=job["modes"],
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.save(written[-1], reduce_over=job["reduce_over"], keep=keep)
                 t.taps.path.unlink()
         finally:
-            for f in out.glob(f".{a.impl}@{a.dtype}.*.spill"):  # never left behind, whatever the exit
+            for f in spilled:  # never left behind, whatever the exit
                 f.unlink(missing_ok=True)
         return 0
     except ParityInputError as e:

@@ -207,7 +207,7 @@ class Trace:
         meta = self.meta()
         if reduced:
             meta["reduced"] = reduced
-        return write_safetensors(p, entries, {"parity_trace": json.dumps(meta)})
+        return write_safetensors(p, entries, {"parity_trace": json.dumps(meta)}, checksum=True)
 
 
 def widen(a: np.ndarray) -> np.ndarray:
@@ -252,6 +252,7 @@ def load_trace(path: str | Path, lazy: bool = False) -> Trace:
     try:
         f = TensorFile(p, _FIX)
         meta = json.loads(f.metadata["parity_trace"])
+        f.verify()  # before any number is read: a corrupt file is bad input, never a divergence
         order, reduced = meta.pop("order"), meta.pop("reduced", {})
         missing = [n for k in order for n in _stored_names(k, reduced.get(k)) if n not in f]
         if missing:

@@ -97,6 +97,20 @@ def _run_verdict(report, run: dict) -> RunVerdict:
     )
 
 
+def check_compared(runs: list[dict], results) -> None:
+    """Comparing nothing is never a PASS: a run none of whose taps was compared (every tap declared
+    unavailable, or nothing returned) is an implementation that failed to give a result (exit 3)."""
+    from parity.errors import ImplementationError
+
+    counted = {(r.impl, r.dtype, r.mode) for r in results}
+    for run in runs:
+        if (run["impl"], run["dtype"], run["mode"]) not in counted:
+            raise ImplementationError(f"{run['impl']}@{run['dtype']}", f"compare ({run['mode']})",
+                                      "no tap was compared: it gave none of the canonical taps (every one declared "
+                                      "unavailable or missing)", "an implementation must return at least the "
+                                      "taps it computes (logits at least)")
+
+
 def _order(report) -> dict:
     return forward_order(report.spec)
 

@@ -16,6 +16,7 @@ in the process's resident set until unmapped, page-cache reads do not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -107,13 +108,18 @@ def _little_endian_bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
+CHECKSUM = "parity_sha256"  # metadata key: SHA-256 of the data section, as written
+
+
 def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None,
-                      late_metadata: Callable[[], dict[str, str]] | None = None) -> Path:
+                      late_metadata: Callable[[], dict[str, str]] | None = None, checksum: bool = False) -> Path:
     """A safetensors file written one tensor (or one block of rows) at a time, so only that is in memory.
 
     `late_metadata()`, called once every tensor is written, updates metadata whose values were reserved at
-    their final length (a hash of what was written). The file appears under `path` only when complete: it is
-    written beside it and renamed, so a failure, or a second process writing the same file, leaves no half file.
+    their final length (a hash of what was written). With `checksum`, the SHA-256 of every data byte goes in
+    the metadata under CHECKSUM the same way, for `TensorFile.verify`. The file appears under `path` only when
+    complete: it is written beside it and renamed, so a failure, or a second process writing the same file,
+    leaves no half file.
     """
     entries = list(entries)
     seen: set[str] = set()
@@ -126,15 +132,22 @@ def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata
         except ValueError as e:
             raise ValueError(f"tensor {name!r}: {e}") from None
     layout = [(n, dtype_code(d), tuple(s)) for n, s, d, _ in entries]
+    digest = hashlib.sha256() if checksum else None
+    if checksum:
+        metadata = {**(metadata or {}), CHECKSUM: "0" * 64}  # reserved at its length, filled in at the end
+        late = late_metadata
+        late_metadata = lambda: {**(late() if late else {}), CHECKSUM: digest.hexdigest()}  # noqa: E731
     header = encode_header(layout, metadata)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.part")
     try:
-        with open(tmp, "wb") as f:
-            f.write(header)
+        with open(tmp, "wb") as raw:
+            raw.write(header)
+            f = _Hashing(raw, digest) if digest is not None else raw
             for name, shape, dtype, fetch in entries:
                 _write_tensor(f, name, tuple(shape), np.dtype(dtype), fetch())
+            f = raw
             if late_metadata is not None:
                 again = encode_header(layout, {**(metadata or {}), **late_metadata()})
                 if len(again) != len(header):
@@ -145,6 +158,17 @@ def write_safetensors(path: str | Path, entries: Iterable[TensorEntry], metadata
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+class _Hashing:
+    """A file's write, with every byte also fed to a hash (the data section's checksum)."""
+
+    def __init__(self, f, digest) -> None:
+        self.f, self.digest = f, digest
+
+    def write(self, b) -> int:
+        self.digest.update(b)
+        return self.f.write(b)
 
 
 def _write_tensor(f, name: str, shape: tuple[int, ...], dtype: np.dtype, got) -> None:
@@ -202,6 +226,20 @@ class TensorFile:
             if not 0 <= lo <= hi or self._base + hi > size or (width and hi - lo != math.prod(shape) * width):
                 raise self._bad(f"tensor {name!r} is truncated or its header is corrupt")
             self._entries[name] = (code, shape, self._base + lo)
+
+    def verify(self) -> None:
+        """The data section hashes to the CHECKSUM the writer recorded: a flipped bit or a cut file is refused
+        here, as bad input naming the file, instead of being compared as if it were a divergence."""
+        want = self.metadata.get(CHECKSUM)
+        if want is None:
+            raise self._bad(f"no {CHECKSUM} checksum in its metadata (written by an older parity, or edited)")
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            f.seek(self._base)
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != want:
+            raise self._bad("its contents do not match their checksum (the file is corrupt or was edited)")
 
     def _bad(self, why: str) -> ParityInputError:
         return ParityInputError(f"{self.path}: {why}; {self._fix}")

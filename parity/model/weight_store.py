@@ -92,6 +92,25 @@ def write_random_weights(spec: GemmaSpec, seed: int, path: str | Path, progress=
     return write_safetensors(path, entries, meta, late_metadata=lambda: {"weights_hash": h.hexdigest()[:16]})
 
 
+def sweep_parts(folder: Path) -> None:
+    """Remove `.NAME.PID.part` files that a killed process left (SIGKILL, the kernel's OOM killer: no `finally`
+    ran), so one bad run never keeps gigabytes in the cache. A live process's part file is left alone."""
+    for part in Path(folder).glob(".*.part"):
+        pid = part.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile: str = "default"):
     """The seeded random weights of `spec` (in `profile`), generated into the cache on first use, then read
     from there. A profile other than the default is named in the file name: the two never collide."""
@@ -99,6 +118,7 @@ def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile
     suffix = "" if check_profile(profile) == "default" else f"-{profile}"
     path = cache_dir() / "weights" / f"{spec_digest(spec)}-seed{seed}{suffix}.safetensors"
     if not path.is_file():
+        sweep_parts(path.parent)
         try:
             write_random_weights(spec, seed, path, progress, profile)
         except OSError as e:
@@ -106,4 +126,4 @@ def stored_random_weights(spec: GemmaSpec, seed: int = 0, progress=None, profile
                 f"cannot write random weights to {path.parent} ({e.strerror}); set PARITY_CACHE to a directory "
                 f"with {param_count(spec) * 2 / 1e9:.1f} GB free"
             ) from None
-    return Weights(spec, StoredTensors(path), source=random_source(seed, profile))
+    return Weights(spec, StoredTensors(path), source=random_source(seed, profile), generated=True)

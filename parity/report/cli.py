@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from parity.model.prompts import parse_tokens, text_to_tokens
 from parity.model.taps import parse_layers
 from parity.model.weights import load_weights
 from parity.numerics.tolerances import load_overrides
-from parity.report.html import to_html
-from parity.report.render import to_json, to_markdown
+from parity.report.files import OutDir, no_space, write_report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,75 +128,69 @@ def build_request(args):
         layers=parse_layers(args.layers, spec.num_layers), prompts=prompts, seed=args.seed, mode=args.mode,
         weights=weights, tolerances=load_overrides(), reference=ref, first_layers=args.first_layers,
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
-        trace_dir=str(Path(args.out) / "traces") if args.save_traces else None, noise_members=args.noise_members,
-        raw_logits=args.raw_logits, allow_large=args.allow_large,
+        noise_members=args.noise_members, raw_logits=args.raw_logits, allow_large=args.allow_large,
         weights_profile=args.weights_profile or "default",
         decode=parse_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
         else None,
     )
 
 
-_CREATED: list[Path] = []  # directories check_out_dir made, removed again if bad input follows
+# options that shape a run; with --trace nothing runs, so giving one is a contradiction, not a no-op
+RUN_ONLY = ("impls", "dtypes", "spec", "seed", "weights_profile", "mode", "first_layers", "separate_processes",
+            "reduce_over", "full_taps", "noise_members", "decode", "decode_tokens", "prompt", "tokens", "checkpoint",
+            "allow_large")
 
 
-def check_out_dir(out: str) -> Path:
-    """Fail before any work if the output directory cannot be written."""
-    p = Path(out)
-    missing = [d for d in [p, *p.parents] if not d.exists()]
-    _CREATED[:] = missing  # deepest first
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".parity-probe-"):
-            pass
-    except OSError as e:
-        raise ParityInputError(f"{{option}} {out!r} cannot be written ({e.strerror}); choose a writable directory",
-                               option="out") from None
-    return p
+def check_trace_options(args, p: argparse.ArgumentParser) -> None:
+    """With --trace the traces say what ran: an option that would change a run is refused, not ignored."""
+    if not args.trace:
+        return
+    given = [o for o in RUN_ONLY if getattr(args, o) != p.get_default(o)]
+    if given:
+        flags = ", ".join(cli_flag(o) for o in given)
+        raise ParityInputError(f"{flags} shape(s) a run, but --trace compares traces that already ran (they name "
+                               "their implementations, dtypes, spec, prompts and decode steps); drop "
+                               f"{flags}, or drop --trace and run")
 
 
-def write_report(report, out: Path, taps: str | None = None) -> list[Path]:
-    """Render everything first, then move the files into place: never a half-written report."""
-    data = to_json(report)
-    if taps:
-        from parity.model.taps import select_taps
-
-        keep = set(select_taps([t["tap"] for t in data["taps"]], taps))
-        data["taps"] = [t for t in data["taps"] if t["tap"] in keep]
-    files = {"report.json": json.dumps(data, indent=2) + "\n", "report.md": to_markdown(report),
-             "report.html": to_html(report)}
-    written = []
-    for name, text in files.items():
-        tmp = out / f".{name}.part"
-        tmp.write_text(text)
-        written.append((tmp, out / name))
-    for tmp, final in written:
-        tmp.replace(final)
-    return [f for _, f in written]
+def check_unique(args) -> None:
+    """A value listed twice would pool two runs into one row: refused, naming it."""
+    for opt in ("impls", "dtypes"):
+        values = _split(getattr(args, opt)) or []
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ParityInputError(f"{cli_flag(opt)} lists {twice[0]!r} more than once; list each once")
 
 
 EXIT_CODES = """exit status:
   0  parity: every implementation within honest noise, and no cause named
   1  a divergence beyond honest noise, or a formula-level cause named by a probe
   2  bad input (one line naming the value and the fix; nothing written)
-  3  an implementation failed to build or run (one line: implementation, phase, error;
-     the traceback in OUT/parity-error.log)"""
+  3  an implementation failed to build or run, or timed out, or the disk is full (one line:
+     implementation, phase, error; the traceback in OUT/parity-error.log)
+  130 interrupted (nothing written)"""
 
 
 @offline(TRANSFORMERS_VERBOSITY="error")  # set for the run only: main() may be called in a user's process
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    out = None
+    p = parser()
+    args = p.parse_args(argv)
+    out: OutDir | None = None
     try:
+        check_trace_options(args, p)
+        check_unique(args)
         req = build_request(args)
         if args.taps:
             from parity.model.taps import select_taps, tap_order
 
             select_taps(tap_order(req.spec), args.taps)  # validate before running
-        out = check_out_dir(args.out)
         if args.waivers:  # read before any work: a malformed file is bad input
             from parity.gate.waivers import load_waivers
 
             waivers = load_waivers(args.waivers)
+        out = OutDir(args.out).open()
+        if args.save_traces:
+            req.trace_dir = str(out.traces)
         from parity.harness import from_traces, run
 
         start = time.perf_counter()
@@ -206,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             from parity.capture.trace import load_trace
 
-            report = from_traces([load_trace(p, lazy=True) for p in args.trace], req.reference, req.weights, req.tolerances,
-                                 req.layers if args.layers != "all" else None, args.raw_logits)
+            report = from_traces([load_trace(p, lazy=True) for p in args.trace], req.reference, req.weights,
+                                 req.tolerances, req.layers if args.layers != "all" else None, args.raw_logits)
         else:
             report = run(req, progress=progress)
         if args.waivers:
@@ -219,53 +211,43 @@ def main(argv: list[str] | None = None) -> int:
         from parity.report.render import print_terminal
 
         print_terminal(report)
-        files = write_report(report, out, args.taps)
+        write_report(report, out.staging, args.taps)
         if args.save_traces:
             from parity.capture.runner import trace_file
 
             for t in report.traces:
-                f = trace_file(out / "traces", t.impl, t.dtype, t.mode, t.prompt)
+                f = trace_file(out.traces, t.impl, t.dtype, t.mode, t.prompt)
                 if getattr(t.taps, "path", None) != f:  # captured in another process: already there
                     t.save(f)
-                files.append(f)
+        files = out.publish()
         print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
         return 0 if report.passed else 1
     except ParityInputError as e:
         print(f"parity: error: {e.render(cli_flag)}", file=sys.stderr)
-        _remove_created()
+        if out is not None:
+            out.discard()
         return 2
-    except ImplementationError as e:
-        log = _log_failure(out, e.traceback or str(e))
-        print(f"parity: implementation failed: {e}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
-        return 3
-    except Exception as e:  # noqa: BLE001 -- a crash is never a verdict: not 1, which means "divergence"
+    except KeyboardInterrupt:
+        if out is not None:
+            out.discard()
+        print("parity: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 -- a crash (or a plug-in's sys.exit) is never a verdict
         import traceback
 
-        log = _log_failure(out, traceback.format_exc())
-        print(f"parity: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-              + (f" (traceback: {log})" if log else "") + "; please report it", file=sys.stderr)
+        full = no_space(e)
+        if isinstance(e, ImplementationError):
+            what = f"parity: implementation failed: {e}"
+        elif full is not None:
+            what = f"parity: no space left on device at {full}"
+        elif isinstance(e, SystemExit):
+            what = f"parity: implementation failed: something called sys.exit({e.code!r}) during the run"
+        else:
+            what = (f"parity: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    "; please report it")
+        log = out.fail(getattr(e, "traceback", "") or traceback.format_exc()) if out is not None else None
+        print(what + (f" (traceback: {log})" if log else ""), file=sys.stderr)
         return 3
-
-
-def _remove_created() -> None:
-    """Bad input leaves nothing behind: the output directories this run made, if still empty, go."""
-    for d in _CREATED:
-        try:
-            d.rmdir()
-        except OSError:
-            break  # not empty (or not ours): keep it and its parents
-    _CREATED.clear()
-
-
-def _log_failure(out: Path | None, text: str) -> Path | None:
-    if out is None:
-        return None
-    try:
-        log = out / "parity-error.log"
-        log.write_text(text)
-        return log
-    except OSError:
-        return None
 
 
 class _progress:

@@ -93,7 +93,7 @@ class ParitySession:
 
             resolve_spec(opt("--parity-spec"))
         if opt("--parity-report-dir"):
-            from parity.report.cli import check_out_dir
+            from parity.report.files import check_out_dir
 
             self.report_dir = check_out_dir(str(self.path(opt("--parity-report-dir"))))
         pyproject = Path(config.rootpath) / "pyproject.toml"
@@ -327,7 +327,7 @@ def _write_report(report, out: Path) -> list[str]:
     import shutil
     import tempfile
 
-    from parity.report.cli import write_report
+    from parity.report.files import write_report
 
     tmp = Path(tempfile.mkdtemp(prefix=".parity-report-", dir=out))
     try:
