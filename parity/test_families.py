@@ -9,7 +9,8 @@ longer than the sliding window.
 import pytest
 
 from parity.gate import checks
-from parity.diagnose.probes import probe_attention_mask, probe_lm_head
+from parity.diagnose.probes.attention import probe_attention_mask
+from parity.diagnose.probes.head import probe_lm_head
 
 FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3"]
 

@@ -14,7 +14,8 @@ from parity.errors import ParityInputError
 ROOT = Path(__file__).resolve().parents[1]
 ID = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # lowercase words joined by dashes
 # the files that name causes: the diagnosis and what it relies on, and the injected faults
-NAMING_FILES = ("parity/diagnose/probes.py", "parity/diagnose/counterfactuals.py", "parity/diagnose/run.py", "tests/faults.py")
+PROBE_FILES = tuple(f"parity/diagnose/probes/{m}.py" for m in ("_evidence", "mlp", "norms", "attention", "head"))
+NAMING_FILES = PROBE_FILES + ("parity/diagnose/counterfactuals.py", "parity/diagnose/run.py", "tests/faults.py")
 # ids published before the catalogue moved into the project: reports, baselines and waiver files hold them
 PUBLISHED = {
     "gelu-exact", "geglu-swapped", "geglu-width", "norm-unit-offset-missing", "norm-unit-offset-lowp",
@@ -165,7 +166,7 @@ def test_every_cause_the_code_names_is_in_the_catalogue():
         assert ids <= CAUSE_IDS, f"{p} names cause ids not in parity/diagnose/causes.py: {sorted(ids - CAUSE_IDS)}"
     # the reader sees what is really there: the probes' and the faults' ids, positional ones included
     assert {"gelu-exact", "geglu-swapped", "norm-cast-order", "final-norm-missing", "unexplained"} <= \
-        found["parity/diagnose/probes.py"]
+        set().union(*(found[p] for p in PROBE_FILES))
     assert {"rope-layout", "query-scale", "qk-norm-missing"} <= found["parity/diagnose/counterfactuals.py"]
     assert {"norm-unit-offset-lowp", "attn-softcap-missing", "act-lowp"} <= found["tests/faults.py"]
 

@@ -18,7 +18,7 @@ from parity.model.spec import GemmaSpec, truncate
 from parity.adapters.litgpt_style import LitgptStyleAdapter
 from parity.capture.runner import capture
 from parity.compare.pairs import compare_trace, used
-from parity.diagnose.probes import layer_norms
+from parity.diagnose.probes.norms import layer_norms
 from parity.model.taps import layer_of
 from parity.model.weights import canonical_shapes
 

@@ -8,8 +8,9 @@ show each one can fail; users call them in their own tests.
 from __future__ import annotations
 
 from parity.compare.pairs import TapResult
-from parity.diagnose.probes import (probe_attn_norm, probe_embedding, probe_final_norm, probe_geglu, probe_gelu,
-                           probe_norm_placement)
+from parity.diagnose.probes.head import probe_embedding
+from parity.diagnose.probes.mlp import probe_geglu, probe_gelu
+from parity.diagnose.probes.norms import probe_attn_norm, probe_final_norm, probe_norm_placement
 from parity.model.spec import GemmaSpec
 from parity.capture.trace import Trace
 
