@@ -5,13 +5,16 @@ ids they can name; `run_probes` runs every registered probe on a trace, in the
 forward order of the taps they report on. A probe returns a `Probe` whose
 `status` ("ok", "cause", "cannot-tell") is set where it decides.
 
-To add a probe: a module here that registers it, one import line below, and its
-fault in tests/faults.py (CONTRIBUTING.md).
+To add a probe: a module here that registers it (every module of this package
+whose name does not start with "_" is imported, in name order), and its fault in
+tests/faults.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Mapping
 
 from parity.capture.trace import ReducedTap, Trace
@@ -21,8 +24,10 @@ from parity.diagnose.probes._registry import PROBES, ProbeSpec, register, unregi
 from parity.model.spec import GemmaSpec
 from parity.model.taps import tap_order
 
-# the topic modules register their probes on import; their order breaks ties between probes at one tap
-from parity.diagnose.probes import head, attention, norms, mlp  # noqa: F401  isort: skip
+# The topic modules register their probes on import. Name order makes the registry the same on every
+# machine; it breaks ties only between probes of different modules at one tap (none today).
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_m}")
 
 __all__ = ["PROBES", "STATUSES", "Candidate", "Probe", "ProbeDefinitionError", "ProbeSpec", "Status",
            "UnknownCauseError", "decide", "register", "run_probes", "unregister"]

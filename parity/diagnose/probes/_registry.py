@@ -1,7 +1,7 @@
 """The probe registry: each probe module registers its probes, with the cause ids each can name.
 
-A new probe is one module that calls `register` (and one import line in
-`parity/diagnose/probes/__init__.py`); `run_probes` iterates the registry. A
+A new probe is one module under parity/diagnose/probes/ that calls `register`
+(the package imports each of its modules); `run_probes` iterates the registry. A
 cause id the catalogue lacks fails here, at import, not in a report.
 """
 
