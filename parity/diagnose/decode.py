@@ -80,7 +80,8 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> dict:
                                if best.get("runner_up") else "")}
     closest = ", ".join(f"{lab!r} {share_text(sc)}" for lab, sc in best.get("ranked", [])[:3])
     if best.get("baseline") is not None and best["baseline"] <= 1.0:
-        closest = f"the correct port decoding in {dtype} reproduces it ({share_text(best['baseline'])}): honest rounding"
+        closest = (f"the correct port decoding in {dtype} reproduces it ({share_text(best['baseline'])}): "
+                   "honest rounding")
     return {**entry, "cause": "unexplained", "source": "first-divergence",
             "evidence": f"{where}; no probe and no decode-path counterfactual reproduces it"
                         + (f"; closest: {closest}" if closest else "")}

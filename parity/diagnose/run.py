@@ -122,7 +122,8 @@ def _counterfactual(report, trace, first, order) -> dict:
         if ranked else ""
     if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
         closest = (f"; the correct port run in {first.dtype} reproduces it "
-                   f"({share_text(best['baseline_score'])} of the bound): honest rounding at this tap, not a wrong formula")
+                   f"({share_text(best['baseline_score'])} of the bound): honest rounding at this tap, not a wrong "
+                   "formula")
     failed = best.get("failed", []) if best else []
     if failed:
         closest += (f"; {len(failed)} candidate(s) could not be run (first: {failed[0][0]!r}: {failed[0][1]})")

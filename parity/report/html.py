@@ -240,7 +240,8 @@ def _mode_plot(report, prompt: str, mode: str) -> str:
         for r in sorted((r for r in rs if f"{r.impl}@{r.dtype}" == lab), key=lambda r: xi[r.tap]):
             y = r.stat if math.isfinite(r.stat) else _rel(r.max_abs, r.ref_rms)  # in row-RMS units, as the bound
             tip = (f"{lab} {mode} {r.tap}: max_abs {number(r.max_abs)}, needs {number(y)} x row RMS, allowed "
-                   f"{number(r.bound)}, {share_text(used(r))} of its bound ({r.basis}), {'pass' if r.passed else 'FAIL'}")
+                   f"{number(r.bound)}, {share_text(used(r))} of its bound ({r.basis}), "
+                   f"{'pass' if r.passed else 'FAIL'}")
             pts.append((xi[r.tap], y, tip, not r.passed))
         dtype = lab.rsplit("@", 1)[1]
         series.append({"label": lab, "color": PALETTE[n % len(PALETTE)], "dash": DASH.get(dtype, ""), "points": pts})
