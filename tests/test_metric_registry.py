@@ -176,3 +176,16 @@ def test_every_tap_result_holds_the_registered_metrics():
     a = np.arange(6.0).reshape(2, 3)
     assert set(compute(a, a)) == set(METRICS)
     assert compute(a, a)["sqnr"] == math.inf
+
+
+def test_a_reduced_tap_measures_the_rows_both_sides_hold():
+    from tests.test_trace_reduced import ROWS, _compare, _reduced, _taps
+
+    bad = _taps()
+    bad["layers.0.out"][int(ROWS[5]), 3] += 1e-3
+    full = _compare(_taps(), bad)["layers.0.out"]
+    red = _compare(_reduced(_taps()), _reduced(bad))["layers.0.out"]
+    assert full.metrics == compute(bad["layers.0.out"], _taps()["layers.0.out"])
+    assert red.metrics == compute(bad["layers.0.out"][ROWS], _taps()["layers.0.out"][ROWS])
+    # the same one error against the signal of fewer rows
+    assert math.isfinite(red.metrics["sqnr"]) and red.metrics["sqnr"] < full.metrics["sqnr"]
