@@ -131,9 +131,12 @@ def test_the_toy_metric_is_in_every_view(report, registered):
 
     from parity.report.html import to_html
     from parity.report.render import print_terminal, to_json, to_markdown
+    from parity.report.summary import run_rows
 
     want = expected(to_json(report)["taps"])
     assert set(want) == {"cumulative", "isolated"}
+    rows = run_rows(report)
+    assert [r.worst.split(" ")[1] for r in rows] == ["[p]", "[p]"]
     console = Console(record=True, width=240, color_system=None)
     print_terminal(report, console)
     views = {"terminal": console.export_text(), "report.md": to_markdown(report), "report.html": to_html(report)}
@@ -142,6 +145,8 @@ def test_the_toy_metric_is_in_every_view(report, registered):
         assert "sqnr" in text and "err_p50" in text and "err_p99" in text, name
         for mode, value in want.items():
             assert shows(text, "litgpt-style@float32", mode, value), (name, mode, value)
+        for row in rows:  # the same wording of the fixed cells too ("[p]" is text, not terminal markup)
+            assert shows(text, row.run, row.mode, row.worst), (name, row.worst)
 
 
 def test_a_renderer_that_drops_the_metric_values_fails_the_check(report, registered, monkeypatch):

@@ -199,6 +199,7 @@ def step_table(report) -> tuple[list[str], list[list[str]]] | None:
 
 def print_terminal(report, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     import sys
@@ -229,7 +230,8 @@ def print_terminal(report, console=None) -> None:
     rows = run_rows(report, v)
     for row in rows:
         style = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[row.status]
-        table.add_row(*row.cells()[:-1], f"[{style}]{row.status}[/{style}]")
+        # cells are text, not markup: "[prompt]" in the worst tap's cell is shown, not taken for a style
+        table.add_row(*map(escape, row.cells()[:-1]), f"[{style}]{row.status}[/{style}]")
     console.print(table)
     steps = step_table(report)
     if steps is not None:
