@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from parity.errors import ParityInputError
+from parity.numerics import metric_registry
 from parity.numerics.metrics import compare_arrays, logit_metrics, rms, row_norms
 from parity.model.taps import decode_tap_order, layer_of
 from parity.numerics.tolerances import NOISE_MARGIN, TOLERANCES, Tolerance, growth
@@ -73,6 +74,9 @@ class TapResult:
     # worst one) and `steps` every step's statistic. None for the prefill.
     step: int | None = None
     steps: list | None = None
+    # every registered metric (parity.numerics.metric_registry) of the pair as compared, by name; empty when nothing
+    # could be compared
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.sampled_numel is None:
@@ -234,7 +238,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
         ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, **verdict,
-        **per_step,
+        **per_step, metrics=metric_registry.compute(actual, expected),
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)
@@ -291,7 +295,8 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
     row_rms = np.where(e.row_rms > 0, e.row_rms, whole)  # [rows]
     sampled = row_rms[rows].reshape((-1,) + (1,) * (len(shape_e) - 1))
     bound = verdict["bound"]
-    m = compare_arrays(_rows_of(a, rows), _rows_of(e, rows), base["dtype"], bound * sampled, tol.rtol, sampled)
+    pair = _rows_of(a, rows), _rows_of(e, rows)
+    m = compare_arrays(*pair, base["dtype"], bound * sampled, tol.rtol, sampled)
     bad, need, reasons = _stats_beyond(a, e, bound * row_rms, tol.rtol)
     stat = max(m["excess"] if m["finite"] else float("inf"), float(np.max(need / row_rms, initial=0.0)))
     r = TapResult(
@@ -301,7 +306,7 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
         ref_rms=_zero_filled_rms(e),
         where=[int(rows[m["where"][0]])] + m["where"][1:] if m["where"] else [],
         needed_atol=stat * whole, sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
-        stat_rows_failed=int(bad.size), stat=stat, **verdict,
+        stat_rows_failed=int(bad.size), stat=stat, **verdict, metrics=metric_registry.compute(*pair),
     )
     if base["tap"] == "logits":
         r.logits = _reduced_logit_metrics(a, e, rows)
@@ -376,13 +381,6 @@ def share(stat: float, bound: float) -> float:
     if bound <= 0:
         return 0.0 if stat == 0 else math.inf
     return stat / bound
-
-
-def ratio(x: float) -> str:
-    """A share of a bound, the one way it is written: `0.25x`, `3.1x`, `1.2e+05x`, `inf`."""
-    if not math.isfinite(x):
-        return "inf"
-    return f"{x:.2g}x" if x < 1000 else f"{x:.1e}x"
 
 
 def forward_order(spec) -> dict:

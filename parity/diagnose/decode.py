@@ -31,6 +31,7 @@ from parity.capture.runner import capture
 from parity.compare.pairs import compare_trace, first_key, forward_order, used
 from parity.diagnose.counterfactuals import Counterfactual, decode_candidates
 from parity.model.spec import truncate
+from parity.numerics.display import share_text
 
 SHIFTS = (-3, -2, -1, 1, 2, 3)  # rotary offsets a position bug makes
 
@@ -74,12 +75,13 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> dict:
     if best.get("explains"):
         return {**entry, "cause": best["cause"], "source": "counterfactual",
                 "evidence": f"{where}; the port decoding with {best['label']!r} reproduces it within honest noise "
-                            f"({best['score']:.2g}x of the bound through that step and layer)"
-                            + (f"; next best {best['runner_up']!r} {best['runner_up_score']:.2g}x"
+                            f"({share_text(best['score'])} of the bound through that step and layer)"
+                            + (f"; next best {best['runner_up']!r} {share_text(best['runner_up_score'])}"
                                if best.get("runner_up") else "")}
-    closest = ", ".join(f"{lab!r} {sc:.2g}x" for lab, sc in best.get("ranked", [])[:3])
+    closest = ", ".join(f"{lab!r} {share_text(sc)}" for lab, sc in best.get("ranked", [])[:3])
     if best.get("baseline") is not None and best["baseline"] <= 1.0:
-        closest = f"the correct port decoding in {dtype} reproduces it ({best['baseline']:.2g}x): honest rounding"
+        closest = (f"the correct port decoding in {dtype} reproduces it ({share_text(best['baseline'])}): "
+                   "honest rounding")
     return {**entry, "cause": "unexplained", "source": "first-divergence",
             "evidence": f"{where}; no probe and no decode-path counterfactual reproduces it"
                         + (f"; closest: {closest}" if closest else "")}

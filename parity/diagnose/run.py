@@ -11,9 +11,10 @@ diagnosis says so ("unexplained") rather than guess.
 from __future__ import annotations
 
 from parity.diagnose.causes import NOTE_CAUSES
-from parity.compare.pairs import DECODE_MODES, ratio, used
+from parity.compare.pairs import DECODE_MODES, used
 from parity.diagnose.probes import run_probes
 from parity.model.taps import tap_order
+from parity.numerics.display import share_text
 from parity.diagnose.counterfactuals import explain
 
 # a different rounding order, not a different function: named, reported, never failed on its own
@@ -105,23 +106,24 @@ def trace_for(report, impl, dtype, prompt):
 
 def _counterfactual(report, trace, first, order) -> dict:
 
-    where = (f"first divergence at {first.tap} ({ratio(used(first))} of its bound: needs {first.stat:.3g} x row RMS, "
-             f"allowed {first.bound:.3g}, {first.basis})")
+    where = (f"first divergence at {first.tap} ({share_text(used(first))} of its bound: needs "
+             f"{first.stat:.3g} x row RMS, allowed {first.bound:.3g}, {first.basis})")
     best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
     entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
              "explains": first.tap}
     if best and best["explains"]:
-        runner = (f"; next best {best['runner_up']!r} uses {ratio(best['runner_up_score'])}"
+        runner = (f"; next best {best['runner_up']!r} uses {share_text(best['runner_up_score'])}"
                   if best["runner_up"] else "")
         return {**entry, "cause": best["cause"], "source": "counterfactual",
                 "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it within honest "
-                            f"noise ({ratio(best['score'])} of the bound through the layer's end){runner}"}
+                            f"noise ({share_text(best['score'])} of the bound through the layer's end){runner}"}
     ranked = best.get("ranked", []) if best else []
-    closest = ("; closest single changes: " + ", ".join(f"{lab!r} {ratio(sc)}" for lab, sc in ranked[:3])) \
+    closest = ("; closest single changes: " + ", ".join(f"{lab!r} {share_text(sc)}" for lab, sc in ranked[:3])) \
         if ranked else ""
     if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
-        closest = (f"; the correct port run in {first.dtype} reproduces it ({ratio(best['baseline_score'])} of the "
-                   "bound): honest rounding at this tap, not a wrong formula")
+        closest = (f"; the correct port run in {first.dtype} reproduces it "
+                   f"({share_text(best['baseline_score'])} of the bound): honest rounding at this tap, not a wrong "
+                   "formula")
     failed = best.get("failed", []) if best else []
     if failed:
         closest += (f"; {len(failed)} candidate(s) could not be run (first: {failed[0][0]!r}: {failed[0][1]})")

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parity.errors import ParityInputError
+from parity.numerics.display import number
 from parity.numerics.tolerances import growth
 
 FORMAT = "parity-baseline/1"
@@ -167,12 +168,8 @@ class Change:
     limit: float = math.nan
 
     def text(self) -> str:
-        lim = f" (limit {self.limit:.3g})" if math.isfinite(self.limit) else ""
-        return f"{self.run} [{self.prompt}] {self.tap}: baseline {_fmt(self.baseline)}, now {_fmt(self.now)}{lim}"
-
-
-def _fmt(x: float) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.3g}"
+        lim = f" (limit {number(self.limit)})" if math.isfinite(self.limit) else ""
+        return f"{self.run} [{self.prompt}] {self.tap}: baseline {number(self.baseline)}, now {number(self.now)}{lim}"
 
 
 @dataclass

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.compare.pairs import first_key, forward_order, ratio, share, used  # noqa: F401 -- the verdict's numbers
+from parity.compare.pairs import first_key, forward_order, share, used  # noqa: F401 -- the verdict's numbers
 from parity.model.taps import family_of
+from parity.numerics.display import share_text
 
 PASS, FAIL, WAIVED = "PASS", "FAIL", "WAIVED"
 
@@ -150,7 +151,7 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
         f = lead.first
         why = lead.explanation
         cause = why["cause"] if why else "unexplained"
-        what = f.reason.split(";")[0] if f.reason else f"{ratio(used(f))} of its bound"
+        what = f.reason.split(";")[0] if f.reason else f"{share_text(used(f))} of its bound"
         at = f", decode step {f.step}" if f.step is not None else ""
         return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}{at}, {what}): cause {cause}"
     d = loose[0]

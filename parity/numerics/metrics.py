@@ -5,6 +5,8 @@ No framework here: arrays in, numbers out.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from parity.numerics.tolerances import FORMATS
@@ -80,10 +82,8 @@ def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol, rtol: 
     b = np.asarray(ref, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"shape {a.shape} != reference shape {b.shape}")
-    with np.errstate(invalid="ignore"):
-        diff = np.where(a == b, 0.0, np.abs(a - b))  # equal infinities (masked scores) agree
+    diff = abs_error(a, b)
     finite = bool(np.array_equal(np.isfinite(a), np.isfinite(b)))  # inf only where the reference has it
-    diff = np.where(np.isnan(diff), np.inf, diff)
     b = np.where(np.isfinite(b), b, 0.0)
     flat = int(np.argmax(diff)) if diff.size else 0
     where = tuple(int(i) for i in np.unravel_index(flat, diff.shape)) if diff.size else ()
@@ -118,6 +118,47 @@ def compare_arrays(actual: np.ndarray, ref: np.ndarray, dtype: str, atol, rtol: 
         "needed_atol": max(needed_atol, 0.0),
         "finite": bool(finite),
     }
+
+
+def abs_error(actual: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """|a - r| elementwise in float64: 0 where equal (equal infinities, masked scores, agree), inf where NaN."""
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(a == b, 0.0, np.abs(a - b))
+    return np.where(np.isnan(diff), np.inf, diff)
+
+
+def sqnr_db(actual: np.ndarray, ref: np.ndarray) -> float:
+    """Signal to quantisation noise, 10 log10(sum r^2 / sum (a - r)^2), in dB: inf when equal, -inf when the error
+    is not finite or the reference is all zeros. The reference's non-finite values (masked scores) count as zero
+    signal, and as zero noise where the implementation has the same value."""
+    noise = float(np.sum(np.square(abs_error(actual, ref))))
+    if noise == 0.0:
+        return math.inf
+    b = np.asarray(ref, dtype=np.float64)
+    signal = float(np.sum(np.square(np.where(np.isfinite(b), b, 0.0))))
+    if not math.isfinite(noise) or signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def error_percentile(actual: np.ndarray, ref: np.ndarray, q: float) -> float:
+    """The q-th percentile (numpy's linear interpolation) of |a - r| / the RMS of r's row, over every element.
+
+    Rows as in `row_norms` (the first axis). inf when the interpolation reaches an element that is not finite
+    (NaN, or a value where the reference is -inf), where numpy would answer NaN.
+    """
+    e = (abs_error(actual, ref) / row_norms(ref)).ravel()
+    if e.size == 0:
+        return 0.0
+    pos = q / 100.0 * (e.size - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    e = np.partition(e, [lo, hi])  # the two order statistics in place, no full sort (inf sorts last)
+    t = pos - lo
+    if not math.isfinite(e[lo]) or (t > 0 and not math.isfinite(e[hi])):
+        return math.inf
+    return float(e[lo] + (e[hi] - e[lo]) * t)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

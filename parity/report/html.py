@@ -8,13 +8,14 @@ implementation, the spec and the tolerances. Every piece of text goes through
 
 from __future__ import annotations
 
-import json
 import math
 from html import escape
 
-from parity.report.render import effective_table
-from parity.gate.verdict import decide, ratio, step_errors, used
+from parity.report.render import effective_table, value_text
+from parity.gate.verdict import decide, step_errors, used
 from parity.model.taps import layer_of, tap_order
+from parity.numerics.display import number, share_text
+from parity.report.summary import COLUMNS, SEVERITY_TAG, header, run_rows
 
 PASS, FAIL, NOTE = "#1a7f37", "#cf222e", "#9a6700"  # the verdict colours (the test looks for them)
 FLOOR = 1e-12  # relative errors below this (exact agreement included) sit on the floor
@@ -59,7 +60,7 @@ def to_html(report, *, prompt: str | None = None) -> str:
         + ", ".join(f"<code>{_e(k)}</code> ({len(v)} tokens)" for k, v in report.prompts.items()) + "</p>",
         _diagnosis_section(report),
         _plots_section(report, prompt),
-        _summary_section(report),
+        _summary_section(report, v),
         _effective_section(report),
         _spec_section(report),
     ]
@@ -137,7 +138,7 @@ def _decode_plot(steps: dict) -> str:
     series = []
     for n, ((impl, dtype, mode), used_) in enumerate(steps.items()):
         lab = f"{impl}@{dtype} {mode}"
-        pts = [(s, u, f"{lab} step {s}: {ratio(u)} of its bound", u > 1) for s, u in enumerate(used_)]
+        pts = [(s, u, f"{lab} step {s}: {share_text(u)} of its bound", u > 1) for s, u in enumerate(used_)]
         series.append({"label": lab, "color": PALETTE[n % len(PALETTE)], "dash": "4 3" if mode != "decode" else "",
                        "points": pts})
     n = max(len(u) for u in steps.values())
@@ -147,31 +148,28 @@ def _decode_plot(steps: dict) -> str:
                          x_label="decode step", y_label="share of the bound", flag_label="step beyond its bound")
 
 
-def _summary_section(report) -> str:
-    out = ["<h2>Runs</h2>", "<table><tr><th>run</th><th>version</th><th>mode</th><th>taps passed</th>"
-           "<th>worst tap (share of its bound)</th><th>first divergence</th><th>cause</th><th>verdict</th></tr>"]
-    for run, rv in zip(report.runs, decide(report).runs):
-        w = rv.worst
-        worst = "-" if w is None else (f"<code>{_e(w.tap)}</code> [{_e(w.prompt)}] {_e(_g(w.max_abs))} "
-                                       f"({_e(ratio(used(w)))})")
-        f = rv.first
-        first = "-" if f is None else f"<code>{_e(f.tap)}</code> [{_e(f.prompt)}]"
-        tag = {"note": " (note)", "waived": " (waived)"}
-        causes = ", ".join(
-            f'<code class="{"v-fail" if c["severity"] == "divergence" else "v-note"}">{_e(c["cause"])}</code>'
-            + tag.get(c["severity"], "") for c in rv.causes) or "-"
-        st = rv.status
-        cls = {"PASS": "v-pass", "WAIVED": "v-note", "FAIL": "v-fail"}[st]
-        out.append(
-            f"<tr><td>{_e(rv.label)}</td><td>{_e(run.get('version', ''))}</td><td>{_e(rv.mode)}</td>"
-            f"<td class=\"num\">{rv.passed_taps}/{rv.taps}</td><td>{worst}</td><td>{first}</td>"
-            f"<td>{causes}</td><td class=\"{cls}\">{_e(st)}</td></tr>"
-        )
+def _summary_section(report, v) -> str:
+    head = header()
+    names = head[:1] + ("version",) + head[1:]  # the page also says each implementation's version
+    out = ["<h2>Runs</h2>", "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in names) + "</tr>"]
+    rows = run_rows(report, v)
+    cause_at, status_at = head.index("cause"), head.index("verdict")
+    numeric = {i for i, h in enumerate(head) if h not in COLUMNS or h == "taps ok"}
+    for row in rows:
+        cells = [f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+                 for i, c in enumerate(row.cells())]
+        cells[cause_at] = "<td>" + (", ".join(
+            f'<code class="{"v-fail" if sev == "divergence" else "v-note"}">{_e(c)}</code>'
+            + _e(SEVERITY_TAG.get(sev, "")) for c, sev in row.causes) or "-") + "</td>"
+        cls = {"PASS": "v-pass", "WAIVED": "v-note", "FAIL": "v-fail"}[row.status]
+        cells[status_at] = f'<td class="{cls}">{_e(row.status)}</td>'
+        cells.insert(1, f"<td>{_e(row.version)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
-    partial = [rv for rv in decide(report).runs if rv.not_compared]
+    partial = [row for row in rows if row.not_compared]
     if partial:
         out.append("<ul class=\"first\">" + "".join(
-            f"<li>{_e(rv.label)} {_e(rv.mode)}: {_e(rv.not_compared_text)}</li>" for rv in partial) + "</ul>")
+            f"<li>{_e(row.run)} {_e(row.mode)}: {_e(row.not_compared)}</li>" for row in partial) + "</ul>")
     return "\n".join(out)
 
 
@@ -196,14 +194,14 @@ def _spec_section(report) -> str:
     spec = report.spec.to_dict()
     out = ["<h2>Spec</h2>", "<table>"]
     for k, v in spec.items():
-        out.append(f"<tr><th>{_e(k)}</th><td class=\"mono\">{_e(_fmt(v))}</td></tr>")
+        out.append(f"<tr><th>{_e(k)}</th><td class=\"mono\">{_e(value_text(v))}</td></tr>")
     out.append("</table>")
     if report.tolerances:
         out += ["<h2>Tolerances</h2>", "<table><tr><th>dtype</th><th>atol (&times; RMS)</th><th>rtol</th>"
                 "<th>reason</th></tr>"]
         for k, t in report.tolerances.items():
-            out.append(f"<tr><td>{_e(k)}</td><td class=\"num\">{_e(_g(t.atol))}</td><td class=\"num\">"
-                       f"{_e(_g(t.rtol))}</td><td>{_e(t.reason)}</td></tr>")
+            out.append(f"<tr><td>{_e(k)}</td><td class=\"num\">{_e(number(t.atol))}</td><td class=\"num\">"
+                       f"{_e(number(t.rtol))}</td><td>{_e(t.reason)}</td></tr>")
         out.append("</table>")
     out.append("<details><summary>Prompts (token ids)</summary>")
     out += [f"<p><code>{_e(k)}</code>: <span class=\"mono\">{_e(', '.join(map(str, v)))}</span></p>"
@@ -241,8 +239,9 @@ def _mode_plot(report, prompt: str, mode: str) -> str:
         pts = []
         for r in sorted((r for r in rs if f"{r.impl}@{r.dtype}" == lab), key=lambda r: xi[r.tap]):
             y = r.stat if math.isfinite(r.stat) else _rel(r.max_abs, r.ref_rms)  # in row-RMS units, as the bound
-            tip = (f"{lab} {mode} {r.tap}: max_abs {_g(r.max_abs)}, needs {_g(y)} x row RMS, allowed {_g(r.bound)}, "
-                   f"{ratio(used(r))} of its bound ({r.basis}), {'pass' if r.passed else 'FAIL'}")
+            tip = (f"{lab} {mode} {r.tap}: max_abs {number(r.max_abs)}, needs {number(y)} x row RMS, allowed "
+                   f"{number(r.bound)}, {share_text(used(r))} of its bound ({r.basis}), "
+                   f"{'pass' if r.passed else 'FAIL'}")
             pts.append((xi[r.tap], y, tip, not r.passed))
         dtype = lab.rsplit("@", 1)[1]
         series.append({"label": lab, "color": PALETTE[n % len(PALETTE)], "dash": DASH.get(dtype, ""), "points": pts})
@@ -396,24 +395,7 @@ def _rel(max_abs: float, ref_rms: float) -> float:
     return max(max_abs / ref_rms, FLOOR)
 
 
-def _g(x) -> str:
-    if isinstance(x, float):
-        return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.3g}")
-    return str(x)
-
-
 def _darker(color: str, f: float = 0.7) -> str:
     r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
     return "#" + "".join(f"{int(c * f):02x}" for c in (r, g, b))
 
-
-def _fmt(v) -> str:
-    if isinstance(v, list) and v and all(x == v[0] for x in v):
-        return f"{_fmt(v[0])} (all layers)"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if v is None:
-        return "none"
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, default=str)
-    return str(v)

@@ -7,7 +7,10 @@ import math
 from collections import defaultdict
 
 from parity.model.taps import layer_of
-from parity.gate.verdict import decide, ratio, step_errors, used
+from parity.gate.verdict import decide, step_errors, used
+from parity.numerics.display import number, share_text
+from parity.numerics.metric_registry import METRICS
+from parity.report.summary import cause_text, header, run_rows
 
 tol_used = used  # the old name: how much of its bound a tap used
 
@@ -59,6 +62,8 @@ def to_json(report) -> dict:
             "per_step": [{"impl": i, "dtype": d, "mode": m, "used": u} for (i, d, m), u in step_errors(report).items()]},
         "runs": report.runs,
         "taps": [r.to_json() for r in report.results],
+        "metrics": {name: {"unit": m.unit, "format": m.fmt, "worse": m.worse, "description": m.description}
+                    for name, m in METRICS.items()},
         "first_divergence": lead,
         "first_divergences": [_at(f) for f in firsts],
         "diagnosis": report.diagnosis,
@@ -92,19 +97,6 @@ def _margin() -> float:
     return NOISE_MARGIN
 
 
-def worst_text(r) -> str:
-    if r is None:
-        return "-"
-    return f"{r.tap} [{r.prompt}] {r.max_abs:.2g} ({ratio(used(r))} of bound)"
-
-
-def cause_text(causes) -> str:
-    if not causes:
-        return "-"
-    tag = {"note": " (note)", "waived": " (waived)"}
-    return ", ".join(c["cause"] + tag.get(c["severity"], "") for c in causes)
-
-
 def headline(report) -> str:
     return decide(report).headline
 
@@ -119,29 +111,26 @@ def to_markdown(report) -> str:
         f = firsts[0]
         at = f", decode step {f.step}" if f.step is not None else ""
         lines += [f"First divergence: `{f.tap}` in {f.impl}@{f.dtype} ({f.mode}{at}, prompt {f.prompt}): "
-                  f"{ratio(used(f))} of its bound (needs {f.stat:.3g} x row RMS, {f.bound:.3g} allowed: {f.basis}); "
-                  f"max abs {f.max_abs:.3g}"
+                  f"{share_text(used(f))} of its bound (needs {number(f.stat)} x row RMS, {number(f.bound)} allowed: "
+                  f"{f.basis}); max abs {number(f.max_abs)}"
                   + (f"; {len(firsts) - 1} more run(s) diverge" if len(firsts) > 1 else ""), ""]
     causes = [d for d in report.diagnosis]
     if causes:
         lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
         for d in causes:
-            sev = {"note": " (note)", "waived": " (waived)"}.get(d["severity"], "")
             mode = f" ({d['mode']})" if d.get("mode") else ""
-            lines.append(f"| {d['impl']} | {d['dtype']}{mode} | `{d['cause']}`{sev} | `{d['tap']}` | {d['evidence']} |")
+            cause = cause_text(f"`{d['cause']}`", d["severity"])
+            lines.append(f"| {d['impl']} | {d['dtype']}{mode} | {cause} | `{d['tap']}` | {d['evidence']} |")
         lines.append("")
     lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
               f"({report.weights_source}); reference `{report.reference}`; prompts "
               + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()), ""]
-    lines += ["| run | mode | taps passed | worst tap | first divergence | cause | verdict |",
-              "|---|---|---|---|---|---|---|"]
-    for rv in v.runs:
-        first = f"`{rv.first.tap}`" if rv.first else "-"
-        lines.append(f"| {rv.label} | {rv.mode} | {rv.passed_taps}/{rv.taps} | {worst_text(rv.worst)} "
-                     f"| {first} | {cause_text(rv.causes)} | {rv.status} |")
-    partial = [rv for rv in v.runs if rv.not_compared]
+    rows = run_rows(report, v)
+    lines += ["| " + " | ".join(header()) + " |", "|---" * len(header()) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row.cells()) + " |" for row in rows]
+    partial = [row for row in rows if row.not_compared]
     if partial:
-        lines += [""] + [f"- {rv.label} {rv.mode}: {rv.not_compared_text}" for rv in partial]
+        lines += [""] + [f"- {row.run} {row.mode}: {row.not_compared}" for row in partial]
     steps = step_table(report)
     if steps is not None:
         head, rows = steps
@@ -182,7 +171,7 @@ def _layer_table(report) -> list[str]:
         vals = []
         for run in runs:
             v = cell[(key, run)]
-            vals.append(("**" if v > 1 else "") + ratio(v) + ("**" if v > 1 else ""))
+            vals.append(("**" if v > 1 else "") + share_text(v) + ("**" if v > 1 else ""))
         out.append(f"| {key} | " + " | ".join(vals) + " |")
     return out
 
@@ -203,13 +192,14 @@ def step_table(report) -> tuple[list[str], list[list[str]]] | None:
     prefill = {len(v) for v in report.prompts.values()}
     pos = (lambda s: str(next(iter(prefill)) + s)) if len(prefill) == 1 else (lambda s: "+" + str(s))
     head = ["step", "position"] + [f"{i}@{d} {m}" for i, d, m in runs]
-    rows = [[str(s), pos(s)] + [ratio(errs[r][s]) + ("!" if errs[r][s] > 1 else "") if s < len(errs[r]) else "-"
+    rows = [[str(s), pos(s)] + [share_text(errs[r][s]) + ("!" if errs[r][s] > 1 else "") if s < len(errs[r]) else "-"
                                 for r in runs] for s in shown]
     return head, rows
 
 
 def print_terminal(report, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     import sys
@@ -233,13 +223,15 @@ def print_terminal(report, console=None) -> None:
                               for c in cols])
         console.print(conf)
     table = Table(show_lines=False)
-    for col in ("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict"):
-        table.add_column(col)
-    for rv in v.runs:
-        style = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[rv.status]
-        table.add_row(rv.label, rv.mode, f"{rv.passed_taps}/{rv.taps}", worst_text(rv.worst),
-                      rv.first.tap if rv.first else "-", cause_text(rv.causes),
-                      f"[{style}]{rv.status}[/{style}]")
+    # a metric's unit under its name, and its numbers never folded; the run's label is never cut
+    units = {m.header: f"{m.name}\n{m.unit}" for m in METRICS.values() if m.unit}
+    for col in header():
+        table.add_column(units.get(col, col), no_wrap=col in units or col == "run")
+    rows = run_rows(report, v)
+    for row in rows:
+        style = {"PASS": "green", "WAIVED": "yellow", "FAIL": "red"}[row.status]
+        # cells are text, not markup: "[prompt]" in the worst tap's cell is shown, not taken for a style
+        table.add_row(*map(escape, row.cells()[:-1]), f"[{style}]{row.status}[/{style}]")
     console.print(table)
     steps = step_table(report)
     if steps is not None:
@@ -251,9 +243,9 @@ def print_terminal(report, console=None) -> None:
         for row in rows:
             st.add_row(*[f"[red]{c}[/red]" if c.endswith("!") else c for c in row])
         console.print(st)
-    for rv in v.runs:
-        if rv.not_compared:
-            console.print(f"  [yellow]{rv.label} {rv.mode}[/yellow]: {rv.not_compared_text}", soft_wrap=True)
+    for row in rows:
+        if row.not_compared:
+            console.print(f"  [yellow]{row.run} {row.mode}[/yellow]: {row.not_compared}", soft_wrap=True)
     for d in report.diagnosis:
         console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
                       soft_wrap=True)

@@ -274,8 +274,7 @@ class ParitySession:
 
     def summary(self) -> dict:
         """The summary as plain lines, in parts, so xdist workers can send it to the controller."""
-        from parity.report.render import cause_text, worst_text
-        from parity.gate.verdict import decide
+        from parity.report.summary import header, run_rows
 
         out = {"runs": [], "waivers": [], "gates": [], "written": list(self.written)}
         report = self.report
@@ -285,11 +284,7 @@ class ParitySession:
                 f"{s.name} (Gemma {s.family}, {s.num_layers} layers), weights {report.weights_hash} "
                 f"({report.weights_source}), reference {report.reference}, prompts "
                 + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()))
-            rows = [("run", "mode", "taps ok", "worst tap", "first divergence", "cause", "verdict")]
-            for rv in decide(report).runs:
-                first_text = "-" if rv.first is None else rv.first.tap
-                rows.append((rv.label, rv.mode, f"{rv.passed_taps}/{rv.taps}", worst_text(rv.worst), first_text,
-                             cause_text(rv.causes), rv.status))
+            rows = [header()] + [row.cells() for row in run_rows(report)]
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             out["runs"] += ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
             for k, v in report.skipped.items():
