@@ -252,12 +252,12 @@ def load_trace(path: str | Path, lazy: bool = False) -> Trace:
     try:
         f = TensorFile(p, _FIX)
         meta = json.loads(f.metadata["parity_trace"])
-        f.verify()  # before any number is read: a corrupt file is bad input, never a divergence
         order, reduced = meta.pop("order"), meta.pop("reduced", {})
         missing = [n for k in order for n in _stored_names(k, reduced.get(k)) if n not in f]
         if missing:
             raise ParityInputError(f"{p}: tensors {missing[:3]} of the trace are not in the file "
                                    f"({len(missing)} missing); capture it again")
+        f.verify()  # before any number is read: a corrupt file is bad input, never a divergence
         taps = LazyTaps(p, order, reduced) if lazy else {k: _read_tap(f, k, reduced.get(k)) for k in order}
     except ParityInputError:
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default 0: prefill only)")
     p.add_argument("--decode-tokens", metavar="IDS", help="comma-separated token ids to decode (teacher-forced), "
                                                           "instead of seeded ones; implies --decode")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop an implementation whose build, run or decode takes longer (exit 3 naming the phase; "
+                        "default 1800, or PARITY_TIMEOUT; 0: no limit)")
     p.add_argument("--allow-large", action="store_true", help="run even when the up-front memory or disk estimate "
                                                                "says the machine cannot hold it (PARITY_ALLOW_LARGE=1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -176,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     out: OutDir | None = None
+    previous = os.environ.get("PARITY_TIMEOUT")
     try:
+        if args.timeout is not None:
+            if not args.timeout >= 0 or args.timeout == float("inf"):
+                raise ParityInputError(f"--timeout {args.timeout!r} is not a number of seconds >= 0; give e.g. 600, "
+                                       "or 0 for no limit")
+            os.environ["PARITY_TIMEOUT"] = repr(args.timeout)  # read by every phase, here and in child processes
         check_trace_options(args, p)
         check_unique(args)
         req = build_request(args)
@@ -248,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         log = out.fail(getattr(e, "traceback", "") or traceback.format_exc()) if out is not None else None
         print(what + (f" (traceback: {log})" if log else ""), file=sys.stderr)
         return 3
+    finally:
+        if args.timeout is not None:  # main() may run inside a user's process: leave its environment as it was
+            if previous is None:
+                os.environ.pop("PARITY_TIMEOUT", None)
+            else:
+                os.environ["PARITY_TIMEOUT"] = previous
 
 
 class _progress:
