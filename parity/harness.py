@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from parity.adapters.declared import declared
 from parity.capture.runner import Progress, capture, capture_in_subprocess, produced
-from parity.compare.pairs import TapResult, compare_all, compare_traces
+from parity.compare.pairs import TapResult, compare_all, pair_traces
 from parity.capture.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
 from parity.errors import ParityInputError
 from parity.capture.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
@@ -326,74 +326,77 @@ def decode_plan(req: Request, spec: GemmaSpec, prompts: dict[str, list[int]]) ->
     return cont
 
 
-def compare_runs(refs: dict[str, Trace], others: list[Trace], table: dict[str, Tolerance],
-                 layers: list[int] | None = None, noise: NoiseModel | None = None,
-                 raw_logits: bool = False) -> list[TapResult]:
-    """Every trace against its prompt's reference, once all are captured, so each reference tap is read once.
-
-    Results are grouped by run (impl, dtype, mode) in order of first appearance, each run's traces in the
-    order given. `layers` keeps those layers' taps (and the taps of no layer).
-    """
-    per_trace: dict[int, list[TapResult]] = {}
-    for prompt, ref in refs.items():
-        group = [t for t in others if t.prompt == prompt]
-        for t, rs in zip(group, compare_traces(ref, group, table, noise, raw_logits)):
-            per_trace[id(t)] = rs
-    selected = None if layers is None else set(layers)
-    out = []
-    for key in dict.fromkeys((t.impl, t.dtype, t.mode) for t in others):
-        for t in (t for t in others if (t.impl, t.dtype, t.mode) == key):
-            out += [r for r in per_trace[id(t)] if selected is None or r.layer is None or r.layer in selected]
-    return out
-
-
 def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, weights: Weights | None = None,
                 tolerances: dict[str, Tolerance] | None = None, layers: list[int] | None = None,
                 raw_logits: bool = False) -> Report:
-    """A report from trace files captured elsewhere (another process, another machine).
+    """A report from trace files captured elsewhere (another process, another machine, `--save-traces`).
 
-    The reference is the trace set whose impl@dtype is `reference`, else the
-    first trace's. Weight-based probes and counterfactuals need the weights;
-    without them those probes say "cannot tell".
+    The reference is the trace set whose impl@dtype is `reference`: its cumulative traces are what the
+    prefill traces are compared with, its full forwards (mode decode-full) what decode traces are; the
+    pairing is run()'s own (parity.compare.pairs.pair_traces), so a run's saved traces give its report
+    back (without the honest-noise model, whose members' traces are not saved: the fixed table decides).
+    Weight-based probes and counterfactuals need the weights; without them those probes say "cannot tell".
     """
-
     if not traces:
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
-    if not any((t.impl, t.dtype) == tuple(reference) for t in traces):
+    ref_key = tuple(reference)
+    if not any((t.impl, t.dtype) == ref_key for t in traces):
         have = ", ".join(sorted({f"{t.impl}@{t.dtype}" for t in traces}))
         raise ParityInputError(f"{{option}} {reference[0]}@{reference[1]} is not among the traces ({have}); "
                                "pass the reference's trace too, or {option} one of those", option="reference")
-    ref_key = tuple(reference)
+    ref_name = f"{ref_key[0]}@{ref_key[1]}"
     refs = {t.prompt: t for t in traces if (t.impl, t.dtype) == ref_key and t.mode == "cumulative"}
+    ref_full = {t.prompt: t for t in traces if (t.impl, t.dtype) == ref_key and t.mode == FULL}
     if not refs:
-        raise ParityInputError(f"no cumulative trace of the reference {ref_key[0]}@{ref_key[1]} among the traces")
-    spec = GemmaSpec.from_dict(next(iter(refs.values())).spec)
-    if weights is not None and weights.hash != next(iter(refs.values())).weights_hash:
+        raise ParityInputError(f"no cumulative trace of the reference {ref_name} among the traces")
+    first_ref = next(iter(refs.values()))
+    spec = GemmaSpec.from_dict(first_ref.spec)
+    if weights is not None and weights.hash != first_ref.weights_hash:
         raise ParityInputError("{option} are not the weights the traces were captured from (hash differs)",
                                option="weights")
-    table = tolerances or TOLERANCES
-    runs, others, effective = [], [], {}
-    for t in traces:
-        if (t.impl, t.dtype) == ref_key and t.mode == "cumulative":
-            continue
+    others = [t for t in traces if not ((t.impl, t.dtype) == ref_key and t.mode == "cumulative")]
+    for t in others:
         if t.prompt not in refs:
             raise ParityInputError(f"trace {t.label} prompt {t.prompt!r} has no reference trace of that prompt")
-        run_ = {"impl": t.impl, "version": t.version, "dtype": t.dtype, "mode": t.mode}
-        if run_ not in runs:
-            runs.append(run_)
+        if t.mode == DECODE and t.prompt not in ref_full:
+            raise ParityInputError(f"decode trace {t.label} prompt {t.prompt!r} has no reference full forward to be "
+                                   f"compared with; pass {ref_name}'s {FULL} trace of that prompt too "
+                                   "(--save-traces writes it beside the others)")
+    cont = _continuation(refs, ref_full)
+    compared = [t for _, t in pair_traces(refs, ref_full, others)]
+    if not compared:
+        raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_name}'s (or full "
+                               "forwards, which are ground truth); pass at least one other trace with --trace")
+    # one run per (impl, dtype, mode) compared, decode-self included, in order of first appearance
+    runs = list({(t.impl, t.dtype, t.mode): {"impl": t.impl, "version": t.version, "dtype": t.dtype, "mode": t.mode}
+                 for t in compared}.values())
+    effective = {ref_name: first_ref.effective}
+    for t in compared:
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
-        others.append(t)
-    if not others:
-        raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_key[0]}@{ref_key[1]}'s; "
-                               "pass at least one other trace with --trace")
-    results = compare_runs(refs, others, table, layers, raw_logits=raw_logits)
+    table = tolerances or TOLERANCES
+    results = compare_all(refs, ref_full, others, table, None, raw_logits, layers)
     check_compared(runs, results)
     report = Report(
-        spec=spec, weights_hash=next(iter(refs.values())).weights_hash,
-        weights_source=weights.source if weights else "from traces", reference=f"{ref_key[0]}@{ref_key[1]}",
+        spec=spec, weights_hash=first_ref.weights_hash,
+        weights_source=weights.source if weights else "from traces", reference=ref_name,
         prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
-        skipped={}, effective=effective, tolerances=table, weights=weights,
+        skipped={}, effective=effective, tolerances=table, weights=weights, continuation=cont,
     )
 
     diagnose(report)
     return report
+
+
+def _continuation(refs: dict[str, Trace], ref_full: dict[str, Trace]) -> list[int]:
+    """The tokens decoded after each prompt, read from the reference's full forwards (empty: no decode)."""
+    conts = {}
+    for prompt, t in ref_full.items():
+        head, tail = list(t.tokens[:t.prefill]), list(t.tokens[t.prefill:])
+        if prompt in refs and head != list(refs[prompt].tokens):
+            raise ParityInputError(f"the reference's {FULL} trace of prompt {prompt!r} starts with other tokens than "
+                                   "its cumulative trace; pass traces of one run")
+        conts[prompt] = tail
+    if len({tuple(c) for c in conts.values()}) > 1:
+        raise ParityInputError(f"the reference's {FULL} traces decode different continuations per prompt "
+                               f"({', '.join(f'{p}: {len(c)} tokens' for p, c in conts.items())}); pass traces of one run")
+    return next(iter(conts.values()), [])

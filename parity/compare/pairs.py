@@ -169,17 +169,7 @@ def compare_all(refs: dict[str, Trace], ref_full: dict[str, Trace], traces: list
     implementation's full forward (mode decode-self: the cache reproduces what the model computes without
     it). Full-forward traces are ground truth, not compared. Each reference tap is read once per prompt.
     """
-    pairs: list[tuple[Trace, Trace]] = []  # (reference, trace as compared)
-    for t in traces:
-        if t.mode in ("cumulative", "isolated") and t.prompt in refs:
-            pairs.append((refs[t.prompt], t))
-        elif t.mode == DECODE:
-            if t.prompt in ref_full:
-                pairs.append((ref_full[t.prompt], t))
-            own = next((o for o in traces if (o.impl, o.dtype, o.prompt, o.mode) == (t.impl, t.dtype, t.prompt, FULL)),
-                       None)
-            if own is not None:
-                pairs.append((own, dataclasses.replace(t, mode=SELF)))
+    pairs = pair_traces(refs, ref_full, traces)
     per: dict[int, list[TapResult]] = {}
     refs_once = list({id(r): r for r, _ in pairs}.values())
     for ref in refs_once:  # one reference at a time, compared with all its traces
@@ -193,6 +183,27 @@ def compare_all(refs: dict[str, Trace], ref_full: dict[str, Trace], traces: list
         for t in (t for t in compared if (t.impl, t.dtype, t.mode) == key):
             out += [r for r in per[id(t)] if selected is None or r.layer is None or r.layer in selected]
     return out
+
+
+def pair_traces(refs: dict[str, Trace], ref_full: dict[str, Trace], traces: list[Trace]) -> list[tuple[Trace, Trace]]:
+    """(reference, trace as compared) for every comparison `traces` make, in their order (see compare_all).
+
+    The one pairing of traces: `harness.run` and `harness.from_traces` (traces read back from files) both
+    compare through it. A decode trace is paired with the reference's full forward over the same tokens and,
+    as mode decode-self, with its own implementation's full forward; full forwards are only ground truth.
+    """
+    pairs: list[tuple[Trace, Trace]] = []
+    for t in traces:
+        if t.mode in ("cumulative", "isolated") and t.prompt in refs:
+            pairs.append((refs[t.prompt], t))
+        elif t.mode == DECODE:
+            if t.prompt in ref_full:
+                pairs.append((ref_full[t.prompt], t))
+            own = next((o for o in traces if (o.impl, o.dtype, o.prompt, o.mode) == (t.impl, t.dtype, t.prompt, FULL)),
+                       None)
+            if own is not None:
+                pairs.append((own, dataclasses.replace(t, mode=SELF)))
+    return pairs
 
 
 def bound_for(floor: float, noise: float | None) -> tuple[float, str]:
