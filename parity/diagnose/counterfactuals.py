@@ -21,6 +21,7 @@ from parity.compare.pairs import compare_trace, used
 from parity.diagnose.probes.norms import layer_norms
 from parity.model.taps import layer_of
 from parity.model.weights import canonical_shapes
+from parity.diagnose.search import Ranking, Wording, rank
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,13 @@ def _valid(cf: Counterfactual, spec: GemmaSpec) -> bool:
         return False
 
 
+PREFILL = Wording(rerun="the reference re-run with", through="the layer's end",
+                  nothing="no probe and no single-change counterfactual brings it into honest noise",
+                  correct="the correct port run in {dtype}")
+
+
 def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[str, int],
-            noise=None) -> dict | None:
+            noise=None) -> Ranking:
     """Rank counterfactuals by how well they reproduce `trace` up to `until_tap`'s layer.
 
     Score: the worst share of its bound used over the compared taps, the
@@ -174,9 +180,7 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     bounds as the verdict (the honest noise where there is a noise model): <= 1
     means re-running the port with that change brings the error into honest noise.
     """
-
     import dataclasses
-
 
     layer = layer_of(until_tap)
     last = order.get(f"layers.{layer}.out", order.get(until_tap, 0)) if layer is not None else order.get(until_tap, 0)
@@ -186,48 +190,17 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
     trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
 
-    failed: list[tuple[str, str]] = []  # (candidate, why it could not be scored)
-
-    def score(adapter, cf: Counterfactual | None = None) -> float | None:
+    def reproduce(cf: Counterfactual | None) -> float | None:
+        adapter = cf.adapter() if cf is not None else LitgptStyleAdapter(name="cf:unchanged")
         # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
         w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
-        try:
-            got = capture(adapter or cf.adapter(), run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
-        except Exception as e:  # noqa: BLE001 -- a variant that cannot be built is reported, not silently dropped
-            failed.append((cf.label if cf is not None else "unchanged port", f"{type(e).__name__}: {e}"[:200]))
-            return None
+        got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
         rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
         return max(used(r) for r in rs) if rs else None
 
+    def variants():  # a generator: nothing is listed (the swaps read the weights) unless the baseline fails
+        swaps = swap_candidates(spec, layer, weights) if layer is not None else []
+        yield from (cf for cf in candidates(run_spec) + swaps if _valid(cf, run_spec))
 
-    # the correct port in the same dtype: if it reproduces the trace, the "divergence" is honest rounding
-    baseline = score(LitgptStyleAdapter(name="cf:unchanged"))
-    if baseline is not None and baseline <= 1.0:
-        # the correct port reproduces it: no single change can explain it better (and at real sizes
-        # each candidate is a model run), so the candidates are not run
-        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
-                "baseline_score": baseline, "explains": False, "failed": failed}
-    scored: list = []
-    swaps = swap_candidates(spec, layer, weights) if layer is not None else []
-    for cf in candidates(run_spec) + swaps:
-        if not _valid(cf, run_spec):
-            continue
-        sc = score(None, cf)
-        if sc is not None:
-            scored.append((sc, cf))
-    if not scored:
-        return {"cause": None, "label": None, "score": None, "runner_up": None, "runner_up_score": None,
-                "baseline_score": baseline, "explains": False, "ranked": [], "failed": failed}
-    scored.sort(key=lambda x: x[0])
-    best_score, best = scored[0]
-    runner = scored[1] if len(scored) > 1 else (float("inf"), None)
-    # a change explains the trace only if it matches and the unchanged port does not
-    return {
-        "cause": best.cause, "label": best.label, "score": best_score,
-        "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
-        "baseline_score": baseline,
-        "explains": best_score <= 1.0 and (baseline is None or baseline > 1.0),
-        "ranked": [(cf.label, sc) for sc, cf in scored[:5]],
-        "failed": failed,
-    }
+    return rank(variants(), reproduce)

@@ -29,9 +29,10 @@ import numpy as np
 from parity.capture.decode import DECODE, FULL, SELF, visible
 from parity.capture.runner import capture
 from parity.compare.pairs import compare_trace, first_key, forward_order, used
-from parity.diagnose.counterfactuals import Counterfactual, decode_candidates
+from parity.diagnose import counterfactuals  # the module: its candidate tables are read when a search runs
+from parity.diagnose.counterfactuals import Counterfactual
+from parity.diagnose.search import UNCHANGED, Ranking, Wording, named, rank
 from parity.model.spec import truncate
-from parity.numerics.display import share_text
 
 SHIFTS = (-3, -2, -1, 1, 2, 3)  # rotary offsets a position bug makes
 
@@ -71,20 +72,7 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> dict:
     if report.weights is None:
         return {**entry, "cause": "unexplained", "source": "first-divergence",
                 "evidence": f"{where}; no probe names it, and counterfactuals need the weights"}
-    best = counterfactual(report, dec, first, order)
-    if best.get("explains"):
-        return {**entry, "cause": best["cause"], "source": "counterfactual",
-                "evidence": f"{where}; the port decoding with {best['label']!r} reproduces it within honest noise "
-                            f"({share_text(best['score'])} of the bound through that step and layer)"
-                            + (f"; next best {best['runner_up']!r} {share_text(best['runner_up_score'])}"
-                               if best.get("runner_up") else "")}
-    closest = ", ".join(f"{lab!r} {share_text(sc)}" for lab, sc in best.get("ranked", [])[:3])
-    if best.get("baseline") is not None and best["baseline"] <= 1.0:
-        closest = (f"the correct port decoding in {dtype} reproduces it ({share_text(best['baseline'])}): "
-                   "honest rounding")
-    return {**entry, "cause": "unexplained", "source": "first-divergence",
-            "evidence": f"{where}; no probe and no decode-path counterfactual reproduces it"
-                        + (f"; closest: {closest}" if closest else "")}
+    return {**entry, **named(counterfactual(report, dec, first, order), where, dtype, DECODING)}
 
 
 # ------------------------------------------------------------------ probes
@@ -242,13 +230,17 @@ def _rotation(spec, layer, k, kr, scale, tol) -> int | None:
 
 
 # ------------------------------------------------------------------ counterfactuals
-def counterfactual(report, dec, first, order) -> dict:
-    """The decode-path fault whose port decode reproduces `dec` through the first divergent step and layer."""
+DECODING = Wording(rerun="the port decoding with", through="that step and layer",
+                   nothing="no probe and no decode-path counterfactual reproduces it",
+                   correct="the correct port decoding in {dtype}")
+
+
+def counterfactual(report, dec, first, order) -> Ranking:
+    """Rank the decode-path faults by how well the port decoding with each reproduces `dec` through the first
+    divergent step and layer."""
     import dataclasses
 
-
-    spec, weights = report.spec, report.weights
-    layer = first.layer
+    spec, weights, layer = report.spec, report.weights, first.layer
     last = order.get(f"layers.{layer}.out", order.get(first.tap, 0)) if layer is not None else order.get(first.tap, 0)
     run_spec = truncate(spec, layer + 1) if layer is not None else spec
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
@@ -257,35 +249,21 @@ def counterfactual(report, dec, first, order) -> dict:
     prompt, cont = dec.tokens[:dec.prefill], dec.tokens[dec.prefill:]
     upto = first.step + 1
 
-    def head(t):
+    def head(t):  # [steps, ...] -> [upto, ...], the taps through the divergent layer
         return dataclasses.replace(t, taps={k: np.asarray(v)[:upto] for k, v in t.taps.items()
                                             if order.get(k, 10**6) <= last})
 
     mine = head(dec)
-    failed = []
 
-    def score(cf) -> float | None:
-        try:
-            got = capture(cf.adapter(), run_spec, run_weights, dec.dtype, {dec.prompt: list(prompt)}, mode=[DECODE],
-                          continuation=list(cont))
-        except Exception as e:  # noqa: BLE001 -- a variant that cannot run is reported, not dropped
-            failed.append((cf.label, f"{type(e).__name__}: {e}"[:200]))
-            return None
+    def reproduce(cf: Counterfactual | None) -> float | None:
+        adapter = (cf or Counterfactual("none", UNCHANGED)).adapter()
+        got = capture(adapter, run_spec, run_weights, dec.dtype, {dec.prompt: list(prompt)}, mode=[DECODE],
+                      continuation=list(cont))
         ours = head(next(t for t in got if t.mode == DECODE))
         ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
-        rs = compare_trace(ours, mine, report.tolerances, DECODE, report.noise)
+        return max((used(r) for r in compare_trace(ours, mine, report.tolerances, DECODE, report.noise)), default=None)
 
-        return max((used(r) for r in rs), default=None)
+    def variants():  # a generator: the candidates are listed only if the baseline fails
+        yield from counterfactuals.decode_candidates(run_spec)
 
-
-    baseline = score(Counterfactual("none", "unchanged port"))
-    if baseline is not None and baseline <= 1.0:
-        return {"explains": False, "baseline": baseline, "failed": failed}
-    scored = sorted(((sc, cf) for cf in decode_candidates(run_spec) if (sc := score(cf)) is not None),
-                    key=lambda x: x[0])
-    if not scored:
-        return {"explains": False, "baseline": baseline, "ranked": [], "failed": failed}
-    (best_score, best), runner = scored[0], (scored[1] if len(scored) > 1 else (None, None))
-    return {"explains": best_score <= 1.0, "cause": best.cause, "label": best.label, "score": best_score,
-            "runner_up": runner[1].label if runner[1] else None, "runner_up_score": runner[0],
-            "baseline": baseline, "ranked": [(cf.label, sc) for sc, cf in scored[:5]], "failed": failed}
+    return rank(variants(), reproduce)

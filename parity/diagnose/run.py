@@ -15,7 +15,8 @@ from parity.compare.pairs import DECODE_MODES, used
 from parity.diagnose.probes import run_probes
 from parity.model.taps import tap_order
 from parity.numerics.display import share_text
-from parity.diagnose.counterfactuals import explain
+from parity.diagnose.counterfactuals import PREFILL, explain
+from parity.diagnose.search import named
 
 # a different rounding order, not a different function: named, reported, never failed on its own
 PRECISION_ONLY = NOTE_CAUSES
@@ -105,27 +106,8 @@ def trace_for(report, impl, dtype, prompt):
 
 
 def _counterfactual(report, trace, first, order) -> dict:
-
     where = (f"first divergence at {first.tap} ({share_text(used(first))} of its bound: needs "
              f"{first.stat:.3g} x row RMS, allowed {first.bound:.3g}, {first.basis})")
-    best = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
-    entry = {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
-             "explains": first.tap}
-    if best and best["explains"]:
-        runner = (f"; next best {best['runner_up']!r} uses {share_text(best['runner_up_score'])}"
-                  if best["runner_up"] else "")
-        return {**entry, "cause": best["cause"], "source": "counterfactual",
-                "evidence": f"{where}; the reference re-run with {best['label']!r} reproduces it within honest "
-                            f"noise ({share_text(best['score'])} of the bound through the layer's end){runner}"}
-    ranked = best.get("ranked", []) if best else []
-    closest = ("; closest single changes: " + ", ".join(f"{lab!r} {share_text(sc)}" for lab, sc in ranked[:3])) \
-        if ranked else ""
-    if best and best.get("baseline_score") is not None and best["baseline_score"] <= 1.0:
-        closest = (f"; the correct port run in {first.dtype} reproduces it "
-                   f"({share_text(best['baseline_score'])} of the bound): honest rounding at this tap, not a wrong "
-                   "formula")
-    failed = best.get("failed", []) if best else []
-    if failed:
-        closest += (f"; {len(failed)} candidate(s) could not be run (first: {failed[0][0]!r}: {failed[0][1]})")
-    return {**entry, "cause": "unexplained", "source": "first-divergence",
-            "evidence": f"{where}; no probe and no single-change counterfactual brings it into honest noise{closest}"}
+    ranking = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
+    return {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
+            "explains": first.tap, **named(ranking, where, first.dtype, PREFILL)}
