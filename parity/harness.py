@@ -397,6 +397,7 @@ def _continuation(refs: dict[str, Trace], ref_full: dict[str, Trace]) -> list[in
                                    "its cumulative trace; pass traces of one run")
         conts[prompt] = tail
     if len({tuple(c) for c in conts.values()}) > 1:
-        raise ParityInputError(f"the reference's {FULL} traces decode different continuations per prompt "
-                               f"({', '.join(f'{p}: {len(c)} tokens' for p, c in conts.items())}); pass traces of one run")
+        each = ", ".join(f"{p}: {c}" for p, c in conts.items())
+        raise ParityInputError(f"the reference's {FULL} traces decode different continuations per prompt ({each}); "
+                               "pass the traces of one run")
     return next(iter(conts.values()), [])

@@ -13,6 +13,7 @@ import pytest
 
 from parity.capture.decode import DECODE
 from parity.capture.trace import load_trace
+from parity.errors import ParityInputError
 from parity.harness import Request, from_traces, run
 from parity.model.weights import random_weights, save_weights
 from parity.report.cli import main
@@ -70,10 +71,25 @@ def test_a_decode_trace_of_other_tokens_is_still_refused(saved, tmp_path, capsys
 
 def test_a_decode_trace_without_the_references_full_forward_is_refused(saved, tmp_path, capsys):
     out, _ = saved
-    files = [f for f in sorted((out / "traces").glob("*.safetensors")) if not f.name.startswith("litgpt-style@float64.decode-full")]
+    files = [f for f in sorted((out / "traces").glob("*.safetensors"))
+             if not f.name.startswith("litgpt-style@float64.decode-full")]
     assert main([*(a for f in files for a in ("--trace", str(f))), "--quiet", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "has no reference full forward" in err and "litgpt-style@float64's decode-full trace" in err
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.tokens[:t.prefill] + [x + 1 for x in t.tokens[t.prefill:]], "decode different continuations"),
+    (lambda t: [t.tokens[0] + 1] + t.tokens[1:], "starts with other tokens than its cumulative trace"),
+])
+def test_reference_full_forwards_of_another_run_are_refused(saved, edit, needle):
+    """The continuation is read from the reference's full forwards: one of another run's is bad input."""
+    out, _ = saved
+    traces = [load_trace(f, lazy=True) for f in sorted((out / "traces").glob("*.safetensors"))]
+    traces = [dataclasses.replace(t, tokens=edit(t)) if (t.impl, t.dtype, t.mode, t.prompt) ==
+              ("litgpt-style", "float64", "decode-full", "short") else t for t in traces]
+    with pytest.raises(ParityInputError, match=needle):
+        from_traces(traces)
 
 
 # ------------------------------------------------------------------ a decode fault, from files
