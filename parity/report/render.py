@@ -235,12 +235,12 @@ def print_terminal(report, console=None) -> None:
     console.print(table)
     steps = step_table(report)
     if steps is not None:
-        head, rows = steps
+        head, step_rows = steps  # not `rows`: the run rows are read again below
         st = Table(title="decode: each step's worst tap, as a share of its bound (>1x diverges)",
                    title_justify="left", show_lines=False)
         for col in head:
             st.add_column(col)
-        for row in rows:
+        for row in step_rows:
             st.add_row(*[f"[red]{c}[/red]" if c.endswith("!") else c for c in row])
         console.print(st)
     for row in rows:
