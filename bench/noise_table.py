@@ -38,8 +38,8 @@ def old_verdict(report, impl: str, dtype: str, mode: str) -> bool:
             b = ref.taps[tap]
             m = compare_arrays(got.taps[tap], b, dtype, tol.atol * rms(b) * growth(tap, n, mode), tol.rtol)
             ok &= m["mismatched"] == 0 and m["finite"]
-    probe_fail = any(d["severity"] == "divergence" for d in report.diagnosis
-                     if (d["impl"], d["dtype"]) == (impl, dtype) and d.get("source") == "probe")
+    probe_fail = any(d.severity == "divergence" for d in report.diagnosis
+                     if (d.impl, d.dtype) == (impl, dtype) and d.source == "probe")
     return ok and not probe_fail
 
 

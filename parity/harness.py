@@ -26,6 +26,8 @@ from parity.model.weights import param_count, random_weights, Weights
 from parity.adapters.torch_setup import threads
 from parity.diagnose.run import diagnose
 from parity.gate.verdict import check_compared, decide
+from parity.capture.runs import Run
+from parity.diagnose.finding import Finding, RunProbe
 
 MODES = ("cumulative", "isolated", "both")
 PORT = "litgpt-style"  # the project's port: the reference, and the honest ensemble's first member
@@ -80,21 +82,21 @@ class Report:
     weights_source: str
     reference: str
     prompts: dict[str, list[int]]
-    runs: list[dict]
+    runs: list[Run]
     results: list[TapResult]
     traces: list[Trace]
     skipped: dict[str, str]
     effective: dict[str, dict]
-    diagnosis: list[dict] = field(default_factory=list)
-    probes: list[dict] = field(default_factory=list)
+    diagnosis: list[Finding] = field(default_factory=list)
+    probes: list[RunProbe] = field(default_factory=list)
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     weights: Weights | None = None
     noise: NoiseModel | None = None  # the honest-noise model; None: the fixed table alone decided
     continuation: list[int] = field(default_factory=list)  # the tokens decoded after each prompt (empty: none)
 
     @property
-    def divergent_causes(self) -> list[dict]:
-        return [d for d in self.diagnosis if d["severity"] == "divergence"]
+    def divergent_causes(self) -> list[Finding]:
+        return [d for d in self.diagnosis if d.severity == "divergence"]
 
     @property
     def verdict(self):
@@ -262,8 +264,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
             for mode in ms:
                 for m in ([DECODE, SELF] if mode == DECODE else [mode]):
-                    runs.append({"impl": adapter.name, "version": adapter.version(), "dtype": d, "mode": m,
-                                 **(got[0].resources if got else {})})
+                    runs.append(Run(adapter.name, adapter.version(), d, m, dict(got[0].resources) if got else {}))
     # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
@@ -368,8 +369,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         raise ParityInputError(f"nothing to compare: the traces are all the reference {ref_name}'s (or full "
                                "forwards, which are ground truth); pass at least one other trace with --trace")
     # one run per (impl, dtype, mode) compared, decode-self included, in order of first appearance
-    runs = list({(t.impl, t.dtype, t.mode): {"impl": t.impl, "version": t.version, "dtype": t.dtype, "mode": t.mode}
-                 for t in compared}.values())
+    runs = list({(t.impl, t.dtype, t.mode): Run(t.impl, t.version, t.dtype, t.mode) for t in compared}.values())
     effective = {ref_name: first_ref.effective}
     for t in compared:
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)

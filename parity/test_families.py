@@ -76,14 +76,14 @@ def test_family_within_tolerance_both_modes(family_report):
 
 
 def test_family_no_named_divergence(family_report):
-    found = [d for d in family_report.divergent_causes if not _known(family_report, d["impl"])]
+    found = [d for d in family_report.divergent_causes if not _known(family_report, d.impl)]
     assert not found, "; ".join(f"{d['impl']}@{d['dtype']} {d['cause']} at {d['tap']}" for d in found)
 
 
 def test_known_library_divergences_stay_detected_and_named(family_report):
     """If a library fixes one of these, this fails: update KNOWN_DIVERGENCES and the README's findings."""
     for (spec, impl), why in KNOWN_DIVERGENCES.items():
-        if spec != family_report.spec.name or not any(r["impl"] == impl for r in family_report.runs):
+        if spec != family_report.spec.name or not any(r.impl == impl for r in family_report.runs):
             continue
-        causes = {d["cause"] for d in family_report.divergent_causes if d["impl"] == impl}
+        causes = {d.cause for d in family_report.divergent_causes if d.impl == impl}
         assert "query-scale" in causes, f"{impl} on {spec}: expected query-scale ({why}), got {causes}"

@@ -18,5 +18,5 @@ def test_embedding_scale(traces, spec, weights):
 
 def test_no_named_divergence(parity_report, impl_dtype):
     impl, dtype = impl_dtype
-    found = [d for d in parity_report.divergent_causes if (d["impl"], d["dtype"]) == (impl, dtype)]
-    assert not found, "; ".join(f"{d['cause']} at {d['tap']}: {d['evidence']}" for d in found)
+    found = [d for d in parity_report.divergent_causes if (d.impl, d.dtype) == (impl, dtype)]
+    assert not found, "; ".join(f"{d.cause} at {d.tap}: {d.evidence}" for d in found)

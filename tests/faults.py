@@ -255,7 +255,7 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
                          prompts={"long": default_prompts(spec)["long"]}, **extra))
     data = to_json(report)
-    mine = [d for d in report.diagnosis if d["impl"] == adapter.name]
+    mine = [d.to_json() for d in report.diagnosis if d.impl == adapter.name]
     lead = data["first_divergence"]
     located_tap = lead["tap"] if lead else (mine[0]["tap"] if mine else None)
     (rv,) = [r for r in report.verdict.runs if r.mode == "cumulative"]

@@ -2,6 +2,7 @@
 update, missing), and waivers (parse, bad input, apply, expiry), on one module-scoped harness run."""
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -234,14 +235,14 @@ expires = {expires}
 def test_waived_divergence_passes_with_a_note(fresh):
     ws = parse_waivers(WAIVER.format(dtype="float32", expires="2099-01-01"), "w.toml")
     applied = apply_waivers(fresh, ws, today=dt.date(2030, 1, 1))
-    d32 = next(d for d in fresh.diagnosis if (d["impl"], d["dtype"]) == ("swapped-geglu", "float32"))
-    assert d32["severity"] == "waived" and d32["waived"] == "the MLP rewrite lands next week (expires 2099-01-01)"
-    assert not [d for d in fresh.divergent_causes if d["dtype"] == "float32"]
-    assert [d["dtype"] for d in fresh.divergent_causes] == ["bfloat16"]  # the waiver names float32 only
+    d32 = next(d for d in fresh.diagnosis if (d.impl, d.dtype) == ("swapped-geglu", "float32"))
+    assert d32.severity == "waived" and d32.waived == "the MLP rewrite lands next week (expires 2099-01-01)"
+    assert not [d for d in fresh.divergent_causes if d.dtype == "float32"]
+    assert [d.dtype for d in fresh.divergent_causes] == ["bfloat16"]  # the waiver names float32 only
     rs = fresh.run_results("swapped-geglu", "float32", "cumulative")
     assert any(not r.passed for r in rs) and all(r.passed for r in unwaived(rs))
     assert any(not r.passed for r in unwaived(fresh.run_results("swapped-geglu", "bfloat16", "cumulative")))
-    assert waived_causes(fresh, "swapped-geglu", "float32") == {"geglu-swapped": d32["waived"]}
+    assert waived_causes(fresh, "swapped-geglu", "float32") == {"geglu-swapped": d32.waived}
     assert any(line.startswith("waived: swapped-geglu@float32 geglu-swapped") for line in applied.lines())
     from parity.report.render import to_json
 
@@ -257,13 +258,13 @@ def test_expired_waiver_fails_naming_it_and_its_date(fresh):
     ws = parse_waivers(WAIVER.format(dtype="*", expires="2024-03-01"), "fixtures/waivers.toml")
     applied = apply_waivers(fresh, ws, today=dt.date(2024, 3, 2))
     assert len(fresh.divergent_causes) == 2
-    ev = fresh.divergent_causes[0]["evidence"]
+    ev = fresh.divergent_causes[0].evidence
     assert "waiver fixtures/waivers.toml waiver #1 (the MLP rewrite lands next week) expired on 2024-03-01" in ev
     assert any("EXPIRED" in line and "2024-03-01" in line for line in applied.lines())
     assert all(not getattr(r, "waived", None) for r in fresh.results)
     # the day it expires it still holds
     fresh2 = copy.copy(fresh)
-    fresh2.diagnosis = [{**d, "severity": "divergence"} for d in fresh.diagnosis]
+    fresh2.diagnosis = [dataclasses.replace(d, severity="divergence") for d in fresh.diagnosis]
     apply_waivers(fresh2, ws, today=dt.date(2024, 3, 1))
     assert not fresh2.divergent_causes
 

@@ -122,7 +122,7 @@ def test_end_to_end_report_passes(hf_dir):
     report = run(Request(spec=spec, weights=w, impls=["litgpt-style", "hf"], dtypes=["float32"],
                          prompts={"p": [2, 5, 9]}))
     assert report.passed is True
-    assert {(r["impl"], r["dtype"]) for r in report.runs} == {("litgpt-style", "float32"), ("hf", "float32")}
+    assert {(r.impl, r.dtype) for r in report.runs} == {("litgpt-style", "float32"), ("hf", "float32")}
     assert report.results and not report.skipped
     assert report.weights_source == f"{hf_dir} (hf)"
     assert report.weights_hash == weights_for("tiny-gemma").hash  # the very numbers it was saved from

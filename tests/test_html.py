@@ -94,7 +94,7 @@ def test_failing_report_names_the_cause_and_the_tap(bad):
 
 def test_all_text_is_escaped(bad):
     evil = "<script>alert('x')</script> & <b>"
-    report = dataclasses.replace(bad, diagnosis=[dict(d, evidence=evil, cause="<i>c</i>") for d in bad.diagnosis],
+    report = dataclasses.replace(bad, diagnosis=[dataclasses.replace(d, evidence=evil, cause="<i>c</i>") for d in bad.diagnosis],
                                  skipped={"<img src=x>": evil})
     page = to_html(report)
     assert "<script" not in page and "<img" not in page and "<i>c</i>" not in page and "<b>" not in page
@@ -104,7 +104,7 @@ def test_all_text_is_escaped(bad):
 
 def test_one_plot_per_mode_that_ran_and_the_longest_prompt_is_named(good):
     cumulative = dataclasses.replace(good, results=[r for r in good.results if r.mode == "cumulative"],
-                                     runs=[r for r in good.runs if r["mode"] == "cumulative"])
+                                     runs=[r for r in good.runs if r.mode == "cumulative"])
     page = to_html(cumulative)
     assert page.count("<svg") == 1 and "isolated:" not in page
     two = dataclasses.replace(good, prompts={"short": [2, 17], **good.prompts})

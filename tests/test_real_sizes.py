@@ -156,7 +156,7 @@ def test_with_separate_processes_the_report_process_imports_no_framework(tmp_pat
             "from parity.model.presets import PRESETS\n"
             "r = run(Request(spec=PRESETS['tiny-gemma'], impls=['litgpt-style', 'hf'], dtypes=['float32'],"
             " prompts={'p': [2, 5, 9]}, separate_processes=%s))\n" % separate +
-            "print(json.dumps([r.passed, r.runs[0]['version'], [m for m in ('torch', 'transformers', 'tensorflow',"
+            "print(json.dumps([r.passed, r.runs[0].version, [m for m in ('torch', 'transformers', 'tensorflow',"
             " 'jax', 'keras') if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     passed, version, imported = json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,7 +181,7 @@ def test_honest_rounding_beyond_tolerance_is_said_so_without_running_every_candi
                     tolerances=tight, noise_members=0))
     assert not r.passed
     (d,) = r.divergent_causes
-    assert d["cause"] == "unexplained" and "the correct port run in bfloat16 reproduces it" in d["evidence"]
+    assert d.cause == "unexplained" and "the correct port run in bfloat16 reproduces it" in d.evidence
 
 
 @pytest.mark.parametrize("args,env,needle", [

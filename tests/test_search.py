@@ -58,7 +58,7 @@ def test_a_prefill_counterfactual_that_raises_is_reported_beside_the_cause(tiny,
     fault = LitgptStyleAdapter(spec_changes={"rope_base": 20_000.0}, name="rope-base-fault")
     rep = run(Request(spec=tiny, impls=[fault.name], dtypes=["float32"], adapters={fault.name: fault},
                       prompts={"p": [2, 17, 301, 5, 88, 260, 9, 140, 33, 7, 412, 3]}))
-    (entry,) = [d for d in rep.diagnosis if "explains" in d]
+    (entry,) = [d.to_json() for d in rep.diagnosis if d.explains is not None]
     assert entry["cause"] == "rope-base" and entry["source"] == "counterfactual"
     (failed,) = entry["failed"]
     assert failed["candidate"] == "a variant that cannot be built" and failed["error"].startswith("TypeError")

@@ -131,8 +131,8 @@ def test_a_decode_counterfactual_that_raises_is_reported(pos_fault, monkeypatch)
              if t.mode == DECODE else t for t in pos_fault.traces]
 
     def decoded(report):
-        (entry,) = [d for d in report.diagnosis if d.get("mode") == DECODE]
-        return entry
+        (entry,) = [d for d in report.diagnosis if d.mode == DECODE]
+        return entry.to_json()  # the report.json view: what a reader of the file sees
 
     clean = decoded(from_traces(blind, weights=pos_fault.weights))
     assert clean["cause"] == "cache-position" and clean["source"] == "counterfactual" and "failed" not in clean

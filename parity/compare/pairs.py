@@ -17,6 +17,8 @@ argmax it changes).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,8 @@ DECODE_MODES = (DECODE, SELF)  # rows are decode steps
 
 STAT_SLACK = 1e-12  # relative rounding allowed in the row statistics' bounds (float64 sums)
 
+
+Failure = Literal["", "shape", "nonfinite", "no-common-rows", "row-statistics"]
 
 @dataclass
 class TapResult:
@@ -60,7 +64,11 @@ class TapResult:
     logits: dict | None = None
     sampled: bool = False  # compared on some rows of a reduced tap, not on the whole tensor
     sampled_numel: int | None = None  # elements compared; numel unless sampled
-    reason: str = ""  # why it failed, where the numbers above do not say it
+    reason: str = ""  # why it failed, where the numbers above do not say it (for people: nothing parses it)
+    # what kind of failure, for code: "" (the numbers say it), "shape", "nonfinite" (NaN or inf where the
+    # reference is finite), "no-common-rows" (reduced taps sharing no row), "row-statistics" (a reduced tap's
+    # rows outside what any passing comparison has)
+    failure: Failure = ""
     stat_rows_failed: int = 0  # rows whose max |x|, RMS or non-finite count rule out passing
     waived: str = ""  # the waiver accepting this tap's cause (parity.gate.waivers.apply_waivers), if any
     # the verdict's numbers, in units of each row's RMS (parity.numerics.metrics.excess): the tap passes when
@@ -225,7 +233,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         return _compare_reduced(base, actual, expected, tol, verdict)
     if actual.shape != expected.shape:
         return _failed(base, tol, expected.size, False,
-                       f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict)
+                       f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict, "shape")
     norms = row_norms(expected)  # [..., 1]: each row's RMS
     shift = None
     m = compare_arrays(actual, expected, other.dtype, bound * norms, tol.rtol, norms)
@@ -239,6 +247,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
             actual, shift, stat, m = moved, by, mm["excess"], mm
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
     reason = "" if m["finite"] else _nonfinite(actual, expected)
+    failure = "" if m["finite"] else "nonfinite"
     per_step = {}
     if mode in DECODE_MODES:
         rows = [float(x) for x in m["row_excess"]]
@@ -248,7 +257,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         **base, max_abs=m["max_abs"], max_rel=m["max_rel"], atol=bound * tap_rms, rtol=tol.rtol,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
-        ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, **verdict,
+        ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, failure=failure, **verdict,
         **per_step, metrics=metric_registry.compute(actual, expected),
     )
     if tap == "logits":
@@ -281,11 +290,12 @@ def _unshifted(actual, expected) -> tuple[np.ndarray, np.ndarray]:
     return a - shift, shift
 
 
-def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str, verdict: dict) -> TapResult:
+def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str, verdict: dict,
+            failure: str) -> TapResult:
     """Nothing could be compared (a shape mismatch, no common rows): a divergence, not bad input, so a total failure."""
     return TapResult(**base, max_abs=float("inf"), max_rel=float("inf"), atol=0.0, rtol=tol.rtol, passed=False,
                      numel=int(numel), mismatched=int(numel), sampled=sampled, sampled_numel=0,
-                     reason=reason, stat=float("inf"), **verdict)
+                     reason=reason, failure=failure, stat=float("inf"), **verdict)
 
 
 def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict) -> TapResult:
@@ -293,13 +303,14 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
     shape_a, shape_e = tuple(actual.shape), tuple(expected.shape)
     numel = int(np.prod(shape_e))
     if shape_a != shape_e:
-        return _failed(base, tol, numel, True, f"shape {shape_a} != reference shape {shape_e}", verdict)
+        return _failed(base, tol, numel, True, f"shape {shape_a} != reference shape {shape_e}", verdict, "shape")
     idx_a = actual.row_index if isinstance(actual, ReducedTap) else None
     idx_e = expected.row_index if isinstance(expected, ReducedTap) else None
     rows = idx_e if idx_a is None else idx_a if idx_e is None else np.intersect1d(idx_a, idx_e)
     if rows.size == 0:
         return _failed(base, tol, numel, True, f"no rows in common: reduced to rows {idx_a.tolist()}, "
-                       f"the reference to rows {idx_e.tolist()}; reduce both with the same max_rows", verdict)
+                       f"the reference to rows {idx_e.tolist()}; reduce both with the same max_rows", verdict,
+                       "no-common-rows")
     a, e = (_reduced_to(base["tap"], v, rows) for v in (actual, expected))
     # each row judged against its own RMS, which a reduced tap keeps for every row (parity.numerics.metrics.row_norms)
     whole = e.rms or 1.0
@@ -317,6 +328,7 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
         ref_rms=_zero_filled_rms(e),
         where=[int(rows[m["where"][0]])] + m["where"][1:] if m["where"] else [],
         needed_atol=stat * whole, sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
+        failure="" if not reasons else "row-statistics" if bad.size else "nonfinite",
         stat_rows_failed=int(bad.size), stat=stat, **verdict, metrics=metric_registry.compute(*pair),
     )
     if base["tap"] == "logits":

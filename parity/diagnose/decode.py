@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from parity.capture.decode import DECODE, FULL, SELF, visible
+from parity.diagnose.finding import Finding
 from parity.capture.runner import capture
 from parity.compare.pairs import compare_trace, first_key, forward_order, used
 from parity.diagnose import counterfactuals  # the module: its candidate tables are read when a search runs
@@ -37,19 +38,19 @@ from parity.model.spec import truncate
 SHIFTS = (-3, -2, -1, 1, 2, 3)  # rotary offsets a position bug makes
 
 
-def diagnose_decode(report) -> list[dict]:
+def diagnose_decode(report) -> list[Finding]:
     """One entry per failing decode run (mode decode or decode-self), explaining its first divergence."""
     order = forward_order(report.spec)
     entries = []
     for run in report.runs:
-        mode = run["mode"]
+        mode = run.mode
         if mode not in (DECODE, SELF):
             continue
-        failing = [r for r in report.run_results(run["impl"], run["dtype"], mode) if not r.passed]
+        failing = [r for r in report.run_results(run.impl, run.dtype, mode) if not r.passed]
         if not failing:
             continue
         first = min(failing, key=lambda r: first_key(r, order))
-        entries.append(explain(report, run["impl"], run["dtype"], mode, first, order))
+        entries.append(explain(report, run.impl, run.dtype, mode, first, order))
     return entries
 
 
@@ -57,22 +58,27 @@ def _trace(report, impl, dtype, prompt, mode):
     return next((t for t in report.traces if (t.impl, t.dtype, t.prompt, t.mode) == (impl, dtype, prompt, mode)), None)
 
 
-def explain(report, impl: str, dtype: str, mode: str, first, order) -> dict:
+def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
     ref_name, ref_dtype = report.reference.split("@")
     dec = _trace(report, impl, dtype, first.prompt, DECODE)
     truth = _trace(report, *((impl, dtype) if mode == SELF else (ref_name, ref_dtype)), first.prompt, FULL)
     own = _trace(report, impl, dtype, first.prompt, FULL)
-    entry = {"impl": impl, "dtype": dtype, "mode": mode, "tap": first.tap, "step": first.step,
-             "severity": "divergence", "explains": first.tap}
+    entry = dict(impl=impl, dtype=dtype, mode=mode, tap=first.tap, step=first.step, severity="divergence",
+                 explains=first.tap)
     where = f"first divergence at decode step {first.step} (position {dec.prefill + first.step}), {first.tap}"
-    found = probe(report.spec, dec, truth, own, first) if dec is not None and truth is not None else None
+    failed = ""
+    try:
+        found = probe(report.spec, dec, truth, own, first) if dec is not None and truth is not None else None
+    except Exception as e:  # noqa: BLE001 -- a probe that breaks is reported with its error; counterfactuals go on
+        found, failed = None, f"; the decode probes failed ({type(e).__name__}: {e})"[:300]
+    where += failed
     if found is not None:
         cause, evidence = found
-        return {**entry, "cause": cause, "source": "probe", "evidence": f"{where}: {evidence}"}
+        return Finding(**entry, cause=cause, source="probe", evidence=f"{where}: {evidence}")
     if report.weights is None:
-        return {**entry, "cause": "unexplained", "source": "first-divergence",
-                "evidence": f"{where}; no probe names it, and counterfactuals need the weights"}
-    return {**entry, **named(counterfactual(report, dec, first, order), where, dtype, DECODING)}
+        return Finding(**entry, cause="unexplained", source="first-divergence",
+                       evidence=f"{where}; no probe names it, and counterfactuals need the weights")
+    return Finding(**entry, **named(counterfactual(report, dec, first, order), where, dtype, DECODING))
 
 
 # ------------------------------------------------------------------ probes

@@ -16,6 +16,7 @@ from parity.diagnose.probes import run_probes
 from parity.model.taps import tap_order
 from parity.numerics.display import share_text
 from parity.diagnose.counterfactuals import PREFILL, explain
+from parity.diagnose.finding import Finding, RunProbe
 from parity.diagnose.search import named
 
 # a different rounding order, not a different function: named, reported, never failed on its own
@@ -37,18 +38,18 @@ def diagnose(report) -> None:
     notes unless they are what explains the first divergence.
     """
     for run in report.runs:
-        if run["mode"] != "cumulative":
+        if run.mode != "cumulative":
             continue  # probes read an implementation's own chain of taps
-        probes, entries = diagnose_run(report, run["impl"], run["dtype"])
+        probes, entries = diagnose_run(report, run.impl, run.dtype)
         report.probes += probes
         report.diagnosis += entries
-    if any(run["mode"] in DECODE_MODES for run in report.runs):
+    if any(run.mode in DECODE_MODES for run in report.runs):
         from parity.diagnose.decode import diagnose_decode
 
         report.diagnosis += diagnose_decode(report)
 
 
-def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]:
+def diagnose_run(report, impl: str, dtype: str) -> tuple[list[RunProbe], list[Finding]]:
     """One cumulative run's probe results and diagnosis entries; the entry that explains the first
     divergence comes first, so a reader of `diagnosis[0]` of a run meets the cause of its first divergence."""
     spec = report.spec
@@ -57,8 +58,8 @@ def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]
     prompt = "long" if "long" in report.prompts else next(iter(report.prompts))
     trace = report.trace(impl, dtype, prompt, "cumulative")
     probes = run_probes(trace, spec, weights)
-    probe_rows = [{"impl": impl, "dtype": dtype, **p.to_json()} for p in probes]
-    entries: list[dict] = []
+    probe_rows = [RunProbe(impl, dtype, p) for p in probes]
+    entries: list[Finding] = []
     results = report.run_results(impl, dtype, "cumulative")
     failed = [r for r in results if not r.passed]
     first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
@@ -72,32 +73,31 @@ def diagnose_run(report, impl: str, dtype: str) -> tuple[list[dict], list[dict]]
         seen.add(p.cause)
         upstream = at_first is not None and order.get(p.tap, 10**6) <= at_first
         note = p.cause in PRECISION_ONLY and not (first is not None and p.tap == first.tap)
-        entry = {
-            "impl": impl, "dtype": dtype, "cause": p.cause, "tap": p.tap,
-            "evidence": f"{p.name} probe: {p.sentence()}",
-            "severity": "note" if note else "divergence", "source": "probe",
-        }
-        if upstream and not note and not explained:
-            entry["explains"] = first.tap
-            explained = True
-        entries.append(entry)
+        explains = upstream and not note and not explained
+        explained = explained or explains
+        entries.append(Finding(impl=impl, dtype=dtype, cause=p.cause, tap=p.tap,
+                               evidence=f"{p.name} probe: {p.sentence()}",
+                               severity="note" if note else "divergence", source="probe",
+                               explains=first.tap if explains else None))
     if first is not None and not explained:
         entries.append(_explain_first(report, impl, dtype, first, order))
-    entries.sort(key=lambda e: "explains" not in e)  # stable: the rest keep their forward order
+    entries.sort(key=lambda e: e.explains is None)  # stable: the rest keep their forward order
     return probe_rows, entries
 
 
-def _explain_first(report, impl: str, dtype: str, first, order) -> dict:
+def _explain_first(report, impl: str, dtype: str, first, order) -> Finding:
     """The entry for a first divergence no probe at or before it explains."""
-    entry = {"impl": impl, "dtype": dtype, "tap": first.tap, "severity": "divergence", "cause": "unexplained",
-             "source": "first-divergence", "explains": first.tap}
-    if first.reason.startswith(("shape", "NaN", "inf in")) and not first.sampled:
+    def entry(evidence: str) -> Finding:
+        return Finding(impl=impl, dtype=dtype, tap=first.tap, severity="divergence", cause="unexplained",
+                       source="first-divergence", explains=first.tap, evidence=evidence)
+
+    if first.failure in ("shape", "nonfinite") and not first.sampled:
         # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
         # scores where the reference has -inf, is left to the counterfactuals)
-        return {**entry, "evidence": f"first divergence at {first.tap}: {first.reason}"}
+        return entry(f"first divergence at {first.tap}: {first.reason}")
     if report.weights is None:
-        return {**entry, "evidence": f"first divergence at {first.tap}; no probe names it, and counterfactuals "
-                                     "need the weights (pass --weights)"}
+        return entry(f"first divergence at {first.tap}; no probe names it, and counterfactuals need the weights "
+                     "(pass --weights)")
     return _counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order)
 
 
@@ -105,9 +105,9 @@ def trace_for(report, impl, dtype, prompt):
     return report.trace(impl, dtype, prompt, "cumulative")
 
 
-def _counterfactual(report, trace, first, order) -> dict:
+def _counterfactual(report, trace, first, order) -> Finding:
     where = (f"first divergence at {first.tap} ({share_text(used(first))} of its bound: needs "
              f"{first.stat:.3g} x row RMS, allowed {first.bound:.3g}, {first.basis})")
     ranking = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
-    return {"impl": first.impl, "dtype": first.dtype, "tap": first.tap, "severity": "divergence",
-            "explains": first.tap, **named(ranking, where, first.dtype, PREFILL)}
+    return Finding(impl=first.impl, dtype=first.dtype, tap=first.tap, severity="divergence", explains=first.tap,
+                   **named(ranking, where, first.dtype, PREFILL))

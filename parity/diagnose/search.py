@@ -100,8 +100,9 @@ class Wording:
 
 
 def named(ranking: Ranking, where: str, dtype: str, wording: Wording) -> dict:
-    """A diagnosis entry's cause, source, evidence (and "failed", when candidates could not run) from a ranking."""
-    failed = {"failed": ranking.failures()} if ranking.failed else {}
+    """A Finding's cause, source, evidence (and failed, when candidates could not run) from a ranking, as keyword
+    arguments."""
+    failed = {"failed": ranking.failed} if ranking.failed else {}
     if ranking.explains:
         runner = (f"; next best {ranking.runner_up.label!r} uses {share_text(ranking.runner_up_score)}"
                   if ranking.runner_up is not None else "")

@@ -88,8 +88,7 @@ def reduce(report) -> dict:
     """The baseline of a report: errors per tap (3 significant digits), failing and waived taps, causes."""
     runs: dict[str, dict] = {}
     for run in report.runs:
-        runs[run_key(run["impl"], run["dtype"], run["mode"])] = {
-            "version": run.get("version", ""), "errors": {}, "failed": {}, "waived": {}}
+        runs[run_key(*run.key)] = {"version": run.version, "errors": {}, "failed": {}, "waived": {}}
     for r in report.results:
         entry = runs.setdefault(run_key(r.impl, r.dtype, r.mode), {"version": "", "errors": {}, "failed": {},
                                                                     "waived": {}})
@@ -107,8 +106,8 @@ def reduce(report) -> dict:
         "error": "max |actual - ref| / rms(ref) per tap, 3 significant digits",
         "config": config_of(report),
         "runs": runs,
-        "causes": [{"impl": d["impl"], "dtype": d["dtype"], "cause": d["cause"], "tap": d["tap"],
-                    "severity": d["severity"]} for d in report.diagnosis],
+        "causes": [{"impl": d.impl, "dtype": d.dtype, "cause": d.cause, "tap": d.tap, "severity": d.severity}
+                   for d in report.diagnosis],
     }
 
 

@@ -49,11 +49,11 @@ class RunVerdict:
         return f"{self.impl}@{self.dtype}"
 
     @property
-    def explanation(self) -> dict | None:
+    def explanation(self):
         """The diagnosis entry that explains the first divergence (or says it is unexplained)."""
         if self.first is None:
             return None
-        return next((c for c in self.causes if c.get("explains") == self.first.tap), None)
+        return next((c for c in self.causes if c.explains == self.first.tap), None)
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,12 @@ class Verdict:
 
 
 def _run_verdict(report, run: dict) -> RunVerdict:
-    impl, dtype, mode = run["impl"], run["dtype"], run["mode"]
+    impl, dtype, mode = run.key
     rs = report.run_results(impl, dtype, mode)
-    causes = tuple(d for d in report.diagnosis
-                   if (d["impl"], d["dtype"], d.get("mode", "cumulative")) == (impl, dtype, mode))
+    causes = tuple(d for d in report.diagnosis if d.run == run.key)
     failing = [r for r in rs if not r.passed and not r.waived]
-    divergent = [c for c in causes if c["severity"] == "divergence"]
-    waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c["severity"] == "waived"]
+    divergent = [c for c in causes if c.severity == "divergence"]
+    waived = [r for r in rs if not r.passed and r.waived] or [c for c in causes if c.severity == "waived"]
     status = FAIL if failing or divergent else WAIVED if waived else PASS
     bases = {r.noise is not None for r in rs}
     missing: dict = {}
@@ -98,15 +97,15 @@ def _run_verdict(report, run: dict) -> RunVerdict:
     )
 
 
-def check_compared(runs: list[dict], results) -> None:
+def check_compared(runs: list, results) -> None:
     """Comparing nothing is never a PASS: a run none of whose taps was compared (every tap declared
     unavailable, or nothing returned) is an implementation that failed to give a result (exit 3)."""
     from parity.errors import ImplementationError
 
     counted = {(r.impl, r.dtype, r.mode) for r in results}
     for run in runs:
-        if (run["impl"], run["dtype"], run["mode"]) not in counted:
-            raise ImplementationError(f"{run['impl']}@{run['dtype']}", f"compare ({run['mode']})",
+        if run.key not in counted:
+            raise ImplementationError(f"{run.impl}@{run.dtype}", f"compare ({run.mode})",
                                       "no tap was compared: it gave none of the canonical taps (every one declared "
                                       "unavailable or missing)", "an implementation must return at least the "
                                       "taps it computes (logits at least)")
@@ -119,7 +118,7 @@ def _order(report) -> dict:
 def decide(report) -> Verdict:
     runs = tuple(_run_verdict(report, run) for run in report.runs)
     # a probe-named divergence of a run whose only mode is isolated still fails the report
-    loose = [d for d in report.diagnosis if d["severity"] == "divergence"]
+    loose = [d for d in report.diagnosis if d.severity == "divergence"]
     status = FAIL if any(r.status == FAIL for r in runs) or loose else \
         WAIVED if any(r.status == WAIVED for r in runs) else PASS
     return Verdict(status=status, runs=runs, headline=_headline(report, status, runs, loose))
@@ -138,9 +137,8 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
                      "(declared unavailable)")
         if all(r.basis == "table" for r in runs):
             text = text.replace("within honest noise", "within the fixed table (no honest runs: table-based)")
-        notes = sorted({d["cause"] for d in report.diagnosis if d["severity"] == "note"})
-        waived = sorted({f"{d['impl']}@{d['dtype']} {d['cause']}" for d in report.diagnosis
-                         if d["severity"] == "waived"})
+        notes = sorted({d.cause for d in report.diagnosis if d.severity == "note"})
+        waived = sorted({f"{d.impl}@{d.dtype} {d.cause}" for d in report.diagnosis if d.severity == "waived"})
         if notes:
             text += f"; notes: {', '.join(notes)}"
         if waived:
@@ -150,12 +148,12 @@ def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) ->
     if lead is not None:
         f = lead.first
         why = lead.explanation
-        cause = why["cause"] if why else "unexplained"
+        cause = why.cause if why else "unexplained"
         what = f.reason.split(";")[0] if f.reason else f"{share_text(used(f))} of its bound"
         at = f", decode step {f.step}" if f.step is not None else ""
         return f"FAIL: {lead.label} diverges at {f.tap} ({lead.mode}{at}, {what}): cause {cause}"
     d = loose[0]
-    return f"FAIL: {d['impl']}@{d['dtype']}: cause {d['cause']} at {d['tap']}, named by a probe (within noise)"
+    return f"FAIL: {d.impl}@{d.dtype}: cause {d.cause} at {d.tap}, named by a probe (within noise)"
 
 
 def step_errors(report) -> dict[tuple[str, str, str], list[float]]:

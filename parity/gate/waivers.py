@@ -34,7 +34,7 @@ import datetime as _dt
 import fnmatch
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parity.diagnose.causes import CAUSE_IDS, check_cause  # CAUSE_IDS stays importable from here
@@ -74,16 +74,15 @@ class Waiver:
 class Applied:
     """What `apply_waivers` did to a report."""
 
-    waived: list[tuple[dict, Waiver]] = field(default_factory=list)  # diagnosis entry, the waiver that holds
-    expired: list[tuple[dict, Waiver]] = field(default_factory=list)  # diagnosis entry, the expired waiver
+    waived: list[tuple] = field(default_factory=list)  # (Finding, the waiver that holds)
+    expired: list[tuple] = field(default_factory=list)  # (Finding, the expired waiver)
     taps: int = 0  # tap results marked waived
     unused: list[Waiver] = field(default_factory=list)  # waivers that matched nothing in this report
 
     def lines(self) -> list[str]:
-        out = [f"waived: {d['impl']}@{d['dtype']} {d['cause']} at {d['tap']}: {w.note} [{w.where}]"
-               for d, w in self.waived]
+        out = [f"waived: {d.impl}@{d.dtype} {d.cause} at {d.tap}: {w.note} [{w.where}]" for d, w in self.waived]
         out += [f"EXPIRED waiver {w.label} expired on {w.expires.isoformat()} ({w.reason}): "
-                f"{d['impl']}@{d['dtype']} {d['cause']} at {d['tap']} fails again; renew or remove it"
+                f"{d.impl}@{d.dtype} {d.cause} at {d.tap} fails again; renew or remove it"
                 for d, w in self.expired]
         if self.taps:
             out.append(f"{self.taps} tap result(s) beyond tolerance are waived (still reported, passed: false)")
@@ -164,26 +163,29 @@ def apply_waivers(report, waivers: list[Waiver], today: _dt.date | None = None) 
     today = today or _dt.date.today()
     applied = Applied()
     used: set[int] = set()
+    findings = []
     for d in report.diagnosis:
-        if d.get("severity") != "divergence":
+        if d.severity != "divergence":
+            findings.append(d)
             continue
-        hits = [w for w in waivers if w.covers(d["impl"], d["dtype"], d["tap"], d["cause"])]
+        hits = [w for w in waivers if w.covers(d.impl, d.dtype, d.tap, d.cause)]
         live = [w for w in hits if not w.expired(today)]
         used.update(id(w) for w in hits)
         if live:
-            d["severity"] = "waived"
-            d["waived"] = live[0].note
+            d = replace(d, severity="waived", waived=live[0].note)
             applied.waived.append((d, live[0]))
         elif hits:
             w = max(hits, key=lambda w: w.expires)
-            d["waiver_expired"] = f"{w.where} expired on {w.expires.isoformat()}"
-            d["evidence"] = (f"{d['evidence']} [waiver {w.where} ({w.reason}) expired on "
-                             f"{w.expires.isoformat()}: renew or remove it]")
+            d = replace(d, waiver_expired=f"{w.where} expired on {w.expires.isoformat()}",
+                        evidence=f"{d.evidence} [waiver {w.where} ({w.reason}) expired on "
+                                 f"{w.expires.isoformat()}: renew or remove it]")
             applied.expired.append((d, w))
+        findings.append(d)
+    report.diagnosis = findings  # new findings replace the old: a Finding is never edited
     # causes now accepted per run: a failing tap is waived only where its run's diagnosis names the cause
     accepted: dict[tuple[str, str], set[str]] = {}
     for d, _ in applied.waived:
-        accepted.setdefault((d["impl"], d["dtype"]), set()).add(d["cause"])
+        accepted.setdefault((d.impl, d.dtype), set()).add(d.cause)
     for r in report.results:
         causes = accepted.get((r.impl, r.dtype), set())
         for w in waivers:
@@ -207,8 +209,7 @@ def unwaived(results: list) -> list:
 
 def waived_causes(report, impl: str, dtype: str) -> dict[str, str]:
     """cause id -> waiver note, for the run's waived diagnosis entries."""
-    return {d["cause"]: d.get("waived", "") for d in report.diagnosis
-            if (d["impl"], d["dtype"]) == (impl, dtype) and d.get("severity") == "waived"}
+    return {d.cause: d.waived for d in report.diagnosis if (d.impl, d.dtype) == (impl, dtype) and d.severity == "waived"}
 
 
 def explains_failure(report, impl: str, dtype: str, message: str, causes=None) -> str | None:
@@ -222,7 +223,7 @@ def explains_failure(report, impl: str, dtype: str, message: str, causes=None) -
     waived = waived_causes(report, impl, dtype)
     if not waived:
         return None
-    if any((d["impl"], d["dtype"]) == (impl, dtype) and d.get("severity") == "divergence" for d in report.diagnosis):
+    if any((d.impl, d.dtype) == (impl, dtype) and d.severity == "divergence" for d in report.diagnosis):
         return None
     if causes is not None:  # a parity.gate.checks.CheckFailure says which causes its probes named
         named = set(causes)

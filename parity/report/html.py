@@ -80,13 +80,12 @@ def _diagnosis_section(report) -> str:
         out.append("<table><tr><th>run</th><th>cause</th><th>severity</th><th>tap</th><th>evidence</th>"
                    "<th>source</th></tr>")
         for d in report.diagnosis:
-            sev = d.get("severity", "")
-            cls = "v-fail" if sev == "divergence" else "v-note"
+            cls = "v-fail" if d.severity == "divergence" else "v-note"
             out.append(
-                f'<tr class="sev-{_e(sev)}"><td>{_e(d["impl"])}@{_e(d["dtype"])}</td>'
-                f'<td><code class="{cls}">{_e(d["cause"])}</code></td><td class="{cls}">{_e(sev)}</td>'
-                f'<td><code>{_e(d["tap"])}</code></td><td>{_e(d["evidence"])}</td>'
-                f'<td>{_e(d.get("source", ""))}</td></tr>'
+                f'<tr class="sev-{_e(d.severity)}"><td>{_e(d.impl)}@{_e(d.dtype)}</td>'
+                f'<td><code class="{cls}">{_e(d.cause)}</code></td><td class="{cls}">{_e(d.severity)}</td>'
+                f'<td><code>{_e(d.tap)}</code></td><td>{_e(d.evidence)}</td>'
+                f'<td>{_e(d.source)}</td></tr>'
             )
         out.append("</table>")
     else:

@@ -42,8 +42,8 @@ def to_json(report) -> dict:
         lead = _at(firsts[0])
     elif report.divergent_causes:  # a probe-only divergence (below the tolerance, named by a probe)
         d = report.divergent_causes[0]
-        lead = {"impl": d["impl"], "dtype": d["dtype"], "mode": d.get("mode", "cumulative"), "tap": d["tap"],
-                "layer": layer_of(d["tap"]), "prompt": None, "step": d.get("step")}
+        lead = {"impl": d.impl, "dtype": d.dtype, "mode": d.mode, "tap": d.tap, "layer": layer_of(d.tap),
+                "prompt": None, "step": d.step}
     return _clean({
         "passed": v.passed,
         "status": v.status,
@@ -51,7 +51,7 @@ def to_json(report) -> dict:
         "verdicts": [{"impl": r.impl, "dtype": r.dtype, "mode": r.mode, "status": r.status, "taps": r.taps,
                       "passed_taps": r.passed_taps, "honest_taps": r.honest_taps, "basis": r.basis,
                       "first_divergence": _at(r.first) if r.first else None,
-                      "explained_by": (r.explanation or {}).get("cause") if r.first else None,
+                      "explained_by": r.explanation.cause if r.first and r.explanation else None,
                       "worst": {**_at(r.worst), "used": used(r.worst)} if r.worst else None,
                       "not_compared": dict(r.not_compared)} for r in v.runs],
         "noise": None if report.noise is None else {"members": list(report.noise.members),
@@ -60,14 +60,14 @@ def to_json(report) -> dict:
         "decode": None if not report.continuation else {
             "continuation": list(report.continuation),
             "per_step": [{"impl": i, "dtype": d, "mode": m, "used": u} for (i, d, m), u in step_errors(report).items()]},
-        "runs": report.runs,
+        "runs": [r.to_json() for r in report.runs],
         "taps": [r.to_json() for r in report.results],
         "metrics": {name: {"unit": m.unit, "format": m.fmt, "worse": m.worse, "description": m.description}
                     for name, m in METRICS.items()},
         "first_divergence": lead,
         "first_divergences": [_at(f) for f in firsts],
-        "diagnosis": report.diagnosis,
-        "probes": report.probes,
+        "diagnosis": [d.to_json() for d in report.diagnosis],
+        "probes": [p.to_json() for p in report.probes],
         "effective": report.effective,
         "spec": report.spec.to_dict(),
         "weights": {"hash": report.weights_hash, "source": report.weights_source},
@@ -118,9 +118,9 @@ def to_markdown(report) -> str:
     if causes:
         lines += ["| impl | dtype | cause | tap | evidence |", "|---|---|---|---|---|"]
         for d in causes:
-            mode = f" ({d['mode']})" if d.get("mode") else ""
-            cause = cause_text(f"`{d['cause']}`", d["severity"])
-            lines.append(f"| {d['impl']} | {d['dtype']}{mode} | {cause} | `{d['tap']}` | {d['evidence']} |")
+            mode = f" ({d.mode})" if d.mode != "cumulative" else ""
+            cause = cause_text(f"`{d.cause}`", d.severity)
+            lines.append(f"| {d.impl} | {d.dtype}{mode} | {cause} | `{d.tap}` | {d.evidence} |")
         lines.append("")
     lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
               f"({report.weights_source}); reference `{report.reference}`; prompts "
@@ -151,13 +151,13 @@ def to_markdown(report) -> str:
         row = [(f"**{cells[(k, c)]}**" if (k, c) in differs else cells[(k, c)]).replace("|", "\\|") for c in cols]
         lines.append(f"| {k} | " + " | ".join(row) + " |")
     lines += ["", "</details>", ""]
-    versions = {r["impl"]: r.get("version", "") for r in report.runs}
+    versions = {r.impl: r.version for r in report.runs}
     lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; {_library_versions()}", ""]
     return "\n".join(lines)
 
 
 def _layer_table(report) -> list[str]:
-    runs = [(r["impl"], r["dtype"], r["mode"]) for r in report.runs]
+    runs = [r.key for r in report.runs]
     cell: dict = defaultdict(float)
     rows: list = []
     for r in report.results:
@@ -247,7 +247,7 @@ def print_terminal(report, console=None) -> None:
         if row.not_compared:
             console.print(f"  [yellow]{row.run} {row.mode}[/yellow]: {row.not_compared}", soft_wrap=True)
     for d in report.diagnosis:
-        console.print(f"  [bold]{d['cause']}[/bold] {d['impl']}@{d['dtype']} at {d['tap']}: {d['evidence']}",
+        console.print(f"  [bold]{escape(d.cause)}[/bold] {escape(d.impl)}@{d.dtype} at {d.tap}: {escape(d.evidence)}",
                       soft_wrap=True)
     for k, why in report.skipped.items():
         console.print(f"  [yellow]skipped {k}[/yellow]: {why}")

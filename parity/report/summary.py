@@ -56,12 +56,12 @@ def run_rows(report, verdict: Verdict | None = None) -> list[RunRow]:
     return [_row(report, run, rv) for run, rv in zip(report.runs, v.runs)]
 
 
-def _row(report, run: dict, rv: RunVerdict) -> RunRow:
+def _row(report, run, rv: RunVerdict) -> RunRow:
     rs = report.run_results(rv.impl, rv.dtype, rv.mode)
     return RunRow(
-        run=rv.label, version=str(run.get("version", "")), mode=rv.mode, taps_ok=f"{rv.passed_taps}/{rv.taps}",
+        run=rv.label, version=run.version, mode=rv.mode, taps_ok=f"{rv.passed_taps}/{rv.taps}",
         worst=worst_text(rv.worst), first=rv.first.tap if rv.first else "-",
-        causes=tuple((c["cause"], c["severity"]) for c in rv.causes), status=rv.status,
+        causes=tuple((c.cause, c.severity) for c in rv.causes), status=rv.status,
         metrics=tuple(m.text(m.worst(r.metrics.get(name) for r in rs)) for name, m in METRICS.items()),
         not_compared=rv.not_compared_text,
     )

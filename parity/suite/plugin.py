@@ -195,7 +195,7 @@ def results(parity_report, impl_dtype):
     out = {m: parity_report.run_results(impl, dtype, m) for m in ("cumulative", "isolated")}
     if not any(out.values()):
         pytest.fail(f"parity: the report has no results for {impl}@{dtype} (runs: "
-                    f"{sorted({r['impl'] + '@' + r['dtype'] for r in parity_report.runs})})", pytrace=False)
+                    f"{sorted({r.impl + '@' + r.dtype for r in parity_report.runs})})", pytrace=False)
     return {m: unwaived(rs) for m, rs in out.items()}
 
 

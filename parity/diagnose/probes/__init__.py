@@ -73,6 +73,8 @@ def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] |
             got = p.fn(*args)
         except (ValueError, IndexError) as e:  # taps of the wrong shape (reported by the comparison as such)
             got = Probe.cannot_tell(p.name, tap, f"the taps do not fit ({e})")
+        except Exception as e:  # noqa: BLE001 -- a probe that breaks is reported with its error, never dropped
+            got = Probe.cannot_tell(p.name, tap, f"the probe failed: {type(e).__name__}: {e}"[:300])
         for r in got if isinstance(got, list) else [got]:
             if r.cause is not None and r.cause not in p.causes:
                 raise ProbeDefinitionError(f"probe {p.name!r} named cause {r.cause!r} at {r.tap}, which it does "
