@@ -319,7 +319,8 @@ class HFAdapter(Adapter):
             "embed_scale": float(scale) if scale is not None else NOT_A_SETTING,
             "embed_scale_dtype": ("activation" if scale.dtype == emb.weight.dtype else name(scale.dtype))
             if scale is not None else NOT_A_SETTING,
-            "tied_head": model.lm_head.weight.data_ptr() == emb.weight.data_ptr(),
+            "tied_head": model.lm_head.weight.shape == emb.weight.shape and bool(torch.equal(model.lm_head.weight,
+                                                                                           emb.weight)),
             "query_scale": [float(a.scaling) for a in attn],
             "rope_base": [b for b, _ in rope],
             "rope_scaling_factor": [f for _, f in rope],
