@@ -149,6 +149,16 @@ def parse(d: dict | None) -> tuple[dict[str, Any], dict[str, Any]]:
     return props, library
 
 
+def normalized(d: dict | None) -> dict:
+    """An effective dict in report.json's shape whatever wrote it: every property (`{"unread": why}` where
+    none was read), then `library` holding everything else."""
+    props, library = parse(d)
+    out = {p.name: ({"unread": v.reason} if isinstance(v, Unread) else list(v) if isinstance(v, tuple) else v)
+           for p, v in ((p, props[p.name]) for p in PROPERTIES)}
+    out[LIBRARY] = library
+    return out
+
+
 def same(p: Property, a, b, dtype: str = "float64") -> bool:
     """Whether two values of property p are equal: floats within RTOL (within the dtype's precision for a
     rounded property), tuples element by element."""

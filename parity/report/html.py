@@ -173,19 +173,28 @@ def _summary_section(report, v) -> str:
 
 
 def _effective_section(report) -> str:
-    keys, cols, cells, differs = effective_table(report)
-    if not cols:
+    t = effective_table(report)
+    if not t.cols:
         return ""
+    n = len({k for k, _ in t.differs})
     out = ["<h2>Effective configuration</h2>",
-           "<p class=\"caption\">What each built model computes, read from the model. Highlighted: a value that "
-           f"reads differently from the reference <code>{_e(report.reference)}</code>'s (libraries describe some "
-           "fields in their own words; - : not reported).</p>",
-           "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"]
-    for k in keys:
-        diff = ' class="diff"'
-        row = "".join(f"<td{diff if (k, c) in differs else ''}>{_e(cells[(k, c)])}</td>" for c in cols)
+           "<p class=\"caption\">What each built model computes, read back from the model and compared by value "
+           f"with the reference <code>{_e(report.reference)}</code>'s: {n or 'no'} propert{'y' if n == 1 else 'ies'} "
+           "differ (highlighted). <i>Italic</i>: not read (not a setting of that library, or not reported).</p>",
+           "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in t.cols) + "</tr>"]
+    diff = ' class="diff"'
+    for k, cells in t.rows:
+        row = "".join(f"<td{diff if (k, c) in t.differs else ''}>"
+                      + (f"<i>{_e(x)}</i>" if (k, c) in t.unread else _e(x)) + "</td>" for c, x in zip(t.cols, cells))
         out.append(f"<tr><th>{_e(k)}</th>{row}</tr>")
     out.append("</table>")
+    facts = [c for c in t.cols if t.library[c]]
+    if facts:
+        out.append("<details><summary>Library-specific facts</summary>")
+        for c in facts:
+            out.append(f"<p><b>{_e(c)}</b></p><table>" + "".join(
+                f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in t.library[c].items()) + "</table>")
+        out.append("</details>")
     return "\n".join(out)
 
 
