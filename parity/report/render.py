@@ -225,8 +225,8 @@ def _effective_terminal(report, console, verbose: bool) -> None:
                       f"{len(t.rows)} properties (--verbose lists them)")
         return
     title = ("what each built model computes (yellow: differs from the reference)" if verbose else
-             f"effective configuration: {len(rows)} propert{'y' if len(rows) == 1 else 'ies'} differ from the "
-             "reference (--verbose lists all)")
+             f"effective configuration: {len(rows)} propert{'y differs' if len(rows) == 1 else 'ies differ'} from "
+             "the reference (--verbose lists all)")
     conf = Table(title=title, show_lines=False, title_justify="left")
     conf.add_column("property", overflow="fold")
     for c in t.cols:
