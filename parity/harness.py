@@ -99,6 +99,14 @@ class Report:
         return [d for d in self.diagnosis if d.severity == "divergence"]
 
     @property
+    def effective_differences(self) -> list:
+        """Each run's effective properties whose values differ from the reference's, typed
+        (parity.model.effective.Difference: run, property, reference value, this value)."""
+        from parity.model.effective import differences
+
+        return differences(self.effective or {}, self.reference)
+
+    @property
     def verdict(self):
         """The one verdict (parity.gate.verdict.decide), computed from the current results and diagnosis."""
         return decide(self)

@@ -242,7 +242,7 @@ def test_cache_is_the_one_generate_builds_and_steps_match_generate(runs, name, c
     mine = HFAdapter(cache=cache).new_cache(model, len(prompt) + STEPS)
     assert type(mine) is type(out.cache)
     assert [type(x) for x in mine.layers] == [type(x) for x in out.cache.layers]
-    assert HFAdapter(cache=cache).effective(model)["kv_cache"].startswith(type(out.cache).__name__ + " (")
+    assert HFAdapter(cache=cache).effective(model)["library"]["kv_cache"].startswith(type(out.cache).__name__ + " (")
     if cache == "static":
         assert [x.max_cache_len for x in mine.layers] == [x.max_cache_len for x in out.cache.layers]
     generated = out.sequences[0, len(prompt):].tolist()

@@ -197,7 +197,8 @@ def test_exact_gelu_patched_into_the_block_shows_at_act_only(adapter, models, ru
     np.testing.assert_array_equal(patched["layers.0.mlp.up"], base["layers.0.mlp.up"])
     diff = np.abs(patched["layers.0.mlp.act"] - base["layers.0.mlp.act"]).max()
     assert 1e-5 < diff < 5e-4  # exact vs tanh GELU: at most 4.73e-4 apart
-    assert adapter.effective(model)["activation"].startswith("exact")
+    e = adapter.effective(model)
+    assert e["gelu_approximate"] == "none" and e["library"]["activation"].startswith("exact")
 
 
 def test_swapped_geglu_patched_into_block_call_shows_in_trace(adapter, models, runs, monkeypatch):
@@ -217,7 +218,7 @@ def test_swapped_geglu_patched_into_block_call_shows_in_trace(adapter, models, r
     patched = adapter.run(model, TOKENS).taps
     np.testing.assert_array_equal(patched["layers.0.mlp.gate"], base["layers.0.mlp.gate"])
     assert rel_err(patched["layers.0.mlp.act"], base["layers.0.mlp.act"]) > 0.5
-    assert adapter.effective(model)["geglu"] == "gelu(up) * gate"
+    assert adapter.effective(model)["geglu"] == "up"  # gelu(up) * gate
 
 
 def test_wrappers_are_removed_even_when_the_forward_pass_fails(adapter, models, monkeypatch):
@@ -272,15 +273,15 @@ def test_bad_feed_is_refused(adapter, models, feed):
 # ----------------------------------------------------------- effective
 def test_effective_reads_the_built_model(adapter, models):
     e32, e16 = adapter.effective(models("float32")), adapter.effective(models("bfloat16"))
-    assert e32["activation"].startswith("tanh") and e16["activation"].startswith("tanh")
-    assert e32["geglu"] == "gelu(gate) * up"
-    assert e32["norm"].startswith("(1 + w)")
+    assert e32["gelu_approximate"] == e16["gelu_approximate"] == "tanh"
+    assert e32["geglu"] == "gate" and e32["norm_unit_offset"] is True
     assert e32["norm_placement"] == "pre"
-    assert "9.79796 in float32" in e32["embed_scale"] and "9.8125 in bfloat16" in e16["embed_scale"]
-    assert e32["query_scale"] == pytest.approx(SPEC.head_dim ** -0.5)
+    assert e32["embed_scale"] == pytest.approx(96 ** 0.5) and e16["embed_scale"] == 9.8125
+    assert "9.79796 in float32" in e32["library"]["embed_scale"] and "9.8125 in bfloat16" in e16["library"]["embed_scale"]
+    assert e32["query_scale"] == pytest.approx([SPEC.head_dim ** -0.5] * SPEC.num_layers)
     assert e32["rope_base"] == [10_000.0] * SPEC.num_layers
-    assert e32["attn_softcap"] is None and e32["final_softcap"] is None
-    assert e32["window"] == [None] * SPEC.num_layers and e32["tied_head"] is True
+    assert e32["attn_softcap"] == [None] * SPEC.num_layers and e32["final_softcap"] is None
+    assert e32["sliding_window"] == [None] * SPEC.num_layers and e32["tied_head"] is True
 
 
 # ------------------------------------------------------------ bad input
@@ -447,23 +448,24 @@ def test_family_isolated_run_on_reference_inputs_agrees_locally(adapter, fam):
 
 def test_family_effective_reads_the_built_model(adapter, fam):
     s, e = fam.spec, adapter.effective(fam.model)
-    n = s.num_layers
-    assert e["differs_from_spec"] == {}
-    assert e["activation"].startswith("tanh") and e["geglu"] == "gelu(gate) * up"
-    assert e["norm"].startswith("(1 + w)") and e["norm_placement"] == "sandwich"
-    assert e["window"] == [s.window_for(i) for i in range(n)]  # read off keras-hub's own mask
+    n, lib = s.num_layers, e["library"]
+    assert lib["differs_from_spec"] == {}
+    assert e["gelu_approximate"] == "tanh" and e["geglu"] == "gate"
+    assert e["norm_unit_offset"] is True and e["norm_placement"] == "sandwich"
+    assert e["sliding_window"] == [s.window_for(i) for i in range(n)]  # read off keras-hub's own mask
     assert e["rope_base"] == [s.rope_base_for(i) for i in range(n)]
-    assert e["rope_scaling"] == [f"linear {s.rope_factor_for(i):g}" for i in range(n)]
-    assert e["query_scale"] == pytest.approx(s.query_scale)
-    assert e["attn_softcap"] == s.attn_softcap and e["final_softcap"] == s.final_softcap
-    assert e["tied_head"] is True
+    assert e["rope_scaling_factor"] == [s.rope_factor_for(i) for i in range(n)]
+    assert lib["rope_scaling"] == [f"linear {s.rope_factor_for(i):g}" for i in range(n)]
+    assert e["query_scale"] == pytest.approx([s.query_scale] * n)
+    assert e["attn_softcap"] == [s.attn_softcap] * n and e["final_softcap"] == s.final_softcap
+    assert e["tied_head"] is True and e["qk_norm"] is s.qk_norm
     if s.qk_norm:
-        assert e["qk_norm"].startswith("RMSNorm over head_dim on q and k, before RoPE")
-        assert e["class"] == "Gemma3Backbone / Gemma3CausalLM"
-        assert "not permuted" in e["rope"]
+        assert lib["qk_norm"].startswith("RMSNorm over head_dim on q and k, before RoPE")
+        assert lib["class"] == "Gemma3Backbone / Gemma3CausalLM"
+        assert "not permuted" in lib["rope"]
     else:
-        assert e["qk_norm"] is False and e["class"] == "GemmaBackbone / GemmaCausalLM"
-        assert "permuted to interleaved" in e["rope"]
+        assert lib["qk_norm"] is False and lib["class"] == "GemmaBackbone / GemmaCausalLM"
+        assert "permuted to interleaved" in lib["rope"]
 
 
 def test_family_weight_map_names_the_missing_tensor(fam):

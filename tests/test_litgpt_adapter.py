@@ -108,7 +108,7 @@ def test_bfloat16_rounds_the_norm_offset(lit, case, name):
     spec, w, tokens, ref = case(name)
     supported(lit, spec)
     model = lit.build(spec, w, "bfloat16")
-    assert "(1 + w) in bfloat16" in lit.effective(model)["norm"]
+    assert "(1 + w) in bfloat16" in lit.effective(model)["library"]["norm"]
     got = lit.run(model, tokens).taps
     lowp = LitgptStyleAdapter(PortOptions(offset_lowp=True))
     fault = lowp.run(lowp.build(spec, w, "bfloat16"), tokens).taps
@@ -246,8 +246,8 @@ def test_norm_offset_follows_the_spec_through_the_config_name(lit, port, case):
     plain = spec.replace(norm_unit_offset=False)
     model = lit.build(plain, w, "float32")
     assert "Gemma" not in model.config.name
-    assert lit.effective(model)["norm"].startswith("w,")
-    assert lit.effective(model)["norm_offset_rule"] == '"Gemma" in config.name'
+    assert lit.effective(model)["library"]["norm"].startswith("w,")
+    assert lit.effective(model)["library"]["norm_offset_rule"] == '"Gemma" in config.name'
     taps = lit.run(model, tokens).taps
     ref = port.run(port.build(plain, w, "float64"), tokens).taps
     assert rel_err(taps["logits"], ref["logits"]) < FP32_REL
@@ -261,8 +261,8 @@ def test_low_precision_build_rounds_the_rope_cache(lit, case):
     assert model.cos.dtype == torch.bfloat16  # .to(dtype) casts litgpt's cos/sin buffers
     assert model.transformer.h[0].mlp.fc_1.weight.dtype == torch.bfloat16
     effective = lit.effective(model)
-    assert "stored as bfloat16" in effective["rope_cache"]
-    assert effective["embed_scale"] == "9.8125 in bfloat16"
+    assert "stored as bfloat16" in effective["library"]["rope_cache"]
+    assert effective["library"]["embed_scale"] == "9.8125 in bfloat16" and effective["embed_scale"] == 9.8125
 
 
 def test_refuses_what_litgpt_cannot_build(lit, case, monkeypatch):

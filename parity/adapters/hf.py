@@ -281,34 +281,62 @@ class HFAdapter(Adapter):
         return DecodeResult(steps)
 
     def effective(self, model) -> dict:
-        m = model.model
-        layer0 = m.layers[0]
-        norm_src = inspect.getsource(type(layer0.input_layernorm).forward)
-        act = type(layer0.mlp.act_fn).__name__
-        emb = m.embed_tokens
+        """Read off the built model: module attributes, buffers, and a few calls on tiny inputs (the norm
+        offset, the GELU, which projection it gates)."""
         import torch
 
+        from parity.model.effective import GELU_PROBE, NOT_A_SETTING, gelu_kind, report, rope_from_inv_freq
+
+        m, cfg = model.model, model.config
+        layer0, emb = m.layers[0], m.embed_tokens
+        attn = [layer.self_attn for layer in m.layers]
+        hd = attn[0].head_dim
+        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
         scale = getattr(emb, "embed_scale", None)
         if scale is not None:  # a buffer in transformers 5, a plain float in 4.x
             scale = torch.as_tensor(scale).to(emb.weight.dtype)
-        attn = [layer.self_attn for layer in m.layers]
-        cfg = model.config
-        return {
-            "activation": f"{act} ({'tanh' if 'Tanh' in act or 'tanh' in act.lower() else 'exact'})",
-            "norm": ("(1 + w) in fp32" if "1.0 + self.weight.float()" in norm_src else "see source")
-            + (", cast after multiply" if "type_as" in norm_src else ""),
-            "embed_scale": f"{float(scale):.6g} in {str(scale.dtype).replace('torch.', '')}" if scale is not None
-            else "sqrt(hidden) applied inline in the model's forward (this transformers version)",
-            "query_scale": attn[0].scaling,
-            "rope_inv_freq_dtype": {k: str(b.dtype).replace("torch.", "") for k, b in m.named_buffers()
-                                    if k.endswith("inv_freq")},
-            "rope_parameters": getattr(cfg, "rope_parameters", None),
-            "attn_softcap": getattr(attn[0], "attn_logit_softcapping", None),
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(m.layers)
+        rope = []
+        for t in types:  # Gemma 3 keeps one set of frequencies per layer type, Gemma 1/2 one for all
+            inv = getattr(m.rotary_emb, f"{t}_inv_freq", None)
+            rope.append(rope_from_inv_freq((inv if inv is not None else m.rotary_emb.inv_freq).tolist()))
+        with torch.no_grad():
+            act = layer0.mlp.act_fn(torch.tensor(GELU_PROBE, dtype=torch.float32)).tolist()
+        return report({
+            "vocab_size": emb.num_embeddings,
+            "hidden_size": emb.embedding_dim,
+            "intermediate_size": layer0.mlp.gate_proj.out_features,
+            "num_layers": len(m.layers),
+            "num_heads": attn[0].q_proj.out_features // hd,
+            "num_kv_heads": attn[0].k_proj.out_features // hd,
+            "head_dim": hd,
+            "norm_unit_offset": _norm_offset(layer0.input_layernorm),
+            "norm_placement": "sandwich" if hasattr(layer0, "post_feedforward_layernorm") else "pre",
+            "norm_eps": float(layer0.input_layernorm.eps),
+            "final_norm": isinstance(getattr(m, "norm", None), torch.nn.Module),
+            "gelu_approximate": gelu_kind(act),
+            "geglu": _gelu_input(layer0.mlp),
+            "embed_scale": float(scale) if scale is not None else NOT_A_SETTING,
+            "embed_scale_dtype": ("activation" if scale.dtype == emb.weight.dtype else name(scale.dtype))
+            if scale is not None else NOT_A_SETTING,
+            "tied_head": model.lm_head.weight.shape == emb.weight.shape and bool(torch.equal(model.lm_head.weight,
+                                                                                           emb.weight)),
+            "query_scale": [float(a.scaling) for a in attn],
+            "rope_base": [b for b, _ in rope],
+            "rope_scaling_factor": [f for _, f in rope],
+            "attn_softcap": [getattr(a, "attn_logit_softcapping", None) for a in attn],
             "final_softcap": getattr(cfg, "final_logit_softcapping", None),
-            "window": [getattr(a, "sliding_window", None) for a in attn],
+            "sliding_window": [getattr(a, "sliding_window", None) for a in attn],
+            "qk_norm": hasattr(attn[0], "q_norm"),
+        }, {
+            "class": f"{type(model).__name__} / {type(layer0.mlp.act_fn).__name__}",
+            "embed_scale": f"{float(scale):.6g} in {name(scale.dtype)}" if scale is not None
+            else "sqrt(hidden) applied inline in the model's forward (this transformers version)",
+            "rope_inv_freq_dtype": {k: name(b.dtype) for k, b in m.named_buffers() if k.endswith("inv_freq")},
+            "rope_parameters": getattr(cfg, "rope_parameters", None),
             "attn_implementation": cfg._attn_implementation,
             "kv_cache": self._cache_layout(model),
-        }
+        })
 
     def _cache_layout(self, model) -> str:
         """The cache class decode builds and its layer class per layer type, from an empty one built as decode
@@ -416,3 +444,32 @@ def tokenize(text: str, directory: str) -> list[int] | None:
         raise ParityInputError(f"{directory}: its tokenizer files do not load ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); fix them, or give --tokens") from None
     return list(tok(text)["input_ids"])
+
+
+def _norm_offset(norm) -> bool:
+    """Whether an RMSNorm multiplies by (1 + w): its output on an all-ones row is (1 + w) or w, observed."""
+    import torch
+
+    w = norm.weight.detach().double()
+    with torch.no_grad():
+        y = norm(torch.ones((1, 1, w.shape[0]), dtype=norm.weight.dtype)).double()[0, 0]
+    return bool((y - (1 + w)).abs().max() < (y - w).abs().max())
+
+
+def _gelu_input(mlp) -> str:
+    """"gate" or "up": which projection's output the GELU received in one call on a random row."""
+    import torch
+
+    seen = {}
+    hook = mlp.act_fn.register_forward_hook(lambda mod, args, out: seen.setdefault("in", args[0]))
+    try:
+        x = torch.randn((1, 1, mlp.gate_proj.in_features), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            x = x.to(mlp.gate_proj.weight.dtype)
+            mlp(x)
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    finally:
+        hook.remove()
+    got = seen.get("in")
+    return "gate" if got is not None and torch.equal(got, gate) else "up" if got is not None and torch.equal(got, up) \
+        else "neither"

@@ -349,9 +349,12 @@ class LitgptAdapter(Adapter):
         return DecodeResult(steps, unavailable)
 
     def effective(self, model) -> dict:
+        """Read off the built model: its Config (litgpt's only setting of most numbers), its modules and buffers."""
         import torch
 
         import litgpt.config
+
+        from parity.model.effective import GELU_PROBE, Unread, gelu_kind, report
 
         cfg = model.config
         blocks = list(model.transformer.h)
@@ -360,49 +363,74 @@ class LitgptAdapter(Adapter):
         name = lambda d: str(d).replace("torch.", "")  # noqa: E731
         norm_rule = inspect.getsource(litgpt.config.Config.norm_class.fget)
         mlp_src = inspect.getsource(type(blocks[0].mlp).forward)
-        offset = norm.add_unit_offset
         attn = [b.attn for b in blocks]
         windows = [cfg.sliding_window_size if getattr(a, "apply_sliding_window_attention", False) else None
                    for a in attn]
         rope_indices = getattr(cfg, "rope_indices", None)
         local_base = getattr(cfg, "rope_local_base_freq", None)
-        rope_base = [local_base if (local_base is not None and rope_indices and rope_indices[i]) else cfg.rope_base
-                     for i in range(cfg.n_layer)]
+        local = [bool(local_base is not None and rope_indices and rope_indices[i]) for i in range(cfg.n_layer)]
+        adj = getattr(cfg, "rope_adjustments", None) or {}
+        factor = (float(adj.get("factor", 1.0)) if set(adj) <= {"factor"}  # linear scaling: one number
+                  else Unread(f"rope_adjustments {adj} (not linear scaling)"))
         scale = torch.tensor(cfg.n_embd ** 0.5, dtype=pdtype) if cfg.scale_embeddings else None
         qk = getattr(attn[0], "norm_q", None)
-        return {
+        act = torch.nn.functional.gelu(torch.tensor(GELU_PROBE), approximate=cfg.gelu_approximate).tolist()
+        return report({
+            "vocab_size": model.transformer.wte.num_embeddings,
+            "hidden_size": model.transformer.wte.embedding_dim,
+            "intermediate_size": blocks[0].mlp.fc_1.out_features,
+            "num_layers": len(blocks),
+            "num_heads": cfg.n_head,
+            "num_kv_heads": cfg.n_query_groups,
+            "head_dim": cfg.head_size,
+            "norm_unit_offset": bool(norm.add_unit_offset),
+            "norm_placement": "sandwich" if type(blocks[0].post_attention_norm).__name__ == "RMSNorm" else "pre",
+            "norm_eps": float(norm.eps),
+            "final_norm": type(model.transformer.ln_f).__name__ == "RMSNorm",
+            "gelu_approximate": gelu_kind(act),  # what torch computes for the approximate= GemmaMLP passes
+            "geglu": "gate" if "gelu(x_fc_1" in mlp_src else "up" if "gelu(x_fc_2" in mlp_src
+            else "not recognised in litgpt's GemmaMLP.forward",
+            "embed_scale": float(scale) if scale is not None else 1.0,
+            "embed_scale_dtype": "activation",  # torch.tensor(sqrt(n_embd), dtype=x.dtype) in GPT.forward
+            "tied_head": _same_tensor(model.lm_head.weight, model.transformer.wte.weight),  # litgpt holds a copy
+            "query_scale": [1.0 / math.sqrt(cfg.attention_scores_scalar or cfg.head_size)] * len(blocks),
+            "rope_base": [float(local_base if lo else cfg.rope_base) for lo in local],
+            "rope_scaling_factor": factor if isinstance(factor, Unread) else [1.0 if lo else factor for lo in local],
+            "attn_softcap": [cfg.attention_logit_softcapping] * len(blocks),
+            "final_softcap": cfg.final_logit_softcapping,
+            "sliding_window": windows,
+            "qk_norm": qk is not None,
+        }, {
             "config_name": cfg.name,
-            "activation": f"F.gelu(approximate={cfg.gelu_approximate!r}) "
-                          f"({'tanh' if cfg.gelu_approximate == 'tanh' else 'exact'}), torch's kernel: "
-                          "fp32 inside, rounded once",
-            "geglu": "gelu(fc_1) * fc_2" if "gelu(x_fc_1" in mlp_src else "see litgpt GemmaMLP.forward",
-            "norm": (f"{'(1 + w) in ' + name(pdtype) if offset else 'w'}, normalised in "
+            "activation": f"F.gelu(approximate={cfg.gelu_approximate!r}), torch's kernel: fp32 inside, rounded once",
+            "norm": (f"{'(1 + w) in ' + name(pdtype) if norm.add_unit_offset else 'w'}, normalised in "
                      f"{'fp32 (x.float(): downcasts float64)' if pdtype == torch.float64 else 'fp32'}, "
-                     f"cast after multiply, eps {norm.eps}"),
+                     "cast after multiply"),
             "norm_offset_rule": ('"Gemma" in config.name' if '"Gemma" in self.name' in norm_rule
                                  else "see litgpt Config.norm_class"),
-            "norm_placement": "sandwich" if type(blocks[0].post_attention_norm).__name__ == "RMSNorm" else "pre",
             "embed_scale": None if scale is None else f"{float(scale):.6g} in {name(scale.dtype)}",
-            "query_scale": 1.0 / math.sqrt(cfg.attention_scores_scalar or cfg.head_size),
             "qk_norm": None if qk is None else f"RMSNorm over head_size before RoPE, eps {qk.eps}",
-            "rope_base": rope_base,
             "rope_adjustments": getattr(cfg, "rope_adjustments", None),
             "rope_cache": f"cos/sin computed in fp32 at construction, stored as {name(model.cos.dtype)} "
                           f"(shape {tuple(model.cos.shape)})",
-            "attn_softcap": cfg.attention_logit_softcapping,
             "attention": ("eager q@k in activation dtype, softcap, softmax in fp32"
                           if cfg.attention_logit_softcapping is not None else "torch SDPA"),
-            "final_softcap": cfg.final_logit_softcapping,
-            "window": windows,
             "lm_head": "own parameter holding a copy of the embedding" if model.parity_spec.tied_head
                        else "own parameter",
             "qkv_layout": {"stacked": "attn.qkv: [Q; K; V]",
                            "grouped": "attn.attn: per kv group q heads, k, v"}[model.parity_qkv_layout],
-        }
+        })
 
     def release(self, model) -> None:
         del model
 
+
+
+def _same_tensor(a, b) -> bool:
+    """Whether two parameters hold the same numbers (a head that copies the embedding computes as a tied one)."""
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _slot_positions(p: int, size: int) -> np.ndarray:

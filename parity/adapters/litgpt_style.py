@@ -172,22 +172,56 @@ class LitgptStyleAdapter(Adapter):
         return DecodeResult(steps)
 
     def effective(self, model) -> dict:
+        """Read off the built port: its modules, and the spec it holds (the port's only setting of the
+        per-layer attention numbers)."""
+        import torch
+
+        from parity.adapters.port_model import SkippedNorm
+        from parity.model.effective import GELU_PROBE, gelu_kind, report
+
         s, o = model.s, model.opts
-        return {
-            "activation": ("tanh" if s.gelu_approximate == "tanh" else "exact")
-            + (" op-by-op in activation dtype" if o.gelu_lowp else ", fp32 rounded once"),
-            "geglu": "gelu(up) * gate" if o.geglu_swapped else "gelu(gate) * up",
-            "norm": f"{'(1 + w)' if s.norm_unit_offset else 'w'}"
-            f"{' in param dtype' if o.offset_lowp else ' in fp32'}, cast {o.norm_cast} multiply, eps {s.norm_eps}",
-            "norm_placement": s.norm_placement,
-            "embed_scale": f"{s.embed_normalizer:.6g} in {s.embed_scale_dtype}",
-            "query_scale": s.query_scale,
+        b0 = model.h[0]
+        act = b0.mlp.act
+        gelu = act(torch.tensor(GELU_PROBE, dtype=torch.float64)) if not o.gelu_lowp else None
+        wdt = model.wte.weight.dtype
+        es = model.embed_scale
+        scale_dt = torch.promote_types(wdt, torch.float32) if es.in_fp32 else wdt  # in_fp32: a Python float
+        post = not isinstance(b0.post_attention_norm, torch.nn.Identity)
+        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        return report({
+            "vocab_size": model.wte.num_embeddings,
+            "hidden_size": model.wte.embedding_dim,
+            "intermediate_size": b0.mlp.fc_1.out_features,
+            "num_layers": len(model.h),
+            "num_heads": s.num_heads,
+            "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "norm_unit_offset": b0.norm_1.unit_offset,
+            "norm_placement": "sandwich" if post else "pre",
+            "norm_eps": float(b0.norm_1.eps),
+            "final_norm": not isinstance(model.ln_f, SkippedNorm),
+            "gelu_approximate": gelu_kind(gelu) if gelu is not None else "tanh",  # GeluOpByOp: tanh by its formula
+            "geglu": "up" if b0.mlp.swapped else "gate",
+            "embed_scale": float(torch.tensor(es.normalizer, dtype=scale_dt)),
+            "embed_scale_dtype": "float32" if es.in_fp32 else "activation",
+            "tied_head": model.lm_head.weight is model.wte.weight,
+            "query_scale": [s.query_scale] * s.num_layers,
             "rope_base": [s.rope_base_for(i) for i in range(s.num_layers)],
-            "rope": f"{o.rope_layout}, angles in {'activation dtype' if o.rope_lowp else 'fp32'}",
-            "attn_softcap": s.attn_softcap,
+            "rope_scaling_factor": [s.rope_factor_for(i) for i in range(s.num_layers)],
+            "attn_softcap": [s.attn_softcap] * s.num_layers,
             "final_softcap": s.final_softcap,
-            "window": [s.window_for(i) for i in range(s.num_layers)],
-            "final_norm": o.final_norm,
-            "tied_head": s.tied_head,
-        }
+            "sliding_window": [s.window_for(i) for i in range(s.num_layers)],
+            "qk_norm": not isinstance(b0.attn.norm_q, torch.nn.Identity),
+        }, {
+            "class": type(model).__name__ + " (parity's port)",
+            "activation": ("tanh op by op in the activation dtype" if o.gelu_lowp
+                           else "nn.GELU: computed in fp32 or wider, rounded once"),
+            "norm": f"{'(1 + w)' if s.norm_unit_offset else 'w'} in "
+                    f"{'param dtype' if o.offset_lowp else 'fp32 or wider'}, cast {o.norm_cast} multiply",
+            "embed_scale": f"{es.normalizer:.6g} rounded to {name(scale_dt)}",
+            "rope": f"{o.rope_layout}, angles in {'activation dtype' if o.rope_lowp else 'fp32 or wider'}",
+            "softmax": "activation dtype, op by op" if o.softmax_lowp else "fp32 or wider",
+            "qk_norm": ("weights held, not applied" if o.skip_qk_norm else
+                        "after RoPE" if o.qk_norm_after_rope else "before RoPE") if s.qk_norm else "none",
+        })
 

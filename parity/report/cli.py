@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-large", action="store_true", help="run even when the up-front memory or disk estimate "
                                                                "says the machine cannot hold it (PARITY_ALLOW_LARGE=1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--verbose", action="store_true", help="print every effective-configuration property and "
+                                                           "each library's own facts, not only the properties "
+                                                           "that differ from the reference")
     return p
 
 
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.done()
         from parity.report.render import print_terminal
 
-        print_terminal(report)
+        print_terminal(report, verbose=args.verbose)
         write_report(report, out.staging, args.taps)
         if args.save_traces:
             from parity.capture.runner import trace_file

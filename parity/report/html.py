@@ -38,7 +38,7 @@ th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums
 .v-pass{color:#1a7f37;font-weight:700}.v-fail{color:#cf222e;font-weight:700}.v-note{color:#9a6700;font-weight:700}
 tr.sev-divergence td:first-child{border-left:5px solid #cf222e}
 tr.sev-note td:first-child{border-left:5px solid #9a6700}
-td.diff{background:#fff8c5}
+td.diff{background:#fff8c5} td.unread{color:#57606a;font-style:italic}
 .plots{display:flex;flex-wrap:wrap;gap:18px}
 .plot{flex:1 1 600px;max-width:760px} .plot svg{width:100%;height:auto;display:block}
 .caption{color:#57606a;font-size:13px;margin:2px 0 10px}
@@ -173,19 +173,30 @@ def _summary_section(report, v) -> str:
 
 
 def _effective_section(report) -> str:
-    keys, cols, cells, differs = effective_table(report)
-    if not cols:
+    t = effective_table(report)
+    if not t.cols:
         return ""
+    n = len({k for k, _ in t.differs})
     out = ["<h2>Effective configuration</h2>",
-           "<p class=\"caption\">What each built model computes, read from the model. Highlighted: a value that "
-           f"reads differently from the reference <code>{_e(report.reference)}</code>'s (libraries describe some "
-           "fields in their own words; - : not reported).</p>",
-           "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"]
-    for k in keys:
-        diff = ' class="diff"'
-        row = "".join(f"<td{diff if (k, c) in differs else ''}>{_e(cells[(k, c)])}</td>" for c in cols)
+           "<p class=\"caption\">What each built model computes, read back from the model and compared by value "
+           f"with the reference <code>{_e(report.reference)}</code>'s: {n or 'no'} propert{'y' if n == 1 else 'ies'} "
+           "differ (highlighted); greyed: not read (not a setting of that library, or not reported).</p>",
+           "<table><tr><th></th>" + "".join(f"<th>{_e(c)}</th>" for c in t.cols) + "</tr>"]
+
+    def cls(k: str, c: str) -> str:
+        return ' class="diff"' if (k, c) in t.differs else ' class="unread"' if (k, c) in t.unread else ""
+
+    for k, cells in t.rows:
+        row = "".join(f"<td{cls(k, c)}>{_e(x)}</td>" for c, x in zip(t.cols, cells))
         out.append(f"<tr><th>{_e(k)}</th>{row}</tr>")
     out.append("</table>")
+    facts = [c for c in t.cols if t.library[c]]
+    if facts:
+        out.append("<details><summary>Library-specific facts</summary>")
+        for c in facts:
+            out.append(f"<p><code>{_e(c)}</code></p><table>" + "".join(
+                f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in t.library[c].items()) + "</table>")
+        out.append("</details>")
     return "\n".join(out)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
+from parity.model.effective import PROPERTIES, Difference, Unread, differences, normalized, parse
 from parity.model.taps import layer_of
 from parity.gate.verdict import decide, step_errors, used
 from parity.numerics.display import number, share_text
@@ -68,7 +70,7 @@ def to_json(report) -> dict:
         "first_divergences": [_at(f) for f in firsts],
         "diagnosis": [d.to_json() for d in report.diagnosis],
         "probes": [p.to_json() for p in report.probes],
-        "effective": report.effective,
+        "effective": {run: normalized(d) for run, d in (report.effective or {}).items()},
         "spec": report.spec.to_dict(),
         "weights": {"hash": report.weights_hash, "source": report.weights_source},
         "prompts": report.prompts,
@@ -143,17 +145,29 @@ def to_markdown(report) -> str:
     lines += ["", "</details>", ""]
     if report.skipped:
         lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items()), ""]
-    keys, cols, cells, differs = effective_table(report)
-    lines += ["<details><summary>Effective configuration (what each built model computes; **bold**: reads "
-              f"differently from {report.reference})</summary>", "",
-              "| property | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for k in keys:
-        row = [(f"**{cells[(k, c)]}**" if (k, c) in differs else cells[(k, c)]).replace("|", "\\|") for c in cols]
-        lines.append(f"| {k} | " + " | ".join(row) + " |")
-    lines += ["", "</details>", ""]
+    lines += _effective_markdown(report)
     versions = {r.impl: r.version for r in report.runs}
     lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in versions.items()) + f"; {_library_versions()}", ""]
     return "\n".join(lines)
+
+
+def _effective_markdown(report) -> list[str]:
+    t = effective_table(report)
+    if not t.cols:
+        return []
+    n = len({k for k, _ in t.differs})
+    lines = [f"<details><summary>Effective configuration (what each built model computes; "
+             f"{n or 'no'} propert{'y' if n == 1 else 'ies'} differ{'s' if n == 1 else ''} from {report.reference}"
+             f"{': **bold**' if n else ''})</summary>", "",
+             "| property | " + " | ".join(t.cols) + " |", "|---|" + "---|" * len(t.cols)]
+    for k, cells in t.rows:
+        row = [(f"**{x}**" if (k, c) in t.differs else f"_{x}_" if (k, c) in t.unread else x).replace("|", "\\|")
+               for c, x in zip(t.cols, cells)]
+        lines.append(f"| {k} | " + " | ".join(row) + " |")
+    for c in t.cols:
+        if t.library[c]:
+            lines += ["", f"{c}: " + "; ".join(f"{k} {v}" for k, v in t.library[c].items()).replace("|", "\\|")]
+    return lines + ["", "</details>", ""]
 
 
 def _layer_table(report) -> list[str]:
@@ -197,7 +211,39 @@ def step_table(report) -> tuple[list[str], list[list[str]]] | None:
     return head, rows
 
 
-def print_terminal(report, console=None) -> None:
+def _effective_terminal(report, console, verbose: bool) -> None:
+    """The properties that differ from the reference (every property and the library facts with verbose)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = effective_table(report)
+    if len(t.cols) < 2 and not verbose:
+        return
+    rows = t.rows if verbose else t.differing_rows()
+    if not rows:
+        console.print(f"effective configuration: every implementation computes {report.reference}'s "
+                      f"{len(t.rows)} properties (--verbose lists them)")
+        return
+    title = ("what each built model computes (yellow: differs from the reference)" if verbose else
+             f"effective configuration: {len(rows)} propert{'y differs' if len(rows) == 1 else 'ies differ'} from "
+             "the reference (--verbose lists all)")
+    conf = Table(title=title, show_lines=False, title_justify="left")
+    conf.add_column("property", overflow="fold")
+    for c in t.cols:
+        conf.add_column(c, overflow="fold")
+    for k, cells in rows:
+        conf.add_row(k, *[f"[yellow]{escape(x)}[/yellow]" if (k, c) in t.differs else escape(x)
+                          for c, x in zip(t.cols, cells)])
+    console.print(conf)
+    if verbose:
+        for c in t.cols:
+            if t.library[c]:
+                console.print(f"  [bold]{escape(c)}[/bold]: " + "; ".join(f"{escape(k)} {escape(v)}"
+                                                                       for k, v in t.library[c].items()),
+                              soft_wrap=True)
+
+
+def print_terminal(report, console=None, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -211,17 +257,7 @@ def print_terminal(report, console=None) -> None:
     console.print(f"[bold {color}]{v.headline}[/bold {color}]")  # the verdict and its cause lead
     console.print(f"[bold]parity[/bold] {s.name} (Gemma {s.family}, {s.num_layers} layers), weights "
                   f"{report.weights_hash} ({report.weights_source}), reference {report.reference}")
-    keys, cols, cells, differs = effective_table(report)
-    if cols:
-        conf = Table(title="what each built model computes (yellow: reads differently from the reference)",
-                     show_lines=False, title_justify="left")
-        conf.add_column("property", overflow="fold")
-        for c in cols:
-            conf.add_column(c, overflow="fold")
-        for k in keys:
-            conf.add_row(k, *[f"[yellow]{cells[(k, c)]}[/yellow]" if (k, c) in differs else cells[(k, c)]
-                              for c in cols])
-        console.print(conf)
+    _effective_terminal(report, console, verbose)
     table = Table(show_lines=False)
     # a metric's unit under its name, and its numbers never folded; the run's label is never cut
     units = {m.header: f"{m.name}\n{m.unit}" for m in METRICS.values() if m.unit}
@@ -256,7 +292,7 @@ def print_terminal(report, console=None) -> None:
 
 def value_text(v) -> str:
     """One effective-configuration value as every view writes it."""
-    if isinstance(v, list) and v and all(x == v[0] for x in v):
+    if isinstance(v, (list, tuple)) and v and all(x == v[0] for x in v):
         return f"{value_text(v[0])} (all layers)"
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -267,22 +303,45 @@ def value_text(v) -> str:
     return str(v)
 
 
-def effective_table(report) -> tuple[list[str], list[str], dict, set]:
-    """The effective configuration as property x implementation: (properties, columns, cell text, differing).
+def property_text(p, v) -> str:
+    """A property's value as the table writes it: its own rendering, per layer compressed."""
+    if isinstance(v, Unread):
+        return v.reason
+    if p.render is not None and not isinstance(v, (list, tuple)):
+        return p.render(v)
+    return value_text(v)
 
-    A cell differs when its value reads differently from the reference's for the same property (libraries
-    describe some properties in their own words); "-" where an implementation does not report it.
-    """
+
+@dataclass(frozen=True)
+class EffectiveTable:
+    """The effective configuration as property x implementation, for every view."""
+    cols: list[str]  # impl@dtype, the reference first
+    rows: list[tuple[str, list[str]]]  # (property, cell text per column), every property of PROPERTIES
+    differs: set[tuple[str, str]]  # (property, column): differs from the reference's value
+    unread: set[tuple[str, str]]  # (property, column): not read (not a setting of the library, not reported)
+    library: dict[str, dict[str, str]]  # column -> library fact -> text
+    found: list[Difference]  # the typed differences (parity.model.effective.differences)
+
+    def differing_rows(self) -> list[tuple[str, list[str]]]:
+        names = {k for k, _ in self.differs}
+        return [(k, cells) for k, cells in self.rows if k in names]
+
+
+def effective_table(report) -> EffectiveTable:
+    """The effective configuration table: every property for every implementation, a cell marked where its
+    value differs from the reference's (compared by value: parity.model.effective.differences)."""
     eff = report.effective or {}
-    cols = list(eff)
-    keys: list[str] = []
-    for d in eff.values():
-        keys += [k for k in d if k not in keys]
-    ref = eff.get(report.reference, eff[cols[0]] if cols else {})
-    cells, differs = {}, set()
-    for k in keys:
+    cols = sorted(eff, key=lambda c: c != report.reference)  # the reference first, then run order
+    parsed = {c: parse(eff[c]) for c in cols}
+    found = differences(eff, report.reference)
+    rows, unread = [], set()
+    for p in PROPERTIES:
+        cells = []
         for c in cols:
-            cells[(k, c)] = value_text(eff[c][k]) if k in eff[c] else "-"
-            if c != report.reference and k in eff[c] and k in ref and cells[(k, c)] != value_text(ref[k]):
-                differs.add((k, c))
-    return keys, cols, cells, differs
+            v = parsed[c][0][p.name]
+            cells.append(property_text(p, v))
+            if isinstance(v, Unread):
+                unread.add((p.name, c))
+        rows.append((p.name, cells))
+    library = {c: {k: value_text(v) for k, v in parsed[c][1].items()} for c in cols}
+    return EffectiveTable(cols, rows, {(d.property, d.run) for d in found}, unread, library, found)

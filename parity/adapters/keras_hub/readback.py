@@ -72,9 +72,12 @@ QK_ROPE_CALLS = ("query_norm", "key_norm", "rope_layer")  # block 0's attention:
 
 # ------------------------------------------------------------ the report
 def effective(bb, lm, clean: dict, differences: dict) -> dict:
-    """What the model computes, for the report; `clean` is what an unfed run recorded (GELU, call order)."""
+    """What the model computes, for the report (parity.model.effective's properties plus keras-hub's own
+    facts); `clean` is what an unfed run recorded (GELU, call order)."""
     import keras
     from keras import ops
+
+    from parity.model.effective import Unread, report
 
     blocks = bb.transformer_layers
     att = [b.attention for b in blocks]
@@ -83,32 +86,54 @@ def effective(bb, lm, clean: dict, differences: dict) -> dict:
     norm_scale = float(ops.convert_to_numpy(ops.cast(ops.sqrt(bb.hidden_dim), cdt)))
     eps = sorted({n.epsilon for b in blocks for n in block_norms(b)})
     block = type(blocks[0]).__name__
-    return {
+    offset = _norm_offset(blocks[0].pre_attention_norm, cdt)
+    placements = {_placement(b) or "mixed" for b in blocks}
+    ropes = [a.rope_layer for a in att]
+    gelu = clean.get("gelu_kind", "?").split(" ")[0]  # "tanh", "exact", or "tanh by its argument (...)"
+    geglu = clean.get("geglu", "?")
+    return report({
+        "vocab_size": int(bb.vocabulary_size),
+        "hidden_size": int(bb.hidden_dim),
+        "intermediate_size": int(blocks[0].gating_ffw.kernel.shape[-1]),
+        "num_layers": len(blocks),
+        "num_heads": int(att[0].num_query_heads),
+        "num_kv_heads": int(att[0].num_key_value_heads),
+        "head_dim": int(att[0].head_dim),
+        "norm_unit_offset": {"(1 + w)": True, "w": False}.get(offset, Unread(offset)),
+        "norm_placement": placements.pop() if len(placements) == 1 else "mixed",
+        "norm_eps": float(blocks[0].pre_attention_norm.epsilon),
+        "final_norm": bb.layer_norm is not None,
+        "gelu_approximate": {"tanh": "tanh", "exact": "none"}.get(gelu, Unread(f"not observed ({gelu})")),
+        "geglu": {"gelu(gate) * up": "gate", "gelu(up) * gate": "up"}.get(geglu, geglu),
+        "embed_scale": norm_scale,
+        "embed_scale_dtype": "activation",  # x * ops.cast(ops.sqrt(hidden_dim), x.dtype), read from the source
+        "tied_head": bool(bb.token_embedding.tie_weights),
+        "query_scale": [1 / math.sqrt(built_query_scalar(a)) for a in att],
+        "rope_base": [float(r.max_wavelength) for r in ropes],
+        "rope_scaling_factor": [float(r.scaling_factor) for r in ropes] if all(r.rope_type == "linear" for r in ropes)
+        else Unread(f"rope types {[r.rope_type for r in ropes]}"),
+        "attn_softcap": [a.logit_soft_cap for a in att],
+        "final_softcap": bb.token_embedding.logit_soft_cap,
+        "sliding_window": [observed_window(a) for a in att],  # from keras-hub's own sliding mask
+        "qk_norm": any(getattr(a, "use_query_key_norm", False) for a in att),
+    }, {
         "backend": f"{backend}, compute dtype {cdt}",
         "class": f"{type(bb).__name__} / {type(lm).__name__}",
         "activation": clean.get("gelu_kind", "?") + f" ({clean.get('gelu_args', '?')} in {block}.call; "
         f"{clean.get('gelu_evidence', 'no evidence')}; keras.ops.gelu on {backend} in {cdt})",
-        "geglu": clean.get("geglu", "?"),
-        "norm": f"{_norm_offset(blocks[0].pre_attention_norm, cdt)} in float32 (keras-hub casts to float32), "
-        f"cast once after the multiply, eps {eps} in blocks, {bb.layer_norm.epsilon} final",
+        "norm": f"{offset} in float32 (keras-hub casts to float32), cast once after the multiply, eps {eps} in "
+        f"blocks, {bb.layer_norm.epsilon} final",
         "norm_placement": _one_or_all([_placement(b) or f"post-attention norm {b.use_post_attention_norm}, "
                                        f"post-FFW norm {b.use_post_ffw_norm}" for b in blocks]),
         "qk_norm": _qk_norm(att, clean["call_order"]),
         "embed_scale": f"sqrt({bb.hidden_dim}) cast to the activation dtype: {norm_scale:.6g} in {cdt}",
-        "query_scale": _one_or_all([1 / math.sqrt(built_query_scalar(a)) for a in att]),
-        "rope_base": [float(a.rope_layer.max_wavelength) for a in att],
-        "rope_scaling": [f"{a.rope_layer.rope_type} {float(a.rope_layer.scaling_factor):g}" for a in att],
-        "rope": f"{rope_layout(att[0])}; angles float32, cos/sin in {att[0].rope_layer.compute_dtype}",
+        "rope_scaling": [f"{r.rope_type} {float(r.scaling_factor):g}" for r in ropes],
+        "rope": f"{rope_layout(att[0])}; angles float32, cos/sin in {ropes[0].compute_dtype}",
         "attention": ("fused ops.dot_product_attention" if fused_ else
                       f"q * scale in {cdt} before q.k, einsum scores, softcap in {cdt}, softmax in float32")
         + ("" if fused_ is not None else " (fused path not determined)"),
-        "attn_softcap": _one_or_all([a.logit_soft_cap for a in att]),
-        "final_softcap": bb.token_embedding.logit_soft_cap,
-        "window": [observed_window(a) for a in att],  # from keras-hub's own sliding mask
-        "final_norm": True,
-        "tied_head": bool(bb.token_embedding.tie_weights),
         "differs_from_spec": differences,
-    }
+    })
 
 
 def _one_or_all(values: list):
