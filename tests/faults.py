@@ -17,7 +17,6 @@ from typing import Callable
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.adapters.port_model import PortOptions
 
 
 class PatchedHF(HFAdapter):
@@ -161,7 +160,12 @@ class HalfWidthMLP(LitgptStyleAdapter):
 
 
 def port(name, options=None, **spec_changes):
-    return lambda: LitgptStyleAdapter(PortOptions(**(options or {})), spec_changes, name=name)
+    def make():
+        from parity.adapters.port_model import PortOptions  # imports torch: when a fault is built, not when collected
+
+        return LitgptStyleAdapter(PortOptions(**(options or {})), spec_changes, name=name)
+
+    return make
 
 
 def hf(name, patch, **kw):
@@ -351,4 +355,6 @@ def detect_decode(fault: DecodeFault, dtype: str) -> dict:
 
 
 def _port_stale():
+    from parity.adapters.port_model import PortOptions
+
     return LitgptStyleAdapter(PortOptions(decode_stale=True), name="port-stale")

@@ -5,7 +5,6 @@ import pytest
 from parity.gate import checks
 from parity.adapters.litgpt_style import LitgptStyleAdapter
 from parity.capture.runner import capture
-from tests import variants
 
 DTYPES = ["float32", "bfloat16"]
 
@@ -41,6 +40,8 @@ def test_checks_pass_on_the_correct_port(good, tiny, tiny_weights):
     ("unscaled_embedding", "check_embedding_scale", "embed-scale-missing", "embed-scale-missing"),
 ])
 def test_check_fails_on_wrong_variant(variant, check, needle, cause, tiny, tiny_weights, tokens, dtype):
+    from tests import variants  # here, not at import: it imports torch, and collecting imports no framework
+
     trace = _trace(getattr(variants, variant)(), tiny, tiny_weights, dtype, tokens)
     fn = getattr(checks, check)
     args = (trace, tiny, tiny_weights.tensors) if check in ("check_norm_unit_offset", "check_embedding_scale") \

@@ -14,7 +14,6 @@ import pytest
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.adapters.port_model import PortOptions
 from parity.model.presets import resolve_spec
 from parity.model.prompts import default_prompts
 from parity.model.taps import layer_of, tap_order
@@ -259,18 +258,19 @@ def test_registered_as_hf_static_only_outside_the_defaults():
     assert get_adapter("hf").cache == "dynamic" and "hf-static" not in DEFAULT_IMPLS
 
 
-# cause -> (the port option reproducing the same bug, or None; the expected first (step, taps); the
+# cause -> (the port options reproducing the same bug (PortOptions' fields: built in the test, as PortOptions
+# imports torch and collecting the suite imports no framework), or None; the expected first (step, taps); the
 # expected first cache divergence per cache kind, or None). Short prompt (8 tokens), window 16.
 FAULT_CASES = {
     # one key too few once the window is full: p = 15, the first local layer
-    "cache-window": (PortOptions(decode_window=-1), (7, {"layers.0.attn.probs"}), None),
+    "cache-window": (dict(decode_window=-1), (7, {"layers.0.attn.probs"}), None),
     # rotated one position late from the first step on (rope.cos is tapped for Gemma 1 and 2)
-    "cache-position": (PortOptions(decode_pos_offset=1), (0, {"rope.cos", "layers.0.attn.probs"}), None),
+    "cache-position": (dict(decode_pos_offset=1), (0, {"rope.cos", "layers.0.attn.probs"}), None),
     # the window's first turn-over: p = 16 reads a stale slot; the dynamic layer's stored entries are
     # already wrong after p = 15 (the step that skipped its write), the static ring's at p = 16
     "cache-stale": (None, (8, {"layers.0.attn.probs"}), {"dynamic": (7, 0), "static": (8, 0)}),
     # a full-attention layer windowed: p = 16 is the first step with a key (0) outside the window
-    "decode-mask": (PortOptions(decode_mask_global_window=True), (8, {"first-global"}), None),
+    "decode-mask": (dict(decode_mask_global_window=True), (8, {"first-global"}), None),
 }
 
 
@@ -280,6 +280,10 @@ FAULT_CASES = {
 def test_decode_fault_diverges_first_where_it_should(runs, cause, cache, name):
     spec = runs.spec(name)[0]
     options, (step, taps), cache_first = FAULT_CASES[cause]
+    if options is not None:
+        from parity.adapters.port_model import PortOptions
+
+        options = PortOptions(**options)
     if "first-global" in taps:
         taps = {f"layers.{spec.layer_types.index('global')}.attn.probs"}
     P = len(runs.prompt(name, "short"))

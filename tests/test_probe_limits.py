@@ -7,13 +7,13 @@ dtype, or the lit-gpt-style port itself), and the probes must either decide
 correctly or say "cannot tell", never name a cause from an underflow.
 """
 
+from __future__ import annotations
+
 import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
-from parity.adapters.port_model import causal_mask
 from parity.model.presets import PRESETS
 from parity.diagnose.probes._evidence import MIN_TRUSTED, agreement
 from parity.diagnose.probes.attention import probe_attention_mask, probe_softmax
@@ -21,7 +21,13 @@ from parity.diagnose.probes.mlp import gelu_exact, gelu_tanh, probe_geglu, probe
 from parity.diagnose.probes.norms import probe_rmsnorm
 from parity.capture.trace import Trace
 
-TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+def _torch_dtype(dtype: str):
+    import torch  # here, not at import: collecting the suite imports no framework
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
 GEMMA2 = PRESETS["tiny-gemma2"]  # layer 0 local (window 16), layer 1 global
 HEADS, T = 4, 48
 
@@ -33,6 +39,8 @@ def _trace(dtype: str, taps: dict) -> Trace:
 
 def _ftz(a: torch.Tensor) -> torch.Tensor:
     """What flush-to-zero hardware returns: subnormal results become 0."""
+    import torch
+
     return torch.where(a.abs() < torch.finfo(a.dtype).tiny, torch.zeros_like(a), a)
 
 
@@ -51,7 +59,11 @@ def _sink_scores(seed: int = 0) -> np.ndarray:
 
 def _attention(scores: np.ndarray, window: int | None, dtype: str, with_scores: bool) -> Trace:
     """The port's attention arithmetic: scores + additive mask in the dtype, softmax in fp32, cast back."""
-    t = TORCH[dtype]
+    import torch
+
+    from parity.adapters.port_model import causal_mask
+
+    t = _torch_dtype(dtype)
     s = torch.tensor(scores, dtype=t) + causal_mask(T, window, t)
     p = torch.softmax(s.float(), dim=-1).to(t)
     taps = {}
@@ -127,7 +139,9 @@ def test_mask_probe_on_the_real_port_in_fp16_probabilities_only():
 
 # ------------------------------------------------------------------ GELU
 def _gelu_trace(x: np.ndarray, dtype: str, approximate: str) -> tuple[Trace, np.ndarray]:
-    xt = torch.tensor(x).to(TORCH[dtype])
+    import torch
+
+    xt = torch.tensor(x).to(_torch_dtype(dtype))
     y = torch.nn.functional.gelu(xt, approximate=approximate)
     x_in = xt.float().numpy().astype(np.float64)
     return _trace(dtype, {"layers.0.mlp.gate": x_in, "layers.0.mlp.act": y.float().numpy()}), x_in
@@ -183,6 +197,8 @@ def test_a_small_tensor_with_an_element_left_out_is_still_decided():
 
 def test_geglu_probe_leaves_out_subnormal_products_in_fp16():
     """gelu(gate) * up with the gate deep in GELU's tail: many products fall below fp16's smallest normal."""
+    import torch
+
     rng = np.random.default_rng(3)
     gate = torch.tensor(_tail_heavy_gate(seed=3)).half()
     up = torch.tensor(rng.normal(0.0, 0.3, size=gate.shape)).half()
@@ -199,6 +215,8 @@ def test_geglu_probe_leaves_out_subnormal_products_in_fp16():
 # ------------------------------------------------------------------ RMSNorm and softmax
 def _gemma_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """HF Gemma's RMSNorm: normalise in fp32, multiply by (1 + w) in fp32, cast after."""
+    import torch
+
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
 
@@ -207,6 +225,8 @@ def test_rmsnorm_probe_with_norm_weights_near_minus_one_in_fp16():
     """(1 + w) ~ 2^-8 (w = -0.99609375, the bf16 weight nearest -1) on half the channels, and a massive
     activation on the BOS rows: there the other channels normalise to ~1e-3 and their outputs fall below
     fp16's smallest normal (6.1e-5)."""
+    import torch
+
     spec = PRESETS["tiny-gemma"]
     rng = np.random.default_rng(4)
     x = rng.normal(size=(32, spec.hidden_size))
@@ -233,6 +253,10 @@ def test_rmsnorm_probe_with_norm_weights_near_minus_one_in_fp16():
 
 def test_softmax_probe_with_a_sink_in_fp16():
     """A milder sink (+12) leaves many probabilities in fp16's subnormal range: they are left out."""
+    import torch
+
+    from parity.adapters.port_model import causal_mask
+
     s = np.random.default_rng(5).normal(size=(HEADS, T, T))
     s[:, :, 0] += 12.0
     scores = torch.tensor(s).half() + causal_mask(T, None, torch.float16)

@@ -8,13 +8,20 @@ both modes, and a fault in it is still found.
 import pytest
 
 from parity.harness import Request, run
-from tests import third_party_gemma as tp
 
 TOKENS = {"p": [2, 17, 301, 5, 88, 260, 9, 140, 33, 7, 412, 3]}
 
 
+@pytest.fixture
+def tp():
+    """The third-party module, imported by the tests that run it: it imports torch, and collecting does not."""
+    from tests import third_party_gemma
+
+    return third_party_gemma
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_third_party_implementation_passes_in_both_modes(tiny, dtype):
+def test_a_third_party_implementation_passes_in_both_modes(tp, tiny, dtype):
     a = tp.adapter()
     rep = run(Request(spec=tiny, impls=[a.name], dtypes=[dtype], prompts=TOKENS, mode="both", adapters={a.name: a}))
     assert rep.passed, rep.verdict.headline
@@ -27,7 +34,7 @@ def test_a_third_party_implementation_passes_in_both_modes(tiny, dtype):
     assert iso["layers.3.out"].stat < cum["layers.3.out"].stat
 
 
-def test_a_fault_in_the_function_gelu_is_found_in_both_modes(tiny, monkeypatch):
+def test_a_fault_in_the_function_gelu_is_found_in_both_modes(tp, tiny, monkeypatch):
     import torch.nn.functional as F
 
     monkeypatch.setattr(tp, "gelu_tanh", lambda x: F.gelu(x))  # exact GELU, as the first HF release had

@@ -63,6 +63,7 @@ class ParitySession:
         self.tolerances: dict | None = None
         self._inputs: tuple | None = None  # (spec, weights)
         self._params: list | None = None  # [(impl name, dtype)] for impl_dtype
+        self._checked: tuple | None = None  # resolve_impls' (impls, skipped), at the first set-up that needs it
         self.error: str | None = None  # bad input found during collection: raised as a UsageError when it ends
         self.report = None
         self.decode_report = None  # the decode checks' report, built when first asked for
@@ -152,27 +153,72 @@ class ParitySession:
     def params(self) -> list:
         """(implementation name as the report knows it, dtype) pairs: what impl_dtype is parametrised over.
 
+        Implementations named with --parity-impls are checked here: one that cannot run is a usage error before
+        anything runs. The default (every built-in) is not checked at collection: a check imports its framework
+        (keras brings TensorFlow, about 10 s) and collection stays cheap, so each default is parametrised and
+        `unrunnable` skips, when its first test is set up, one whose check refuses it, with the reason.
         A bad input is kept in `error` (raised once collection ends: one line, exit status 4), not raised here.
         """
         if self.error is not None:
             return []
         if self._params is None:
-            from parity.harness import resolve_impls
+            from parity.adapters import DEFAULT_IMPLS, get_adapter
 
             try:
-                req = self.request()
-                impls, _ = resolve_impls(req)
+                sel = self.selection()
+                if sel.impls is not None:
+                    params = self._pairs(sel, self.checked()[0])
+                else:  # names only: get_adapter imports parity's adapter module, not its framework
+                    params = self._pairs(sel, [(n, get_adapter(n)) for n in DEFAULT_IMPLS])
             except ParityInputError as e:
                 self.error = message(e)
                 return []
-            params = []
-            for _, adapter in impls:
-                for d in req.dtypes:
-                    p = (adapter.name, d)  # module:factory names run under the adapter's own name
-                    if p != tuple(req.reference) and p not in params:
-                        params.append(p)
             self._params = params
         return self._params
+
+    @staticmethod
+    def _pairs(sel, impls) -> list:
+        params = []
+        for _, adapter in impls:
+            for d in sel.dtypes:
+                p = (adapter.name, d)  # module:factory names run under the adapter's own name
+                if p != tuple(sel.reference) and p not in params:
+                    params.append(p)
+        return params
+
+    def selection(self):
+        """What the session runs, less the weights (collection needs the spec only, not a weights build)."""
+        from parity.capture.implementations import Selection
+        from parity.harness import REFERENCE
+
+        if self._inputs is not None or self.config.getoption("--parity-checkpoint"):
+            spec = self.inputs()[0]  # a checkpoint's config and weights come together
+        else:
+            from parity.model.presets import resolve_spec
+
+            spec = resolve_spec(self.config.getoption("--parity-spec"))
+        return Selection(spec=spec, impls=split(self.config.getoption("--parity-impls")),
+                         dtypes=split(self.config.getoption("--parity-dtypes")), reference=REFERENCE)
+
+    def checked(self) -> tuple:
+        """parity.capture.implementations.resolve_impls on the session's selection, once: each implementation
+        checked (its framework imported) against the spec in every dtype, and the defaults skipped, with why."""
+        if self._checked is None:
+            from parity.capture.implementations import resolve_impls
+
+            self._checked = resolve_impls(self.selection())
+        return self._checked
+
+    def unrunnable(self, impl: str, dtype: str) -> str | None:
+        """Why a collected (impl, dtype) cannot run here (a default whose check refuses it), else None."""
+        try:
+            impls, skipped = self.checked()
+        except ParityInputError as e:
+            pytest.fail(message(e), pytrace=False)
+        if any(a.name == impl for _, a in impls):
+            return None
+        why = skipped.get(impl, "its check refused it")
+        return f"parity: {impl}@{dtype} cannot run here, so it is not compared: {why}"
 
     # -------------------------------------------------------------------------------------- the run
     def get_report(self):
