@@ -96,6 +96,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("impl_dtype", params, ids=[f"{n}-{d}" for n, d in params], scope="session")
 
 
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: a refused implementation builds nothing
 def pytest_runtest_setup(item):
     """A default implementation collected but refused by its check (checked here, not at collection): skipped."""
     callspec = getattr(item, "callspec", None)
