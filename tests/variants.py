@@ -4,7 +4,13 @@ Factories here are also loadable through `--impls tests.variants:<name>`.
 """
 
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.adapters.port_model import PortOptions
+
+
+def _options(**fields):
+    """The port's PortOptions, imported when a variant is made (it imports torch; collecting imports no framework)."""
+    from parity.adapters.port_model import PortOptions
+
+    return PortOptions(**fields)
 
 
 def exact_gelu():
@@ -12,11 +18,11 @@ def exact_gelu():
 
 
 def swapped_geglu():
-    return LitgptStyleAdapter(PortOptions(geglu_swapped=True), name="swapped-geglu")
+    return LitgptStyleAdapter(_options(geglu_swapped=True), name="swapped-geglu")
 
 
 def sandwich_norms():
-    return LitgptStyleAdapter(PortOptions(extra_post_norms=True), name="sandwich-norms")
+    return LitgptStyleAdapter(_options(extra_post_norms=True), name="sandwich-norms")
 
 
 def no_unit_offset():
