@@ -56,3 +56,15 @@ def test_a_default_implementation_its_check_refuses_is_skipped_with_the_reason(p
     out = "\n".join(r.outlines)
     assert "test_x[hf-float64] PASSED" in out or "1 passed" in out
     assert "keras@float64 cannot run here, so it is not compared: keras: cannot run float64" in out, out
+
+
+def test_a_default_whose_packages_are_not_installed_is_left_out_at_collection(tmp_path):
+    """As its check would leave it out, found by name (the registry's `needs`), nothing imported to find out."""
+    (tmp_path / "conftest.py").write_text(
+        "from parity.adapters import registry\n"
+        "registry.BUILTINS['absent-toy'] = registry.Builtin('absent-toy', 'parity_absent_pkg:Toy', "
+        "('parity_absent_pkg',), 'pip install absent-toy', default=True)\n")
+    (tmp_path / "test_x.py").write_text("def test_x(impl_dtype):\n    pass\n")
+    got = collect(tmp_path, "--rootdir", str(tmp_path), cwd=tmp_path)
+    assert got["rc"] == 0 and "test_x[hf-float32]" in got["stdout"], got["stdout"][-3000:]
+    assert "absent-toy" not in got["stdout"], got["stdout"][-3000:]

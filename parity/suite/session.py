@@ -155,21 +155,23 @@ class ParitySession:
 
         Implementations named with --parity-impls are checked here: one that cannot run is a usage error before
         anything runs. The default (every built-in) is not checked at collection: a check imports its framework
-        (keras brings TensorFlow, about 10 s) and collection stays cheap, so each default is parametrised and
-        `unrunnable` skips, when its first test is set up, one whose check refuses it, with the reason.
+        (keras brings TensorFlow, about 10 s) and collection stays cheap, so each installed default is
+        parametrised and `unrunnable` skips, when its first test is set up, one whose check refuses it (a spec or
+        dtype it cannot build, a library that fails to import), with the reason.
         A bad input is kept in `error` (raised once collection ends: one line, exit status 4), not raised here.
         """
         if self.error is not None:
             return []
         if self._params is None:
-            from parity.adapters import DEFAULT_IMPLS, get_adapter
+            from parity.adapters import default_impls, get_adapter, installed
 
             try:
                 sel = self.selection()
                 if sel.impls is not None:
                     params = self._pairs(sel, self.checked()[0])
-                else:  # names only: get_adapter imports parity's adapter module, not its framework
-                    params = self._pairs(sel, [(n, get_adapter(n)) for n in DEFAULT_IMPLS])
+                else:  # by name: get_adapter imports parity's adapter module, not its framework; a default whose
+                    # packages are not installed is left out, as its check would leave it out (found, not imported)
+                    params = self._pairs(sel, [(n, get_adapter(n)) for n in default_impls() if installed(n)])
             except ParityInputError as e:
                 self.error = message(e)
                 return []
