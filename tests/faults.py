@@ -263,7 +263,8 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     lead = data["first_divergence"]
     located_tap = lead["tap"] if lead else (mine[0]["tap"] if mine else None)
     (rv,) = [r for r in report.verdict.runs if r.mode == "cumulative"]
-    why = rv.explanation if rv.first is not None else (mine[0] if mine else None)
+    explained = rv.explanation.to_json() if rv.first is not None and rv.explanation is not None else None
+    why = explained if rv.first is not None else (mine[0] if mine else None)
     return {
         "fault": fault.name, "cause": fault.cause, "dtype": dtype, "profile": profile,
         "detected": not report.passed,

@@ -92,5 +92,5 @@ def test_nan_and_shape_mismatches_are_named_as_such(tiny, how, needle):
     (rv,) = rep.verdict.runs
     assert rv.first.tap == "layers.1.mlp.act" and needle in rv.first.reason
     assert needle.split(",")[0] in rep.verdict.headline
-    assert rv.explanation["cause"] == "unexplained" and needle in rv.explanation["evidence"]
-    assert "rope" not in rv.explanation["evidence"]  # no counterfactual guessed at a broken array
+    assert rv.explanation.cause == "unexplained" and needle in rv.explanation.evidence
+    assert "rope" not in rv.explanation.evidence  # no counterfactual guessed at a broken array

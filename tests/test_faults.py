@@ -60,5 +60,5 @@ def test_raw_logits_make_a_centred_unembedding_a_divergence():
     assert run(Request(**kw)).passed
     rep = run(Request(**kw, raw_logits=True))
     (rv,) = rep.verdict.runs
-    assert rv.status == "FAIL" and rv.first.tap == "logits" and rv.explanation["cause"] == "logit-shift"
-    assert rv.explanation["severity"] == "divergence"
+    assert rv.status == "FAIL" and rv.first.tap == "logits" and rv.explanation.cause == "logit-shift"
+    assert rv.explanation.severity == "divergence"

@@ -79,14 +79,14 @@ def test_a_counterfactual_that_cannot_run_is_reported_not_dropped(tiny, monkeypa
     rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=TOKENS,
                       adapters={"rope-base-fault": _rope_base_fault()}))
     (rv,) = rep.verdict.runs
-    assert rv.explanation["cause"] == "rope-base"  # the others are still ranked
+    assert rv.explanation.cause == "rope-base"  # the others are still ranked
     monkeypatch.setattr(counterfactuals, "candidates", lambda spec: [broken])
     monkeypatch.setattr(counterfactuals, "swap_candidates", lambda *a: [])
     rep = run(Request(spec=tiny, impls=["rope-base-fault"], dtypes=["float32"], prompts=TOKENS,
                       adapters={"rope-base-fault": _rope_base_fault()}))
     (rv,) = rep.verdict.runs
-    ev = rv.explanation["evidence"]
-    assert rv.explanation["cause"] == "unexplained" and "1 candidate(s) could not be run" in ev
+    ev = rv.explanation.evidence
+    assert rv.explanation.cause == "unexplained" and "1 candidate(s) could not be run" in ev
     assert "a variant that cannot be built" in ev and "TypeError" in ev
 
 
@@ -104,5 +104,5 @@ def test_the_first_divergence_is_in_forward_order_over_every_prompt(tiny):
     order = {t: i for i, t in enumerate(tap_order(tiny))}
     failing = [r for r in rep.run_results(rv.impl, rv.dtype, rv.mode) if not r.passed]
     assert rv.first.tap == min(failing, key=lambda r: order[r.tap]).tap
-    assert rv.explanation is not None and rv.explanation["explains"] == rv.first.tap
+    assert rv.explanation is not None and rv.explanation.explains == rv.first.tap
     assert rep.first_divergences() == [rv.first] and rv.first.tap in rep.verdict.headline

@@ -45,4 +45,4 @@ def test_a_fault_in_the_function_gelu_is_found_in_both_modes(tp, tiny, monkeypat
     firsts = {rv.mode: rv.first.tap for rv in rep.verdict.runs}
     assert firsts == {"cumulative": "layers.0.mlp.act", "isolated": "layers.0.mlp.act"}
     (rv,) = [r for r in rep.verdict.runs if r.mode == "cumulative"]
-    assert rv.explanation["cause"] == "gelu-exact"
+    assert rv.explanation.cause == "gelu-exact"
