@@ -129,16 +129,18 @@ def check_comparable(ref: Trace, other: Trace) -> None:
 
 def compare_trace(
     ref: Trace, other: Trace, table: dict[str, Tolerance] | None = None, mode: str | None = None, noise=None,
-    raw_logits: bool = False,
+    raw_logits: bool = False, metrics: bool = True,
 ) -> list[TapResult]:
-    """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time."""
+    """One TapResult per tap both traces have, in the other's forward order; one pair of taps read at a time.
+    `metrics=False` leaves the registered metrics out (a counterfactual's score needs only the verdict's numbers,
+    and the search compares a hundred traces)."""
     if mode is not None and mode != other.mode:
         other = dataclasses.replace(other, mode=mode)
-    return compare_traces(ref, [other], table, noise, raw_logits)[0]
+    return compare_traces(ref, [other], table, noise, raw_logits, metrics)[0]
 
 
 def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] | None = None,
-                   noise=None, raw_logits: bool = False) -> list[list[TapResult]]:
+                   noise=None, raw_logits: bool = False, metrics: bool = True) -> list[list[TapResult]]:
     """`compare_trace` for several traces of the same prompt at once: each reference tap is read once.
 
     At real sizes the reference trace is the largest file (float64) and is read
@@ -162,7 +164,7 @@ def compare_traces(ref: Trace, others: list[Trace], table: dict[str, Tolerance] 
             if tap in o.taps:
                 honest = noise.at(o.dtype, o.mode, o.prompt, tap) if noise is not None else None
                 out[i].append(_compare_tap(tap, o.taps[tap], expected, o, o.mode, table[o.dtype], n_layers, honest,
-                                           raw_logits))
+                                           raw_logits, metrics))
         del expected
     return out
 
@@ -224,13 +226,13 @@ def bound_for(floor: float, noise: float | None) -> tuple[float, str]:
 
 
 def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance, n_layers: int,
-                 noise: float | None = None, raw_logits: bool = False) -> TapResult:
+                 noise: float | None = None, raw_logits: bool = False, metrics: bool = True) -> TapResult:
     base = dict(impl=other.impl, dtype=other.dtype, mode=mode, prompt=other.prompt, tap=tap, layer=layer_of(tap))
     floor = tol.atol * growth(tap, n_layers, mode)
     bound, basis = bound_for(floor, noise)
     verdict = dict(bound=bound, floor=floor, noise=noise, basis=basis)
     if isinstance(actual, ReducedTap) or isinstance(expected, ReducedTap):
-        return _compare_reduced(base, actual, expected, tol, verdict)
+        return _compare_reduced(base, actual, expected, tol, verdict, metrics)
     if actual.shape != expected.shape:
         return _failed(base, tol, expected.size, False,
                        f"shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}", verdict, "shape")
@@ -258,7 +260,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         passed=m["mismatched"] == 0 and m["finite"], mismatched=m["mismatched"], numel=m["numel"],
         mismatch_fraction=m["mismatch_fraction"], max_ulp=m["max_ulp"], cosine=m["cosine"],
         ref_rms=m["ref_rms"], where=m["where"], needed_atol=stat * tap_rms, stat=stat, reason=reason, failure=failure, **verdict,
-        **per_step, metrics=metric_registry.compute(actual, expected),
+        **per_step, metrics=metric_registry.compute(actual, expected) if metrics else {},
     )
     if tap == "logits":
         r.logits = logit_metrics(actual, expected)
@@ -298,7 +300,7 @@ def _failed(base: dict, tol: Tolerance, numel: int, sampled: bool, reason: str, 
                      reason=reason, failure=failure, stat=float("inf"), **verdict)
 
 
-def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict) -> TapResult:
+def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict, metrics: bool = True) -> TapResult:
     """Either side reduced: the usual metrics on the rows both hold, plus every row's statistics."""
     shape_a, shape_e = tuple(actual.shape), tuple(expected.shape)
     numel = int(np.prod(shape_e))
@@ -329,7 +331,8 @@ def _compare_reduced(base: dict, actual, expected, tol: Tolerance, verdict: dict
         where=[int(rows[m["where"][0]])] + m["where"][1:] if m["where"] else [],
         needed_atol=stat * whole, sampled=True, sampled_numel=m["numel"], reason="; ".join(reasons),
         failure="" if not reasons else "row-statistics" if bad.size else "nonfinite",
-        stat_rows_failed=int(bad.size), stat=stat, **verdict, metrics=metric_registry.compute(*pair),
+        stat_rows_failed=int(bad.size), stat=stat, **verdict,
+        metrics=metric_registry.compute(*pair) if metrics else {},
     )
     if base["tap"] == "logits":
         r.logits = _reduced_logit_metrics(a, e, rows)

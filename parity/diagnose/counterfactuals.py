@@ -196,7 +196,7 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
         w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
         got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
-        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise) if order.get(r.tap, 10**6) <= last]
+        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise, metrics=False) if order.get(r.tap, 10**6) <= last]
         return max(used(r) for r in rs) if rs else None
 
     def variants():  # a generator: nothing is listed (the swaps read the weights) unless the baseline fails

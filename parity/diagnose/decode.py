@@ -267,7 +267,7 @@ def counterfactual(report, dec, first, order) -> Ranking:
                       continuation=list(cont))
         ours = head(next(t for t in got if t.mode == DECODE))
         ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
-        return max((used(r) for r in compare_trace(ours, mine, report.tolerances, DECODE, report.noise)), default=None)
+        return max((used(r) for r in compare_trace(ours, mine, report.tolerances, DECODE, report.noise, metrics=False)), default=None)
 
     def variants():  # a generator: the candidates are listed only if the baseline fails
         yield from counterfactuals.decode_candidates(run_spec)
