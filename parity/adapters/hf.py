@@ -313,7 +313,8 @@ class HFAdapter(Adapter):
 
             raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers 5 makes them; "
                                f"transformers {transformers.__version__} makes them differently: upgrade it")
-        tap_map = self._tap_map(model.parity_spec)
+        spec = model.parity_spec
+        tap_map = self._tap_map(spec)
         cache = self.new_cache(model, len(prompt) + len(continuation))
         read = _record_reads(cache)
         kwargs = {"cache": cache, "position_ids": torch.arange(len(prompt))[None], "use_cache": True,
@@ -331,18 +332,36 @@ class HFAdapter(Adapter):
                 kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
                 inputs = prepare(ids, next_sequence_length=1, **kwargs)
                 # the positions each layer's mask gives its keys, read before the step as the mask is built
-                key_positions = {i: _mask_positions(layer, p) for i, layer in enumerate(cache.layers)}
+                mask_of = self._mask_layers(cache, spec)  # a KV-shared layer attends with its type's mask
+                key_positions = {i: _mask_positions(cache.layers[mask_of[i]], p) for i in range(len(cache.layers))}
                 read.clear()
-                with recording(model, tap_map) as taps:
+                attn_reads: dict = {}
+                with recording(model, tap_map) as taps, self._observe(model, taps, attn_reads):
                     out = model(**inputs, return_dict=True)
                 taps = dict(taps)
                 taps["logits"] = to_numpy(out.logits)
-                steps.append(DecodeStep(
-                    taps=taps,
-                    cache={i: _cache_view(layer, read.get(i), key_positions[i]) for i, layer in enumerate(cache.layers)},
-                    key_positions=key_positions,
-                ))
+                views = {}
+                for i, layer in enumerate(cache.layers):
+                    if mask_of[i] == i or i in read:
+                        views[i] = _cache_view(layer, read.get(i), key_positions[i])
+                    else:  # KV-shared: no cache of its own; the keys and values its attention was handed
+                        views[i] = _read_view(attn_reads[i], key_positions[i])
+                if spec.family == 4:
+                    from parity.adapters import hf_gemma4
+
+                    hf_gemma4.finish(taps)
+                steps.append(DecodeStep(taps=taps, cache=views, key_positions=key_positions))
         return DecodeResult(steps)
+
+    @staticmethod
+    def _mask_layers(cache, spec: GemmaSpec) -> dict[int, int]:
+        """layer -> the cache layer its attention mask is sized from (itself, but Gemma 4's KV-shared layers)."""
+        if spec.family != 4:
+            return {i: i for i in range(len(cache.layers))}
+        from parity.adapters import hf_gemma4
+
+        return {i: i if type(layer).__name__ != "DummyLayer" else hf_gemma4.mask_layer(cache, spec, i)
+                for i, layer in enumerate(cache.layers)}
 
     def effective(self, model) -> dict:
         m = model.model
@@ -372,6 +391,7 @@ class HFAdapter(Adapter):
             "window": [getattr(a, "sliding_window", None) for a in attn],
             "attn_implementation": cfg._attn_implementation,
             "kv_cache": self._cache_layout(model),
+            **({"kv_source": getattr(model, "parity_kv_source", None)} if model.parity_spec.family == 4 else {}),
         }
 
     def _cache_layout(self, model) -> str:
@@ -438,6 +458,16 @@ def _stored_positions(layer) -> np.ndarray:
         pos[pos >= seen] = -1  # not written yet
         return pos
     return np.arange(seen - n, seen, dtype=np.int64)
+
+
+def _read_view(read, key_positions: np.ndarray) -> CacheView:
+    """A KV-shared layer's view: the keys and values its attention read this step ([1, kv, L, hd]), at the
+    positions its mask gives those L keys; a length that disagrees with the mask is the library's error."""
+    k, v = _float(read[0][0]), _float(read[1][0])
+    if k.shape[1] != len(key_positions):
+        raise RuntimeError(f"hf: a KV-shared layer read {k.shape[1]} keys but its mask covers {len(key_positions)} "
+                           "positions; this transformers shares K/V in a way parity does not know: update adapters/hf.py")
+    return CacheView(np.asarray(key_positions), k, v)
 
 
 def _cache_view(layer, read, key_positions: np.ndarray) -> CacheView:
