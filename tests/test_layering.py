@@ -183,7 +183,7 @@ def test_each_builtin_declares_the_frameworks_its_adapter_imports():
 def test_the_declaration_check_fails_on_an_adapter_importing_more_than_it_declares():
     hf = BUILTINS["hf"]
     wrong = Builtin(hf.name, hf.factory, ("torch",), hf.missing)  # hf without transformers
-    assert undeclared(wrong) == {"parity.adapters.hf": {"transformers"}}
+    assert undeclared(wrong) == {"parity.adapters.hf": {"transformers"}, "parity.adapters.hf_gemma4": {"transformers"}}
 
 
 def test_the_scan_fails_on_a_circle_and_on_a_framework_outside_adapters(tmp_path):

@@ -1,4 +1,7 @@
-"""Adapter for HuggingFace transformers' Gemma, Gemma 2 and Gemma 3 (text) causal LMs.
+"""Adapter for HuggingFace transformers' Gemma, Gemma 2, Gemma 3 and Gemma 4 (text) causal LMs.
+
+Gemma 4's weight names, taps and observations live in adapters/hf_gemma4.py; this module drives the
+build, the run and the decode loop for every family.
 
 The model is built the way `from_pretrained(dtype=...)` builds it: parameters
 created in the target dtype while buffers computed at init (RoPE inv_freq)
@@ -15,6 +18,7 @@ inputs `generate()`'s own `prepare_inputs_for_generation` makes each step.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -74,7 +78,7 @@ TAP_MAP_SANDWICH = {
     "layers.{}.mlp_norm": ("model.layers.{}.pre_feedforward_layernorm", "out"),
     "layers.{}.post_mlp_norm": ("model.layers.{}.post_feedforward_layernorm", "out"),
 }
-CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM", 4: "Gemma4ForCausalLM"}
 
 
 CACHES = ("dynamic", "static")
@@ -101,12 +105,13 @@ class HFAdapter(Adapter):
         return f"transformers {transformers.__version__} / torch {torch.__version__}"
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
-        if spec.family == 4:  # until the Gemma 4 adapter lands (issue 19)
-            raise Unsupported(f"hf does not run Gemma 4 (spec {spec.name!r}, family 4) yet; drop 'hf' from --impls")
         try:
             import transformers  # noqa: F401
         except ImportError:
             raise backend_missing(self.name, "transformers") from None
+        if spec.family == 4:
+            self._check_gemma4(spec)
+            return
         fixed = {  # what HF's Gemma classes hard-code; a spec asking otherwise cannot be built here
             "norm_unit_offset": True, "embed_scale": True, "embed_scale_dtype": "activation",
             "norm_placement": "pre" if spec.family == 1 else "sandwich",
@@ -132,6 +137,21 @@ class HFAdapter(Adapter):
         if spec.family == 1 and (spec.query_pre_attn_scalar or spec.rope_scaling_factor != 1.0):
             raise Unsupported("hf Gemma 1 has no query_pre_attn_scalar or rope scaling; drop 'hf' from --impls")
 
+    def _check_gemma4(self, spec: GemmaSpec) -> None:
+        import transformers
+
+        if not hasattr(transformers, CLASSES[4]):
+            raise Unsupported(f"hf: transformers {transformers.__version__} has no Gemma 4 ({CLASSES[4]}); "
+                              "install transformers >= 5.5, or drop 'hf' from --impls")
+        from parity.adapters import hf_gemma4
+
+        hf_gemma4.check(spec)
+        try:
+            self._config(spec)
+        except Exception as e:  # noqa: BLE001 -- transformers' config validation raises several kinds
+            msg = str(e).strip().splitlines()[-1].strip()
+            raise Unsupported(f"hf refuses this spec: {msg}; drop 'hf' from --impls for it") from None
+
     def _config(self, spec: GemmaSpec):
         import transformers
 
@@ -152,14 +172,23 @@ class HFAdapter(Adapter):
         from parity.adapters.torch_setup import torch_dtype
 
         config = self._config(spec)
+        g4 = spec.family == 4
+        if g4:
+            from parity.adapters import hf_gemma4
+
+            hf_gemma4.configure(config, dtype)
         model_cls = getattr(transformers, CLASSES[spec.family])
         with torch.device("meta"):  # no storage, no random init: the weights are written once, below
             model = self._from_config(model_cls, config, dtype)
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
-        plan = map_weights(parts(weights), NAME_MAP, params, where=f"{self.name} weights")
+        if g4:  # Gemma 4's layer scalar is a buffer in transformers and a weight in parity
+            params.update(hf_gemma4.scalar_targets(model))
+        plan = map_weights(parts(weights), hf_gemma4.NAME_MAP if g4 else NAME_MAP, params,
+                           where=f"{self.name} weights")
         dt = torch_dtype(dtype)
         load(model, plan, weights, dt, [f"model.layers.{i}" for i in range(spec.num_layers)])
-        self._init_buffers(model, model_cls, spec, dtype)
+        own = functools.partial(hf_gemma4.scalar_buffer, plan=plan, weights=weights) if g4 else None
+        self._init_buffers(model, model_cls, spec, dtype, own)
         model.eval()
         model.parity_spec = spec
         self._scales_in_embedding = hasattr(model.model.embed_tokens, "embed_scale")
@@ -174,32 +203,45 @@ class HFAdapter(Adapter):
         except TypeError:  # transformers 4.x calls it torch_dtype
             return model_cls._from_config(config, torch_dtype=torch_dtype(dtype), attn_implementation="eager")
 
-    def _init_buffers(self, model, model_cls, spec: GemmaSpec, dtype: str) -> None:
+    def _init_buffers(self, model, model_cls, spec: GemmaSpec, dtype: str, own=None) -> None:
         """Buffers computed at init (RoPE inv_freq, the embedding scale) from a small twin built for real.
 
         The twin has the same config but one head, one layer of each type and a
         tiny vocabulary and MLP, which the buffers do not depend on, so
         transformers' own code computes them, in this version's way, without the
-        full-size random init; a buffer the twin lacks is an error, not a guess.
+        full-size random init; a buffer the twin lacks is an error, not a guess. `own(name, twin)` gives
+        a buffer that is a weight (Gemma 4's layer scalar), or None for one the twin computes.
         """
         import torch
 
         types = tuple(dict.fromkeys(spec.layer_types))  # one layer of each type: the buffers are per model
-        small = spec.replace(vocab_size=16, intermediate_size=8, num_heads=1, num_kv_heads=1,
-                             num_layers=len(types), layer_types=types)
-        twin = dict(self._from_config(model_cls, self._config(small), dtype).named_buffers())
+        small = dict(vocab_size=16, intermediate_size=8, num_heads=1, num_kv_heads=1,
+                     num_layers=len(types), layer_types=types)
+        if spec.family == 4:  # no sharing (it needs more layers); PLE and experts kept small, not dropped
+            small.update(num_kv_shared_layers=0, double_wide_mlp=False, ple_vocab_size=None,
+                         num_global_kv_heads=1 if spec.num_global_kv_heads else None,
+                         expert_intermediate_size=min(spec.expert_intermediate_size, 8))
+        twin = dict(self._from_config(model_cls, self._config(spec.replace(**small)), dtype).named_buffers())
         for name, buf in model.named_buffers():
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mine = own(name, twin) if own is not None else None
+            if mine is not None:
+                mod.register_buffer(attr, mine, persistent=attr not in mod._non_persistent_buffers_set)
+                continue
             if name not in twin or twin[name].shape != buf.shape:
                 raise RuntimeError(f"hf: buffer {name!r} {tuple(buf.shape)} has no twin to compute it from; "
                                    "this transformers builds buffers parity does not know: update adapters/hf.py")
-            mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name) if mod_name else model
             persistent = attr not in mod._non_persistent_buffers_set
             mod.register_buffer(attr, twin[name].clone(), persistent=persistent)
         if any(b.is_meta for b in model.buffers()):
             raise RuntimeError("hf: a buffer is still on the meta device after the build; update adapters/hf.py")
 
     def _tap_map(self, spec: GemmaSpec):
+        if spec.family == 4:
+            from parity.adapters import hf_gemma4
+
+            return hf_gemma4.expand(hf_gemma4.TAP_MAP, spec)
         taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
         if not self._scales_in_embedding:
             # transformers before ~5.5 scales by sqrt(hidden) inline in GemmaModel.forward
@@ -213,12 +255,32 @@ class HFAdapter(Adapter):
 
         from parity.adapters.torch_hooks import module_feeds, recording, to_numpy
 
-        tap_map = self._tap_map(model.parity_spec)
-        with torch.no_grad(), recording(model, tap_map, module_feeds(tap_map, feed, "hf")) as taps:
+        spec = model.parity_spec
+        tap_map = self._tap_map(spec)
+        reads: dict = {}
+        with torch.no_grad(), recording(model, tap_map, module_feeds(tap_map, feed, "hf")) as taps, \
+                self._observe(model, taps, reads):
             out = model(input_ids=torch.tensor([tokens]), use_cache=False)
         taps = dict(taps)
         taps["logits"] = to_numpy(out.logits)  # after the final softcap, which no module produces
+        if spec.family == 4:
+            from parity.adapters import hf_gemma4
+
+            hf_gemma4.finish(taps)
+            if feed is None:  # what the cumulative forward's shared layers read: reported by effective()
+                model.parity_kv_source = hf_gemma4.kv_sources(model, reads)
         return RunResult(taps)
+
+    @staticmethod
+    def _observe(model, taps: dict, reads: dict):
+        """Gemma 4's taps that no module hook gives (hf_gemma4.observe); nothing for Gemma 1-3."""
+        from contextlib import nullcontext
+
+        if model.parity_spec.family != 4:
+            return nullcontext()
+        from parity.adapters import hf_gemma4
+
+        return hf_gemma4.observe(model, model.parity_spec, taps, reads)
 
     def new_cache(self, model, max_len: int):
         """The cache `generate()` builds for this model (`_prepare_cache_for_generation`), empty.
@@ -251,7 +313,8 @@ class HFAdapter(Adapter):
 
             raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers 5 makes them; "
                                f"transformers {transformers.__version__} makes them differently: upgrade it")
-        tap_map = self._tap_map(model.parity_spec)
+        spec = model.parity_spec
+        tap_map = self._tap_map(spec)
         cache = self.new_cache(model, len(prompt) + len(continuation))
         read = _record_reads(cache)
         kwargs = {"cache": cache, "position_ids": torch.arange(len(prompt))[None], "use_cache": True,
@@ -269,18 +332,36 @@ class HFAdapter(Adapter):
                 kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
                 inputs = prepare(ids, next_sequence_length=1, **kwargs)
                 # the positions each layer's mask gives its keys, read before the step as the mask is built
-                key_positions = {i: _mask_positions(layer, p) for i, layer in enumerate(cache.layers)}
+                mask_of = self._mask_layers(cache, spec)  # a KV-shared layer attends with its type's mask
+                key_positions = {i: _mask_positions(cache.layers[mask_of[i]], p) for i in range(len(cache.layers))}
                 read.clear()
-                with recording(model, tap_map) as taps:
+                attn_reads: dict = {}
+                with recording(model, tap_map) as taps, self._observe(model, taps, attn_reads):
                     out = model(**inputs, return_dict=True)
                 taps = dict(taps)
                 taps["logits"] = to_numpy(out.logits)
-                steps.append(DecodeStep(
-                    taps=taps,
-                    cache={i: _cache_view(layer, read.get(i), key_positions[i]) for i, layer in enumerate(cache.layers)},
-                    key_positions=key_positions,
-                ))
+                views = {}
+                for i, layer in enumerate(cache.layers):
+                    if mask_of[i] == i or i in read:
+                        views[i] = _cache_view(layer, read.get(i), key_positions[i])
+                    else:  # KV-shared: no cache of its own; the keys and values its attention was handed
+                        views[i] = _read_view(attn_reads[i], key_positions[i])
+                if spec.family == 4:
+                    from parity.adapters import hf_gemma4
+
+                    hf_gemma4.finish(taps)
+                steps.append(DecodeStep(taps=taps, cache=views, key_positions=key_positions))
         return DecodeResult(steps)
+
+    @staticmethod
+    def _mask_layers(cache, spec: GemmaSpec) -> dict[int, int]:
+        """layer -> the cache layer its attention mask is sized from (itself, but Gemma 4's KV-shared layers)."""
+        if spec.family != 4:
+            return {i: i for i in range(len(cache.layers))}
+        from parity.adapters import hf_gemma4
+
+        return {i: i if type(layer).__name__ != "DummyLayer" else hf_gemma4.mask_layer(cache, spec, i)
+                for i, layer in enumerate(cache.layers)}
 
     def effective(self, model) -> dict:
         """Read off the built model: module attributes, buffers, and a few calls on tiny inputs (the norm
@@ -314,7 +395,8 @@ class HFAdapter(Adapter):
             "head_dim": hd,
             "norm_unit_offset": _norm_offset(layer0.input_layernorm),
             "norm_placement": "sandwich" if hasattr(layer0, "post_feedforward_layernorm") else "pre",
-            "norm_eps": float(layer0.input_layernorm.eps),
+            "norm_eps": float(getattr(layer0.input_layernorm, "eps", None)
+                              or layer0.input_layernorm.variance_epsilon),  # Gemma 4's name for it
             "final_norm": isinstance(getattr(m, "norm", None), torch.nn.Module),
             "gelu_approximate": gelu_kind(act),
             "geglu": _gelu_input(layer0.mlp),
@@ -338,6 +420,7 @@ class HFAdapter(Adapter):
             "rope_parameters": getattr(cfg, "rope_parameters", None),
             "attn_implementation": cfg._attn_implementation,
             "kv_cache": self._cache_layout(model),
+            **({"kv_source": getattr(model, "parity_kv_source", None)} if model.parity_spec.family == 4 else {}),
         })
 
     def _cache_layout(self, model) -> str:
@@ -404,6 +487,16 @@ def _stored_positions(layer) -> np.ndarray:
         pos[pos >= seen] = -1  # not written yet
         return pos
     return np.arange(seen - n, seen, dtype=np.int64)
+
+
+def _read_view(read, key_positions: np.ndarray) -> CacheView:
+    """A KV-shared layer's view: the keys and values its attention read this step ([1, kv, L, hd]), at the
+    positions its mask gives those L keys; a length that disagrees with the mask is the library's error."""
+    k, v = _float(read[0][0]), _float(read[1][0])
+    if k.shape[1] != len(key_positions):
+        raise RuntimeError(f"hf: a KV-shared layer read {k.shape[1]} keys but its mask covers {len(key_positions)} "
+                           "positions; this transformers shares K/V in a way parity does not know: update adapters/hf.py")
+    return CacheView(np.asarray(key_positions), k, v)
 
 
 def _cache_view(layer, read, key_positions: np.ndarray) -> CacheView:

@@ -187,3 +187,111 @@ def function_taps(owner, name: str, scopes: dict[str, str], model, out: dict) ->
         setattr(owner, name, fn)
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def argument_taps(model, taps: dict[str, tuple[str, str]], out: dict) -> Iterator[None]:
+    """Record a module's named input argument (not its first one): tap -> (module path, argument name).
+
+    The argument is found by binding the call to the module's own forward signature, so a positional or a
+    keyword call records the same value, the one the library passed. Use inside `recording(...)` with its
+    dict as `out`; a module called twice per forward records its first call, as `recording` does.
+    """
+    import inspect
+
+    modules = dict(model.named_modules())
+    handles = []
+    for tap, (path, arg) in taps.items():
+        if path not in modules:
+            raise KeyError(f"tap {tap}: model has no module {path!r}")
+        sig = inspect.signature(modules[path].forward)
+
+        def pre(mod, args, kwargs, tap=tap, arg=arg, sig=sig):
+            if tap in out:
+                return
+            value = sig.bind_partial(*args, **kwargs).arguments.get(arg)
+            if value is None:
+                raise RuntimeError(f"tap {tap}: module {type(mod).__name__} was called without {arg!r}")
+            out[tap] = to_numpy(value)
+
+        handles.append(modules[path].register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def output_taps(model, taps: dict[str, tuple[str, int | None]], out: dict, flat=frozenset()) -> Iterator[None]:
+    """Record element `index` of a module's tuple output (None: the output itself): tap -> (module path, index).
+
+    `flat`: taps whose module runs on the tokens flattened to [B*T, ...] (HF's MoE router): their values
+    have no batch dimension to drop, and are recorded whole.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    for tap, (path, index) in taps.items():
+        if path not in modules:
+            raise KeyError(f"tap {tap}: model has no module {path!r}")
+
+        def post(mod, args, output, tap=tap, index=index):
+            if tap not in out:
+                if index is not None and (not isinstance(output, (tuple, list)) or len(output) <= index):
+                    raise RuntimeError(f"tap {tap}: {type(mod).__name__} returned no output #{index}")
+                out[tap] = _record(output if index is None else output[index], tap in flat)
+
+        handles.append(modules[path].register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def operand_taps(watch: list, out: dict, flat=frozenset()) -> Iterator[None]:
+    """Record the other operand of a multiplication by a watched tensor, as the library computes it inline.
+
+    `watch`: (tensor object of the model, tap) pairs, a buffer or a parameter compared by identity; `flat`
+    as for `output_taps`.
+    While active (a torch function mode, so no library code is patched), the first multiplication
+    (`*`, `*=`, `mul`, `mul_`) that has a watched tensor, or a tensor indexed out of one
+    (`per_expert_scale[top_k_index]`), as one operand records the other operand under the tap, before
+    the product is formed: `h *= layer_scalar` records the block output before the scalar, the library's
+    own tensor. Every other operation runs untouched.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    muls = {torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+            torch.Tensor.__imul__, torch.mul}
+    getitem = torch.Tensor.__getitem__
+    watched: list[tuple[object, str]] = list(watch)
+
+    def tap_of(x):
+        for t, tap in watched:
+            if x is t:
+                return tap
+        return None
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in muls and len(args) == 2:
+                for mine, other in ((args[0], args[1]), (args[1], args[0])):
+                    tap = tap_of(mine)
+                    if tap is not None and tap not in out and isinstance(other, torch.Tensor):
+                        out[tap] = _record(other, tap in flat)  # copied before an in-place product overwrites it
+                        break
+            result = func(*args, **kwargs)
+            if func is getitem and args and tap_of(args[0]) is not None and isinstance(result, torch.Tensor):
+                watched.append((result, tap_of(args[0])))  # the indexed copy multiplies in its place
+            return result
+
+    with Mode():
+        yield
+
+
+def _record(t, flat: bool):
+    return to_numpy(t[None] if flat else t)  # a flat [B*T, ...] value with B = 1 is the [T, ...] row set

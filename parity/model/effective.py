@@ -221,9 +221,13 @@ def rope_from_inv_freq(inv_freq) -> tuple[float, float]:
     enters once, not raised to the power d/2.
     """
     f = [float(x) for x in inv_freq]
-    n = len(f)
-    d = 2 * n
-    base = math.exp((math.log(f[0]) - math.log(f[-1])) * d / (2 * (n - 1))) if n > 1 else float("nan")
+    d = 2 * len(f)
+    # proportional RoPE (Gemma 4's global layers) zero-pads the frequencies past its rotated share: the base
+    # comes from the rotated ones, still over the whole head's d
+    m = next((i for i, x in enumerate(f) if x <= 0), len(f))
+    if m == 0:
+        return float("nan"), float("nan")
+    base = math.exp((math.log(f[0]) - math.log(f[m - 1])) * d / (2 * (m - 1))) if m > 1 else float("nan")
     return _nice(base), _nice(1.0 / f[0])
 
 
