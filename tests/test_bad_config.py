@@ -300,7 +300,9 @@ def test_the_estimate_passes_real_shapes_and_refuses_a_full_disk(tmp_path, monke
     monkeypatch.delenv("PARITY_ALLOW_LARGE", raising=False)
     for spec in PRESETS.values():  # one layer's formula agrees with the weights' own count
         embed = spec.vocab_size * spec.hidden_size * (1 if spec.tied_head else 2)
-        assert param_count(spec) == embed + spec.num_layers * resources.layer_params(spec) + spec.hidden_size
+        layers = sum(resources.layer_params(spec, i) for i in range(spec.num_layers)) if spec.family == 4 \
+            else spec.num_layers * resources.layer_params(spec)
+        assert param_count(spec) == embed + layers + resources.ple_params(spec) + spec.hidden_size
     tiny = resources.estimate(PRESETS["tiny-gemma"], ["float32", "float64"], 64, True, None)
     resources.check(tiny)  # good input passes
     big = resources.estimate(PRESETS["gemma-2b"], ["bfloat16", "float64"], 128, False, None)

@@ -127,6 +127,69 @@ _CONFIGS: list[dict] = [
     ),
 ]
 
+# ------------------------------------------------------------- Gemma 4 (text; docs/gemma4.md)
+# Shared by every Gemma 4 shape: no unit offset, sandwich norms, q/k/v norms, scale 1.0, layer scalar,
+# proportional RoPE (0.25) on global layers at theta 1e6, plain RoPE at 1e4 on local ones, softcap 30.
+_GEMMA4 = dict(
+    family=4, norm_unit_offset=False, norm_placement="sandwich", qk_norm=True, v_norm=True, layer_scalar=True,
+    query_pre_attn_scalar=1.0, final_softcap=30.0, rope_base=1_000_000.0, rope_local_base=10_000.0,
+    rope_proportion=0.25, global_head_dim=512, head_dim=256, vocab_size=262_144, norm_eps=1e-6,
+)
+
+
+def _gemma4_types(n: int, period: int) -> tuple[str, ...]:
+    return gemma_layer_types(3, n, period)  # period - 1 local layers, then one global; the last is global
+
+
+_CONFIGS += [
+    dict(
+        # GEMMA4.md section 6 (google/gemma-4-E2B config.json, JAX _gemma4.py): 20 KV-shared layers read layer 13
+        # (local) and 14 (global); the MLP is twice as wide (12288) on those 20 layers
+        _GEMMA4, name="gemma-4-e2b", hidden_size=1536, intermediate_size=6144, num_layers=35, num_heads=8,
+        num_kv_heads=1, max_position=131_072, sliding_window=512, layer_types=_gemma4_types(35, 5),
+        ple_dim=256, num_kv_shared_layers=20, double_wide_mlp=True,
+    ),
+    dict(
+        # GEMMA4.md section 6 (google/gemma-4-E4B): 18 KV-shared layers read layer 22 (local) and 23 (global)
+        _GEMMA4, name="gemma-4-e4b", hidden_size=2560, intermediate_size=10_240, num_layers=42, num_heads=8,
+        num_kv_heads=2, max_position=131_072, sliding_window=512, layer_types=_gemma4_types(42, 6),
+        ple_dim=256, num_kv_shared_layers=18,
+    ),
+    dict(
+        # GEMMA4.md section 6 (google/gemma-4-26B-A4B): every layer a dense MLP (2112) beside 128 experts of 704,
+        # top 8; K=V on global layers with 2 KV heads there
+        _GEMMA4, name="gemma-4-26b-a4b", hidden_size=2816, intermediate_size=2112, num_layers=30, num_heads=16,
+        num_kv_heads=8, num_global_kv_heads=2, attention_k_eq_v=True, max_position=262_144, sliding_window=1024,
+        layer_types=_gemma4_types(30, 6), num_experts=128, top_k_experts=8, expert_intermediate_size=704,
+    ),
+    dict(
+        # GEMMA4.md section 6 (google/gemma-4-31B): dense, K=V on global layers with 4 KV heads there
+        _GEMMA4, name="gemma-4-31b", hidden_size=5376, intermediate_size=21_504, num_layers=60, num_heads=32,
+        num_kv_heads=16, num_global_kv_heads=4, attention_k_eq_v=True, max_position=262_144, sliding_window=1024,
+        layer_types=_gemma4_types(60, 6),
+    ),
+    dict(
+        # Tiny Gemma 4, E-model style: per-layer embeddings (16 wide), the last 2 layers KV-shared with a
+        # double-wide MLP, local head 32 / global head 64 (proportional RoPE turns 8 of its 32 pairs), window
+        # 16 < the long prompt. Layers LLLGLG: the shared local layer 4 reads layer 2 and the shared global layer
+        # 5 reads layer 3, where HF's last-of-type rule and JAX's positional rule agree. Softcap 5 so the
+        # random logits (~4) reach it.
+        _GEMMA4, name="tiny-gemma4", vocab_size=512, hidden_size=96, intermediate_size=128, num_layers=6,
+        num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64, max_position=512, sliding_window=16,
+        layer_types=("local", "local", "local", "global", "local", "global"), final_softcap=5.0,
+        ple_dim=16, num_kv_shared_layers=2, double_wide_mlp=True,
+    ),
+    dict(
+        # Tiny Gemma 4, 26B style: 8 experts of 32, top 2, beside a dense MLP of 64; K=V on the two global layers
+        # with 1 KV head there (2 on local ones); no per-layer embeddings or KV sharing.
+        _GEMMA4, name="tiny-gemma4-moe", vocab_size=512, hidden_size=96, intermediate_size=64, num_layers=6,
+        num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64, num_global_kv_heads=1,
+        attention_k_eq_v=True, max_position=512, sliding_window=16,
+        layer_types=("local", "local", "global", "local", "local", "global"), final_softcap=5.0,
+        num_experts=8, top_k_experts=2, expert_intermediate_size=32,
+    ),
+]
+
 PRESETS: dict[str, GemmaSpec] = {c["name"]: GemmaSpec(**c) for c in _CONFIGS}
 DEFAULT_PRESET = "tiny-gemma"
 

@@ -18,6 +18,8 @@ The estimate errs low: it refuses only what cannot fit, never a run that could.
 
 from __future__ import annotations
 
+import math
+
 import os
 import shutil
 from dataclasses import dataclass
@@ -39,12 +41,29 @@ class Estimate:
     disk_at: Path | None
 
 
-def layer_params(spec: GemmaSpec) -> int:
-    """Parameters of one layer (every Gemma layer has the same shapes)."""
+def layer_params(spec: GemmaSpec, layer: int | None = None) -> int:
+    """Parameters of one layer: `layer`'s, or the largest layer's (Gemma 1-3 layers all have the same shapes;
+    Gemma 4's differ by type, KV sharing and MLP width)."""
+    if spec.family == 4:
+        from parity.model.canonical import gemma4_shapes
+
+        per = [0] * spec.num_layers
+        for name, shape in gemma4_shapes(spec).items():
+            if name.startswith("model.layers."):
+                per[int(name.split(".")[2])] += math.prod(shape)
+        return max(per) if layer is None else per[layer]
     h, i, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
     norms = h * (4 if spec.norm_placement == "sandwich" else 2) + (2 * hd if spec.qk_norm else 0)
     return 2 * q * h + 2 * kv * h + 3 * i * h + norms
+
+
+def ple_params(spec: GemmaSpec) -> int:
+    """Gemma 4's per-layer embedding table, its projection and norm: outside every layer, like the embedding."""
+    if not spec.ple_dim:
+        return 0
+    lp = spec.num_layers * spec.ple_dim
+    return spec.ple_rows * lp + lp * spec.hidden_size + spec.ple_dim
 
 
 def estimate(spec: GemmaSpec, dtypes, tokens: int, weights_in_memory: bool, cache_file: Path | None) -> Estimate:
@@ -55,7 +74,7 @@ def estimate(spec: GemmaSpec, dtypes, tokens: int, weights_in_memory: bool, cach
 
     params = param_count(spec)
     widest = max(BYTES[d] for d in dtypes)
-    embed = spec.vocab_size * spec.hidden_size * (1 if spec.tied_head else 2)
+    embed = spec.vocab_size * spec.hidden_size * (1 if spec.tied_head else 2) + ple_params(spec)
     floor = (embed + layer_params(spec) + spec.hidden_size) * widest
     # the working set of one layer and the head on the longest prompt (scores: heads x T x T)
     acts = tokens * (spec.vocab_size + 2 * spec.intermediate_size + spec.num_heads * tokens + 8 * spec.hidden_size)

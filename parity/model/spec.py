@@ -17,6 +17,7 @@ from typing import Literal
 
 from parity.errors import ParityInputError
 from parity.model.config_checks import MAX_DIM, MAX_LAYERS, ConfigReader, read_config_file
+from parity.model.gemma4_config import gemma4_spec_fields, to_gemma4_config
 
 NormPlacement = Literal["pre", "sandwich"]
 GeluApprox = Literal["tanh", "none"]
@@ -25,12 +26,18 @@ NORM_PLACEMENTS = ("pre", "sandwich")
 GELU_APPROXIMATIONS = ("tanh", "none")
 LAYER_TYPES = ("global", "local")
 SCALE_DTYPES = ("activation", "float32")
-HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
+HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
 HF_LAYER_TYPES = ("full_attention", "sliding_attention")
 # parity's own fields in config.json (what to_hf_config writes under "parity"); anything else there is a typo
 PARITY_EXTRA = ("norm_placement", "norm_unit_offset", "embed_scale", "embed_scale_dtype", "qk_norm", "name",
                 "query_pre_attn_scalar", "rope_scaling_factor")
-HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"}
+HF_ARCHITECTURES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM", 4: "Gemma4ForCausalLM"}
+FAMILIES = (1, 2, 3, 4)
+# Gemma 4's fields (parity.model.gemma4_config reads and writes them); off by default, so Gemma 1-3 specs are unchanged
+GEMMA4_FIELDS = {"v_norm": False, "global_head_dim": None, "num_global_kv_heads": None, "attention_k_eq_v": False,
+                 "rope_proportion": 1.0, "layer_scalar": False, "ple_dim": 0, "ple_vocab_size": None,
+                 "num_kv_shared_layers": 0, "double_wide_mlp": False, "num_experts": 0, "top_k_experts": 0,
+                 "expert_intermediate_size": 0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,20 @@ class GemmaSpec:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = field(default=())  # per layer "global"|"local"; () = all global
     qk_norm: bool = False
+    # --- Gemma 4 (family=4; docs/gemma4.md). Every default is "off", so Gemma 1-3 specs are unchanged.
+    v_norm: bool = False  # scale-less RMSNorm over each head of v
+    global_head_dim: int | None = None  # head dim on global layers (None: head_dim)
+    num_global_kv_heads: int | None = None  # KV heads on global layers (None: num_kv_heads)
+    attention_k_eq_v: bool = False  # global layers: k_proj's output feeds keys and values (no v_proj)
+    rope_proportion: float = 1.0  # global layers: proportional RoPE (HF partial_rotary_factor); 1.0 = full RoPE
+    layer_scalar: bool = False  # a learned per-layer scalar multiplies the block output
+    ple_dim: int = 0  # per-layer embedding width (HF hidden_size_per_layer_input); 0 = none
+    ple_vocab_size: int | None = None  # rows of the per-layer table (HF vocab_size_per_layer_input; None: vocab_size)
+    num_kv_shared_layers: int = 0  # the last N layers reuse the K/V of the last non-shared layer of their type
+    double_wide_mlp: bool = False  # MLP width 2 * intermediate_size on the KV-shared layers
+    num_experts: int = 0  # mixture of experts beside the dense MLP (0: dense only)
+    top_k_experts: int = 0  # experts chosen per token
+    expert_intermediate_size: int = 0  # width of each expert's GeGLU halves
     # --- special tokens (only used to build prompts)
     bos_token_id: int = 2
 
@@ -82,6 +103,11 @@ class GemmaSpec:
             object.__setattr__(self, "layer_types", ("global",) * self.num_layers)
         else:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        # a global size equal to the local one is no separate size: one spelling, so equal specs compare equal
+        if self.global_head_dim is not None and self.global_head_dim == self.head_dim:
+            object.__setattr__(self, "global_head_dim", None)
+        if self.num_global_kv_heads is not None and self.num_global_kv_heads == self.num_kv_heads:
+            object.__setattr__(self, "num_global_kv_heads", None)
         validate(self)
 
     # ----------------------------------------------------------------- derived
@@ -105,6 +131,42 @@ class GemmaSpec:
 
     def window_for(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "local" else None
+
+    # --- per-layer shapes (Gemma 4 sizes local and global layers apart; Gemma 1-3 give the same for both)
+    def head_dim_for(self, layer: int) -> int:
+        return self.global_head_dim if self.layer_types[layer] == "global" and self.global_head_dim else self.head_dim
+
+    def kv_heads_for(self, layer: int) -> int:
+        if self.layer_types[layer] == "global" and self.num_global_kv_heads:
+            return self.num_global_kv_heads
+        return self.num_kv_heads
+
+    def k_eq_v_for(self, layer: int) -> bool:
+        return self.attention_k_eq_v and self.layer_types[layer] == "global"
+
+    def rope_proportion_for(self, layer: int) -> float:
+        return self.rope_proportion if self.layer_types[layer] == "global" else 1.0
+
+    @property
+    def first_kv_shared(self) -> int:
+        """The first layer that reuses another layer's keys and values (num_layers when none does)."""
+        return self.num_layers - self.num_kv_shared_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends over: itself, or on a KV-shared layer the last
+        non-shared layer of the same type (HF's and keras-hub's rule, GEMMA4.md "KV sharing")."""
+        n = self.first_kv_shared
+        if layer < n:
+            return layer
+        return max(j for j in range(n) if self.layer_types[j] == self.layer_types[layer])
+
+    def mlp_width_for(self, layer: int) -> int:
+        wide = self.double_wide_mlp and layer >= self.first_kv_shared
+        return self.intermediate_size * (2 if wide else 1)
+
+    @property
+    def ple_rows(self) -> int:
+        return self.ple_vocab_size or self.vocab_size
 
     def replace(self, **changes) -> "GemmaSpec":
         if "num_layers" in changes and "layer_types" not in changes and "local" not in self.layer_types:
@@ -139,8 +201,8 @@ def validate(s: GemmaSpec) -> None:
     def bad(msg: str) -> None:
         raise ParityInputError(f"spec {s.name!r}: {msg}")
 
-    if not isinstance(s.family, int) or isinstance(s.family, bool) or s.family not in (1, 2, 3):
-        bad(f"family={s.family!r} is not a Gemma family; use 1, 2 or 3")
+    if not isinstance(s.family, int) or isinstance(s.family, bool) or s.family not in FAMILIES:
+        bad(f"family={s.family!r} is not a Gemma family; use 1, 2, 3 or 4")
     if not isinstance(s.name, str):
         bad(f"name={s.name!r} is not a string; give the spec a name")
     # no coercion anywhere: a bool is not a size, a string not a flag, NaN and infinity not numbers
@@ -207,6 +269,71 @@ def validate(s: GemmaSpec) -> None:
                     "set family=2 or 3, or drop the field")
     if s.family == 2 and s.qk_norm:
         bad("family=2 (Gemma 2) has no qk_norm; it first appears in Gemma 3 (family=3)")
+    _validate_gemma4(s, bad)
+
+
+def _validate_gemma4(s: GemmaSpec, bad) -> None:
+    """The Gemma 4 fields: types, then the contradictions between them, each naming the fields."""
+    if s.family != 4:
+        for f, off in GEMMA4_FIELDS.items():
+            if getattr(s, f) != off:
+                bad(f"family={s.family} has no {f} (it is {getattr(s, f)!r}); it is a Gemma 4 field: set family=4 "
+                    f"or drop it")
+        return
+    for f in ("v_norm", "attention_k_eq_v", "layer_scalar", "double_wide_mlp"):
+        if not isinstance(getattr(s, f), bool):
+            bad(f"{f}={getattr(s, f)!r} is not a boolean; give true or false")
+    for f, low in (("ple_dim", 0), ("num_kv_shared_layers", 0), ("num_experts", 0), ("top_k_experts", 0),
+                   ("expert_intermediate_size", 0), ("global_head_dim", 1), ("num_global_kv_heads", 1),
+                   ("ple_vocab_size", 1)):
+        v = getattr(s, f)
+        if v is None and low == 1:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM:
+            bad(f"{f}={v!r} must be an integer in {low}..{MAX_DIM}" + (" or null" if low == 1 else ""))
+    r = s.rope_proportion
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or not 0 < r <= 1:
+        bad(f"rope_proportion={r!r} is outside (0, 1]; it is the share of a global head's rotary pairs that turn "
+            "(Gemma 4: 0.25; 1.0 for full RoPE)")
+    if s.global_head_dim is not None and s.global_head_dim % 2:
+        bad(f"global_head_dim={s.global_head_dim} is odd; rotary embeddings rotate pairs, so it must be even")
+    if s.num_global_kv_heads is not None:
+        if s.num_heads % s.num_global_kv_heads:
+            bad(f"num_heads={s.num_heads} is not a multiple of num_global_kv_heads={s.num_global_kv_heads}; "
+                "grouped-query attention needs whole groups")
+        if not s.attention_k_eq_v:
+            bad(f"num_global_kv_heads={s.num_global_kv_heads} is set but attention_k_eq_v is false; HF applies "
+                "num_global_key_value_heads only on K=V layers: set attention_k_eq_v or drop num_global_kv_heads")
+    if s.ple_vocab_size is not None and not s.ple_dim:
+        bad(f"ple_vocab_size={s.ple_vocab_size} is set but ple_dim=0 (no per-layer embeddings); give ple_dim or drop "
+            "ple_vocab_size")
+    if s.ple_vocab_size is not None and s.ple_vocab_size > s.vocab_size:
+        bad(f"ple_vocab_size={s.ple_vocab_size} exceeds vocab_size={s.vocab_size}; the per-layer table covers the "
+            "text vocabulary at most")
+    if s.ple_dim * s.num_layers > MAX_DIM:
+        bad(f"ple_dim={s.ple_dim} * num_layers={s.num_layers} exceeds {MAX_DIM}, the per-layer table's width")
+    n_shared = s.num_kv_shared_layers
+    if n_shared >= s.num_layers:
+        bad(f"num_kv_shared_layers={n_shared} >= num_layers={s.num_layers}; at least one layer must compute the "
+            "keys and values the shared layers read")
+    first = s.num_layers - n_shared
+    for t in sorted(set(s.layer_types[first:])):
+        if t not in s.layer_types[:first]:
+            bad(f"num_kv_shared_layers={n_shared}: layer_types has a shared {t!r} layer but no {t!r} layer before "
+                f"layer {first} to produce its keys and values; share fewer layers or reorder layer_types")
+    if s.double_wide_mlp and not n_shared:
+        bad("double_wide_mlp is set but num_kv_shared_layers=0, so no layer is widened; drop one of them")
+    if s.num_experts:
+        if not 1 <= s.top_k_experts <= s.num_experts:
+            bad(f"top_k_experts={s.top_k_experts} is outside 1..num_experts={s.num_experts}; choose at least one "
+                "expert and no more than exist")
+        if not s.expert_intermediate_size:
+            bad(f"num_experts={s.num_experts} but expert_intermediate_size=0; give each expert's width")
+    else:
+        for f in ("top_k_experts", "expert_intermediate_size"):
+            if getattr(s, f):
+                bad(f"{f}={getattr(s, f)} is set but num_experts=0 (no mixture of experts); give num_experts or "
+                    f"drop {f}")
 
 
 # --------------------------------------------------------------- config.json
@@ -217,6 +344,8 @@ def to_hf_config(s: GemmaSpec) -> dict:
     contrary to the family) go under a "parity" key, which HF ignores and
     `from_hf_config` reads back, so the round trip is exact.
     """
+    if s.family == 4:
+        return to_gemma4_config(s)
     act = "gelu_pytorch_tanh" if s.gelu_approximate == "tanh" else "gelu"
     cfg: dict = {
         "architectures": [HF_ARCHITECTURES[s.family]],
@@ -274,7 +403,7 @@ def to_hf_config(s: GemmaSpec) -> dict:
 
 
 def from_hf_config(cfg: dict, where: str = "config.json") -> GemmaSpec:
-    """Read a HuggingFace Gemma 1/2/3 (text) config.json dict into a spec.
+    """Read a HuggingFace Gemma 1/2/3/4 (text) config.json dict into a spec (Gemma 4: parity.model.gemma4_config).
 
     Every field is read by type (parity.model.config_checks): a string, a bool, a fraction or a
     non-finite number where a size or a float belongs is refused naming the field, never coerced.
@@ -283,6 +412,8 @@ def from_hf_config(cfg: dict, where: str = "config.json") -> GemmaSpec:
         raise ParityInputError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     top = ConfigReader(cfg, where)
     mt = cfg.get("model_type")
+    if mt in ("gemma4", "gemma4_text"):
+        return GemmaSpec(**gemma4_spec_fields(cfg, where))
     families = {v: k for k, v in HF_MODEL_TYPES.items()} | {"gemma3": 3}
     if "text_config" in cfg:  # Gemma 3 multimodal wrapper: numerics live in text_config
         text = top.obj("text_config", nullable=False)
@@ -413,7 +544,10 @@ def truncate(spec: GemmaSpec, n: int) -> GemmaSpec:
                                "give a depth the spec has", option="first_layers")
     if n == spec.num_layers:
         return spec
-    return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)")
+    # KV-shared layers are the last ones: the truncation keeps those of them it reaches
+    shared = max(0, n - spec.first_kv_shared)
+    return spec.replace(num_layers=n, layer_types=spec.layer_types[:n], name=f"{spec.name} (first {n} layers)",
+                        num_kv_shared_layers=shared, double_wide_mlp=spec.double_wide_mlp and shared > 0)
 
 
 def gemma_layer_types(family: int, n: int, period: int = 6) -> tuple[str, ...]:

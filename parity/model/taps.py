@@ -12,15 +12,26 @@ LAYER_TAPS_PRE = ("attn_norm", "attn")
 LAYER_TAPS_MLP = ("mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.hidden", "mlp")
 
 
+# Gemma 4 (docs/gemma4.md): the mixture of experts beside the dense MLP, in forward order
+MOE_TAPS = ("dense_branch", "moe.router_logits", "moe.router_probs", "moe.experts", "moe.weights", "moe_branch")
+
+
 def layer_tap_names(spec: GemmaSpec, i: int) -> list[str]:
     p = f"layers.{i}."
-    names = [p + "attn_norm", p + "attn"]
+    names = [p + "per_layer_input"] if spec.ple_dim else []
+    names += [p + "attn_norm", p + "attn"]
     if spec.norm_placement == "sandwich":
         names.append(p + "post_attn_norm")
     names += [p + "attn_residual"]
     names += [p + t for t in LAYER_TAPS_MLP]
+    if spec.num_experts:
+        names += [p + t for t in MOE_TAPS]
     if spec.norm_placement == "sandwich":
         names.append(p + "post_mlp_norm")
+    if spec.ple_dim:
+        names.append(p + "ple")
+    if spec.layer_scalar:
+        names.append(p + "pre_scalar")
     names.append(p + "out")
     return names
 

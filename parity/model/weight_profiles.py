@@ -114,6 +114,12 @@ def trained_like_tensor(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed
 
 def tensor_blocks(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int, rows: int) -> Iterator[np.ndarray]:
     """float32 blocks of `rows` rows of the trained-like tensor `name`, in order (the same values for any `rows`)."""
+    if spec.family == 4:  # its statistics (router near-ties, per-layer embeddings, layer scalars) are not built yet
+        from parity.errors import Unsupported
+
+        raise Unsupported(f"the {NAME} weight profile has no Gemma 4 statistics yet (spec {spec.name!r}); use "
+                          "--weights-profile default")
+
     def rounded(a: np.ndarray) -> np.ndarray:
         return bf16_to_f32(bf16_bits(a.astype(np.float32)))
 

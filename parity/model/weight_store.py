@@ -32,7 +32,9 @@ from parity.model.spec import GemmaSpec
 from parity.model.tensor_file import (  # noqa: F401 -- CHUNK_ELEMENTS: re-exported for existing callers
     CHUNK_ELEMENTS, StoredTensors, _rows_per_block, bf16_bits, bf16_to_f32, numpy_dtype, write_safetensors,
 )
-from parity.model.weights import canonical_shapes, check_profile, param_count, random_source, random_tensor, Weights
+from parity.model.weights import (
+    canonical_shapes, check_profile, matrix_divisor, param_count, random_source, random_tensor, Weights,
+)
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PARITY_CACHE") or Path.home() / ".cache" / "parity")
@@ -50,13 +52,14 @@ def _random_blocks(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec
         yield from tensor_blocks(spec, name, shape, seed, rows=_rows_per_block(shape))
         return
     if len(shape) == 1 or name.endswith("norm.weight"):
-        yield random_tensor(name, shape, seed)
+        yield random_tensor(name, shape, seed, spec)
         return
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     step = _rows_per_block(shape)
+    divisor = math.sqrt(shape[1]) if spec is None else matrix_divisor(name, shape, spec)
     for r in range(0, shape[0], step):
         k = min(step, shape[0] - r)
-        w = (rng.standard_normal((k, shape[1])) / math.sqrt(shape[1])).astype(np.float32)
+        w = (rng.standard_normal((k, *shape[1:])) / divisor).astype(np.float32)
         yield bf16_to_f32(bf16_bits(w))  # the same rounding as random_tensor's ml_dtypes cast
 
 

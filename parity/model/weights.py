@@ -37,9 +37,16 @@ def _round_bf16(a: np.ndarray) -> np.ndarray:
     return a.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+_NORM = re.compile(r"norm(_\d+)?\.weight$")  # RMSNorm weights (Gemma 4's MoE adds post_feedforward_layernorm_1, ...)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec | None = None) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    if name.endswith("norm.weight"):
+    if spec is not None and spec.family == 4:
+        special = _gemma4_tensor(name, shape, rng, spec)
+        if special is not None:
+            return _round_bf16(special.astype(np.float32))
+    if _NORM.search(name):
         # |w| in [0.1, 0.6]: (1 + w) in [0.4, 1.6], never the identity
         mag = rng.uniform(0.1, 0.6, size=shape)
         w = mag * rng.choice([-1.0, 1.0], size=shape)
@@ -49,6 +56,40 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     else:
         w = rng.standard_normal(shape) / math.sqrt(shape[1])  # fan_in is the last dim
     return _round_bf16(w.astype(np.float32))
+
+
+def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec: GemmaSpec) -> np.ndarray | None:
+    """Gemma 4's draws where they differ from the default (None: the default draw).
+
+    Norm weights are used as they are (no unit offset), so they sit around 1, never at it: w in 1 +- [0.1, 0.6]
+    (a `(1 + w)` fault then scales by 1.4..2.6, visible). The layer scalar, the router's scale and its per-expert
+    scale likewise sit at 1 +- [0.1, 0.5] (HF initialises all of them to exactly 1, where dropping one cannot
+    show). Matrices: `matrix_divisor`.
+    """
+    def around_one(lo: float, hi: float) -> np.ndarray:
+        return 1.0 + rng.uniform(lo, hi, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+
+    if _NORM.search(name) and not spec.norm_unit_offset or name.endswith("router.scale"):
+        return around_one(0.1, 0.6)
+    if name.endswith(("layer_scalar", "router.per_expert_scale")):
+        return around_one(0.1, 0.5)
+    if len(shape) >= 2:
+        return rng.standard_normal(shape) / matrix_divisor(name, shape, spec)
+    return None
+
+
+def matrix_divisor(name: str, shape: tuple[int, ...], spec: GemmaSpec) -> float:
+    """A matrix is standard normal / this (weight_store streams the same draw a block of rows at a time).
+
+    sqrt(fan_in) (the last dim, 3-D expert banks included), except: the router projection, drawn so the logits
+    over the experts spread by about 1.5 (its input has unit norm), so the top-k choice has margins rather than
+    near-ties everywhere; and the per-layer embedding table, at unit RMS after its sqrt(ple_dim) scale.
+    """
+    if spec.family == 4 and name.endswith("router.proj.weight"):
+        return 1 / 1.5
+    if spec.family == 4 and name == "model.embed_tokens_per_layer.weight":
+        return math.sqrt(spec.ple_dim)
+    return math.sqrt(shape[-1])
 
 
 def param_count(spec: GemmaSpec) -> int:
@@ -184,7 +225,7 @@ def random_weights(spec: GemmaSpec, seed: int = 0, profile: str = "default") -> 
     """Seeded random weights: `default` (1/sqrt(fan_in), |w| in [0.1, 0.6] norms) or `trained-like`
     (heavy-tailed norm weights, a massive BOS activation, an attention sink: `parity.model.weight_profiles`)."""
     if check_profile(profile) == "default":
-        tensors = {name: random_tensor(name, shape, seed) for name, shape in canonical_shapes(spec).items()}
+        tensors = {name: random_tensor(name, shape, seed, spec) for name, shape in canonical_shapes(spec).items()}
     else:
         from parity.model.weight_profiles import trained_like
 
