@@ -202,3 +202,22 @@ def test_fault_in_keras_hub_located_at_its_first_tap(adapter, runs, monkeypatch,
         fault(mp)
         broken = adapter.run(m, TOKENS)
     assert first_divergent(m.spec, broken.taps, clean.taps) == where
+
+
+def test_decode_through_keras_hub_cache_past_the_window(adapter, runs):
+    """keras-hub's own cache (call_with_cache), 20-token prompt + 6 steps past the 16-token window: each
+    step equals the full forward's row; the shared layers' cache view is their source's (4 <- 2, 5 <- 3)."""
+    m, _, _ = runs["tiny-gemma4"]
+    prompt, cont = TOKENS[:20], TOKENS[20:]
+    d = adapter.decode(m, prompt, cont)
+    full = adapter.run(m, prompt + cont)
+    assert len(d.steps) == len(cont)
+    for s, step in enumerate(d.steps):
+        p = len(prompt) + s
+        for t, v in step.taps.items():
+            if t in full.taps and t != "rope.cos" and not t.endswith("attn.probs"):
+                assert rel(v[0], full.taps[t][p]) < 1e-4, (s, t)
+        for i, j in KV_SOURCE["tiny-gemma4"].items():
+            assert np.array_equal(step.cache[int(i)].k, step.cache[j].k)
+            assert step.cache[int(i)].k.shape[1] == p + 1
+    assert step.cache[3].k.shape[-1] == m.spec.global_head_dim  # the global layer's own corner of the cache
