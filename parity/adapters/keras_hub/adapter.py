@@ -184,6 +184,9 @@ class KerasAdapter(Adapter):
         return keras, hub
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
+        if spec.family == 4:  # until the Gemma 4 adapter lands (issue 19)
+            raise Unsupported(f"{self.name} does not run Gemma 4 (spec {spec.name!r}, family 4) yet; drop "
+                              f"{self.name} from --impls")
         if dtype not in DTYPES:
             raise ParityInputError(f"{self.name}: dtype {dtype!r} is not one of {DTYPES}")
         if dtype == "float64":
