@@ -101,6 +101,8 @@ class HFAdapter(Adapter):
         return f"transformers {transformers.__version__} / torch {torch.__version__}"
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
+        if spec.family == 4:  # until the Gemma 4 adapter lands (issue 19)
+            raise Unsupported(f"hf does not run Gemma 4 (spec {spec.name!r}, family 4) yet; drop 'hf' from --impls")
         try:
             import transformers  # noqa: F401
         except ImportError:

@@ -32,6 +32,29 @@ NAME_MAP_SANDWICH = {
     "model.layers.{}.post_feedforward_layernorm.weight": "h.{}.post_mlp_norm.weight",
 }
 
+# Gemma 4 (family 4): separate q/k/v (per-layer shapes, K=V and KV-shared layers leave some out), no fusing
+NAME_MAP_GEMMA4 = {
+    **{k: v for k, v in NAME_MAP_SANDWICH.items() if "qkv" not in k},
+    "model.layers.{}.self_attn.q_proj.weight": "h.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "h.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "h.{}.attn.v_proj.weight",
+    "model.embed_tokens_per_layer.weight": "ple.ple_embed.weight",
+    "model.per_layer_model_projection.weight": "ple.ple_proj.weight",
+    "model.per_layer_projection_norm.weight": "ple.ple_norm.weight",
+    "model.layers.{}.router.scale": "h.{}.router.scale",
+    "model.layers.{}.router.proj.weight": "h.{}.router.proj.weight",
+    "model.layers.{}.router.per_expert_scale": "h.{}.router.per_expert_scale",
+    "model.layers.{}.experts.gate_up_proj": "h.{}.experts.gate_up_proj",
+    "model.layers.{}.experts.down_proj": "h.{}.experts.down_proj",
+    "model.layers.{}.post_feedforward_layernorm_1.weight": "h.{}.post_dense_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm_2.weight": "h.{}.norm_moe.weight",
+    "model.layers.{}.post_feedforward_layernorm_2.weight": "h.{}.post_moe_norm.weight",
+    "model.layers.{}.per_layer_input_gate.weight": "h.{}.ple_gate.weight",
+    "model.layers.{}.per_layer_projection.weight": "h.{}.ple_up.weight",
+    "model.layers.{}.post_per_layer_input_norm.weight": "h.{}.post_ple_norm.weight",
+    "model.layers.{}.layer_scalar": "h.{}.layer_scalar",
+}
+
 TAP_MAP = {
     "embed": ("embed_scale", "out"),
     "layers.{}.attn_norm": ("h.{}.norm_1", "out"),
@@ -49,6 +72,16 @@ TAP_MAP = {
     "layers.{}.mlp": ("h.{}.mlp", "out"),
     "layers.{}.post_mlp_norm": ("h.{}.post_mlp_norm", "out"),
     "layers.{}.out": ("h.{}", "out"),
+    # Gemma 4
+    "layers.{}.per_layer_input": ("h.{}.ple_in", "out"),
+    "layers.{}.dense_branch": ("h.{}.dense_tap", "out"),
+    "layers.{}.moe.router_logits": ("h.{}.router.logits", "out"),
+    "layers.{}.moe.router_probs": ("h.{}.router.probs", "out"),
+    "layers.{}.moe.experts": ("h.{}.router.chosen", "out"),
+    "layers.{}.moe.weights": ("h.{}.router.weights", "out"),
+    "layers.{}.moe_branch": ("h.{}.moe_tap", "out"),
+    "layers.{}.ple": ("h.{}.post_ple_norm", "out"),
+    "layers.{}.pre_scalar": ("h.{}.pre_scalar", "out"),
     "final_norm": ("ln_f", "out"),
     "logits": ("final_softcap", "out"),
 }
@@ -117,9 +150,12 @@ class LitgptStyleAdapter(Adapter):
         with torch.device("meta"):  # no storage, no random init: the weights are written once, below
             model = GPT(spec, self.options or PortOptions())
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}
-        name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
-        plan = map_weights(fuse_qkv_parts(parts(weights), spec, self.qkv_stacked), name_map, params,
-                           where=f"{self.name} weights")
+        if spec.family == 4:
+            plan = map_weights(parts(weights), NAME_MAP_GEMMA4, params, where=f"{self.name} weights")
+        else:
+            name_map = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP_PRE
+            plan = map_weights(fuse_qkv_parts(parts(weights), spec, self.qkv_stacked), name_map, params,
+                               where=f"{self.name} weights")
         dt = torch_dtype(dtype)
         load(model, plan, weights, dt, [f"h.{i}" for i in range(spec.num_layers)])
         return model.eval()
@@ -135,9 +171,10 @@ class LitgptStyleAdapter(Adapter):
         if model.opts.softcap_on_norm:  # the cap runs before the head: the logits are the head's output
             tap_map["logits"] = ("logits_tap", "out")
         if cache_taps:
-            for i in range(model.s.num_layers):
-                tap_map[f"layers.{i}.cache.k"] = (f"h.{i}.attn.k_rot", "out")
-                tap_map[f"layers.{i}.cache.v"] = (f"h.{i}.attn.v_out", "out")
+            for i in range(model.s.num_layers):  # a KV-shared layer's cache is its source's
+                src = model.s.kv_source(i)
+                tap_map[f"layers.{i}.cache.k"] = (f"h.{src}.attn.k_rot", "out")
+                tap_map[f"layers.{i}.cache.v"] = (f"h.{src}.attn.v_out", "out")
         feeds = module_feeds(tap_map, feed, "litgpt-style")
         with torch.no_grad(), recording(model, tap_map, feeds) as taps:
             model(torch.tensor([tokens]))
@@ -188,7 +225,7 @@ class LitgptStyleAdapter(Adapter):
         scale_dt = torch.promote_types(wdt, torch.float32) if es.in_fp32 else wdt  # in_fp32: a Python float
         post = not isinstance(b0.post_attention_norm, torch.nn.Identity)
         name = lambda d: str(d).replace("torch.", "")  # noqa: E731
-        return report({
+        out = report({
             "vocab_size": model.wte.num_embeddings,
             "hidden_size": model.wte.embedding_dim,
             "intermediate_size": b0.mlp.fc_1.out_features,
@@ -224,4 +261,14 @@ class LitgptStyleAdapter(Adapter):
             "qk_norm": ("weights held, not applied" if o.skip_qk_norm else
                         "after RoPE" if o.qk_norm_after_rope else "before RoPE") if s.qk_norm else "none",
         })
+        if s.family == 4:  # G4.md: which layer's K/V each shared layer reads; the rest are library facts
+            out["kv_source"] = {str(i): s.kv_source(i) for i in range(s.num_layers) if s.kv_source(i) != i}
+            out["library"].update(
+                head_dims=[s.head_dim_for(i) for i in range(s.num_layers)],
+                kv_heads=[s.kv_heads_for(i) for i in range(s.num_layers)],
+                rope_global=(f"ordinary partial ({s.rope_proportion} of the head)" if o.rope_ordinary_partial
+                             else f"proportional ({s.rope_proportion})") if s.rope_proportion < 1 else "full")
+            if o.float32_islands:
+                out["library"]["float32_islands"] = "norms, rope angles, softmax and embed scales in float32 (as HF)"
+        return out
 

@@ -1,4 +1,4 @@
-"""The project's own lit-gpt-style PyTorch port of Gemma 1/2/3 (text).
+"""The project's own lit-gpt-style PyTorch port of Gemma 1/2/3/4 (text).
 
 One readable model file driven by a flat config (`GemmaSpec`), as litgpt
 does: a disabled feature is an `nn.Identity()` so `forward` reads straight
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,11 +50,27 @@ class PortOptions:
     decode_mask_global_window: bool = False  # decode-mask: the decode step's mask applies the window on global layers
     prefill_mask_added_as_bool: bool = False  # decode-mask: a prefill through the cache adds its mask as 0/1, not
     # 0/-inf (litgpt #1672, Gemma 2's softcap path), so the cached prompt keys and values are not causal
+    # --- Gemma 4 choices (docs/gemma4.md)
+    rope_ordinary_partial: bool = False  # proportional RoPE built as ordinary partial RoPE: only the first
+    # rope_proportion * head_dim dims turn, pairs (i, i + r/2), frequencies over r (Megatron-Bridge PR #4196)
+    float32_islands: bool = False  # round where HF's Gemma 4 rounds to float32 whatever the dtype, float64
+    # included: every RMSNorm (`x.float()`, `pow(ms, -0.5)`), RoPE angles, attention and router softmax, and the
+    # embedding scales (float32 buffers). Equally correct; with it the float64 port matches HF's float64 run
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for 16-bit activations, the dtype itself otherwise (never downcast fp64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _island(dtype: torch.dtype, opts: "PortOptions") -> torch.dtype:
+    """The dtype of a norm, softmax or rotary table: float32 with `float32_islands` (HF), else _compute_dtype."""
+    return torch.float32 if opts.float32_islands else _compute_dtype(dtype)
+
+
+def _rms(xc: torch.Tensor, eps: float, opts: "PortOptions") -> torch.Tensor:
+    ms = xc.pow(2).mean(-1, keepdim=True) + eps
+    return xc * (torch.pow(ms, -0.5) if opts.float32_islands else torch.rsqrt(ms))  # HF Gemma 4 writes pow
 
 
 class Tap(nn.Identity):
@@ -72,9 +89,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        cdt = _compute_dtype(dtype)
+        cdt = _island(dtype, self.opts)
         xc = x.to(cdt)
-        normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = _rms(xc, self.eps, self.opts)
         w = self.weight
         if self.unit_offset:
             # Gemma stores w centred on 0; (1 + w) in the parameter dtype rounds in bf16
@@ -84,6 +101,17 @@ class RMSNorm(nn.Module):
         if self.opts.norm_cast == "before":  # Llama order: round, then multiply in low precision
             return normed.to(dtype) * scale.to(dtype)
         return (normed * scale).to(dtype)
+
+
+class ScalelessNorm(nn.Module):
+    """RMSNorm without a weight (Gemma 4's v_norm and router norm)."""
+
+    def __init__(self, eps: float, opts: PortOptions) -> None:
+        super().__init__()
+        self.eps, self.opts = eps, opts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x.to(_island(x.dtype, self.opts)), self.eps, self.opts).to(x.dtype)
 
 
 class SkippedNorm(RMSNorm):
@@ -128,11 +156,12 @@ class Linear(nn.Linear):
 class GemmaMLP(nn.Module):
     """GeGLU: two half-width projections, gelu(gate) * up, then down."""
 
-    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+    def __init__(self, s: GemmaSpec, opts: PortOptions, width: int | None = None) -> None:
         super().__init__()
-        self.fc_1 = Linear(s.hidden_size, s.intermediate_size, opts)  # gate
-        self.fc_2 = Linear(s.hidden_size, s.intermediate_size, opts)  # up
-        self.proj = Linear(s.intermediate_size, s.hidden_size, opts)  # down
+        width = width or s.intermediate_size
+        self.fc_1 = Linear(s.hidden_size, width, opts)  # gate
+        self.fc_2 = Linear(s.hidden_size, width, opts)  # up
+        self.proj = Linear(width, s.hidden_size, opts)  # down
         self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
         self.swapped = opts.geglu_swapped
 
@@ -144,17 +173,37 @@ class GemmaMLP(nn.Module):
 
 
 def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortOptions, positions=None):
-    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor (at `positions`, default 0..T-1)."""
+    """cos, sin of shape [T, head_dim] for one layer's base and scaling factor (at `positions`, default 0..T-1).
+
+    Proportional RoPE (Gemma 4 global layers, rope_proportion < 1): the first int(p * hd // 2) frequencies are
+    theta^(-2j/hd) over the FULL head dim and the rest are 0 (those pairs pass through), still half-split over
+    the whole head. `rope_ordinary_partial` builds the other thing instead: a table over r = p * hd dims only,
+    frequencies over r, which `rotate` applies to the first r dims (a fault).
+    """
     base, factor = s.rope_base_for(layer), s.rope_factor_for(layer)
-    adt = dtype if opts.rope_lowp else _compute_dtype(dtype)
-    idx = torch.arange(0, s.head_dim, 2, dtype=torch.int64).to(adt)
-    inv_freq = 1.0 / (base ** (idx / s.head_dim))  # [head_dim / 2]
+    hd, prop = s.head_dim_for(layer), s.rope_proportion_for(layer)
+    adt = dtype if opts.rope_lowp else _island(dtype, opts)
+    if prop < 1 and opts.rope_ordinary_partial:
+        hd = int(prop * hd) // 2 * 2  # the rotated width r, pairs (i, i + r/2)
+    idx = torch.arange(0, hd, 2, dtype=torch.int64).to(adt)
+    inv_freq = 1.0 / (base ** (idx / hd))  # [hd / 2]
+    if prop < 1 and not opts.rope_ordinary_partial:
+        inv_freq[int(prop * hd // 2):] = 0  # zero-padded: those dims keep angle 0 (cos 1, sin 0)
     if positions is None:
         positions = torch.arange(T, dtype=torch.int64)
     pos = positions.to(adt) / factor  # linear scaling divides positions
     angles = torch.outer(pos, inv_freq)  # [T, head_dim / 2]
     emb = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """apply_rope over the first cos.shape[-1] dims of x, the rest passed through (ordinary partial RoPE when the
+    table is narrower than the head; otherwise apply_rope itself)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rope(x, cos, sin, layout)
+    return torch.cat([apply_rope(x[..., :r], cos, sin, layout), x[..., r:]], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
@@ -242,10 +291,178 @@ class Block(nn.Module):
         return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
 
 
+class Gemma4Attention(nn.Module):
+    """Gemma 4 attention: separate q/k/v projections with this layer's head dim and KV heads, q/k norms (with
+    weights) and v norm (without) per head before RoPE, K=V on global layers (k_proj's output is the values too,
+    v-normed, not roped), and on KV-shared layers no k/v at all: the source layer's keys, values and mask."""
+
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        self.s, self.layer, self.opts = s, layer, opts
+        self.hd, self.kv = s.head_dim_for(layer), s.kv_heads_for(layer)
+        self.shared = s.kv_source(layer) != layer
+        self.k_eq_v = s.k_eq_v_for(layer)
+        self.q_proj = Linear(s.hidden_size, s.num_heads * self.hd, opts)
+        self.proj = Linear(s.num_heads * self.hd, s.hidden_size, opts)  # o_proj
+        qk = SkippedNorm if opts.skip_qk_norm else RMSNorm
+        self.norm_q = qk(self.hd, s.norm_eps, s.norm_unit_offset, opts) if s.qk_norm else nn.Identity()
+        if not self.shared:
+            self.k_proj = Linear(s.hidden_size, self.kv * self.hd, opts)
+            if not self.k_eq_v:
+                self.v_proj = Linear(s.hidden_size, self.kv * self.hd, opts)
+            self.norm_k = qk(self.hd, s.norm_eps, s.norm_unit_offset, opts) if s.qk_norm else nn.Identity()
+            self.norm_v = ScalelessNorm(s.norm_eps, opts) if s.v_norm else nn.Identity()
+        self.q_rot, self.k_rot, self.scores, self.probs = Tap(), Tap(), Tap(), Tap()
+        self.v_out = Tap()
+
+    def forward(self, x, cos, sin, mask, cache=None, positions=None, shared_kv: dict | None = None):
+        s, B, T = self.s, x.shape[0], x.shape[1]
+        layout = self.opts.rope_layout
+        q = self.norm_q(self.q_proj(x).view(B, T, s.num_heads, self.hd)).transpose(1, 2)  # [B, H, T, hd]
+        q = self.q_rot(rotate(q, cos, sin, layout))
+        if self.shared:  # the source layer's keys and values of this step (its cache plus the new ones) and mask
+            k, v, mask = shared_kv[s.layer_types[self.layer]]
+        else:
+            raw = self.k_proj(x).view(B, T, self.kv, self.hd)  # [B, T, KV, hd]
+            v = raw if self.k_eq_v else self.v_proj(x).view(B, T, self.kv, self.hd)
+            k = self.k_rot(rotate(self.norm_k(raw).transpose(1, 2), cos, sin, layout))  # [B, KV, T, hd]
+            v = self.v_out(self.norm_v(v).transpose(1, 2))  # [B, KV, T, hd]
+            if cache is not None:
+                k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
+            if shared_kv is not None:
+                shared_kv[s.layer_types[self.layer]] = (k, v, mask)  # the last of its type before the split wins
+        group = s.num_heads // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, L, hd]
+        if self.opts.scale_q_first:
+            scores = (q * torch.tensor(s.query_scale, dtype=q.dtype)) @ k.transpose(-1, -2)  # [B, H, T, L]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, L]
+        if s.attn_softcap is not None:
+            scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
+        scores = self.scores(scores + mask.to(scores.dtype))
+        if self.opts.softmax_lowp:
+            e = torch.exp(scores - scores.amax(-1, keepdim=True))
+            probs = self.probs(e / e.sum(-1, keepdim=True))
+        else:
+            probs = self.probs(F.softmax(scores.to(_island(scores.dtype, self.opts)), dim=-1).to(q.dtype))
+        y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * self.hd)  # [B, T, H * hd]
+        return self.proj(y)
+
+
+class Router(nn.Module):
+    """Gemma 4's router: scale-less RMSNorm, times a learned scale and D^-0.5, a projection to the experts,
+    softmax over all of them, the top k (in descending probability), renormalised to sum to 1."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        super().__init__()
+        self.norm = ScalelessNorm(s.norm_eps, opts)
+        self.scale = nn.Parameter(torch.zeros(s.hidden_size))
+        self.proj = Linear(s.hidden_size, s.num_experts, opts)
+        self.per_expert_scale = nn.Parameter(torch.zeros(s.num_experts))
+        self.k, self.root, self.opts = s.top_k_experts, s.hidden_size ** -0.5, opts
+        self.logits, self.probs, self.chosen, self.weights = Tap(), Tap(), Tap(), Tap()
+
+    def forward(self, h: torch.Tensor):
+        logits = self.logits(self.proj(self.norm(h) * self.scale * self.root))  # [B, T, E]
+        probs = self.probs(F.softmax(logits.to(_island(logits.dtype, self.opts)), dim=-1))  # [B, T, E]
+        top, idx = torch.topk(probs, self.k, dim=-1)  # [B, T, k] each, descending
+        self.chosen(idx.to(torch.float64))
+        w = self.weights(top / top.sum(-1, keepdim=True))  # [B, T, k]
+        return w * self.per_expert_scale[idx], idx  # promoted: a float32 weight times a float64 scale stays float64
+
+
+class Experts(nn.Module):
+    """E GeGLU experts stored as HF stores them: gate_up [E, 2I, D] (gate rows first), down [E, D, I]."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        super().__init__()
+        e, i, d = s.num_experts, s.expert_intermediate_size, s.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.zeros(e, d, i))
+        self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
+        self.swapped = opts.geglu_swapped
+
+    def forward(self, m: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """m: [N, D] normed inputs; weights, idx: [N, k] -> [N, D], each chosen expert's output times its weight."""
+        out = torch.zeros_like(m)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)  # tokens routed to e, and where e sits in their top k
+            gate, up = F.linear(m[tok], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            if self.swapped:
+                gate, up = up, gate
+            y = F.linear(self.act(gate) * up, self.down_proj[e])  # [n, D]
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+class Gemma4Block(nn.Module):
+    """One Gemma 4 block: sandwich-normed attention; the dense MLP (with MoE: beside the experts, each branch
+    normed, summed, normed again); the per-layer-embedding branch; the layer scalar."""
+
+    def __init__(self, s: GemmaSpec, layer: int, opts: PortOptions) -> None:
+        super().__init__()
+        norm = lambda size=s.hidden_size: RMSNorm(size, s.norm_eps, s.norm_unit_offset, opts)  # noqa: E731
+        self.layer, self.moe, self.ple = layer, bool(s.num_experts), bool(s.ple_dim)
+        self.norm_1, self.attn, self.post_attention_norm = norm(), Gemma4Attention(s, layer, opts), norm()
+        self.norm_2, self.mlp, self.post_mlp_norm = norm(), GemmaMLP(s, opts, s.mlp_width_for(layer)), norm()
+        if self.moe:
+            self.post_dense_norm, self.router, self.norm_moe = norm(), Router(s, opts), norm()
+            self.experts, self.post_moe_norm = Experts(s, opts), norm()
+            self.dense_tap, self.moe_tap = Tap(), Tap()
+        if self.ple:
+            self.ple_in = Tap()
+            self.ple_gate = Linear(s.hidden_size, s.ple_dim, opts)
+            self.ple_act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
+            self.ple_up = Linear(s.ple_dim, s.hidden_size, opts)
+            self.post_ple_norm = norm()
+        self.layer_scalar = nn.Parameter(torch.zeros(1)) if s.layer_scalar else None
+        self.pre_scalar = Tap()
+
+    def forward(self, x, cos, sin, mask, cache=None, positions=None, shared_kv=None, per_layer=None):
+        x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask, cache, positions, shared_kv))
+        y = self.mlp(self.norm_2(x))
+        if self.moe:  # the router reads the un-normed residual; the experts their own pre-norm of it
+            B, T, D = x.shape
+            weights, idx = self.router(x)
+            m = self.norm_moe(x).reshape(B * T, D)
+            experts = self.experts(m, weights.reshape(B * T, -1), idx.reshape(B * T, -1)).reshape(B, T, D)
+            y = self.dense_tap(self.post_dense_norm(y)) + self.moe_tap(self.post_moe_norm(experts))
+        x = x + self.post_mlp_norm(y)
+        if self.ple:
+            g = self.ple_act(self.ple_gate(x)) * self.ple_in(per_layer)  # [B, T, P]
+            x = x + self.post_ple_norm(self.ple_up(g))
+        if self.layer_scalar is None:
+            return x
+        return self.pre_scalar(x) * self.layer_scalar.to(x.dtype)
+
+
+class PerLayerInputs(nn.Module):
+    """Gemma 4's per-layer embeddings: [B, T, L, P] = (norm(proj(x) * D^-0.5) + table(ids) * sqrt(P)) * 2^-0.5,
+    ids at or beyond the table's rows read row 0 (GEMMA4.md "PLE")."""
+
+    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+        super().__init__()
+        self.s, self.rows, self.opts = s, s.ple_rows, opts
+        self.ple_embed = nn.Embedding(s.ple_rows, s.num_layers * s.ple_dim)
+        self.ple_proj = Linear(s.hidden_size, s.num_layers * s.ple_dim, opts)
+        self.ple_norm = RMSNorm(s.ple_dim, s.norm_eps, s.norm_unit_offset, opts)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s, (B, T) = self.s, ids.shape
+        ids = torch.where(ids < self.rows, ids, torch.zeros_like(ids))
+        scale = float(np.float32(math.sqrt(s.ple_dim))) if self.opts.float32_islands else math.sqrt(s.ple_dim)
+        tok = self.ple_embed(ids) * torch.tensor(scale, dtype=x.dtype)  # the scale rounded to the dtype (HF: a float32 buffer first)
+        tok = tok.view(B, T, s.num_layers, s.ple_dim)  # [B, T, L, P]
+        ctx = (self.ple_proj(x) * s.hidden_size ** -0.5).view(B, T, s.num_layers, s.ple_dim)  # [B, T, L, P]
+        return (self.ple_norm(ctx) + tok) * 2 ** -0.5
+
+
 class EmbedScale(nn.Module):
-    def __init__(self, s: GemmaSpec, perturb_seed: int | None = None) -> None:
+    def __init__(self, s: GemmaSpec, perturb_seed: int | None = None, float32_islands: bool = False) -> None:
         super().__init__()
         self.normalizer, self.in_fp32 = s.embed_normalizer, s.embed_scale_dtype == "float32"
+        if float32_islands:  # HF keeps sqrt(hidden) in a float32 buffer: float32's value, also in float64
+            self.normalizer = float(np.float32(self.normalizer))
         self.perturb_seed = perturb_seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,6 +562,8 @@ class KVCache:
 
     def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
         self.layers = [LayerCache(s.window_for(i), s.sliding_window, opts) for i in range(s.num_layers)]
+        for i in range(s.num_layers):  # a KV-shared layer keeps no cache: it reads (and shows) its source's
+            self.layers[i] = self.layers[s.kv_source(i)]
         self.length = 0
 
 
@@ -353,8 +572,10 @@ class GPT(nn.Module):
         super().__init__()
         self.s, self.opts = s, opts
         self.wte = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.embed_scale = EmbedScale(s, opts.perturb_seed)
-        self.h = nn.ModuleList(Block(s, i, opts) for i in range(s.num_layers))
+        self.embed_scale = EmbedScale(s, opts.perturb_seed, opts.float32_islands)
+        block = Gemma4Block if s.family == 4 else Block
+        self.h = nn.ModuleList(block(s, i, opts) for i in range(s.num_layers))
+        self.ple = PerLayerInputs(s, opts) if s.ple_dim else None
         self.ln_f = (RMSNorm if opts.final_norm else SkippedNorm)(s.hidden_size, s.norm_eps, s.norm_unit_offset, opts)
         self.lm_head = Linear(s.hidden_size, s.vocab_size, opts)
         if s.tied_head:
@@ -373,14 +594,20 @@ class GPT(nn.Module):
         rotated = positions  # the cache and the mask keep the true positions; a fault rotates elsewhere
         if cache is not None and start and self.opts.decode_pos_offset:
             rotated = positions + self.opts.decode_pos_offset
+        extra = {}
+        if self.s.family == 4:
+            extra["shared_kv"] = {}  # layer type -> the keys, values and mask its last producer made this step
+            ple = self.ple(idx, x) if self.ple is not None else None  # [B, T, L, P]
         for i, block in enumerate(self.h):
             cos, sin = rope_cache(self.s, i, T, dtype, self.opts, rotated)
             if i == 0:
                 cos = self.rope_cos(cos[None])[0]
+            if self.s.family == 4 and self.ple is not None:
+                extra["per_layer"] = ple[:, :, i]
             if cache is None:
-                x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)))
+                x = block(x, cos, sin, causal_mask(T, self.s.window_for(i), _compute_dtype(dtype)), **extra)
             else:
-                x = block(x, cos, sin, None, cache.layers[i], positions)
+                x = block(x, cos, sin, None, cache.layers[i], positions, **extra)
         if cache is not None:
             cache.length += T
         if self.opts.softcap_on_norm:  # the final norm's tap is before the cap; the head reads the capped norm

@@ -298,37 +298,64 @@ def differences(spec: GemmaSpec, backbone) -> dict:
 
 
 def effective(spec: GemmaSpec, backbone, lm, clean: dict, diffs: dict) -> dict:
-    """What the built Gemma 4 computes, for the report (the Gemma 4 options read back, and the kv sources)."""
+    """What the built Gemma 4 computes: parity.model.effective's properties read back from the layers, the
+    Gemma 4 settings as built under `library`, and the kv sources at the top level (G4.md)."""
+    import math
+
+    import keras
     from keras import ops
 
     from parity.adapters.keras_hub import readback
+    from parity.model.effective import Unread, report
 
     bb, blocks = backbone, backbone.transformer_layers
     att = [b.attention for b in blocks]
     cdt = bb.compute_dtype
     norm_scale = float(ops.convert_to_numpy(ops.cast(ops.sqrt(bb.hidden_dim), cdt)))
-    return {
-        "backend": f"keras {sys.modules['keras'].config.backend()}, compute dtype {cdt}",
+    offset = readback._norm_offset(blocks[0].pre_attention_norm, cdt)
+    gelu = clean.get("gelu_kind", "?").split(" ")[0]
+    geglu = clean.get("geglu", "?")
+    local = [i for i, b in enumerate(blocks) if not b.is_global_attention]
+    out = report({
+        "vocab_size": int(bb.vocabulary_size),
+        "hidden_size": int(bb.hidden_dim),
+        "intermediate_size": int(blocks[0].gating_ffw.kernel.shape[-1]),
+        "num_layers": len(blocks),
+        "num_heads": int(att[0].num_query_heads),
+        "num_kv_heads": int(att[local[0]].effective_num_kv_heads if local else att[0].num_key_value_heads),
+        "head_dim": int(att[local[0]].head_dim if local else bb.head_dim),
+        "norm_unit_offset": {"(1 + w)": True, "w": False}.get(offset, Unread(offset)),
+        "norm_placement": "sandwich",  # Gemma4TextDecoderBlock: always both post norms (no option)
+        "norm_eps": float(blocks[0].pre_attention_norm.epsilon),
+        "final_norm": bb.layer_norm is not None,
+        "gelu_approximate": {"tanh": "tanh", "exact": "none"}.get(gelu, Unread(f"not observed ({gelu})")),
+        "geglu": {"gelu(gate) * up": "gate", "gelu(up) * gate": "up"}.get(geglu, geglu),
+        "embed_scale": norm_scale,
+        "embed_scale_dtype": "activation",  # x * ops.cast(ops.sqrt(hidden_dim), x.dtype), read from the source
+        "tied_head": bool(bb.token_embedding.tie_weights),
+        "query_scale": [1.0] * len(att),  # Gemma4TextAttention: query_normalization = 1.0, hard-coded
+        "rope_base": [float(a.rope_layer.max_wavelength) for a in att],
+        "rope_scaling_factor": [float(a.rope_layer.scaling_factor) for a in att],
+        "attn_softcap": [a.logit_soft_cap for a in att],
+        "final_softcap": bb.token_embedding.logit_soft_cap,
+        "sliding_window": [readback.observed_window(a) for a in att],
+        "qk_norm": all(a.query_norm is not None for a in att),
+    }, {
+        "backend": f"{keras.config.backend()}, compute dtype {cdt}",
         "class": f"{type(bb).__name__} / {type(lm).__name__}",
         "activation": clean.get("gelu_kind", "?") + f" ({clean.get('gelu_args', '?')}; "
         f"{clean.get('gelu_evidence', 'no evidence')})",
-        "geglu": clean.get("geglu", "?"),
-        "norm": f"{readback._norm_offset(blocks[0].pre_attention_norm, cdt)} in float32, cast once after the "
-        f"multiply, eps {bb.layer_norm_epsilon} everywhere",
-        "norm_placement": "sandwich (always, Gemma4TextDecoderBlock)",
-        "qk_norm": f"q and k RMSNorm over head_dim, v scale-less RMSNorm; call order {clean.get('call_order', [])[:3]}",
-        "embed_scale": f"sqrt({bb.hidden_dim}) cast to the activation dtype: {norm_scale:.6g} in {cdt}",
-        "query_scale": 1.0,
+        "norm": f"{offset} in float32, cast once after the multiply, eps {bb.layer_norm_epsilon} on every norm",
+        "qk_norm": f"q and k RMSNorm over head_dim, v scale-less; block 0 call order {clean.get('call_order', [])[:3]}",
         "attention": ("fused ops.dot_product_attention" if readback.fused(bb) else
-                      "einsum scores (scale 1.0), softmax in float32, cast to the compute dtype"),
-        "router": ("float32 softmax cast to the compute dtype before ops.top_k; renormalised in the compute "
-                   "dtype; per_expert_scale on the expert outputs" if bb.enable_moe_block else None),
-        "window": [readback.observed_window(a) for a in att],
-        "tied_head": bool(bb.token_embedding.tie_weights),
+                      "einsum scores, scale 1.0, softmax in float32 cast to the compute dtype"),
+        "router": ("float32 softmax cast to the compute dtype BEFORE ops.top_k; renormalised in the compute "
+                   "dtype; per_expert_scale on the expert outputs" if bb.enable_moe_block else "no MoE"),
         "gemma4": settings(bb),
-        "kv_source": kv_source(bb),
         "differs_from_spec": diffs,
-    }
+    })
+    out["kv_source"] = kv_source(bb)
+    return out
 
 
 # ------------------------------------------------------------ decode cache

@@ -128,8 +128,8 @@ def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float 
     if any(v is None for v in (gate, up, act, hidden)):
         return Probe.cannot_tell("geglu", tap, "an MLP tap is missing")
     widths = {"gate": int(gate.shape[-1]), "up": int(up.shape[-1]), "hidden": int(hidden.shape[-1]),
-              "spec intermediate_size": spec.intermediate_size}
-    if len({widths["gate"], widths["up"], widths["hidden"], spec.intermediate_size}) != 1:
+              "spec intermediate_size": spec.mlp_width_for(layer)}  # Gemma 4: doubled on KV-shared layers
+    if len({widths["gate"], widths["up"], widths["hidden"], spec.mlp_width_for(layer)}) != 1:
         # the widths are read at the projections: the first tap they change is the gate's
         return Probe.named("geglu", p + "gate", f"projection widths {widths} do not all equal intermediate_size",
                            cause="geglu-width", evidence={"widths": widths})

@@ -33,15 +33,23 @@ def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreemen
         return Probe.cannot_tell("norm-placement", tap, "residual taps missing")
     dtype = trace.dtype
     x_in = np.asarray(x_in, np.float64)
+    # Gemma 4: the block output is (residual + PLE branch) times the layer scalar; compare before both
+    if trace.taps.get(p + "pre_scalar") is not None:
+        t["out"] = trace.taps[p + "pre_scalar"]
+    ple = trace.taps.get(p + "ple")
+
+    def then_ple(mid: np.ndarray) -> np.ndarray:  # the residual after the MLP, rounded, plus the PLE branch
+        return mid if ple is None else round_to(mid, dtype) + np.asarray(ple, np.float64)
+
     plain_attn = _close(t["attn_residual"], x_in + t["attn"], dtype)
-    plain_mlp = _close(t["out"], np.asarray(t["attn_residual"], np.float64) + t["mlp"], dtype)
+    plain_mlp = _close(t["out"], then_ple(np.asarray(t["attn_residual"], np.float64) + t["mlp"]), dtype)
     ev = {"residual = in + attn": round(plain_attn, 4), "out = attn_residual + mlp": round(plain_mlp, 4)}
     post_attn = post_mlp = None
     if t["post_attn_norm"] is not None:
         post_attn = _close(t["attn_residual"], x_in + t["post_attn_norm"], dtype)
         ev["residual = in + post_attn_norm"] = round(post_attn, 4)
     if t["post_mlp_norm"] is not None:
-        post_mlp = _close(t["out"], np.asarray(t["attn_residual"], np.float64) + t["post_mlp_norm"], dtype)
+        post_mlp = _close(t["out"], then_ple(np.asarray(t["attn_residual"], np.float64) + t["post_mlp_norm"]), dtype)
         ev["out = attn_residual + post_mlp_norm"] = round(post_mlp, 4)
     # direction test: is what was added to the residual a per-channel rescaled RMS-normalised attn?
     added = np.asarray(t["attn_residual"], np.float64) - x_in
@@ -78,10 +86,17 @@ GEMMA_NORM = "(1 + w), multiply in fp32, cast after"
 NO_OFFSET = "w without the unit offset"
 
 
-def rmsnorm_candidates(x: np.ndarray, w: np.ndarray, eps: float, dtype: str) -> list[Candidate]:
+def rmsnorm_candidates(x: np.ndarray, w: np.ndarray, eps: float, dtype: str,
+                       unit_offset: bool = True) -> list[Candidate]:
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
     normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    if not unit_offset:  # Gemma 4 multiplies by w as is: a (1 + w) there is left unexplained until it has a cause
+        c = [Candidate(NO_OFFSET, None, normed * w)]
+        if dtype in ("bfloat16", "float16"):
+            c.append(Candidate("cast before multiply", "norm-cast-order", round_to(normed, dtype) * round_to(w, dtype),
+                               NORM_TIE))
+        return c
     c = [Candidate(GEMMA_NORM, None, normed * (1.0 + w)),
          Candidate(NO_OFFSET, "norm-unit-offset-missing", normed * w, NORM_TIE)]
     if dtype in ("bfloat16", "float16"):
@@ -99,7 +114,7 @@ def probe_rmsnorm(trace: Trace, spec: GemmaSpec, weights: dict, tap: str, x: np.
     if y is None or x is None or wname not in weights:
         return Probe.cannot_tell("norm", tap, "tap or its input missing")
     dtype = trace.dtype
-    cands = rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype)
+    cands = rmsnorm_candidates(x, weights[wname], spec.norm_eps, dtype, spec.norm_unit_offset)
     # a norm weight near -1 makes (1 + w) ~ 0: its outputs can fall below the smallest normal (fp16: 6.1e-5)
     keep = trusted(dtype, y, *(c.values for c in cands))
     correct = next(c for c in cands if c.label == (GEMMA_NORM if spec.norm_unit_offset else NO_OFFSET))
@@ -145,7 +160,7 @@ def probe_final_norm(trace: Trace, spec: GemmaSpec, weights: dict) -> Probe:
     if p.cause == "unexplained" and spec.final_softcap and x is not None and "model.norm.weight" in weights:
         # the final softcap applied to the norm's output (and the tap taken after it)
         cap = spec.final_softcap
-        normed = rmsnorm_candidates(x, weights["model.norm.weight"], spec.norm_eps, trace.dtype)
+        normed = rmsnorm_candidates(x, weights["model.norm.weight"], spec.norm_eps, trace.dtype, spec.norm_unit_offset)
         capped = [np.tanh(c.values / cap) * cap for c in normed]
         best = max(agreement(y, v, trace.dtype) for v in capped)
         p = dataclasses.replace(p, evidence={**p.evidence, "agreement with softcap(norm)": round(best, 4)})
