@@ -107,8 +107,9 @@ def test_kv_source_and_settings_read_back(adapter, runs, name):
     m, _, _ = runs[name]
     eff = adapter.effective(m)
     assert eff["kv_source"] == KV_SOURCE[name]
-    assert eff["differs_from_spec"] == {}
-    assert eff["gemma4"]["rotary_dims"][[t == "global" for t in m.spec.layer_types].index(True)] == 16  # 0.25 x 64
+    assert eff["library"]["differs_from_spec"] == {}
+    assert eff["query_scale"] == [1.0] * m.spec.num_layers and eff["norm_unit_offset"] is False
+    assert eff["library"]["gemma4"]["rotary_dims"][[t == "global" for t in m.spec.layer_types].index(True)] == 16  # 0.25 x 64
 
 
 def test_a_dropped_setting_shows(runs):
@@ -221,3 +222,18 @@ def test_decode_through_keras_hub_cache_past_the_window(adapter, runs):
             assert np.array_equal(step.cache[int(i)].k, step.cache[j].k)
             assert step.cache[int(i)].k.shape[1] == p + 1
     assert step.cache[3].k.shape[-1] == m.spec.global_head_dim  # the global layer's own corner of the cache
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_report_against_the_port_passes(name, tmp_path):
+    """`python -m parity.report --spec <preset> --impls keras --dtypes float32`: PASS against the float64 port
+    (a fresh process: the harness runs the port first, then keras-hub on JAX)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PARITY_THREADS": "1", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-m", "parity.report", "--spec", name, "--impls", "keras", "--dtypes",
+                          "float32", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "PASS" in out.stdout and "keras@float32" in out.stdout
