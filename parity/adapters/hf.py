@@ -385,7 +385,7 @@ class HFAdapter(Adapter):
             rope.append(rope_from_inv_freq((inv if inv is not None else m.rotary_emb.inv_freq).tolist()))
         with torch.no_grad():
             act = layer0.mlp.act_fn(torch.tensor(GELU_PROBE, dtype=torch.float32)).tolist()
-        return report({
+        out = report({
             "vocab_size": emb.num_embeddings,
             "hidden_size": emb.embedding_dim,
             "intermediate_size": layer0.mlp.gate_proj.out_features,
@@ -422,6 +422,9 @@ class HFAdapter(Adapter):
             "kv_cache": self._cache_layout(model),
             **({"kv_source": getattr(model, "parity_kv_source", None)} if model.parity_spec.family == 4 else {}),
         })
+        if model.parity_spec.family == 4:  # G4.md: which layer's K/V each shared layer reads, beside the properties
+            out["kv_source"] = out["library"]["kv_source"]
+        return out
 
     def _cache_layout(self, model) -> str:
         """The cache class decode builds and its layer class per layer type, from an empty one built as decode

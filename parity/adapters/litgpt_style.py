@@ -225,7 +225,7 @@ class LitgptStyleAdapter(Adapter):
         scale_dt = torch.promote_types(wdt, torch.float32) if es.in_fp32 else wdt  # in_fp32: a Python float
         post = not isinstance(b0.post_attention_norm, torch.nn.Identity)
         name = lambda d: str(d).replace("torch.", "")  # noqa: E731
-        return report({
+        out = report({
             "vocab_size": model.wte.num_embeddings,
             "hidden_size": model.wte.embedding_dim,
             "intermediate_size": b0.mlp.fc_1.out_features,
@@ -262,6 +262,16 @@ class LitgptStyleAdapter(Adapter):
                         "after RoPE" if o.qk_norm_after_rope else "before RoPE") if s.qk_norm else "none",
             **(self._gemma4(s, o) if s.family == 4 else {}),
         })
+        if s.family == 4:  # G4.md: which layer's K/V each shared layer reads; the rest are library facts
+            out["kv_source"] = {str(i): s.kv_source(i) for i in range(s.num_layers) if s.kv_source(i) != i}
+            out["library"].update(
+                head_dims=[s.head_dim_for(i) for i in range(s.num_layers)],
+                kv_heads=[s.kv_heads_for(i) for i in range(s.num_layers)],
+                rope_global=(f"ordinary partial ({s.rope_proportion} of the head)" if o.rope_ordinary_partial
+                             else f"proportional ({s.rope_proportion})") if s.rope_proportion < 1 else "full")
+            if o.float32_islands:
+                out["library"]["float32_islands"] = "norms, rope angles, softmax and embed scales in float32 (as HF)"
+        return out
 
     @staticmethod
     def _gemma4(s, o) -> dict:

@@ -67,8 +67,48 @@ QK_NORM_MAP = {  # Gemma 3 (use_query_key_norm): RMSNorm over head_dim, one weig
 }
 
 
+# Gemma 4 (Gemma4Backbone): sandwich norms and q/k norms always, plus the per-layer scalar, per-layer
+# embeddings (PLE) and the MoE block where the spec has them. HF's experts.gate_up_proj [E, 2I, D] is two
+# keras variables: `#gate` and `#up` name its halves (rows [:I] and [I:]; see `split_names`). KV-shared
+# layers have no k/v projections or k norm in either library; K=V global layers have no v_proj.
+NAME_MAP_G4 = {**NAME_MAP_SANDWICH, **QK_NORM_MAP,
+               "model.layers.{}.layer_scalar": "decoder_block_{}/layer_scalar",  # HF [1] -> keras ()
+               "lm_head.weight": None}  # tied: token_embedding(reverse=True) is the head
+PLE_MAP = {
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embedding/embeddings",
+    "model.per_layer_model_projection.weight": "per_layer_model_projection/kernel",
+    "model.per_layer_projection_norm.weight": "per_layer_projection_norm/scale",
+    "model.layers.{}.per_layer_input_gate.weight": "decoder_block_{}/per_layer_input_gate/kernel",
+    "model.layers.{}.per_layer_projection.weight": "decoder_block_{}/per_layer_up_proj/kernel",
+    "model.layers.{}.post_per_layer_input_norm.weight": "decoder_block_{}/post_per_layer_input_norm/scale",
+}
+MOE_MAP = {
+    "model.layers.{}.post_feedforward_layernorm_1.weight": "decoder_block_{}/post_ffw_norm_dense/scale",
+    "model.layers.{}.pre_feedforward_layernorm_2.weight": "decoder_block_{}/pre_ffw_norm_moe/scale",
+    "model.layers.{}.post_feedforward_layernorm_2.weight": "decoder_block_{}/post_ffw_norm_moe_path/scale",
+    "model.layers.{}.router.scale": "decoder_block_{}/moe_router/per_dim_scale",
+    "model.layers.{}.router.proj.weight": "decoder_block_{}/moe_router/proj/kernel",
+    "model.layers.{}.router.per_expert_scale": "decoder_block_{}/moe_expert_bank/per_expert_scale",
+    "model.layers.{}.experts.gate_up_proj#gate": "decoder_block_{}/moe_expert_bank/gate_proj",
+    "model.layers.{}.experts.gate_up_proj#up": "decoder_block_{}/moe_expert_bank/up_proj",
+    "model.layers.{}.experts.down_proj": "decoder_block_{}/moe_expert_bank/down_proj",
+}
+SPLIT = {"experts.gate_up_proj": ("gate", "up")}  # one canonical tensor, two keras variables
+
+
+def split_names(name: str) -> list[str]:
+    """The keras-side names of one canonical tensor: itself, or `name#part` for each part it splits into."""
+    for suffix, parts in SPLIT.items():
+        if name.endswith(suffix):
+            return [f"{name}#{part}" for part in parts]
+    return [name]
+
+
 def name_map(spec: GemmaSpec) -> dict[str, str]:
     """The literal name map for the spec's norm layout (and q/k norms)."""
+    if spec.family == 4:
+        return {**NAME_MAP_G4, **(PLE_MAP if _g4(spec, "ple_dim", 0) else {}),
+                **(MOE_MAP if _g4(spec, "num_experts", 0) else {})}
     base = NAME_MAP_SANDWICH if spec.norm_placement == "sandwich" else NAME_MAP
     return {**base, **QK_NORM_MAP} if spec.qk_norm else dict(base)
 
@@ -77,11 +117,12 @@ def variable_paths(spec: GemmaSpec) -> dict[str, str]:
     """canonical name -> keras variable path, for every tensor of the spec the map covers."""
     names = name_map(spec)
     out = {}
-    for canon in canonical_shapes(spec):
-        m = re.search(r"\.(\d+)\.", canon)
-        key = re.sub(r"\.\d+\.", ".{}.", canon, count=1)
-        if key in names:
-            out[canon] = names[key].format(m.group(1)) if m else names[key]
+    for whole in canonical_shapes(spec):
+        for canon in split_names(whole):
+            m = re.search(r"\.(\d+)\.", canon)
+            key = re.sub(r"\.\d+\.", ".{}.", canon, count=1)
+            if names.get(key):
+                out[canon] = names[key].format(m.group(1)) if m else names[key]
     return out
 
 
@@ -94,9 +135,45 @@ _QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
 _MLP = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
+def _g4(spec: GemmaSpec, field_: str, default):
+    """A Gemma 4 spec field (G4.md names), or its off value on a spec without it."""
+    v = getattr(spec, field_, default)
+    return default if v is None else v
+
+
+def layer_dims(spec: GemmaSpec, name: str) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of the layer a canonical tensor belongs to.
+
+    Gemma 4 global layers use global_head_dim, and num_global_kv_heads where K=V is on (HF and keras-hub
+    both take the global KV-head count only together with K=V).
+    """
+    m = re.search(r"layers\.(\d+)\.", name)
+    nq, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if spec.family == 4 and m and spec.layer_types and spec.layer_types[int(m.group(1))] == "global":
+        hd = _g4(spec, "global_head_dim", hd)
+        if _g4(spec, "attention_k_eq_v", False):
+            nkv = _g4(spec, "num_global_kv_heads", nkv)
+    return nq, nkv, hd
+
+
 def to_layout(name: str, t: np.ndarray, spec: GemmaSpec) -> np.ndarray:
-    """One canonical (HF, torch Linear [out, in]) tensor in keras-hub's layout (a view where it can be)."""
-    h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    """One canonical (HF, torch Linear [out, in]) tensor in keras-hub's layout (a view where it can be).
+
+    `name#part` (see `split_names`) is that part of the canonical tensor `name`.
+    """
+    if "#" in name:  # experts.gate_up_proj [E, 2I, D]: rows [:I] gate, [I:] up -> [E, D, I]
+        whole, part = name.split("#")
+        half = t.shape[1] // 2
+        return (t[:, :half] if part == "gate" else t[:, half:]).transpose(0, 2, 1)
+    if name.endswith("experts.down_proj"):
+        return t.transpose(0, 2, 1)  # [E, D, I] -> [E, I, D]
+    if name.endswith("layer_scalar"):
+        return t.reshape(())  # HF buffer [1] -> keras scalar ()
+    if name.endswith(("router.proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight",
+                      "per_layer_model_projection.weight")):
+        return t.T  # Dense [out, in] -> [in, out]
+    h = spec.hidden_size
+    nq, nkv, hd = layer_dims(spec, name)
     if name.endswith(_QKV):
         n = nq if name.endswith("q_proj.weight") else nkv
         return t.reshape(n, hd, h).transpose(0, 2, 1)  # [n*hd, h] -> [n, hd, h] -> EinsumDense "ndh": [n, h, hd]
@@ -108,8 +185,21 @@ def to_layout(name: str, t: np.ndarray, spec: GemmaSpec) -> np.ndarray:
 
 
 def from_layout(name: str, t: np.ndarray, spec: GemmaSpec) -> np.ndarray:
-    """The inverse of `to_layout`: a keras-hub tensor back in HF layout; ValueError if the sizes do not fit."""
-    h, nq, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    """The inverse of `to_layout`: a keras-hub tensor back in HF layout; ValueError if the sizes do not fit.
+
+    A `name#part` tensor comes back as its part only ([E, I, D]); `from_keras_layout` joins the parts.
+    """
+    if "#" in name:
+        return t.transpose(0, 2, 1)  # [E, D, I] -> [E, I, D]
+    if name.endswith("experts.down_proj"):
+        return t.transpose(0, 2, 1)
+    if name.endswith("layer_scalar"):
+        return t.reshape(1)
+    if name.endswith(("router.proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight",
+                      "per_layer_model_projection.weight")):
+        return t.T
+    h = spec.hidden_size
+    nq, nkv, hd = layer_dims(spec, name)
     if name.endswith(_QKV):
         n = nq if name.endswith("q_proj.weight") else nkv
         return t.reshape(n, h, hd).transpose(0, 2, 1).reshape(n * hd, h)  # "ndh" [n, h, hd] -> [n*hd, h]
@@ -136,11 +226,14 @@ def from_keras_layout(raw: dict[str, np.ndarray], spec: GemmaSpec, where: str) -
             raise ParityInputError(f"{where}: keras weight for {name!r} has shape {t.shape}, which does not fit "
                                    "the config's sizes; the preset and its config.json disagree") from None
         out[name] = np.ascontiguousarray(t)
+    for name in [n for n in out if n.endswith("#gate")]:  # HF keeps the expert halves in one tensor
+        whole = name.split("#")[0]
+        out[whole] = np.ascontiguousarray(np.concatenate([out.pop(name), out.pop(whole + "#up")], axis=1))
     return out
 
 
 # ---------------------------------------------------------------- options
-BACKBONES = ("GemmaBackbone", "Gemma3Backbone")  # Gemma 1/2, and Gemma 3 text
+BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma4Backbone")  # Gemma 1/2, Gemma 3 text, Gemma 4 text
 MAX_POSITION = 8192  # keras-hub's Gemma backbones have no position limit; Gemma 1/2's context length
 LOCAL_RULE = {1: "i % 2 == 0 (GemmaBackbone)", 2: "i % 2 == 0 (GemmaBackbone)", 3: "i % 6 < 5 (Gemma3Backbone)"}
 GEMMA_ROPE = 10_000.0  # CachedGemmaAttention: RotaryEmbedding(max_wavelength=10_000.0), every layer
@@ -149,6 +242,8 @@ GEMMA3_ROPE = {"local": 10_000.0, "global": 1_000_000.0}  # Gemma3Backbone, by l
 
 def class_names(spec: GemmaSpec) -> tuple[str, str]:
     """The keras-hub backbone and CausalLM classes for the spec's family."""
+    if spec.family == 4:
+        return "Gemma4Backbone", "Gemma4CausalLM"
     return ("Gemma3Backbone", "Gemma3CausalLM") if spec.family == 3 else ("GemmaBackbone", "GemmaCausalLM")
 
 
@@ -171,6 +266,8 @@ SAME = {**SIZES, "attention_logit_soft_cap": "attn_softcap", "final_logit_soft_c
 
 def backbone_kwargs(spec: GemmaSpec) -> dict:
     """The backbone's keyword arguments: the spec's numbers, in keras-hub's options."""
+    if spec.family == 4:
+        return gemma4_kwargs(spec)
     sandwich = spec.norm_placement == "sandwich"
     kw = {option: getattr(spec, f) for option, f in SAME.items()}
     kw.update(
@@ -203,6 +300,9 @@ def inexpressible(spec: GemmaSpec) -> Iterator[tuple[str, str]]:
     Numbers keras-hub accepts as an option but then builds otherwise (the query
     scaling) are not here: the model is built as asked and the report shows it.
     """
+    if spec.family == 4:
+        yield from gemma4_inexpressible(spec)
+        return
     if not spec.norm_unit_offset:
         yield "norm_unit_offset", "keras-hub's Gemma RMSNormalization always multiplies by (1 + scale)"
     if spec.norm_eps != 1e-6:
@@ -304,3 +404,97 @@ def _family_options(family: int, c: dict, local: list[bool], hd: int, per_head: 
         kw["layer_types"] = tuple("local" if x else "global" for x in local)
         kw["sliding_window"] = int(c.get("sliding_window_size", 4096))
     return kw
+
+
+# ---------------------------------------------------------------- Gemma 4
+# Gemma4Backbone (keras-hub 0.32, keras_hub/src/models/gemma4/) hard-codes: RMSNorm `x * w` (no unit offset)
+# with `layer_norm_epsilon` on every norm; q, k and a scale-less v norm; attention scale 1.0; sandwich
+# norms; tanh GELU; a learned scalar on every text block. Its options take the rest. K=V and the global
+# KV-head count are one option: `num_global_key_value_heads` set turns on K=V on global layers.
+KH_TYPES = {"global": "full_attention", "local": "sliding_attention"}
+
+
+def kh_rotary_half(prf: float, hd: int) -> int:
+    """How many frequencies keras-hub rotates per half (Gemma4TextAttention.rotary_dim // 2)."""
+    raw = int(prf * hd)
+    return max(2, raw - raw % 2) // 2
+
+
+def hf_rotary_half(prf: float, hd: int) -> int:
+    """How many frequencies HF's proportional RoPE keeps (the rest get inverse frequency 0)."""
+    return int(prf * hd // 2)
+
+
+def gemma4_kwargs(spec: GemmaSpec) -> dict:
+    """Gemma4Backbone's keyword arguments for a family-4 spec (text only)."""
+    types = spec.layer_types or ("global",) * spec.num_layers
+    local = [i for i, t in enumerate(types) if t == "local"]
+    glob = [i for i, t in enumerate(types) if t == "global"]
+    k_eq_v = bool(_g4(spec, "attention_k_eq_v", False))
+    experts = int(_g4(spec, "num_experts", 0))
+    kw = {option: getattr(spec, f) for option, f in SAME.items()}
+    kw.update(
+        image_size=None, vision_encoder=None, audio_encoder=None, dropout=0,
+        intermediate_dim=spec.intermediate_size,
+        layer_types=[KH_TYPES[t] for t in types],
+        use_sliding_window_attention=bool(local),
+        global_head_dim=_g4(spec, "global_head_dim", None),
+        # keras-hub scales positions by the factor (HF divides the inverse frequencies): the same angles
+        global_rope_scaling_factor=spec.rope_scaling_factor, local_rope_scaling_factor=1.0,
+        global_rope_wavelength=spec.rope_base_for(glob[0]) if glob else spec.rope_base,
+        local_rope_wavelength=spec.rope_base_for(local[0]) if local else spec.rope_base,
+        global_rope_partial_rotary_factor=float(_g4(spec, "rope_proportion", 1.0)),
+        num_global_key_value_heads=(_g4(spec, "num_global_kv_heads", spec.num_kv_heads) if k_eq_v else None),
+        hidden_size_per_layer_input=int(_g4(spec, "ple_dim", 0)),
+        vocab_size_per_layer_input=_g4(spec, "ple_vocab_size", None),
+        num_kv_shared_layers=int(_g4(spec, "num_kv_shared_layers", 0)),
+        use_double_wide_mlp=bool(_g4(spec, "double_wide_mlp", False)),
+        enable_moe_block=experts > 0,
+    )
+    if spec.sliding_window:
+        kw["sliding_window_size"] = spec.sliding_window
+    if experts:
+        kw.update(num_experts=experts, expert_intermediate_dim=int(_g4(spec, "expert_intermediate_size", 0)),
+                  num_experts_per_token=int(_g4(spec, "top_k_experts", 0)))
+    return kw
+
+
+def gemma4_inexpressible(spec: GemmaSpec) -> Iterator[tuple[str, str]]:
+    """(spec field, why) for each Gemma 4 number Gemma4Backbone cannot be given."""
+    if spec.norm_unit_offset:
+        yield "norm_unit_offset", "Gemma4's RMSNormalization multiplies by the weight as is (no 1 + w)"
+    if spec.norm_placement != "sandwich":
+        yield "norm_placement", "Gemma4TextDecoderBlock always has pre and post norms around both sub-layers"
+    if not spec.qk_norm:
+        yield "qk_norm", "Gemma4TextAttention always applies q and k norms"
+    if not _g4(spec, "v_norm", False):
+        yield "v_norm", "Gemma4TextAttention always applies the scale-less v norm"
+    if (spec.query_pre_attn_scalar or spec.head_dim) != 1.0:
+        yield "query_pre_attn_scalar", "Gemma4TextAttention hard-codes the attention scale 1.0 (query scalar 1)"
+    if spec.gelu_approximate != "tanh":
+        yield "gelu_approximate", "the decoder blocks hard-code gelu(approximate=True) (tanh)"
+    if not spec.embed_scale:
+        yield "embed_scale", "Gemma4Backbone always multiplies the embeddings by sqrt(hidden_dim)"
+    if spec.embed_scale_dtype != "activation":
+        yield "embed_scale_dtype", "Gemma4Backbone casts sqrt(hidden_dim) to the activation dtype"
+    if not spec.tied_head:
+        yield "tied_head", "ReversibleEmbedding(tie_weights=True) always ties the output head"
+    if not _g4(spec, "layer_scalar", False):
+        yield "layer_scalar", "every Gemma4 text block multiplies its output by its layer_scalar (give it 1.0 weights)"
+    nkv_g = _g4(spec, "num_global_kv_heads", spec.num_kv_heads)
+    if not _g4(spec, "attention_k_eq_v", False) and nkv_g != spec.num_kv_heads:
+        yield "num_global_kv_heads", ("Gemma4Backbone takes a global KV-head count only with K=V on "
+                                      "(num_global_key_value_heads switches both on)")
+    types = spec.layer_types or ("global",) * spec.num_layers
+    for kind in ("global", "local"):
+        bases = {spec.rope_base_for(i) for i, t in enumerate(types) if t == kind}
+        if len(bases) > 1:
+            yield ("rope_base" if kind == "global" else "rope_local_base"), (
+                f"Gemma4Backbone has one rope wavelength for all {kind} layers; the spec gives {sorted(bases)}")
+    prf = float(_g4(spec, "rope_proportion", 1.0))
+    hd_g = _g4(spec, "global_head_dim", spec.head_dim)
+    if "global" in types and prf < 1.0 and kh_rotary_half(prf, hd_g) != hf_rotary_half(prf, hd_g):
+        yield "rope_proportion", (f"keras-hub rotates {kh_rotary_half(prf, hd_g)} frequencies per half of a "
+                                  f"{hd_g}-dim global head at {prf} (at least 1), HF {hf_rotary_half(prf, hd_g)}")
+    if int(_g4(spec, "num_experts", 0)) and not int(_g4(spec, "top_k_experts", 0)):
+        yield "top_k_experts", "Gemma4Router needs a positive num_experts_per_token"

@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from parity.adapters.base import DTYPES, Adapter, DecodeResult, DecodeStep, RunResult
-from parity.adapters.keras_hub import readback
+from parity.adapters.keras_hub import gemma4, readback
 from parity.adapters.keras_hub.recording import COS, GELU, REVERSE, Inline, Recorder, call_order
 from parity.adapters.registry import backend_missing
 from parity.errors import ParityInputError, Unsupported
-from parity.formats.keras_hub import backbone_kwargs, class_names, inexpressible, name_map
+from parity.formats.keras_hub import backbone_kwargs, class_names, inexpressible, name_map, split_names
 from parity.formats.keras_hub import to_layout as keras_layout
 from parity.model.spec import GemmaSpec
 from parity.model.taps import expand_tap_map, layer_of, tap_names
@@ -184,9 +184,6 @@ class KerasAdapter(Adapter):
         return keras, hub
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
-        if spec.family == 4:  # until the Gemma 4 adapter lands (issue 19)
-            raise Unsupported(f"{self.name} does not run Gemma 4 (spec {spec.name!r}, family 4) yet; drop "
-                              f"{self.name} from --impls")
         if dtype not in DTYPES:
             raise ParityInputError(f"{self.name}: dtype {dtype!r} is not one of {DTYPES}")
         if dtype == "float64":
@@ -213,14 +210,15 @@ class KerasAdapter(Adapter):
         self.check(spec, dtype)
         _, hub = self._import()
         kwargs = backbone_kwargs(spec)
-        if spec.family == 3 and not hasattr(hub.models, "Gemma3Backbone"):
-            raise Unsupported(f"{self.name}: this keras-hub has no Gemma3Backbone (family=3); "
-                              "pip install -U keras-hub, or drop it from --impls")
         backbone_name, lm_name = class_names(spec)
+        if not hasattr(hub.models, backbone_name):
+            raise Unsupported(f"{self.name}: keras-hub {getattr(hub, '__version__', '?')} has no {backbone_name} "
+                              f"(family={spec.family}); pip install -U keras-hub, or drop it from --impls")
         backbone = self._filled(getattr(hub.models, backbone_name), kwargs, spec, weights, dtype)
         lm = getattr(hub.models, lm_name)(backbone=backbone, preprocessor=None)
         model = KerasModel(spec, dtype, self.backend, backbone, lm, requested=kwargs)
-        model.differences = readback.differences(spec, backbone)
+        model.differences = (gemma4.differences(spec, backbone) if spec.family == 4
+                             else readback.differences(spec, backbone))
         return model
 
     def _filled(self, backbone_cls, kwargs: dict, spec: GemmaSpec, weights: Weights, dtype: str):
@@ -232,9 +230,10 @@ class KerasAdapter(Adapter):
         buf_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" and self.backend == "jax" else np.float32
 
         def load(path: str) -> np.ndarray:
-            name = plan[path].name
-            t = np.empty(weights.shape(name), buf_dtype)
-            weights.read_into(name, t)
+            name = plan[path].name  # `whole#part`: that part of the canonical tensor `whole`
+            whole = name.split("#")[0]
+            t = np.empty(weights.shape(whole), buf_dtype)
+            weights.read_into(whole, t)
             return keras_layout(name, t, spec)
 
         # Built in a stateless scope, the variables are created without values; each is then initialised
@@ -247,8 +246,8 @@ class KerasAdapter(Adapter):
             if len(variables) != len(backbone.weights):
                 raise RuntimeError(f"{self.name}: two backbone variables share a path; cannot map weights by path")
             shapes = {p: tuple(v.shape) for p, v in variables.items()}
-            planned = {name: _Planned(name, keras_layout(name, np.empty(weights.shape(name), np.uint8), spec).shape)
-                       for name in weights.tensors}
+            planned = {name: _Planned(name, keras_layout(name, np.empty(weights.shape(whole), np.uint8), spec).shape)
+                       for whole in weights.tensors for name in split_names(whole)}
             plan = map_weights(planned, name_map(spec), shapes, where=f"{self.name} weights")
             deferred = all(getattr(v, "_value", 0) is None and hasattr(v, "_initializer") for v in variables.values())
             if deferred:
@@ -263,14 +262,17 @@ class KerasAdapter(Adapter):
     def run(self, model: KerasModel, tokens: list[int], feed: dict[str, np.ndarray] | None = None) -> RunResult:
         spec = model.spec
         self._check_ids(spec, tokens, "tokens", empty_ok=False)
-        tap_map = expand_tap_map(TAP_MAP, spec)
+        tap_map = expand_tap_map(_tap_template(spec), spec)
         ids = np.asarray([tokens], dtype="int32")
         inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        if spec.family == 4:  # Gemma4Backbone takes the positions as an input
+            inputs["position_ids"] = np.arange(len(tokens), dtype="int32")[None]
         clean = not feed  # an unfed run shows what the model does by itself: effective() reads the latest
         attention = model.backbone.transformer_layers[0].attention
         recorder, observed = _recorder(model, tap_map, _feeds(spec, feed, len(tokens)))
         with recorder, call_order(attention if clean else None, readback.QK_ROPE_CALLS) as order:
             model.lm(inputs, training=False)  # keras-hub's own eager forward pass, logits included
+        _finish(spec, recorder, tap_map)
         readback.geglu_order(observed, recorder.taps)
         model.observed = observed
         if clean:
@@ -298,7 +300,7 @@ class KerasAdapter(Adapter):
         self._check_ids(spec, prompt, "prompt", empty_ok=False)
         self._check_ids(spec, continuation, "continuation", empty_ok=True)
         P, slots = len(prompt), len(prompt) + len(continuation)
-        tap_map = expand_tap_map(TAP_MAP, spec)
+        tap_map = expand_tap_map(_tap_template(spec), spec)
         # generate()'s buffer: the prompt, then the preprocessor's pad id (0) where tokens are to come;
         # the pads' keys are written by the prefill and overwritten one by one as the decode reaches them
         ids = np.zeros((1, slots), "int32")
@@ -308,7 +310,9 @@ class KerasAdapter(Adapter):
         step_params = inspect.signature(lm.call_with_cache).parameters
         # GemmaBackbone stores q and k permuted to interleaved order after RoPE; the view un-permutes the
         # keys to the half-split layout every other implementation (and the contract) uses
-        permuted = [readback.permuted_after_rope(b.attention) for b in model.backbone.transformer_layers]
+        permuted = ([False if gemma4.rope_is_half_split(b.attention) else None
+                     for b in model.backbone.transformer_layers] if spec.family == 4 else
+                    [readback.permuted_after_rope(b.attention) for b in model.backbone.transformer_layers])
         steps: list[DecodeStep] = []
         missing: dict = {}
         with _inference(self.backend):
@@ -323,8 +327,10 @@ class KerasAdapter(Adapter):
                 with recorder:  # an int tensor index, as generate()'s loop passes it
                     _, _, cache = lm.call_with_cache(ops.convert_to_tensor(ids[:, p:p + 1]), cache,
                                                      ops.convert_to_tensor(p, "int32"), **kw)
+                _finish(spec, recorder, tap_map)
                 missing = recorder.missing
-                views = readback.cache_views(cache, spec.num_layers, model.dtype, p, permuted)
+                views = (gemma4.cache_views(cache, model.backbone, model.dtype, p) if spec.family == 4 else
+                         readback.cache_views(cache, spec.num_layers, model.dtype, p, permuted))
                 probs = {i: np.arange(slots) for i in range(spec.num_layers)
                          if f"layers.{i}.attn.probs" in recorder.taps}
                 steps.append(DecodeStep(taps=dict(recorder.taps), cache=views, key_positions=probs))
@@ -349,6 +355,8 @@ class KerasAdapter(Adapter):
         # (a new prompt length costs a fresh XLA compile, most of the harness's overhead on tiny shapes)
         if not model.clean:
             self.run(model, [spec.bos_token_id] + [i % spec.vocab_size for i in (3, 4, 5)])
+        if spec.family == 4:
+            return gemma4.effective(spec, model.backbone, model.lm, model.clean, model.differences)
         return readback.effective(model.backbone, model.lm, model.clean, model.differences)
 
     def release(self, model: KerasModel) -> None:
@@ -359,10 +367,30 @@ class KerasAdapter(Adapter):
 
 
 # ------------------------------------------------------------------ helpers
+def _tap_template(spec: GemmaSpec) -> dict:
+    return gemma4.TAP_MAP if spec.family == 4 else TAP_MAP
+
+
+def _finish(spec: GemmaSpec, recorder: Recorder, tap_map: dict) -> None:
+    """Gemma 4: the taps read off recorded values (moe.weights), and why a hooked tap is missing."""
+    if spec.family == 4:
+        gemma4.finish(recorder.taps, spec.num_layers, recorder.missing)
+        gemma4.pseudo_missing(tap_map, recorder.taps, recorder.missing)
+
+
 def _recorder(model: KerasModel, tap_map: dict, feeds: dict) -> tuple[Recorder, dict]:
     """A recorder for keras-hub's decoder blocks, and the dict its GELU observation fills (block 0's first call)."""
     bb = model.backbone
     observed: dict = {}
+    blocks = [f"decoder_block_{i}" for i in range(model.spec.num_layers)]
+    if model.spec.family == 4:  # the MLP, the router's top-k and the layer scalar are inline: hooks
+        def observe(x, y, args, kwargs, original):
+            readback.gelu_observation(x, y, args, kwargs, original, observed)
+
+        recorder = Recorder(bb, gemma4.recorder_map(tap_map), feeds, blocks=blocks,
+                            hooks=gemma4.hooks(bb.transformer_layers, observe))
+        observed["missing"] = recorder.missing
+        return recorder, observed
     # The GeGLU's GELU is a function call inside the decoder block's call:
     # wrap the `gelu` that the block's module finds in keras.activations.
     block_module = sys.modules[type(bb.transformer_layers[0]).__module__]
@@ -372,7 +400,6 @@ def _recorder(model: KerasModel, tap_map: dict, feeds: dict) -> tuple[Recorder, 
         absent=f"{block_module.__name__} does not call keras.activations.gelu in this keras-hub version",
         on_first=lambda x, y, args, kwargs, original: readback.gelu_observation(x, y, args, kwargs, original,
                                                                                 observed))
-    blocks = [f"decoder_block_{i}" for i in range(model.spec.num_layers)]
     recorder = Recorder(bb, tap_map, feeds, blocks=blocks, inline=gelu)
     observed["missing"] = recorder.missing
     return recorder, observed
@@ -406,13 +433,15 @@ def _feeds(spec: GemmaSpec, feed: dict[str, np.ndarray] | None, n_tokens: int) -
     if not feed:
         return {}
     entries = []
+    feed_map = gemma4.FEED_MAP if spec.family == 4 else FEED_MAP
+    feed = gemma4.feedable(spec, feed) if spec.family == 4 else feed
     for tap, value in feed.items():
         i = layer_of(tap)
         key = tap if i is None else tap.replace(f"layers.{i}.", "layers.{}.", 1)
-        if key not in FEED_MAP or tap not in tap_names(spec):
+        if key not in feed_map or tap not in tap_names(spec):
             raise ParityInputError(
                 f"keras: cannot feed tap {tap!r}: it is not the output of a keras-hub sub-layer; "
-                f"feedable taps look like {', '.join(sorted(FEED_MAP))}"
+                f"feedable taps look like {', '.join(sorted(feed_map))}"
             )
         width = spec.intermediate_size if key in ("layers.{}.mlp.act",) else spec.hidden_size
         value = np.asarray(value)
@@ -420,7 +449,7 @@ def _feeds(spec: GemmaSpec, feed: dict[str, np.ndarray] | None, n_tokens: int) -
             raise ParityInputError(
                 f"keras: feed for {tap!r} has shape {value.shape}, the input it replaces is {(n_tokens, width)}"
             )
-        entries.append((FEED_MAP[key], i, value))
+        entries.append((feed_map[key], i, value))
     out = {}
     for paths, i, value in sorted(entries, key=lambda e: -len(e[0])):  # one-path entries applied last: they win
         for p in paths:

@@ -45,13 +45,36 @@ class Inline:
     on_first: Callable[[Any, Any, tuple, dict, Callable], None] | None = None
 
 
+@dataclass
+class Hook:
+    """A function every block may call inline (keras.ops.matmul, ...), wrapped while the recorder runs.
+
+    Calls made while no block runs go straight to the original. Inside block i, `handle(recorder, i,
+    original, args, kwargs)` runs instead: it calls `original` itself (possibly with a fed input), records
+    what it recognises with `recorder.put`, and returns the original's result untouched.
+    """
+
+    namespace: Any  # the module the blocks look the function up in at call time; None: not found
+    name: str
+    handle: Callable[..., Any]
+    path: str  # the pseudo-path's last part in tap and feed maps (`<block>/<path>`): not a layer to wrap
+    taps: tuple[str, ...] = ()  # the tap families (with `{}`) it records: missing with `absent` if not installed
+    absent: str = ""
+
+
 class Recorder:
-    """A context manager: `taps` and `missing` fill while the model runs; every wrapper is removed on exit."""
+    """A context manager: `taps` and `missing` fill while the model runs; every wrapper is removed on exit.
+
+    A tap map side is "in" (the layer's first input), "out" (its output, the first of a tuple) or
+    "kw:<name>" (the keyword argument `name` it was called with); "+flat" after it says the tensor has
+    no batch dimension (keras-hub folded batch into tokens: [T, ...] at batch 1).
+    """
 
     def __init__(self, root, tap_map: dict[str, tuple[str, str]], feeds: dict[str, np.ndarray] | None = None,
-                 blocks: list[str] = (), inline: Inline | None = None) -> None:
+                 blocks: list[str] = (), inline: Inline | None = None, hooks: list[Hook] = ()) -> None:
         self.root, self.tap_map, self.feeds = root, tap_map, feeds or {}
-        self.blocks, self.inline = list(blocks), inline
+        self.blocks, self.inline, self.hooks = list(blocks), inline, list(hooks)
+        self.state: dict[int, dict] = {}  # per block: what hooks remember between calls within one run
         self.taps: dict[str, np.ndarray] = {}
         self.missing: dict[str, str] = {}  # tap -> why it was not recorded
         self._by_path: dict[str, list[tuple[str, str]]] = {}
@@ -61,16 +84,19 @@ class Recorder:
         self._inline_calls: dict[int, int] = {}
         self._installed: list[tuple[Any, str, Any]] = []  # (layer, attribute, previous instance-level value)
         self._inline_original = None
+        self._hooked: list[tuple[Any, str, Any]] = []  # (namespace, attribute, original function)
 
     # ------------------------------------------------------------ install
     def __enter__(self) -> Recorder:
         try:
-            suffix = "/" + self.inline.name if self.inline else None
+            pseudo = tuple("/" + n for n in [h.path for h in self.hooks] + ([self.inline.name] if self.inline else []))
             paths = set(self._by_path) | set(self.feeds) | set(self.blocks)
-            for path in sorted(p for p in paths if not (suffix and p.endswith(suffix))):
+            for path in sorted(p for p in paths if not (pseudo and p.endswith(pseudo))):
                 self._install(path)
             if self.inline:
                 self._install_inline()
+            for hook in self.hooks:
+                self._install_hook(hook)
         except BaseException:
             self._remove()
             raise
@@ -106,7 +132,33 @@ class Recorder:
         self._inline_original = getattr(ns, name)
         setattr(ns, name, self._inline_call(self._inline_original))
 
+    def _install_hook(self, hook: Hook) -> None:
+        ns = hook.namespace
+        original = getattr(ns, hook.name, None) if ns is not None else None
+        if not callable(original):
+            for family in hook.taps:
+                for i in range(len(self.blocks)):
+                    if family.format(i) in self.tap_map:
+                        self.missing[family.format(i)] = hook.absent
+            return
+
+        def function(*args, **kwargs):
+            if not self._running:
+                return original(*args, **kwargs)
+            return hook.handle(self, self._running[-1], original, args, kwargs)
+
+        self._hooked.append((ns, hook.name, original))
+        setattr(ns, hook.name, function)
+
+    def put(self, tap: str, x, flat: bool = False) -> None:
+        """Record a tensor the model computed under `tap` (if the tap map asks for it)."""
+        if tap in self.tap_map:
+            self.taps[tap] = to_numpy(x, batch=not flat)
+
     def _remove(self) -> None:
+        for ns, name, original in reversed(self._hooked):
+            setattr(ns, name, original)
+        self._hooked.clear()
         if self._inline_original is not None:
             setattr(self.inline.namespace, self.inline.name, self._inline_original)
         for layer, attr, previous in reversed(self._installed):
@@ -130,8 +182,9 @@ class Recorder:
     # ------------------------------------------------------------ wrappers
     def _record(self, entries: list[tuple[str, str]], side: str, x) -> None:
         for tap, s in entries:
+            s, _, flat = s.partition("+")
             if s == side:
-                a = to_numpy(x)
+                a = to_numpy(x, batch=flat != "flat")
                 if tap.endswith(".attn.probs"):
                     a = a.reshape(-1, *a.shape[-2:])  # [kv, group, T, S] -> [heads, T, S]
                 self.taps[tap] = a
@@ -149,6 +202,10 @@ class Recorder:
             if value is not None:
                 args = (fed(value, args[0]), *args[1:])
             self._record(entries, "in", args[0])
+            for tap, s in entries:
+                name = s.partition("+")[0]
+                if name.startswith("kw:") and kwargs.get(name[3:]) is not None:
+                    self.put(tap, kwargs[name[3:]], flat=s.endswith("+flat"))
             if block is not None:
                 self._running.append(block)
             try:
@@ -223,14 +280,17 @@ def call_order(layer, names: tuple[str, ...]):
                 object.__setattr__(sub, "call", previous)
 
 
-def to_numpy(x) -> np.ndarray:
-    """A recorded tensor as numpy, float32 unless float64 (bf16/fp16 -> fp32 is exact), batch dimension dropped."""
+def to_numpy(x, batch: bool = True) -> np.ndarray:
+    """A recorded tensor as numpy, float32 unless float64 (bf16/fp16 -> fp32 is exact), batch dimension dropped
+    (`batch=False`: the tensor has none; integer ids become float64, exactly)."""
     from keras import ops
 
     a = np.asarray(ops.convert_to_numpy(x))
-    if a.dtype != np.float64:
+    if np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float64)
+    elif a.dtype != np.float64:
         a = a.astype(np.float32)
-    return a[0].copy()
+    return (a[0] if batch else a).copy()
 
 
 def sub_layer(root, path: str):
