@@ -157,6 +157,9 @@ def _made(name: str, factory):
         return factory()
     except ParityInputError:
         raise
+    except SystemExit as e:  # a plug-in that exits the process must not end the run (or pytest) with its code
+        raise ImplementationError(name, "its factory", f"it called sys.exit({e.code!r})",
+                                  "a factory must return an adapter or raise, never exit the process") from None
     except Exception as e:  # noqa: BLE001 -- whatever a third-party factory raises
         import traceback
 

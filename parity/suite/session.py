@@ -43,21 +43,17 @@ def split(s):
     return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _help(config) -> bool:
+    """`pytest --help` / `--version`: configure runs, but nothing is read."""
+    return bool(getattr(config.option, "help", False) or getattr(config.option, "version", False))
+
+
 class ParitySession:
     """The options read and checked, and the state built from them on first use."""
 
     def __init__(self, config) -> None:
-        """Check the cheap inputs now; raises ParityInputError (the hook turns it into a usage error, exit 4)."""
+        """Check every option now; raises ParityInputError (the hook turns it into a usage error, exit 4)."""
         self.config = config
-        opt = config.getoption
-        self.baseline_path = self.path(opt("--parity-baseline")) if opt("--parity-baseline") else \
-            Path(config.rootpath) / DEFAULT_BASELINE
-        if opt("--parity-waivers"):
-            self.waivers_path = self.path(opt("--parity-waivers"))
-        else:
-            default = Path(config.rootpath) / DEFAULT_WAIVERS
-            self.waivers_path = default if default.is_file() else None
-        self.update_baseline = bool(opt("--parity-update-baseline"))
         self.waivers: list = []
         self.report_dir: Path | None = None
         self.tolerances: dict | None = None
@@ -65,35 +61,60 @@ class ParitySession:
         self._params: list | None = None  # [(impl name, dtype)] for impl_dtype
         self._checked: tuple | None = None  # resolve_impls' (impls, skipped), at the first set-up that needs it
         self.error: str | None = None  # bad input found during collection: raised as a UsageError when it ends
+        self.failure: str | None = None  # an implementation that failed while collecting: every test fails with it
         self.report = None
         self.decode_report = None  # the decode checks' report, built when first asked for
         self.applied = None  # parity.gate.waivers.Applied
         self.gates: list = []  # parity.gate.baseline.Gate, one per parity_baseline call
         self.written: list = []
         self.from_workers: list = []  # summaries sent by xdist workers
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Every --parity-* option and PARITY_* variable, checked before any test runs: a bad value is one
+        usage error naming the option, the value and the fix, never N test errors or a failure at the end.
+
+        Only cheap checks run here (files parsed, names looked up), except --parity-checkpoint, which is read
+        whole: every test needs it, and a garbage directory must not become one failure per test.
+        """
+        from parity.suite.options import (check_decode, check_dtypes, check_environment, check_impls,
+                                          check_path_option)
+
+        config, opt = self.config, self.config.getoption
+        for name in ("--parity-spec", "--parity-checkpoint", "--parity-report-dir", "--parity-baseline",
+                     "--parity-waivers"):
+            check_path_option(name, opt(name))
+        self.dtypes = check_dtypes(opt("--parity-dtypes"))
+        self.impls = check_impls(opt("--parity-impls"))
+        self.decode = check_decode(opt("--parity-decode"))
+        check_environment()
+        self.update_baseline = bool(opt("--parity-update-baseline"))
+        given = opt("--parity-baseline")
+        self.baseline_path = self.path(given) if given is not None else Path(config.rootpath) / DEFAULT_BASELINE
+        self._check_baseline(given is not None)
+        if opt("--parity-waivers") is not None:
+            self.waivers_path = self.path(opt("--parity-waivers"))
+        else:
+            default = Path(config.rootpath) / DEFAULT_WAIVERS
+            self.waivers_path = default if default.is_file() else None
         if self.waivers_path is not None:
             from parity.gate.waivers import load_waivers
 
             self.waivers = load_waivers(self.waivers_path, opt("--parity-waivers") or DEFAULT_WAIVERS)
-        from parity.gate.waivers import DTYPES
-
-        for d in split(opt("--parity-dtypes")) or []:
-            if d not in DTYPES:
-                raise ParityInputError(f"--parity-dtypes: unknown dtype {d!r}; use one of {', '.join(DTYPES)}")
-        if not split(opt("--parity-dtypes")):
-            raise ParityInputError("--parity-dtypes is empty; use e.g. --parity-dtypes float32,bfloat16")
         ckpt = opt("--parity-checkpoint")
-        if ckpt:
-            if opt("--parity-spec"):
+        if ckpt is not None:
+            if opt("--parity-spec") is not None:
                 raise ParityInputError("--parity-checkpoint gives the spec; drop --parity-spec")
             if not self.path(ckpt).exists():
                 raise ParityInputError(f"--parity-checkpoint {ckpt!r} does not exist; give a local checkpoint "
                                        "directory (HuggingFace, keras-hub preset or litgpt)")
+            if not _help(config):
+                self.inputs()  # a directory of garbage, a pickle, NaN weights: refused now, once
         else:
             from parity.model.presets import resolve_spec
 
             resolve_spec(opt("--parity-spec"))
-        if opt("--parity-report-dir"):
+        if opt("--parity-report-dir") is not None:
             from parity.report.files import check_out_dir
 
             self.report_dir = check_out_dir(str(self.path(opt("--parity-report-dir"))))
@@ -102,6 +123,22 @@ class ParitySession:
             from parity.numerics.tolerances import load_overrides
 
             self.tolerances = load_overrides(pyproject)
+
+    def _check_baseline(self, given: bool) -> None:
+        """A baseline that exists is read now (a malformed one is a usage error, not a failed gate at the end);
+        a missing one is written as `.obtained.json` by the gate, as pytest-regressions does."""
+        p = self.baseline_path
+        if p.exists() and not p.is_file():
+            raise ParityInputError(f"--parity-baseline {self.show(p)!r} is a directory; give a JSON file, e.g. "
+                                   f"{DEFAULT_BASELINE}")
+        if p.is_file() and not self.update_baseline:
+            from parity.gate.baseline import load
+
+            try:
+                load(p)
+            except ParityInputError as e:
+                flag = "--parity-baseline " if given else ""
+                raise ParityInputError(f"{flag}{e}") from None
 
     # ---------------------------------------------------------------------------------------- paths
     def path(self, value: str) -> Path:
@@ -142,12 +179,29 @@ class ParitySession:
         except ParityInputError as e:
             pytest.fail(message(e), pytrace=False)
 
+    def _run(self, req):
+        """The harness on `req`: bad input or a failed implementation is one line in each test that needs it
+        (pytest.fail, no traceback: the implementation's traceback is in its ImplementationError), never a pass."""
+        from parity.errors import ImplementationError
+        from parity.harness import run
+
+        if self.failure is not None:
+            pytest.fail(self.failure, pytrace=False)
+        try:
+            return run(req)
+        except ParityInputError as e:
+            line = message(e)
+        except ImplementationError as e:
+            line = f"parity: implementation failed: {e}"
+        except SystemExit as e:  # not through a phase: still never the session's exit status
+            line = f"parity: implementation failed: something called sys.exit({e.code!r}) during the run"
+        pytest.fail(line, pytrace=False)  # outside the except: one line, no "during handling of" chain
+
     def request(self):
         from parity.harness import Request
 
         spec, weights = self.inputs()
-        return Request(spec=spec, weights=weights, impls=split(self.config.getoption("--parity-impls")),
-                       dtypes=split(self.config.getoption("--parity-dtypes")), mode="both",
+        return Request(spec=spec, weights=weights, impls=self.impls, dtypes=self.dtypes, mode="both",
                        tolerances=self.tolerances)
 
     def params(self) -> list:
@@ -165,6 +219,8 @@ class ParitySession:
         if self._params is None:
             from parity.adapters import default_impls, get_adapter, installed
 
+            from parity.errors import ImplementationError
+
             try:
                 sel = self.selection()
                 if sel.impls is not None:
@@ -175,6 +231,10 @@ class ParitySession:
             except ParityInputError as e:
                 self.error = message(e)
                 return []
+            except ImplementationError as e:
+                # a plug-in whose factory raised or exited: its tests exist and fail with that line, never pass
+                self.failure = f"parity: implementation failed: {e}"
+                params = [(n, d) for n in self.impls or [] for d in self.dtypes]
             self._params = params
         return self._params
 
@@ -199,8 +259,7 @@ class ParitySession:
             from parity.model.presets import resolve_spec
 
             spec = resolve_spec(self.config.getoption("--parity-spec"))
-        return Selection(spec=spec, impls=split(self.config.getoption("--parity-impls")),
-                         dtypes=split(self.config.getoption("--parity-dtypes")), reference=REFERENCE)
+        return Selection(spec=spec, impls=self.impls, dtypes=self.dtypes, reference=REFERENCE)
 
     def checked(self) -> tuple:
         """parity.capture.implementations.resolve_impls on the session's selection, once: each implementation
@@ -213,6 +272,8 @@ class ParitySession:
 
     def unrunnable(self, impl: str, dtype: str) -> str | None:
         """Why a collected (impl, dtype) cannot run here (a default whose check refuses it), else None."""
+        if self.failure is not None:
+            return None  # it runs, and fails each test with its one line (_run)
         try:
             impls, skipped = self.checked()
         except ParityInputError as e:
@@ -226,13 +287,9 @@ class ParitySession:
     def get_report(self):
         """One harness run for the session (every implementation and dtype, both modes), waivers applied."""
         if self.report is None:
-            from parity.harness import run
             from parity.gate.waivers import apply_waivers
 
-            try:
-                report = run(self.request())  # request() reads the inputs: a bad checkpoint fails here too
-            except ParityInputError as e:
-                pytest.fail(message(e), pytrace=False)
+            report = self._run(self.inputs_or_fail() and self.request())
             self.applied = apply_waivers(report, self.waivers)
             self.report = report
         return self.report
@@ -243,16 +300,10 @@ class ParitySession:
         if self.decode_report is None:
             import dataclasses
 
-            from parity.harness import run
             from parity.gate.waivers import apply_waivers
 
-            from parity.capture.decode import parse_steps
-
-            try:
-                steps = parse_steps(self.config.getoption("--parity-decode"))
-                report = run(dataclasses.replace(self.request(), mode="cumulative", decode=steps))
-            except ParityInputError as e:
-                pytest.fail(message(e), pytrace=False)
+            self.inputs_or_fail()
+            report = self._run(dataclasses.replace(self.request(), mode="cumulative", decode=self.decode))
             apply_waivers(report, self.waivers)
             self.decode_report = report
         return self.decode_report
