@@ -140,10 +140,14 @@ def capture(
             traces.append(spill(trace) if spill else trace)
         with _phase(impl, dtype, "effective()"):
             effective = adapter.effective(model)  # after the runs: an adapter may read what they observed
-        if "cumulative" in modes and "isolated" in modes:
-            for name in prompts:
+        if "isolated" in modes:
+            # with cumulative beside it, every prompt is checked; isolated alone costs one un-fed run of the
+            # shortest prompt, so an adapter that ignores `feed` is caught in --mode isolated too
+            for name in prompts if "cumulative" in modes else [min(prompts, key=lambda k: len(prompts[k]))]:
                 got = {t.mode: t for t in traces if t.prompt == name}
-                check_feed_used(impl, dtype, got["cumulative"], got["isolated"], references[name], spec)
+                own_run = got.get("cumulative") or _unfed_run(adapter, model, spec, weights, dtype, name,
+                                                              prompts[name])
+                check_feed_used(impl, dtype, own_run, got["isolated"], references[name], spec)
         for t in traces:
             t.effective = effective
         return traces
@@ -151,6 +155,16 @@ def capture(
         with _phase(impl, dtype, "release()"):
             adapter.release(model)
         del model
+
+
+def _unfed_run(adapter, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str, ids: list[int]) -> Trace:
+    """One run of prompt `name` without the feed: what the isolated run must differ from if it uses the feed."""
+    impl = declared(adapter).name
+    with _phase(impl, dtype, f"run() (cumulative, prompt {name!r}, checking the isolated feed is used)"):
+        result = adapter.run(model, ids, feed=None)
+    return Trace(impl=adapter.name, version=adapter.version(), dtype=dtype, spec=spec.to_dict(),
+                 weights_hash=weights.hash, tokens=list(ids), prompt=name, mode="cumulative",
+                 taps={k: widen(v) for k, v in getattr(result, "taps", {}).items()})
 
 
 def _capture_decode(adapter, own: Declared, model, spec: GemmaSpec, weights: Weights, dtype: str, name: str,

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Severity = Literal["divergence", "note", "waived"]
-Source = Literal["probe", "counterfactual", "first-divergence"]
+Source = Literal["probe", "counterfactual", "first-divergence", "comparison"]
 SEVERITIES = ("divergence", "note", "waived")
-SOURCES = ("probe", "counterfactual", "first-divergence")
+SOURCES = ("probe", "counterfactual", "first-divergence", "comparison")  # comparison: parity.diagnose.logit_shift
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from parity.numerics.display import share_text
 from parity.diagnose.counterfactuals import PREFILL, explain
 from parity.diagnose.finding import Finding, RunProbe
 from parity.diagnose.search import named
+from parity.diagnose.logit_shift import shift_notes
 
 # a different rounding order, not a different function: named, reported, never failed on its own
 PRECISION_ONLY = NOTE_CAUSES
@@ -47,6 +48,7 @@ def diagnose(report) -> None:
         from parity.diagnose.decode import diagnose_decode
 
         report.diagnosis += diagnose_decode(report)
+    report.diagnosis += shift_notes(report)  # after the probes: theirs, where they ran, says more
 
 
 def diagnose_run(report, impl: str, dtype: str) -> tuple[list[RunProbe], list[Finding]]:
