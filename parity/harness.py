@@ -23,7 +23,7 @@ from parity.model.spec import GemmaSpec, truncate  # noqa: F401 -- truncate: the
 from parity.numerics.tolerances import TOLERANCES, Tolerance
 from parity.capture.trace import Trace
 from parity.model.weights import param_count, random_weights, Weights
-from parity.adapters.torch_setup import threads
+from parity.adapters.torch_setup import stream_layers, threads
 from parity.diagnose.run import diagnose
 from parity.gate.verdict import check_compared, decide
 from parity.capture.runs import Run
@@ -161,6 +161,7 @@ def check_resources(req: Request) -> None:
     from parity.model.weight_store import cache_dir, spec_digest
 
     threads()  # PARITY_THREADS bounds, also before any work
+    stream_layers(0)  # PARITY_STREAM's value too, not when the first model is built
     spec = req.spec if req.first_layers is None else truncate(req.spec, req.first_layers)
     large = is_large(req.spec)
     cache = None

@@ -31,8 +31,12 @@ def default_prompts(spec: GemmaSpec, seed: int = 1234) -> dict[str, list[int]]:
 
 
 def parse_tokens(text: str) -> list[int]:
+    parts = text.replace(" ", "").split(",")
+    if text.strip() and "" in parts:  # '2,,3' or '2,3,': an id left out is not silently dropped
+        raise ParityInputError(f"{{option}} {text!r} has an empty entry; give ids separated by single commas, e.g. "
+                               "2,651,6037", option="tokens")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        ids = [int(t) for t in parts if t != ""]
     except ValueError:
         raise ParityInputError(f"{{option}} {text!r} is not a comma-separated list of integers; e.g. 2,651,6037",
                                option="tokens") from None

@@ -30,8 +30,8 @@ from parity.report.files import OutDir, no_space, write_report
 def parser() -> argparse.ArgumentParser:
     from parity.model.weights import PROFILES
 
-    p = argparse.ArgumentParser(prog="python -m parity.report", description=__doc__.splitlines()[0],
-                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="python -m parity.report", description=__doc__.splitlines()[0],
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", help="preset name (default tiny-gemma) or path to a HuggingFace config.json")
     p.add_argument("--weights", help="canonical weights (.safetensors, HF names); default: seeded random")
     p.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint directory (HuggingFace, keras-hub preset, "
@@ -89,6 +89,23 @@ def parser() -> argparse.ArgumentParser:
                                                            "each library's own facts, not only the properties "
                                                            "that differ from the reference")
     return p
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own refusals (a missing argument, a type, options that exclude each other) in one line, exit 2,
+    as every other bad input: argparse prints the whole usage and then the error."""
+
+    def error(self, message):
+        self.exit(2, f"parity: error: {message}; see {self.prog} --help\n")
+
+
+def check_blank(args) -> None:
+    """An option given as '' (or blanks) would mean its default, silently: refused, naming it."""
+    for opt, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if opt not in ("prompt", "tokens") and any(isinstance(v, str) and not v.strip() for v in values):
+            raise ParityInputError(f"{cli_flag(opt)} is empty; give a value, or leave the option out for its "
+                                   "default")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -191,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "or 0 for no limit")
             os.environ["PARITY_TIMEOUT"] = repr(args.timeout)  # read by every phase, here and in child processes
         check_trace_options(args, p)
+        check_blank(args)
         check_unique(args)
         req = build_request(args)
         if args.taps:
