@@ -64,5 +64,5 @@ def test_the_note_is_not_given_to_rounding(tiny):
     than the error left, so no note (the criterion fails for the shifted port, passes here)."""
     report = run(Request(spec=tiny, impls=["litgpt-style", "hf", SHIFTED[1]], dtypes=["float32", "bfloat16"],
                          prompts=TOKENS, mode="cumulative"))
-    named = {(d["impl"], d["dtype"]) for d in report.diagnosis if d["cause"] == "logit-shift"}
+    named = {(d.impl, d.dtype) for d in report.diagnosis if d.cause == "logit-shift"}
     assert named == {("centred-no-final-norm", "float32"), ("centred-no-final-norm", "bfloat16")}
