@@ -18,6 +18,11 @@ Options (all under `--parity-`):
     --parity-waivers FILE       accepted divergences (default fixtures/waivers.toml, if it exists)
     --parity-decode N|auto      decode steps of the decode checks (default auto: past every sliding window)
 
+Every option (and PARITY_THREADS, PARITY_TIMEOUT, PARITY_STREAM) is checked when pytest configures
+(parity.suite.options): a bad value is one usage error naming the option, the value and the fix, exit
+status 4 as for any bad pytest option, before a test runs. An implementation that fails (a plug-in factory
+that raises or exits, a run that compares nothing) fails each test that needs it with one line.
+
 Fixtures for your own parity tests:
 
     parity_spec      the session's GemmaSpec
