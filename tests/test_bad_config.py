@@ -62,7 +62,14 @@ def mutated(base: str, key: str, value) -> dict:
     return cfg
 
 
-DELETE = object()
+class _Delete:
+    """The key removed from the config (its repr is stable: test ids must match across xdist workers)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
 
 # (base config, dotted field, bad value, what the one line must say besides the field)
 CASES = [
