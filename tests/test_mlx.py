@@ -179,3 +179,35 @@ def test_scores_mask_is_minus_inf():
         a = np.array([[[[1.0, low]]]], dtype=np.float32)  # [kv, repeats, T, S]
         got = _heads(a, True, dtype)
         assert got.shape == (1, 1, 2) and got[0, 0, 0] == 1.0 and got[0, 0, 1] == -np.inf
+
+
+def test_spec_values_mlx_lm_does_not_take_show_in_effective():
+    """A value the config carries but mlx-lm's classes never read is a differing value in `effective`, not a
+    silent default: Gemma 1's query_pre_attn_scalar and Gemma 2's rope scaling (parity's own keys, which no
+    ModelArgs has), and a Gemma 3 layer pattern no sliding_window_pattern expresses."""
+    from parity.adapters.mlx import MlxAdapter
+    from parity.model.presets import resolve_spec
+    from parity.model.weights import random_weights
+
+    a = MlxAdapter()
+    g3 = resolve_spec("tiny-gemma3")
+    cases = [
+        (resolve_spec("tiny-gemma").replace(query_pre_attn_scalar=48.0), "query_scale"),
+        (resolve_spec("tiny-gemma2").replace(rope_scaling_factor=8.0), "rope_scaling"),
+        (g3.replace(layer_types=("local", "local", "global", "local", "global", "local")), "layer_types"),
+    ]
+    for spec, field in cases:
+        a.check(spec, "float32")
+        m = a.build(spec, random_weights(spec), "float32")
+        try:
+            eff = a.effective(m)
+        finally:
+            a.release(m)
+        assert field in eff["differs_from_spec"], (spec.name, eff["differs_from_spec"])
+        assert "parity" not in eff["config_keys_not_read"]  # bookkeeping is not listed as a dropped number
+    assert eff["differs_from_spec"]["layer_types"]["mlx"] == ["local"] * 5 + ["global"]  # mlx-lm's default 6
+    m = a.build(g3, random_weights(g3), "float32")
+    try:
+        assert "layer_types" not in a.effective(m)["differs_from_spec"]  # the real pattern is taken
+    finally:
+        a.release(m)
