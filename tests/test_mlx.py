@@ -211,3 +211,24 @@ def test_spec_values_mlx_lm_does_not_take_show_in_effective():
         assert "layer_types" not in a.effective(m)["differs_from_spec"]  # the real pattern is taken
     finally:
         a.release(m)
+
+
+def test_a_cache_one_slot_short_is_found_at_the_step_the_window_fills(tmp_path, monkeypatch):
+    """mlx-lm's Gemma 3 given RotatingKVCache(max_size=window - 1) on its local layers: the 12-token prompt
+    decodes through the window; at step 3 (position 15) a local layer must see 16 keys and holds 15."""
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    def make_cache(self):
+        a = self.args
+        return [KVCache() if (i + 1) % a.sliding_window_pattern == 0 else RotatingKVCache(max_size=a.sliding_window - 1)
+                for i in range(a.num_hidden_layers)]
+
+    monkeypatch.setattr(gemma3_text.Model, "make_cache", make_cache)
+    code, r = report(tmp_path, "d", "--spec", "tiny-gemma3", "--dtypes", "bfloat16", "--tokens", SHORT,
+                     "--decode", "auto")
+    assert code == 1 and verdicts(r)[("bfloat16", "decode")]["status"] == "FAIL"
+    f = next(f for f in r["first_divergences"] if f["mode"] == "decode")
+    assert (f["tap"], f["step"]) == ("layers.0.cache.k", 3)
+    assert any(d["cause"] == "cache-window" and d["tap"] == "layers.0.cache.k" and d["step"] == 3
+               for d in r["diagnosis"])
