@@ -39,6 +39,15 @@ def causes(r: dict, dtype: str) -> dict[str, str]:
     return {d["cause"]: d["tap"] for d in r["diagnosis"] if d["dtype"] == dtype}
 
 
+def diffs(r: dict, run: str) -> dict:
+    """property -> (reference's value, run's value) for each effective property that differs, as the report
+    compares them (parity.model.effective)."""
+    from parity.model.effective import differences
+
+    return {d.property: (d.reference, d.value) for d in differences(r["effective"], r["reference"])
+            if d.run == run}
+
+
 def first(r: dict, dtype: str, mode: str = "cumulative") -> str | None:
     return next((f["tap"] for f in r["first_divergences"] if f["dtype"] == dtype and f["mode"] == mode), None)
 
@@ -65,10 +74,10 @@ def test_gemma1_runs_the_exact_gelu(tmp_path):
     assert code == 1 and r["status"] == "FAIL"
     assert first(r, "float32") == "layers.0.mlp.act"
     assert causes(r, "float32")["gelu-exact"] == "layers.0.mlp.act"
-    eff = r["effective"]["mlx@float32"]
-    assert eff["differs_from_spec"] == {"gelu_approximate": {"spec": "tanh", "mlx": "none"}}
-    assert "hidden_activation" in eff["config_keys_not_read"]  # gemma.ModelArgs has no activation key
-    assert eff["model_args"]["model_type"] == "gemma" and eff["model_args"]["rope_theta"] == 10000.0
+    assert diffs(r, "mlx@float32") == {"gelu_approximate": ("tanh", "none")}
+    lib = r["effective"]["mlx@float32"]["library"]
+    assert "hidden_activation" in lib["config_keys_not_read"]  # gemma.ModelArgs has no activation key
+    assert lib["model_args"]["model_type"] == "gemma" and lib["model_args"]["rope_theta"] == 10000.0
     not_compared = verdicts(r)[("float32", "cumulative")]["not_compared"]
     assert "mx.fast.scaled_dot_product_attention" in not_compared["layers.0.attn.probs"]
     assert "mx.fast.rope" in not_compared["rope.cos"]
@@ -79,9 +88,8 @@ def test_gemma2_has_no_sliding_window(tmp_path):
     assert code == 1
     assert first(r, "float32") == "layers.0.attn.scores"
     assert causes(r, "float32")["sliding-window"] == "layers.0.attn.probs"
-    d = r["effective"]["mlx@float32"]["differs_from_spec"]
-    assert d["window"]["mlx"] == [None] * 4 and d["window"]["spec"] == [16, None, 16, None]
-    assert "sliding_window" in r["effective"]["mlx@float32"]["config_keys_not_read"]
+    assert diffs(r, "mlx@float32") == {"sliding_window": ((16, None, 16, None), (None,) * 4)}
+    assert "sliding_window" in r["effective"]["mlx@float32"]["library"]["config_keys_not_read"]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +101,8 @@ def gemma3(tmp_path_factory):
 def test_gemma3_float32_rounds_the_embedding_scale_to_bf16(gemma3):
     _, r = gemma3
     assert first(r, "float32") == "embed"
-    assert r["effective"]["mlx@float32"]["differs_from_spec"]["embed_scale"]["mlx"] == "9.8125"  # bf16(sqrt(96))
-    assert r["effective"]["mlx@bfloat16"]["differs_from_spec"] == {}  # what the spec asks for in bf16
+    assert diffs(r, "mlx@float32")["embed_scale"][1] == 9.8125  # bf16(sqrt(96)), where the port has sqrt(96)
+    assert diffs(r, "mlx@bfloat16") == {}  # what the spec asks for in bf16
 
 
 def test_gemma3_bfloat16_agrees_but_rounds_the_norm_before_its_weight(gemma3):
@@ -182,35 +190,34 @@ def test_scores_mask_is_minus_inf():
 
 
 def test_spec_values_mlx_lm_does_not_take_show_in_effective():
-    """A value the config carries but mlx-lm's classes never read is a differing value in `effective`, not a
-    silent default: Gemma 1's query_pre_attn_scalar and Gemma 2's rope scaling (parity's own keys, which no
-    ModelArgs has), and a Gemma 3 layer pattern no sliding_window_pattern expresses."""
+    """A value the config carries but mlx-lm's classes never read shows as the value the built model has,
+    not the spec's: Gemma 1's query_pre_attn_scalar and Gemma 2's rope scaling (parity's own keys, which no
+    ModelArgs has), and a Gemma 3 layer pattern no sliding_window_pattern expresses (mlx-lm's default 6)."""
     from parity.adapters.mlx import MlxAdapter
     from parity.model.presets import resolve_spec
     from parity.model.weights import random_weights
 
     a = MlxAdapter()
-    g3 = resolve_spec("tiny-gemma3")
-    cases = [
-        (resolve_spec("tiny-gemma").replace(query_pre_attn_scalar=48.0), "query_scale"),
-        (resolve_spec("tiny-gemma2").replace(rope_scaling_factor=8.0), "rope_scaling"),
-        (g3.replace(layer_types=("local", "local", "global", "local", "global", "local")), "layer_types"),
-    ]
-    for spec, field in cases:
+
+    def effective(spec):
         a.check(spec, "float32")
         m = a.build(spec, random_weights(spec), "float32")
         try:
-            eff = a.effective(m)
+            return a.effective(m)
         finally:
             a.release(m)
-        assert field in eff["differs_from_spec"], (spec.name, eff["differs_from_spec"])
-        assert "parity" not in eff["config_keys_not_read"]  # bookkeeping is not listed as a dropped number
-    assert eff["differs_from_spec"]["layer_types"]["mlx"] == ["local"] * 5 + ["global"]  # mlx-lm's default 6
-    m = a.build(g3, random_weights(g3), "float32")
-    try:
-        assert "layer_types" not in a.effective(m)["differs_from_spec"]  # the real pattern is taken
-    finally:
-        a.release(m)
+
+    g3 = resolve_spec("tiny-gemma3")
+    e = effective(resolve_spec("tiny-gemma").replace(query_pre_attn_scalar=48.0))
+    assert e["query_scale"] == [32 ** -0.5] * 4  # the spec asks for 48 ** -0.5
+    e = effective(resolve_spec("tiny-gemma2").replace(rope_scaling_factor=8.0))
+    assert e["rope_scaling_factor"] == [1.0] * 4
+    e = effective(g3.replace(layer_types=("local", "local", "global", "local", "global", "local")))
+    assert e["sliding_window"] == [16] * 5 + [None] and "parity" not in e["library"]["config_keys_not_read"]
+    e = effective(g3)  # the real pattern is taken, with its rope per layer type
+    assert e["sliding_window"] == [16] * 5 + [None]
+    assert e["rope_base"] == [1e4] * 5 + [1e6] and e["rope_scaling_factor"] == [1.0] * 5 + [8.0]
+    assert e["gelu_approximate"] == "tanh" and e["geglu"] == "gate" and e["norm_unit_offset"] is True
 
 
 def test_a_cache_one_slot_short_is_found_at_the_step_the_window_fills(tmp_path, monkeypatch):
@@ -232,3 +239,9 @@ def test_a_cache_one_slot_short_is_found_at_the_step_the_window_fills(tmp_path, 
     assert (f["tap"], f["step"]) == ("layers.0.cache.k", 3)
     assert any(d["cause"] == "cache-window" and d["tap"] == "layers.0.cache.k" and d["step"] == 3
                for d in r["diagnosis"])
+
+
+def test_gemma4_is_refused_as_unsupported(tmp_path):
+    out = tmp_path / "g4"
+    assert report_main(["--impls", "mlx", "--spec", "tiny-gemma4", "--dtypes", "float32", "--out", str(out),
+                        "--quiet"]) == 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,6 @@ class Built:
     dtype: str
     config: dict  # config.json as load_model read it
     directory: Path
-    observed: dict = field(default_factory=dict)  # what a forward showed (the GELU called), for effective()
 
 
 class MlxAdapter(Adapter):
@@ -93,6 +92,11 @@ class MlxAdapter(Adapter):
                 raise backend_missing(self.name, mod.replace("_", "-")) from None
         if dtype not in DTYPES:
             raise Unsupported(f"mlx runs {', '.join(DTYPES)}, not {dtype}; drop 'mlx' from --impls for it")
+        if spec.family not in (1, 2, 3):
+            # mlx-lm 0.32.2 has gemma4_text.py; its tap map (per-layer inputs, KV-shared layers, proportional
+            # RoPE, MoE) is not written here yet: refused rather than recorded from the wrong modules
+            raise Unsupported(f"mlx: Gemma {spec.family} is not mapped by parity's mlx adapter yet (mlx-lm's "
+                              "gemma4_text.py exists); drop 'mlx' from --impls for this spec")
         fixed = {  # what mlx-lm's Gemma classes hard-code and no config key changes
             "norm_unit_offset": True, "embed_scale": True,
             "norm_placement": "pre" if spec.family == 1 else "sandwich",
@@ -159,9 +163,6 @@ class MlxAdapter(Adapter):
             logits = built.model(mx.array([ids]), cache=cache)
             mx.eval(logits)
             taps = rec.finish()
-        for pseudo, name in rec.calls.items():
-            if pseudo.endswith(":gelu"):
-                built.observed.setdefault("gelu", name)
         taps["logits"] = _np(logits)
         for tap in [t for t in taps if t.endswith(("attn.scores", "attn.probs"))]:
             taps[tap] = _heads(taps[tap], tap.endswith("scores"), built.dtype)
@@ -188,9 +189,22 @@ class MlxAdapter(Adapter):
 
     # ------------------------------------------------------------ readback
     def effective(self, model: Built) -> dict:
-        if "gelu" not in model.observed:
-            self._forward(model, [model.spec.bos_token_id])  # one token shows which GELU the MLP calls
-        return readback.effective(model)
+        return readback.effective(model, self._probe(model))
+
+    def _probe(self, built: Built) -> dict:
+        """One token through the model with layer 0's GELU input and both projections recorded: which GELU
+        function the MLP calls, and which projection it takes."""
+        import mlx.core as mx
+
+        taps = {"in": (_L.format(0) + ":gelu", "in"), "gate": (_L.format(0) + ".mlp.gate_proj", "out"),
+                "up": (_L.format(0) + ".mlp.up_proj", "out")}
+        with recording(built.model, taps, None, self._inline(built), [_L.format(0)]) as rec:
+            mx.eval(built.model(mx.array([[built.spec.bos_token_id]])))
+            got = rec.finish()
+        gelu = rec.calls.get(_L.format(0) + ":gelu")
+        geglu = ("gate" if np.array_equal(got.get("in"), got["gate"]) else
+                 "up" if np.array_equal(got.get("in"), got["up"]) else "neither projection")
+        return {"gelu": gelu, "geglu": geglu}
 
     def release(self, model: Built) -> None:
         shutil.rmtree(model.directory, ignore_errors=True)

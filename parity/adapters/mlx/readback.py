@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
 
 import numpy as np
 
@@ -116,87 +115,76 @@ def embed_scale(model, dtype) -> float:
     return float(mx.array(hidden**0.5, dtype=dtype).astype(mx.float32).item())
 
 
-def effective(built) -> dict:
+def effective(built, probe: dict) -> dict:
+    """parity.model.effective's typed properties read back from the loaded model, plus mlx-lm's own facts
+    under `library` (ModelArgs as loaded, the config keys it dropped, caches). `probe` is what a one-token
+    recorded forward showed: the GELU function the MLP called (`gelu`) and which projection it took
+    (`geglu`)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from parity.model.effective import GELU_PROBE, gelu_kind, report
+
     model, spec = built.model, built.spec
-    att = [layer.self_attn for layer in model.model.layers]
-    dt = model.model.embed_tokens.weight.dtype
+    layers = model.model.layers
+    layer0, att = layers[0], [layer.self_attn for layer in layers]
+    emb = model.model.embed_tokens.weight
+    dt = emb.dtype
     dname = str(dt).replace("mlx.core.", "")
-    rope = [(float(a.rope.base), float(getattr(a.rope, "scale", 1.0))) for a in att]
-    gelu = built.observed.get("gelu", "?")
-    cache_kinds = _cache_layout(model)
-    fused = not hasattr(att[0], "attn_logit_softcapping")
+    gelu = probe.get("gelu")
+    act = (gelu_kind(np.array(getattr(nn, gelu)(mx.array(GELU_PROBE, mx.float32))).tolist()) if gelu
+           else "?")
     scale = embed_scale(model, dt)
-    types = layer_types(model)
-    eff = {
+    bf16_scale = "mx.bfloat16" in inspect.getsource(type(model.model).__call__)
+    return report({
+        "vocab_size": int(emb.shape[0]),
+        "hidden_size": int(emb.shape[1]),
+        "intermediate_size": int(layer0.mlp.gate_proj.weight.shape[0]),
+        "num_layers": len(layers),
+        "num_heads": int(att[0].n_heads),
+        "num_kv_heads": int(att[0].n_kv_heads),
+        "head_dim": int(att[0].head_dim),
+        "norm_unit_offset": _norm_offset(layer0.input_layernorm),
+        "norm_placement": "sandwich" if "post_feedforward_layernorm" in layer0 else "pre",
+        "norm_eps": float(layer0.input_layernorm.eps),
+        "final_norm": "norm" in model.model,
+        "gelu_approximate": act,
+        "geglu": probe.get("geglu", "?"),
+        "embed_scale": scale,
+        "embed_scale_dtype": "bfloat16" if bf16_scale and dt != mx.bfloat16 else "activation",
+        "tied_head": "lm_head" not in model,
+        "query_scale": [float(a.scale) for a in att],
+        "rope_base": [float(a.rope.base) for a in att],
+        "rope_scaling_factor": [1.0 / float(getattr(a.rope, "scale", 1.0)) for a in att],
+        "attn_softcap": [None if getattr(a, "attn_logit_softcapping", None) is None
+                         else float(a.attn_logit_softcapping) for a in att],
+        "final_softcap": None if getattr(model, "final_logit_softcapping", None) is None
+        else float(model.final_logit_softcapping),
+        "sliding_window": windows(model),
+        "qk_norm": "q_norm" in att[0],
+    }, {
         "class": f"{type(model).__module__}.{type(model).__name__}",
-        "activation": {"gelu": "exact (nn.gelu)", "gelu_approx": "tanh (nn.gelu_approx)"}.get(gelu, gelu)
-        + f" in {dname}",
-        "norm": f"(1 + w) formed in {dname} (the weight's dtype), mx.fast.rms_norm, "
-        f"eps {sorted({n.eps for layer in model.model.layers for n in _norms(layer)})}",
-        "norm_placement": "pre" if spec.family == 1 else "sandwich",
-        "embed_scale": f"{scale:.6g} in {dname}",
-        "query_scale": _one_or_all([float(a.scale) for a in att]),
-        "rope_base": [b for b, _ in rope],
-        "rope_scaling": [f"linear {1 / s:g}" if s != 1.0 else "none" for _, s in rope],
-        "rope": "mx.fast.rope, half-split" if not getattr(att[0].rope, "traditional", False)
-        else "mx.fast.rope, interleaved (traditional)",
-        "attention": "mx.fast.scaled_dot_product_attention (fused)" if fused
+        "gelu": f"nn.{gelu} in {dname}" if gelu else "not observed",
+        "norm": f"mx.fast.rms_norm(x, 1.0 + w): (1 + w) formed in {dname} (the weight's dtype)",
+        "embed_scale": f"{scale:.6g} in {dname}" + (" (a bfloat16 constant)" if bf16_scale else ""),
+        "rope": "nn.RoPE (mx.fast.rope), " + ("interleaved" if getattr(att[0].rope, "traditional", False)
+                                               else "half-split"),
+        "attention": "mx.fast.scaled_dot_product_attention (fused)" if not hasattr(att[0], "attn_logit_softcapping")
         else f"q * scale, scores and softcap in {dname}, mask, mx.softmax(precise=True)",
-        "attn_softcap": getattr(att[0], "attn_logit_softcapping", None),
-        "final_softcap": getattr(model, "final_logit_softcapping", None),
-        "layer_types": types,
-        "window": windows(model),
-        "tied_head": "lm_head" not in model or getattr(model, "tie_word_embeddings", True) is True,
-        "kv_cache": cache_kinds,
+        "layer_types": layer_types(model),
+        "kv_cache": _cache_layout(model),
         "model_args": model_args(model),
         "config_keys_not_read": unread_keys(built.config, model),
-    }
-    eff["differs_from_spec"] = differences(spec, eff, scale, dt)
-    return eff
+    })
 
 
-def differences(spec, eff: dict, scale: float, dt) -> dict:
-    """field -> {"spec": ..., "mlx": ...} for every spec value the built model does not compute."""
+def _norm_offset(norm) -> bool:
+    """Whether the norm multiplies by (1 + w): its output on a row of ones (RMS 1) is the factor itself."""
     import mlx.core as mx
 
-    out = {}
-
-    def differ(name, want, got):
-        if want != got:
-            out[name] = {"spec": want, "mlx": got}
-
-    n = spec.num_layers
-    act = eff["activation"].split(" ")[0]
-    differ("gelu_approximate", spec.gelu_approximate, {"exact": "none", "tanh": "tanh"}.get(act, act))
-    want_scale = spec.embed_normalizer
-    if spec.embed_scale_dtype == "activation":
-        want_scale = float(mx.array(want_scale, dtype=dt).astype(mx.float32).item())
-    if not math.isclose(scale, want_scale, rel_tol=0, abs_tol=0):
-        out["embed_scale"] = {"spec": f"{want_scale:.6g} (sqrt({spec.hidden_size}) in {spec.embed_scale_dtype})",
-                              "mlx": f"{scale:.6g}"}
-    qs = eff["query_scale"]
-    if any(not math.isclose(q, spec.query_scale, rel_tol=1e-6) for q in (qs if isinstance(qs, list) else [qs])):
-        out["query_scale"] = {"spec": spec.query_scale, "mlx": qs}
-    differ("layer_types", list(spec.layer_types), eff["layer_types"])
-    differ("window", [spec.window_for(i) for i in range(n)], eff["window"])
-    differ("rope_base", [float(spec.rope_base_for(i)) for i in range(n)], eff["rope_base"])
-    differ("rope_scaling", ["none" if spec.rope_factor_for(i) == 1.0 else f"linear {spec.rope_factor_for(i):g}"
-                            for i in range(n)], eff["rope_scaling"])
-    if spec.family == 2 or eff["attn_softcap"] is not None:
-        differ("attn_softcap", spec.attn_softcap, eff["attn_softcap"])
-    if spec.family == 2 or eff["final_softcap"] is not None:
-        differ("final_softcap", spec.final_softcap, eff["final_softcap"])
-    eps = eff["norm"].rsplit("eps ", 1)[-1]
-    differ("norm_eps", str([spec.norm_eps]), eps)
-    return out
-
-
-def _norms(layer) -> list:
-    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-             "post_feedforward_layernorm")
-    out = [getattr(layer, n) for n in names if n in layer]
-    out += [getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if n in layer.self_attn]
-    return out
+    w = np.array(norm.weight.astype(mx.float32), np.float64)
+    y = np.array(norm(mx.ones((1, w.shape[0]), norm.weight.dtype)).astype(mx.float32), np.float64)[0]
+    return bool(np.allclose(y, 1 + w, rtol=2e-2, atol=1e-3))
 
 
 def _cache_layout(model) -> str:
@@ -208,7 +196,3 @@ def _cache_layout(model) -> str:
         size = getattr(c, "max_size", None)
         kinds.setdefault(t, set()).add(type(c).__name__ + (f"(max_size={size})" if size is not None else ""))
     return "make_prompt_cache (" + ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in kinds.items()) + ")"
-
-
-def _one_or_all(values: list):
-    return values[0] if len({repr(v) for v in values}) == 1 else values
