@@ -57,6 +57,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     # the released litgpt (0.5.x) pins huggingface-hub<1.4, which holds transformers at 5.3: an extra, kept apart
     Builtin("litgpt", "parity.adapters.litgpt_pkg:LitgptAdapter", ("litgpt", "torch"),
             "pip install litgpt (parity's extra: pip install 'parity[litgpt]')", extra="litgpt"),
+    Builtin("mlx", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx"),
 )}
 
 

@@ -1,0 +1,231 @@
+"""The `mlx` implementation: mlx-lm's own Gemma, Gemma 2 and Gemma 3 (text) classes on MLX's CPU backend.
+
+Built the way mlx-lm users load a checkpoint: an HF directory (config.json + model.safetensors in the run's
+dtype) loaded by `mlx_lm.utils.load_model` (checkpoint.py). Taps are recorded from MLX itself by wrapper
+modules swapped into the loaded module tree (recording.py). Decode goes through mlx-lm's own prompt cache
+(`make_prompt_cache`: KVCache, and RotatingKVCache(max_size=window) on Gemma 3's local layers), one token
+per call, as `mlx_lm.generate` steps it.
+
+What mlx-lm 0.32.2 computes (read from mlx_lm/models/gemma.py, gemma2.py, gemma3_text.py) is read back from
+the built model in readback.py, and every difference from the spec is listed there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parity.adapters.base import Adapter, DecodeResult, DecodeStep, RunResult
+from parity.adapters.mlx import readback
+from parity.adapters.mlx.recording import module_feeds, recording
+from parity.adapters.registry import backend_missing
+from parity.errors import Unsupported
+from parity.model.spec import GemmaSpec
+from parity.model.taps import expand_tap_map
+from parity.model.weights import Weights
+
+_L = "model.layers.{}"
+_COMMON = {
+    "embed": (_L.format(0), "in"),  # mlx-lm scales by sqrt(hidden) inline in the model's forward: layer 0's input
+    "layers.{}.attn_norm": (_L + ".input_layernorm", "out"),
+    "layers.{}.attn": (_L + ".self_attn", "out"),
+    "layers.{}.mlp.gate": (_L + ".mlp.gate_proj", "out"),
+    "layers.{}.mlp.up": (_L + ".mlp.up_proj", "out"),
+    "layers.{}.mlp.act": (_L + ":gelu", "out"),  # nn.gelu / nn.gelu_approx, inline in MLP.__call__
+    "layers.{}.mlp.hidden": (_L + ".mlp.down_proj", "in"),
+    "layers.{}.mlp": (_L + ".mlp", "out"),
+    "layers.{}.out": (_L, "out"),
+    "final_norm": ("model.norm", "out"),
+}
+TAP_MAP_GEMMA1 = {  # Gemma 1: post_attention_layernorm is the PRE-MLP norm (HF's naming)
+    **_COMMON,
+    "layers.{}.attn_residual": (_L + ".post_attention_layernorm", "in"),
+    "layers.{}.mlp_norm": (_L + ".post_attention_layernorm", "out"),
+}
+TAP_MAP_SANDWICH = {
+    **_COMMON,
+    "layers.{}.post_attn_norm": (_L + ".post_attention_layernorm", "out"),
+    "layers.{}.attn_residual": (_L + ".pre_feedforward_layernorm", "in"),
+    "layers.{}.mlp_norm": (_L + ".pre_feedforward_layernorm", "out"),
+    "layers.{}.post_mlp_norm": (_L + ".post_feedforward_layernorm", "out"),
+}
+SOFTMAX_TAPS = {  # Gemma 2 computes its scores inline and calls mx.softmax on them (after softcap and mask)
+    "layers.{}.attn.scores": (_L + ":softmax", "in"),
+    "layers.{}.attn.probs": (_L + ":softmax", "out"),
+}
+FUSED_ATTENTION = ("mlx-lm's {cls} calls mx.fast.scaled_dot_product_attention, one fused kernel: the scores "
+                   "and probabilities never exist as arrays")
+ROPE_FUSED = "mlx-lm's nn.RoPE calls mx.fast.rope, one fused kernel: no cos table exists as an array"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Built:
+    """A loaded mlx-lm model and what parity needs beside it."""
+
+    model: object
+    spec: GemmaSpec
+    dtype: str
+    config: dict  # config.json as load_model read it
+    directory: Path
+
+
+class MlxAdapter(Adapter):
+    name = "mlx"
+    decodes = True
+    cannot = {"rope.cos": ROPE_FUSED}
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return f"mlx-lm {version('mlx-lm')} / mlx {version('mlx')}"
+
+    def check(self, spec: GemmaSpec, dtype: str) -> None:
+        for mod in ("mlx", "mlx_lm"):
+            try:
+                __import__(mod)
+            except ImportError:
+                raise backend_missing(self.name, mod.replace("_", "-")) from None
+        if dtype not in DTYPES:
+            raise Unsupported(f"mlx runs {', '.join(DTYPES)}, not {dtype}; drop 'mlx' from --impls for it")
+        if spec.family not in (1, 2, 3):
+            # mlx-lm 0.32.2 has gemma4_text.py; its tap map (per-layer inputs, KV-shared layers, proportional
+            # RoPE, MoE) is not written here yet: refused rather than recorded from the wrong modules
+            raise Unsupported(f"mlx: Gemma {spec.family} is not mapped by parity's mlx adapter yet (mlx-lm's "
+                              "gemma4_text.py exists); drop 'mlx' from --impls for this spec")
+        fixed = {  # what mlx-lm's Gemma classes hard-code and no config key changes
+            "norm_unit_offset": True, "embed_scale": True,
+            "norm_placement": "pre" if spec.family == 1 else "sandwich",
+            "qk_norm": spec.family == 3,
+        }
+        for f, want in fixed.items():
+            if getattr(spec, f) != want:
+                raise Unsupported(f"mlx cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} (mlx-lm "
+                                  f"hard-codes {want!r}); drop 'mlx' from --impls for this spec")
+        if not spec.tied_head and spec.family < 3:
+            raise Unsupported(f"mlx-lm's Gemma {spec.family} always ties its head to the embedding (as_linear); "
+                              "drop 'mlx' from --impls for an untied spec")
+        if spec.family == 2 and (spec.attn_softcap is None or spec.final_softcap is None):
+            raise Unsupported("mlx-lm's Gemma 2 always soft-caps (it divides by the cap; a null cap cannot be "
+                              "built); drop 'mlx' from --impls for a Gemma 2 spec without softcaps")
+
+    def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
+        from parity.adapters.mlx import checkpoint
+
+        directory = Path(tempfile.mkdtemp(prefix=f"parity-mlx-{spec.name}-{dtype}-"))
+        try:
+            checkpoint.write(spec, weights, dtype, directory)
+            model, config = checkpoint.load(directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return Built(model, spec, dtype, config, directory)
+
+    # ------------------------------------------------------------ taps
+    def _tap_map(self, spec: GemmaSpec) -> dict[str, tuple[str, str]]:
+        template = dict(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH)
+        if spec.family == 2:
+            template.update(SOFTMAX_TAPS)
+        return expand_tap_map(template, spec)
+
+    def _inline(self, built: Built) -> dict:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        inline = {"gelu": (nn, ["gelu", "gelu_approx", "gelu_fast_approx"], "out")}
+        if built.spec.family == 2:
+            inline["softmax"] = (mx, ["softmax"], "out")
+        return inline
+
+    def _unavailable(self, built: Built, taps: dict) -> dict[str, str]:
+        spec, out = built.spec, {}
+        for i in range(spec.num_layers):
+            for t in ("attn.scores", "attn.probs"):
+                tap = f"layers.{i}.{t}"
+                if tap not in taps:
+                    out[tap] = (FUSED_ATTENTION.format(cls=type(built.model.model.layers[i].self_attn).__module__
+                                                      .rsplit(".", 1)[-1] + ".Attention")
+                                if spec.family != 2 else "mx.softmax was not called in this layer's attention")
+        return out
+
+    def _forward(self, built: Built, ids: list[list[int]] | list[int], feed=None, cache=None):
+        """One forward of mlx-lm's model with every tap recorded: (taps, logits as an mx array, recorder)."""
+        import mlx.core as mx
+
+        spec = built.spec
+        tap_map = self._tap_map(spec)
+        layers = [_L.format(i) for i in range(spec.num_layers)]
+        with recording(built.model, tap_map, module_feeds(tap_map, feed), self._inline(built), layers) as rec:
+            logits = built.model(mx.array([ids]), cache=cache)
+            mx.eval(logits)
+            taps = rec.finish()
+        taps["logits"] = _np(logits)
+        for tap in [t for t in taps if t.endswith(("attn.scores", "attn.probs"))]:
+            taps[tap] = _heads(taps[tap], tap.endswith("scores"), built.dtype)
+        return taps, rec
+
+    def run(self, model: Built, tokens, feed=None) -> RunResult:
+        taps, _ = self._forward(model, list(tokens), feed)
+        return RunResult(taps, self._unavailable(model, taps))
+
+    # ------------------------------------------------------------ decode
+    def decode(self, model: Built, prompt, continuation) -> DecodeResult:
+        """Prefill through mlx-lm's prompt cache, then one call per token, as mlx_lm.generate steps it."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(model.model)
+        shadow = readback.PositionShadow(cache)
+        self._forward(model, list(prompt), cache=cache)
+        steps, unavailable = [], {}
+        for token in continuation:
+            taps, _ = self._forward(model, [int(token)], cache=cache)
+            steps.append(DecodeStep(taps=taps, cache=shadow.views(cache)))
+            unavailable = self._unavailable(model, taps)
+        return DecodeResult(steps, unavailable)
+
+    # ------------------------------------------------------------ readback
+    def effective(self, model: Built) -> dict:
+        return readback.effective(model, self._probe(model))
+
+    def _probe(self, built: Built) -> dict:
+        """One token through the model with layer 0's GELU input and both projections recorded: which GELU
+        function the MLP calls, and which projection it takes."""
+        import mlx.core as mx
+
+        taps = {"in": (_L.format(0) + ":gelu", "in"), "gate": (_L.format(0) + ".mlp.gate_proj", "out"),
+                "up": (_L.format(0) + ".mlp.up_proj", "out")}
+        with recording(built.model, taps, None, self._inline(built), [_L.format(0)]) as rec:
+            mx.eval(built.model(mx.array([[built.spec.bos_token_id]])))
+            got = rec.finish()
+        gelu = rec.calls.get(_L.format(0) + ":gelu")
+        geglu = ("gate" if np.array_equal(got.get("in"), got["gate"]) else
+                 "up" if np.array_equal(got.get("in"), got["up"]) else "neither projection")
+        return {"gelu": gelu, "geglu": geglu}
+
+    def release(self, model: Built) -> None:
+        shutil.rmtree(model.directory, ignore_errors=True)
+        model.model = None
+
+
+def _np(x) -> np.ndarray:
+    from parity.adapters.mlx.recording import to_numpy
+
+    return to_numpy(x)
+
+
+def _heads(a: np.ndarray, scores: bool, dtype: str) -> np.ndarray:
+    """Gemma 2's grouped scores [kv, repeats, T, S] (or [n, T, S]) as [n, T, S]: query head h = kv * repeats + r,
+    the order its reshape of the queries gives. The masked scores mlx-lm fills with finfo(dtype).min become
+    -inf, as the contract writes masked entries (a softcapped score is never near that value)."""
+    a = a.reshape(-1, *a.shape[-2:])
+    if not scores:
+        return a
+    import ml_dtypes
+
+    lowest = float(ml_dtypes.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)).min)
+    wide = np.asarray(a, np.float32)
+    return np.where(wide == np.float32(lowest), np.float32(-np.inf), wide)
