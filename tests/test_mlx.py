@@ -101,6 +101,7 @@ def gemma3(tmp_path_factory):
 def test_gemma3_float32_rounds_the_embedding_scale_to_bf16(gemma3):
     _, r = gemma3
     assert first(r, "float32") == "embed"
+    assert causes(r, "float32")["embed-scale-rounded"] == "embed"  # named by the embedding probe
     assert diffs(r, "mlx@float32")["embed_scale"][1] == 9.8125  # bf16(sqrt(96)), where the port has sqrt(96)
     assert diffs(r, "mlx@bfloat16") == {}  # what the spec asks for in bf16
 

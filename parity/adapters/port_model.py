@@ -463,6 +463,10 @@ class EmbedScale(nn.Module):
         self.normalizer, self.in_fp32 = s.embed_normalizer, s.embed_scale_dtype == "float32"
         if float32_islands:  # HF keeps sqrt(hidden) in a float32 buffer: float32's value, also in float64
             self.normalizer = float(np.float32(self.normalizer))
+        if s.embed_scale_dtype == "bfloat16":  # a constant rounded to bf16 whatever the activations are
+            import ml_dtypes  # numpy, not torch: the model is built on the meta device
+
+            self.normalizer = float(np.asarray(self.normalizer).astype(ml_dtypes.bfloat16))
         self.perturb_seed = perturb_seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

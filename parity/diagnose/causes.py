@@ -111,6 +111,13 @@ CAUSES: tuple[Cause, ...] = (
         "The reference, HF, keras-hub and current litgpt cast it; litgpt kept it in fp32 until mid-2024.",
         "In bf16, sqrt(3072) = 55.4256 becomes 55.5 and sqrt(2048) = 45.2548 becomes 45.25.",
     ),
+    Cause(
+        "embed-scale-rounded", "embedding scale rounded to a low-precision constant",
+        "sqrt(hidden_size) is rounded to a bf16 constant (or another narrower type than the activations) in every "
+        "dtype, so a float32 run multiplies by 9.8125 where sqrt(96) = 9.79796.",
+        "mlx-lm 0.32's Gemma 3 (and Google's JAX reference) round the normaliser to bf16; transformers #38702.",
+        "Only a float32 or float16 run shows it; in bf16 it is the correct rounding.",
+    ),
     # ------------------------------------------------------------------ rotary embedding
     Cause(
         "rope-layout", "rotary pair layout",

@@ -68,6 +68,7 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         Counterfactual("norm-cast-order", "cast before multiply", options=(("norm_cast", "before"),)),
         Counterfactual("embed-scale-missing", "no embedding scale", (("embed_scale", False),)),
         Counterfactual("embed-scale-dtype", "embedding scale in fp32", (("embed_scale_dtype", "float32"),)),
+        Counterfactual("embed-scale-rounded", "embedding scale a bf16 constant", (("embed_scale_dtype", "bfloat16"),)),
         Counterfactual("final-norm-missing", "no final norm", options=(("final_norm", False),)),
     ]
     if spec.norm_placement == "pre":

@@ -25,7 +25,7 @@ GeluApprox = Literal["tanh", "none"]
 NORM_PLACEMENTS = ("pre", "sandwich")
 GELU_APPROXIMATIONS = ("tanh", "none")
 LAYER_TYPES = ("global", "local")
-SCALE_DTYPES = ("activation", "float32")
+SCALE_DTYPES = ("activation", "float32", "bfloat16")  # bfloat16: a constant rounded to bf16 in every dtype
 HF_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
 HF_LAYER_TYPES = ("full_attention", "sliding_attention")
 # parity's own fields in config.json (what to_hf_config writes under "parity"); anything else there is a typo

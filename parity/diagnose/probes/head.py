@@ -35,6 +35,10 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
     cands = [Candidate(f"x * sqrt(hidden) rounded to {dtype} ({rounded:.6g})", None, rows * rounded),
              Candidate(f"x * sqrt(hidden) in fp32 ({root:.6g})", "embed-scale-dtype", rows * root, EMBED_TIE),
              Candidate("no scale", "embed-scale-missing", rows)]
+    if dtype not in ("bfloat16", "float64"):  # in bf16 the bf16 constant is the correct rounding
+        bf16 = round_to(np.array(root), "bfloat16")
+        cands.append(Candidate(f"x * sqrt(hidden) as a bf16 constant ({bf16:.6g})", "embed-scale-rounded",
+                               rows * bf16, EMBED_TIE))
     keep = trusted(dtype, y, *(c.values for c in cands))  # tiny table entries: subnormal rows or products
     return decide("embedding", "embed", y, cands, dtype, keep, SUBNORMAL, min_agreement,
                   correct=cands[0] if spec.embed_scale else cands[2], says="embedding is {best}",
@@ -105,7 +109,7 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
 
 
 register(ProbeSpec("embedding", probe_embedding, "embed", per_layer=False,
-                   causes=("embed-scale-missing", "embed-scale-dtype", "unexplained")))
+                   causes=("embed-scale-missing", "embed-scale-dtype", "embed-scale-rounded", "unexplained")))
 register(ProbeSpec("lm_head", probe_lm_head, "logits", per_layer=False,
                    causes=("final-softcap-missing", "softcap-misplaced", "logit-shift", "lm-head-untied",
                            "unexplained")))
