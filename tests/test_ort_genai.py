@@ -55,6 +55,7 @@ def test_builder_rounds_the_embedding_scale(env):
     rc, r = _run(env, "tiny-gemma2")
     assert r["status"] == "FAIL" and rc != 0
     assert r["first_divergence"]["tap"] == "embed"
+    assert [v["explained_by"] for v in r["verdicts"] if v["impl"] == "ort-genai"] == ["embed-scale-rounded"]
     eff = r["effective"]["ort-genai@float32"]
     assert eff["embed_scale"] == pytest.approx(9.8, abs=1e-6)  # np.round(sqrt(96), 2), not 9.797959
     assert r["effective"]["litgpt-style@float64"]["embed_scale"] == pytest.approx(96 ** 0.5)

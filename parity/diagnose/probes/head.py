@@ -12,7 +12,7 @@ from parity.diagnose.probes._evidence import (SUBNORMAL, Candidate, Probe, decid
                                               trusted)
 from parity.diagnose.probes._registry import ProbeSpec, register
 from parity.model.spec import GemmaSpec
-from parity.numerics.metrics import round_to
+from parity.numerics.metrics import np_dtype, round_to
 from parity.numerics.tolerances import LM_HEAD_CLOSENESS
 
 EMBED_TIE = strictly_above(0.02)  # a scale multiplied in fp32 is named only when it leads by more than 2%
@@ -35,10 +35,18 @@ def probe_embedding(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement:
     cands = [Candidate(f"x * sqrt(hidden) rounded to {dtype} ({rounded:.6g})", None, rows * rounded),
              Candidate(f"x * sqrt(hidden) in fp32 ({root:.6g})", "embed-scale-dtype", rows * root, EMBED_TIE),
              Candidate("no scale", "embed-scale-missing", rows)]
-    if dtype not in ("bfloat16", "float64"):  # in bf16 the bf16 constant is the correct rounding
-        bf16 = round_to(np.array(root), "bfloat16")
-        cands.append(Candidate(f"x * sqrt(hidden) as a bf16 constant ({bf16:.6g})", "embed-scale-rounded",
-                               rows * bf16, EMBED_TIE))
+    # the normaliser written down as a shorter constant: a bf16 one (mlx-lm's Gemma 3, Google's JAX code) or
+    # a decimal one (onnxruntime-genai's builder: np.round(sqrt(hidden), 2)); each only where it differs
+    shorter = {} if dtype in ("bfloat16", "float64") else {"a bf16 constant": float(round_to(np.array(root),
+                                                                                              "bfloat16"))}
+    shorter.update({f"{d} decimal(s)": round(root, d) for d in (1, 2, 3)})
+    seen = {float(rounded)}
+    for what, c in shorter.items():
+        # only where the dtype can tell it from the exact scale (4 units of its rounding): else it ties
+        if c not in seen and abs(c - root) > 4 * float(np.finfo(np_dtype(dtype)).eps) * root:
+            seen.add(c)
+            cands.append(Candidate(f"x * sqrt(hidden) as {what} ({c:.6g})", "embed-scale-rounded", rows * c,
+                                   EMBED_TIE))
     keep = trusted(dtype, y, *(c.values for c in cands))  # tiny table entries: subnormal rows or products
     return decide("embedding", "embed", y, cands, dtype, keep, SUBNORMAL, min_agreement,
                   correct=cands[0] if spec.embed_scale else cands[2], says="embedding is {best}",
