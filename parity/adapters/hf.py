@@ -82,7 +82,7 @@ CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"
 
 
 CACHES = ("dynamic", "static")
-DECODE_MIN = "5.0"  # per-layer caches and `prepare_inputs_for_generation(next_sequence_length=)`; docs/versions.md
+DECODE_MIN = "5.3"  # `prepare_inputs_for_generation(next_sequence_length=)` (not in 5.0-5.2); docs/versions.md
 
 
 class HFAdapter(Adapter):
@@ -238,13 +238,16 @@ class HFAdapter(Adapter):
         if any(b.is_meta for b in model.buffers()):
             raise RuntimeError("hf: a buffer is still on the meta device after the build; update adapters/hf.py")
 
-    def _tap_map(self, spec: GemmaSpec):
+    def _tap_map(self, spec: GemmaSpec, model=None):
         if spec.family == 4:
             from parity.adapters import hf_gemma4
 
             return hf_gemma4.expand(hf_gemma4.TAP_MAP, spec)
         taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
-        if not self._scales_in_embedding:
+        # read from the model when given, not this adapter: the suite decodes with a fresh adapter the model
+        # another built (the embed tap was wrong on transformers 5.3)
+        scales = self._scales_in_embedding if model is None else hasattr(model.model.embed_tokens, "embed_scale")
+        if not scales:
             # transformers before ~5.5 scales by sqrt(hidden) inline in GemmaModel.forward
             taps["embed"] = ("model.layers.0", "in")
         if spec.family < 3:  # one rotary table for every layer; Gemma 3 computes one per layer type
@@ -257,7 +260,7 @@ class HFAdapter(Adapter):
         from parity.adapters.torch_hooks import module_feeds, recording, to_numpy
 
         spec = model.parity_spec
-        tap_map = self._tap_map(spec)
+        tap_map = self._tap_map(spec, model)
         reads: dict = {}
         with torch.no_grad(), recording(model, tap_map, module_feeds(tap_map, feed, "hf")) as taps, \
                 self._observe(model, taps, reads):
@@ -310,14 +313,14 @@ class HFAdapter(Adapter):
 
         prepare = model.prepare_inputs_for_generation
         params = inspect.signature(prepare).parameters
-        if "next_sequence_length" not in params or not hasattr(self.new_cache(model, 1), "layers"):
+        if "next_sequence_length" not in params:
             import transformers
 
-            # the check in parity/adapters/versions.py refuses this up front; kept for a direct caller
-            raise RuntimeError(f"hf decode drives generate()'s per-layer cache and step inputs (transformers >= "
-                               f"{DECODE_MIN}); transformers {transformers.__version__} has neither: upgrade it")
+            # the registry's version check refuses this up front; kept for a direct caller
+            raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers >= {DECODE_MIN} makes "
+                               f"them; transformers {transformers.__version__} makes them differently: upgrade it")
         spec = model.parity_spec
-        tap_map = self._tap_map(spec)
+        tap_map = self._tap_map(spec, model)
         cache = self.new_cache(model, len(prompt) + len(continuation))
         read = _record_reads(cache)
         kwargs = _generate_kwargs(params, cache, len(prompt))
@@ -430,6 +433,10 @@ class HFAdapter(Adapter):
     def _cache_layout(self, model) -> str:
         """The cache class decode builds and its layer class per layer type, from an empty one built as decode
         builds it (a local layer given a full-length class would show here)."""
+        from transformers import cache_utils
+
+        if not hasattr(cache_utils, "DynamicLayer"):  # before the per-layer caches (~4.54): decode refuses too
+            return f"no per-layer cache in this transformers (decode needs transformers>={DECODE_MIN})"
         cache = self.new_cache(model, 1)  # the classes do not depend on the length
         kinds: dict[str, set] = {}
         for kind, layer in zip(model.parity_spec.layer_types, cache.layers):
