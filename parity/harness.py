@@ -158,7 +158,7 @@ def check_versions(req: Request) -> None:
     """Each named built-in's installed library versions (metadata only, nothing imported), before any weight is
     made: one outside its declared range, for the run or for --decode, is refused in one line (exit 2)."""
     from parity.adapters import default_impls
-    from parity.adapters.versions import require
+    from parity.adapters.registry import require
 
     decoding = req.decode_tokens is not None or req.decode not in (0, None)
     for name in dict.fromkeys([*(req.impls if req.impls is not None else default_impls()), req.reference[0]]):

@@ -13,7 +13,8 @@ from importlib.metadata import version
 import pytest
 
 from parity.adapters.registry import BUILTINS
-from parity.adapters.versions import parse, require, require_spec, satisfies, split, unmet
+from parity.adapters.registry import require, require_spec
+from parity.adapters.versions import parse, satisfies, split, unmet
 from parity.errors import BackendMissing, ParityInputError, Unsupported
 
 

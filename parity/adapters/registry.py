@@ -18,7 +18,8 @@ from importlib.metadata import entry_points
 from typing import Mapping
 
 from parity.adapters.declared import missing_members
-from parity.errors import BackendMissing, ImplementationError, ParityInputError
+from parity.adapters.versions import check as check_versions
+from parity.errors import BackendMissing, ImplementationError, ParityInputError, Unsupported
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,20 @@ def backend_missing(name: str, absent: str) -> BackendMissing:
     return BackendMissing(f"implementation {name!r} needs {absent}, which is not installed here; {fix}", option="impls")
 
 
+def require(name: str, feature: str = "run", error=BackendMissing) -> None:
+    """Refuse built-in `name` (exit 2, one line) when an installed library is outside the range its line declares
+    for `feature` ("run", "decode", "gemma1/2/3"); a plug-in, or a feature with no range, passes."""
+    entry = BUILTINS.get(name)
+    if entry is not None:
+        check_versions(name, entry.versions.get(feature, ()), feature, error)
+
+
+def require_spec(name: str, family: int) -> None:
+    """`require` for the spec's Gemma family (e.g. Gemma 3 on a transformers without Gemma 3 classes): the spec
+    is what this install cannot build, so it is Unsupported (a default implementation is skipped, saying so)."""
+    require(name, f"gemma{family}", Unsupported)
+
+
 def _plugins() -> dict:
     return {ep.name: ep for ep in entry_points(group="parity.adapters")}
 
@@ -146,8 +161,6 @@ def _builtin(b: Builtin):
     absent = b.absent()
     if absent:
         raise backend_missing(b.name, " and ".join(absent))
-    from parity.adapters.versions import require
-
     require(b.name)  # an installed library outside the declared range: one line now, not a crash later
     mod_name, _, attr = b.factory.partition(":")
     try:

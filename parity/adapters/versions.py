@@ -1,6 +1,7 @@
 """Library versions each built-in supports, checked when it is selected: one line and exit 2, not a crash later.
 
-The ranges are declared on each built-in's registry line (`Builtin.versions`, parity/adapters/registry.py),
+The ranges are declared on each built-in's registry line (`Builtin.versions`, parity/adapters/registry.py,
+whose `require` and `require_spec` look them up and call `check`),
 per feature: "run" (prefill and isolated: everything the built-in does), "decode", and "gemma1" / "gemma2" /
 "gemma3" (the spec's family). docs/versions.md has the same table with where each bound comes from.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from importlib.metadata import PackageNotFoundError, version as dist_version
 
-from parity.errors import BackendMissing, Unsupported
+from parity.errors import BackendMissing
 
 _OPS = (">=", "<=", "==", "!=", "<", ">")  # two-character operators first: ">=" must not read as ">"
 
@@ -81,24 +82,13 @@ def _what(feature: str) -> str:
     return {"run": "it", "decode": "--decode"}.get(feature, feature)
 
 
-def require(name: str, feature: str = "run", error=BackendMissing) -> None:
-    """Refuse built-in `name` (exit 2, one line) when an installed library is outside the range it declares for
-    `feature`; a name that is no built-in, or a feature it declares nothing for, passes."""
-    from parity.adapters.registry import BUILTINS  # the registry imports this module lazily too: no cycle
-
-    entry = BUILTINS.get(name)
-    if entry is None:
-        return
-    found = unmet(entry.versions.get(feature, ()), feature)
+def check(name: str, requirements, feature: str = "run", error=BackendMissing) -> None:
+    """Refuse implementation `name` (exit 2, one line) when an installed library is outside `requirements`, the
+    range it declares for `feature`. parity.adapters.registry.require looks a built-in's ranges up."""
+    found = unmet(requirements, feature)
     if found:
         dist, have, spec = found[0]
         raise error(
             f"implementation {name!r} needs {dist}{spec} for {_what(feature)}; {dist} {have} is installed: "
             f"pip install '{dist}{spec}' or drop {name} from {{option}} (docs/versions.md lists each feature's versions)",
             option="impls")
-
-
-def require_spec(name: str, family: int) -> None:
-    """`require` for the spec's Gemma family (e.g. Gemma 3 on a transformers without Gemma 3 classes): the spec
-    is what this install cannot build, so it is Unsupported (a default implementation is skipped, saying so)."""
-    require(name, f"gemma{family}", Unsupported)
