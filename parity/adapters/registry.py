@@ -49,6 +49,7 @@ HF_VERSIONS = {
     "run": ("transformers>=4.50", "torch>=2.4"),
     "decode": ("transformers>=5.3",),  # generate()'s step inputs with next_sequence_length= (5.3.0 on)
     "gemma3": ("transformers>=4.50",),  # Gemma3ForCausalLM (text) first in 4.50.0
+    "gemma4": ("transformers>=5.5",),  # Gemma4ForCausalLM (hf._check_gemma4 also feature-detects the class)
 }
 KERAS_VERSIONS = {"run": ("keras>=3.5", "keras-hub>=0.18", "jax>=0.4.30"), "gemma3": ("keras-hub>=0.19",)}
 
