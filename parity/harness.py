@@ -150,7 +150,22 @@ def check_request(req: Request) -> None:
         raise ParityInputError(f"{{option}} {req.seed} is negative; give a seed >= 0", option="seed")
     if req.noise_members is not None and req.noise_members < 0:
         raise ParityInputError(f"noise_members {req.noise_members} is negative; give 0 (table only) or more members")
+    check_versions(req)
     check_resources(req)
+
+
+def check_versions(req: Request) -> None:
+    """Each named built-in's installed library versions (metadata only, nothing imported), before any weight is
+    made: one outside its declared range, for the run or for --decode, is refused in one line (exit 2)."""
+    from parity.adapters import default_impls
+    from parity.adapters.registry import require
+
+    decoding = req.decode_tokens is not None or req.decode not in (0, None)
+    for name in dict.fromkeys([*(req.impls if req.impls is not None else default_impls()), req.reference[0]]):
+        if req.impls is not None or name == req.reference[0]:
+            require(name)  # a default one out of range is skipped later with the same line
+        if decoding:
+            require(name, "decode")
 
 
 def check_resources(req: Request) -> None:

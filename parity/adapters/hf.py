@@ -82,6 +82,7 @@ CLASSES = {1: "GemmaForCausalLM", 2: "Gemma2ForCausalLM", 3: "Gemma3ForCausalLM"
 
 
 CACHES = ("dynamic", "static")
+DECODE_MIN = "5.3"  # `prepare_inputs_for_generation(next_sequence_length=)` (not in 5.0-5.2); docs/versions.md
 
 
 class HFAdapter(Adapter):
@@ -237,13 +238,16 @@ class HFAdapter(Adapter):
         if any(b.is_meta for b in model.buffers()):
             raise RuntimeError("hf: a buffer is still on the meta device after the build; update adapters/hf.py")
 
-    def _tap_map(self, spec: GemmaSpec):
+    def _tap_map(self, spec: GemmaSpec, model=None):
         if spec.family == 4:
             from parity.adapters import hf_gemma4
 
             return hf_gemma4.expand(hf_gemma4.TAP_MAP, spec)
         taps = expand_tap_map(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH, spec)
-        if not self._scales_in_embedding:
+        # read from the model when given, not this adapter: the suite decodes with a fresh adapter the model
+        # another built (the embed tap was wrong on transformers 5.3)
+        scales = self._scales_in_embedding if model is None else hasattr(model.model.embed_tokens, "embed_scale")
+        if not scales:
             # transformers before ~5.5 scales by sqrt(hidden) inline in GemmaModel.forward
             taps["embed"] = ("model.layers.0", "in")
         if spec.family < 3:  # one rotary table for every layer; Gemma 3 computes one per layer type
@@ -256,7 +260,7 @@ class HFAdapter(Adapter):
         from parity.adapters.torch_hooks import module_feeds, recording, to_numpy
 
         spec = model.parity_spec
-        tap_map = self._tap_map(spec)
+        tap_map = self._tap_map(spec, model)
         reads: dict = {}
         with torch.no_grad(), recording(model, tap_map, module_feeds(tap_map, feed, "hf")) as taps, \
                 self._observe(model, taps, reads):
@@ -308,17 +312,18 @@ class HFAdapter(Adapter):
         from parity.adapters.torch_hooks import recording, to_numpy
 
         prepare = model.prepare_inputs_for_generation
-        if "next_sequence_length" not in inspect.signature(prepare).parameters:
+        params = inspect.signature(prepare).parameters
+        if "next_sequence_length" not in params:
             import transformers
 
-            raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers 5 makes them; "
-                               f"transformers {transformers.__version__} makes them differently: upgrade it")
+            # the registry's version check refuses this up front; kept for a direct caller
+            raise RuntimeError(f"hf decode drives generate()'s step inputs as transformers >= {DECODE_MIN} makes "
+                               f"them; transformers {transformers.__version__} makes them differently: upgrade it")
         spec = model.parity_spec
-        tap_map = self._tap_map(spec)
+        tap_map = self._tap_map(spec, model)
         cache = self.new_cache(model, len(prompt) + len(continuation))
         read = _record_reads(cache)
-        kwargs = {"cache": cache, "position_ids": torch.arange(len(prompt))[None], "use_cache": True,
-                  "attention_mask": None}
+        kwargs = _generate_kwargs(params, cache, len(prompt))
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             kwargs["logits_to_keep"] = 1  # generate asks for the last row only
         ids = torch.tensor([prompt])
@@ -328,8 +333,7 @@ class HFAdapter(Adapter):
             for token in continuation:
                 p = ids.shape[1]
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-                pos = kwargs["position_ids"]
-                kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+                _grow(kwargs)
                 inputs = prepare(ids, next_sequence_length=1, **kwargs)
                 # the positions each layer's mask gives its keys, read before the step as the mask is built
                 mask_of = self._mask_layers(cache, spec)  # a KV-shared layer attends with its type's mask
@@ -429,6 +433,10 @@ class HFAdapter(Adapter):
     def _cache_layout(self, model) -> str:
         """The cache class decode builds and its layer class per layer type, from an empty one built as decode
         builds it (a local layer given a full-length class would show here)."""
+        from transformers import cache_utils
+
+        if not hasattr(cache_utils, "DynamicLayer"):  # before the per-layer caches (~4.54): decode refuses too
+            return f"no per-layer cache in this transformers (decode needs transformers>={DECODE_MIN})"
         cache = self.new_cache(model, 1)  # the classes do not depend on the length
         kinds: dict[str, set] = {}
         for kind, layer in zip(model.parity_spec.layer_types, cache.layers):
@@ -464,11 +472,65 @@ def _float(t) -> np.ndarray:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy().copy()
 
 
+def _generate_kwargs(params, cache, n: int) -> dict:
+    """The model kwargs generate() hands `prepare_inputs_for_generation` for an n-token prompt, in the names
+    this transformers' `prepare` takes (`params`: its signature's parameters).
+
+    Two generations of the API, told apart by that signature rather than by version number:
+    - `cache`, no `cache_position` (transformers ~5.5 on): generate drops an all-ones attention mask
+      (`attention_mask=None`) and `prepare` builds a static cache's 4D masks from none;
+    - `past_key_values` and `cache_position` (5.0-5.4; 5.3 is the `[litgpt]` extra's): generate keeps the
+      all-ones 2D mask and grows it and `cache_position` by one per step, and `prepare` builds a static cache's
+      4D masks only from that 2D mask.
+    The position ids are the all-ones mask's cumsum - 1 either way, i.e. the prompt's `arange`.
+    """
+    import torch
+
+    kwargs = {"position_ids": torch.arange(n)[None], "use_cache": True, "attention_mask": None}
+    if "cache" in params:
+        kwargs["cache"] = cache
+    else:
+        kwargs["past_key_values"] = cache
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(n)  # [n]
+        kwargs["attention_mask"] = torch.ones(1, n, dtype=torch.long)  # [batch 1, n]
+    return kwargs
+
+
+def _grow(kwargs: dict) -> None:
+    """One new token, as generate's `_update_model_kwargs_for_generation` grows its kwargs."""
+    import torch
+
+    pos = kwargs["position_ids"]
+    kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+    if kwargs.get("attention_mask") is not None:
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    if kwargs.get("cache_position") is not None:
+        cp = kwargs["cache_position"]
+        kwargs["cache_position"] = torch.cat([cp, cp[-1:] + 1])
+
+
+def _mask_sizes(layer, p: int) -> tuple[int, int]:
+    """The layer's (kv_length, kv_offset) for a one-token step at position p, however this transformers asks.
+
+    `get_mask_sizes` took the step's `cache_position` tensor (its length the query length) up to ~5.4 and
+    takes the query length as an int after (transformers PR #40907 and successors); the parameter's name says
+    which, so no version string is compared.
+    """
+    import torch
+
+    first = next(iter(inspect.signature(layer.get_mask_sizes).parameters), None)
+    arg = torch.arange(p, p + 1) if first == "cache_position" else 1  # [1]: the step's one query position
+    kv_length, kv_offset = layer.get_mask_sizes(arg)
+    return int(kv_length), int(kv_offset)
+
+
 def _mask_positions(layer, p: int) -> np.ndarray:
     """The absolute positions of the keys a one-token step at position p attends to, as the layer reports
     them to the mask builder (`get_mask_sizes`: key j is position kv_offset + j); a static layer's slots past
     p are not written yet (zeros, masked) and read -1."""
-    kv_length, kv_offset = layer.get_mask_sizes(1)
+    kv_length, kv_offset = _mask_sizes(layer, p)
     pos = np.arange(int(kv_offset), int(kv_offset) + int(kv_length), dtype=np.int64)
     pos[pos > p] = -1
     return pos

@@ -18,7 +18,8 @@ from importlib.metadata import entry_points
 from typing import Mapping
 
 from parity.adapters.declared import missing_members
-from parity.errors import BackendMissing, ImplementationError, ParityInputError
+from parity.adapters.versions import check as check_versions
+from parity.errors import BackendMissing, ImplementationError, ParityInputError, Unsupported
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Builtin:
     extra: str | None = None  # the pyproject extra that installs it; None: parity's own dependencies do
     options: Mapping[str, object] = field(default_factory=dict)  # keyword arguments to the factory
     default: bool = False  # run when no --impls is given, if installed
+    # feature ("run", "decode", "gemma1/2/3") -> the library versions it works with, pip's syntax
+    # ("transformers>=5.3"); checked from installed metadata when the name is asked for (parity/adapters/versions.py)
+    versions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def absent(self) -> list[str]:
         """The packages in `needs` that cannot be found (none is imported to find out)."""
@@ -40,23 +44,33 @@ class Builtin:
 
 KERAS = ("keras", "keras_hub", "keras_nlp", "jax", "jaxlib", "tensorflow", "torch")  # its backends included
 KERAS_HUB = "keras_hub|keras_nlp"  # keras-nlp: keras-hub's name before 0.18
+# docs/versions.md: where each bound comes from (measured, or the release that added the API)
+HF_VERSIONS = {
+    "run": ("transformers>=4.50", "torch>=2.4"),
+    "decode": ("transformers>=5.3",),  # generate()'s step inputs with next_sequence_length= (5.3.0 on)
+    "gemma3": ("transformers>=4.50",),  # Gemma3ForCausalLM (text) first in 4.50.0
+    "gemma4": ("transformers>=5.5",),  # Gemma4ForCausalLM (hf._check_gemma4 also feature-detects the class)
+}
+KERAS_VERSIONS = {"run": ("keras>=3.5", "keras-hub>=0.18", "jax>=0.4.30"), "gemma3": ("keras-hub>=0.19",)}
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("litgpt-style", "parity.adapters.litgpt_style:LitgptStyleAdapter", ("torch",),
-            "pip install torch", default=True),
+            "pip install torch", default=True, versions={"run": ("torch>=2.4",)}),
     Builtin("hf", "parity.adapters.hf:HFAdapter", ("torch", "transformers"),
-            "pip install 'transformers>=4.42'", default=True),
+            "pip install 'transformers>=4.50'", default=True, versions=HF_VERSIONS),
     Builtin("hf-static", "parity.adapters.hf:HFAdapter", ("torch", "transformers"),  # decodes through StaticCache
-            "pip install 'transformers>=4.42'", options={"cache": "static"}),
+            "pip install 'transformers>=4.50'", options={"cache": "static"}, versions=HF_VERSIONS),
     Builtin("keras", "parity.adapters.keras_hub:KerasAdapter", KERAS, "pip install keras-hub jax",
-            needs=("keras", KERAS_HUB, "jax"), default=True),
+            needs=("keras", KERAS_HUB, "jax"), default=True, versions=KERAS_VERSIONS),
     Builtin("keras-jax", "parity.adapters.keras_hub:KerasAdapter", KERAS, "pip install keras-hub jax",
-            needs=("keras", KERAS_HUB, "jax"), options={"backend": "jax"}),
+            needs=("keras", KERAS_HUB, "jax"), options={"backend": "jax"}, versions=KERAS_VERSIONS),
     Builtin("keras-torch", "parity.adapters.keras_hub:KerasAdapter", KERAS, "pip install keras-hub torch",
-            needs=("keras", KERAS_HUB, "torch"), options={"backend": "torch"}),
+            needs=("keras", KERAS_HUB, "torch"), options={"backend": "torch"},
+            versions={**KERAS_VERSIONS, "run": ("keras>=3.5", "keras-hub>=0.18", "torch>=2.4")}),
     # the released litgpt (0.5.x) pins huggingface-hub<1.4, which holds transformers at 5.3: an extra, kept apart
     Builtin("litgpt", "parity.adapters.litgpt_pkg:LitgptAdapter", ("litgpt", "torch"),
-            "pip install litgpt (parity's extra: pip install 'parity[litgpt]')", extra="litgpt"),
+            "pip install litgpt (parity's extra: pip install 'parity[litgpt]')", extra="litgpt",
+            versions={"run": ("litgpt>=0.5", "torch>=2.4")}),
     Builtin("mlx", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx"),
     Builtin("ort-genai", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai"),  # noqa: E501
     Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}),  # noqa: E501
@@ -102,6 +116,20 @@ def backend_missing(name: str, absent: str) -> BackendMissing:
     return BackendMissing(f"implementation {name!r} needs {absent}, which is not installed here; {fix}", option="impls")
 
 
+def require(name: str, feature: str = "run", error=BackendMissing) -> None:
+    """Refuse built-in `name` (exit 2, one line) when an installed library is outside the range its line declares
+    for `feature` ("run", "decode", "gemma1/2/3"); a plug-in, or a feature with no range, passes."""
+    entry = BUILTINS.get(name)
+    if entry is not None:
+        check_versions(name, entry.versions.get(feature, ()), feature, error)
+
+
+def require_spec(name: str, family: int) -> None:
+    """`require` for the spec's Gemma family (e.g. Gemma 3 on a transformers without Gemma 3 classes): the spec
+    is what this install cannot build, so it is Unsupported (a default implementation is skipped, saying so)."""
+    require(name, f"gemma{family}", Unsupported)
+
+
 def _plugins() -> dict:
     return {ep.name: ep for ep in entry_points(group="parity.adapters")}
 
@@ -134,6 +162,7 @@ def _builtin(b: Builtin):
     absent = b.absent()
     if absent:
         raise backend_missing(b.name, " and ".join(absent))
+    require(b.name)  # an installed library outside the declared range: one line now, not a crash later
     mod_name, _, attr = b.factory.partition(":")
     try:
         module = importlib.import_module(mod_name)

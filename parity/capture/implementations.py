@@ -58,6 +58,9 @@ def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
 def check_adapter(adapter, spec: GemmaSpec, dtype: str) -> None:
     """The one caller of `adapter.check`: bad input stays exit 2, anything else it raises is the implementation's
     (exit 3). Adapters' `build` may assume it passed, so every path to a build comes through here first."""
+    from parity.adapters.registry import require_spec
+
+    require_spec(declared(adapter).name, spec.family)  # the spec's family needs a newer library: one line
     with phase(declared(adapter).name, dtype, "check()"):
         adapter.check(spec, dtype)
 
