@@ -104,3 +104,19 @@ def test_a_clear_margin_flip_fails_with_its_cause():
     assert report.verdict.status == "FAIL"
     (rv,) = report.verdict.runs
     assert rv.explanation is not None and rv.explanation.cause == "router-precision", report.verdict.headline
+
+
+def test_trained_like_router_rows_come_in_near_tied_pairs():
+    from parity.model.presets import PRESETS
+    from parity.model.weight_profiles import ROUTER_TIE_GAP, router_near_ties
+
+    spec = PRESETS[SPEC]
+    name = "model.layers.0.router.proj.weight"
+    rng = np.random.default_rng(0)
+    whole = router_near_ties(spec, 0, name)(0, rng.standard_normal((spec.num_experts, spec.hidden_size)))
+    rows = router_near_ties(spec, 0, name)(1, rng.standard_normal((1, spec.hidden_size)))  # another blocking
+    assert np.array_equal(rows[0], whole[1])
+    rel = np.abs(whole[1] / whole[0] - 1)
+    assert ROUTER_TIE_GAP[0] * 0.99 <= rel.max() <= ROUTER_TIE_GAP[1] * 1.01 and np.allclose(rel, rel[0])
+    assert np.allclose(whole[2], whole[3], rtol=0.1)  # 8 experts: pairs (0, 1) and (2, 3)
+    assert not np.allclose(whole[4], whole[5], rtol=0.1)  # only a share of the experts is paired
