@@ -120,3 +120,21 @@ def test_trained_like_router_rows_come_in_near_tied_pairs():
     assert ROUTER_TIE_GAP[0] * 0.99 <= rel.max() <= ROUTER_TIE_GAP[1] * 1.01 and np.allclose(rel, rel[0])
     assert np.allclose(whole[2], whole[3], rtol=0.1)  # 8 experts: pairs (0, 1) and (2, 3)
     assert not np.allclose(whole[4], whole[5], rtol=0.1)  # only a share of the experts is paired
+
+
+def test_isolated_runs_leave_the_flipped_rows_out_of_that_layers_downstream_taps():
+    """Isolated layers take the reference's input, so no replay: the flipped tokens' rows are left out of the
+    layer's taps after the choice (and said so), the rest compared as usual."""
+    pytest.importorskip("torch")
+    from parity.harness import Request, run
+    from parity.model.prompts import default_prompts
+
+    spec, weights = _near_tie_weights()
+    report = run(Request(spec=spec, impls=["litgpt-style"], dtypes=["bfloat16"], weights=weights, mode="isolated",
+                         prompts={"long": default_prompts(spec)["long"]}))
+    (r,) = [r for r in report.routing if r.layer == 0]
+    assert r.flips and r.accounted == "excluded" and all(f.honest for f in r.flips), r.text()
+    (branch,) = [x for x in report.results if x.tap == "layers.0.moe_branch"]
+    assert branch.passed and f"{len(r.honest_flips)} honestly flipped token row(s) left out" in branch.reason
+    assert branch.numel == (48 - len(r.honest_flips)) * spec.hidden_size
+    assert report.verdict.status == "PASS", report.verdict.headline

@@ -7,9 +7,9 @@ compared elementwise; this stage compares the choices instead and says, per
 (run, prompt, layer), how many tokens chose other experts than the reference and why:
 
 * an **honest flip**: the reference's k-th and (k+1)-th probabilities lie within what
-  the run's dtype may move them (twice the `moe.router_probs` tap's bound: each of the
-  two may move by the bound, max(floor, NOISE_MARGIN x honest noise) in units of the
-  row's RMS, plus rtol of its value). Rounding alone can swap them; not a failure.
+  the run's dtype may move them (`honest_gap`: each of the two may move by NOISE_MARGIN
+  times the honest ensemble's error at `moe.router_probs`, plus rtol of its value).
+  Rounding alone can swap them; not a failure.
 * a **clear flip**: the gap is wider than that. Rounding cannot explain it; the run's
   `moe.experts` tap fails and the diagnosis looks for the cause.
 
@@ -38,7 +38,6 @@ EXPERTS, PROBS = "moe.experts", "moe.router_probs"
 PREFILL_MODES = ("cumulative", "isolated")
 # the taps of a MoE layer that read the chosen experts (in forward order): where a flipped token's row differs
 DOWNSTREAM = ("moe.weights", "moe_branch", "post_mlp_norm", "ple", "pre_scalar", "out")
-MAX_REPLAYS = 8  # replays per (run, prompt): a flip replayed can reveal one further down, at most one per layer
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class Flip:
     reference: tuple[int, ...]  # the reference's chosen ids, by descending probability
     chosen: tuple[int, ...]  # the run's
     margin: float  # the reference's k-th minus (k+1)-th probability
-    allowed: float  # the largest gap the run's dtype can cross honestly here (2 x the probs tap's bound)
+    allowed: float  # the widest gap rounding in the run's dtype can close here (honest_gap)
 
     @property
     def honest(self) -> bool:
@@ -223,7 +222,7 @@ def _replayed(ref, t, table, noise, replay: Replay, rs: list[RoutingResult]):
     overrides: dict[tuple[int, int], tuple[int, ...]] = {}
     found: dict[tuple[int, int], Flip] = {}  # each honest flip as first seen, at the margin of the reference it left
     current = ref
-    for _ in range(MAX_REPLAYS):
+    for _ in range(int(ref.spec["num_layers"])):  # each replay can reveal flips further down, never above
         new = {(r.layer, f.token): f for r in rs for f in r.honest_flips}
         if not new:
             break
