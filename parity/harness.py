@@ -284,7 +284,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     noise = measure(ref_traces, honest, table, ref_full, replay) if honest else None
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
     # routing is a choice, not a number: moe.experts compared as one, honest near-tie flips replayed
-    results, routed = account_routing(results, ref_traces, traces[n_ref:], table, noise, replay, req.layers)
+    results, routed = account_routing(results, ref_traces, traces[n_ref:], table, noise, replay, req.layers, ref_full)
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
@@ -389,7 +389,7 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
     table = tolerances or TOLERANCES
     results = compare_all(refs, ref_full, others, table, None, raw_logits, layers)
-    results, routed = account_routing(results, refs, others, table, None, None, layers)
+    results, routed = account_routing(results, refs, others, table, None, None, layers, ref_full)
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=first_ref.weights_hash,

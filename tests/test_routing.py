@@ -138,3 +138,17 @@ def test_isolated_runs_leave_the_flipped_rows_out_of_that_layers_downstream_taps
     assert branch.passed and f"{len(r.honest_flips)} honestly flipped token row(s) left out" in branch.reason
     assert branch.numel == (48 - len(r.honest_flips)) * spec.hidden_size
     assert report.verdict.status == "PASS", report.verdict.headline
+
+
+def test_decoding_through_a_near_tie_is_a_routing_comparison_not_a_float_one():
+    """Decode steps flip at the near-tie too (against the reference's full forward): reported per step, the
+    flipped steps' rows left out of that layer's downstream taps; before, moe.experts failed as floats."""
+    pytest.importorskip("torch")
+    from parity.harness import Request, run
+
+    spec, weights = _near_tie_weights()
+    report = run(Request(spec=spec, impls=["litgpt-style"], dtypes=["bfloat16"], weights=weights,
+                         prompts={"short": [2, 17, 301, 5, 88, 260, 9, 140]}, decode=12))
+    decoded = [r for r in report.routing if r.mode == "decode" and r.flips]
+    assert decoded and all(r.accounted == "excluded" and r.passed for r in decoded), [r.text() for r in decoded]
+    assert report.verdict.status == "PASS", report.verdict.headline

@@ -125,6 +125,6 @@ def measure(refs: dict, traces: list, table, ref_full: dict | None = None, repla
 
     model = NoiseModel(members=tuple(dict.fromkeys(t.impl for t in traces)))
     results = compare_all(refs, ref_full or {}, traces, table)
-    results, _ = account(results, refs, traces, table, None, replay)
+    results, _ = account(results, refs, traces, table, None, replay, ref_full=ref_full)
     model.add(r for r in results if not r.tap.endswith("." + EXPERTS))
     return model

@@ -30,12 +30,11 @@ from typing import Callable
 
 import numpy as np
 
-from parity.compare.pairs import TapResult, compare_traces
+from parity.compare.pairs import TapResult, compare_traces, pair_traces
 from parity.model.taps import layer_of
 from parity.numerics.tolerances import NOISE_MARGIN, TOLERANCES
 
 EXPERTS, PROBS = "moe.experts", "moe.router_probs"
-PREFILL_MODES = ("cumulative", "isolated")
 # the taps of a MoE layer that read the chosen experts (in forward order): where a flipped token's row differs
 DOWNSTREAM = ("moe.weights", "moe_branch", "post_mlp_norm", "ple", "pre_scalar", "out")
 
@@ -177,20 +176,22 @@ Replay = Callable[[object, tuple], object]  # (reference trace, overrides) -> th
 
 
 def account(results: list[TapResult], refs: dict, traces: list, table=None, noise=None,
-            replay: Replay | None = None, layers: list[int] | None = None) -> tuple[list[TapResult], list[RoutingResult]]:
+            replay: Replay | None = None, layers: list[int] | None = None,
+            ref_full: dict | None = None) -> tuple[list[TapResult], list[RoutingResult]]:
     """`results` (parity.compare.pairs.compare_all's) with routing taken into account, and the routing itself.
 
-    Every prefill trace with MoE layers gets its routing compared; its `moe.experts` results become routing
+    Every compared trace with MoE layers (paired as compare_all pairs them: decode traces with the reference's
+    full forward and with their own) gets its routing compared; its `moe.experts` results become routing
     verdicts; where it flipped honestly its other taps are compared again: against the replayed reference
-    (cumulative, `replay` given) or with the flipped tokens' rows left out of that layer's downstream taps.
+    (cumulative, `replay` given) or with the flipped rows (tokens; decode steps) left out of that layer's
+    downstream taps.
     """
     table = table or TOLERANCES
     routing: list[RoutingResult] = []
     replaced: dict[tuple, list[TapResult]] = {}  # (impl, dtype, mode, prompt) -> that trace's new results
-    for t in traces:
-        if t.mode not in PREFILL_MODES or t.prompt not in refs or not moe_layers(t):
+    for ref, t in pair_traces(refs, ref_full or {}, traces):
+        if not moe_layers(t):
             continue
-        ref = refs[t.prompt]
         rs = compare_routing(ref, t, table, noise)
         if not any(r.honest_flips for r in rs):
             routing += rs
