@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from parity.adapters.declared import declared
 from parity.capture.runner import Progress, capture, capture_in_subprocess, produced
 from parity.compare.pairs import TapResult, compare_all, pair_traces
+from parity.compare.routing import account as account_routing, replayer
 from parity.capture.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
 from parity.errors import ParityInputError
 from parity.capture.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
@@ -93,6 +94,7 @@ class Report:
     weights: Weights | None = None
     noise: NoiseModel | None = None  # the honest-noise model; None: the fixed table alone decided
     continuation: list[int] = field(default_factory=list)  # the tokens decoded after each prompt (empty: none)
+    routing: list = field(default_factory=list)  # parity.compare.routing.RoutingResult per (run, prompt, MoE layer)
 
     @property
     def divergent_causes(self) -> list[Finding]:
@@ -293,14 +295,17 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
     honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
-    noise = measure(ref_traces, honest, table, ref_full) if honest else None
+    replay = replayer(ref_adapter, spec, weights)  # MoE: the reference re-run with a run's honest routing
+    noise = measure(ref_traces, honest, table, ref_full, replay) if honest else None
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
+    # routing is a choice, not a number: moe.experts compared as one, honest near-tie flips replayed
+    results, routed = account_routing(results, ref_traces, traces[n_ref:], table, noise, replay, req.layers, ref_full)
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
         traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights, noise=noise,
-        continuation=cont,
+        continuation=cont, routing=routed,
     )
     if separate and req.trace_dir is None:
         import weakref
@@ -399,12 +404,13 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
     table = tolerances or TOLERANCES
     results = compare_all(refs, ref_full, others, table, None, raw_logits, layers)
+    results, routed = account_routing(results, refs, others, table, None, None, layers, ref_full)
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=first_ref.weights_hash,
         weights_source=weights.source if weights else "from traces", reference=ref_name,
         prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
-        skipped={}, effective=effective, tolerances=table, weights=weights, continuation=cont,
+        skipped={}, effective=effective, tolerances=table, weights=weights, continuation=cont, routing=routed,
     )
 
     diagnose(report)

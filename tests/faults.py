@@ -159,6 +159,58 @@ class HalfWidthMLP(LitgptStyleAdapter):
         return super().build(small, dataclasses.replace(weights, spec=small, tensors=t), dtype)
 
 
+# ------------------------------------------------------------------ Gemma 4 MoE: HF's own router and experts patched
+def _moe_layers(model):
+    return [layer for layer in model.model.layers if getattr(layer, "enable_moe_block", False)]
+
+
+def _hf_router(lowp: bool = False, renorm: bool = True, scale: bool = True):
+    """Gemma4TextRouter.forward as transformers 5.25 writes it, with one step changed."""
+    def forward(self, hidden_states):
+        import torch
+
+        h = self.norm(hidden_states) * self.scale * self.scalar_root_size
+        probs = torch.nn.functional.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        if lowp:  # keras-hub's order: the probabilities rounded to bf16 before the top k
+            probs = probs.to(torch.bfloat16).to(torch.float32)
+        top, idx = torch.topk(probs, k=self.config.top_k_experts, dim=-1)
+        if renorm:
+            top /= top.sum(dim=-1, keepdim=True)
+        return probs, top * self.per_expert_scale[idx] if scale else top * 1.0, idx
+
+    def patch(model):
+        for layer in _moe_layers(model):
+            layer.router.forward = MethodType(forward, layer.router)
+    return patch
+
+
+def _hf_experts(swapped: bool = False, scale_on_input: bool = False):
+    """Gemma4TextExperts.forward, eager, with one step changed (the scale moved from the weights to the input)."""
+    def patch(model):
+        import torch
+        import torch.nn.functional as F
+
+        for layer in _moe_layers(model):
+            ex, per = layer.experts, layer.router.per_expert_scale
+
+            def forward(self, x, top_k_index, top_k_weights, per=per):
+                out = torch.zeros_like(x)
+                for e in torch.unique(top_k_index).tolist():
+                    tok, slot = torch.where(top_k_index == e)
+                    w = top_k_weights[tok, slot, None]
+                    xe = x[tok]
+                    if scale_on_input:  # undo the router's scale, apply it to the expert's input instead
+                        w, xe = w / per[e], xe * per[e].to(x.dtype)
+                    gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+                    if swapped:
+                        gate, up = up, gate
+                    y = F.linear(self.act_fn(gate) * up, self.down_proj[e]) * w
+                    out.index_add_(0, tok, y.to(out.dtype))
+                return out
+            ex.forward = MethodType(forward, ex)
+    return patch
+
+
 def port(name, options=None, **spec_changes):
     def make():
         from parity.adapters.port_model import PortOptions  # imports torch: when a fault is built, not when collected
@@ -179,7 +231,7 @@ FP32_NO_EFFECT = "fp32 computes this op in fp32 either way: the fault is the ide
 class Fault:
     name: str
     cause: str
-    first_tap: str
+    first_tap: str | dict  # a dict: per dtype
     factory: Callable
     spec: str = "tiny-gemma"
     exempt: dict = field(default_factory=dict)  # dtype -> measured reason it cannot show
@@ -245,6 +297,36 @@ FAULTS = [
 ]
 
 
+# Gemma 4 mixture of experts (issue 19 item 5): each cause in the port and in HF's own router or experts
+MOE = "tiny-gemma4-moe"
+BF16_PRECISION = ("bf16 rounds the router probabilities to bf16 as the fault does (keras-hub's order): the same "
+                  "rounding, a note there, not a divergence")
+# with two experts per token the post-MoE norm cancels most of a scale common to both: in bf16 moe_branch stays
+# within honest noise and the first tap beyond it is the sum's norm (the moe-experts probe names it at moe_branch)
+SCALE_FIRST_TAP = {"float32": "layers.0.moe_branch", "bfloat16": "layers.0.post_mlp_norm"}
+MOE_FAULTS = [
+    Fault("port router probabilities in bf16", "router-precision", "layers.0.moe.router_probs",
+          port("port-router-bf16", {"router_lowp": "bfloat16"}), spec=MOE, exempt={"bfloat16": BF16_PRECISION}),
+    Fault("hf router probabilities in bf16", "router-precision", "layers.0.moe.router_probs",
+          hf("hf-router-bf16", _hf_router(lowp=True)), spec=MOE, exempt={"bfloat16": BF16_PRECISION}),
+    Fault("port top-k not renormalised", "topk-not-renormalised", "layers.0.moe.weights",
+          port("port-no-renorm", {"router_no_renorm": True}), spec=MOE),
+    Fault("hf top-k not renormalised", "topk-not-renormalised", "layers.0.moe.weights",
+          hf("hf-no-renorm", _hf_router(renorm=False)), spec=MOE),
+    Fault("port per-expert scale left out", "per-expert-scale-misplaced", SCALE_FIRST_TAP,
+          port("port-no-expert-scale", {"expert_scale": "none"}), spec=MOE),
+    Fault("port per-expert scale on the expert input", "per-expert-scale-misplaced", SCALE_FIRST_TAP,
+          port("port-expert-scale-input", {"expert_scale": "input"}), spec=MOE),
+    Fault("hf per-expert scale on the expert input", "per-expert-scale-misplaced", SCALE_FIRST_TAP,
+          hf("hf-expert-scale-input", _hf_experts(scale_on_input=True)), spec=MOE),
+    Fault("port expert gate and up swapped", "expert-gate-up-swapped", "layers.0.moe_branch",
+          port("port-expert-up-gate", {"expert_gate_up": "up-gate"}), spec=MOE),
+    Fault("hf expert gate and up swapped", "expert-gate-up-swapped", "layers.0.moe_branch",
+          hf("hf-expert-up-gate", _hf_experts(swapped=True)), spec=MOE),
+]
+FAULTS += MOE_FAULTS
+
+
 def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     """Run the harness on the fault in one dtype; say whether it was detected, located and named.
 
@@ -271,7 +353,8 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     return {
         "fault": fault.name, "cause": fault.cause, "dtype": dtype, "profile": profile,
         "detected": not report.passed,
-        "located": located_tap == fault.first_tap, "first_tap": located_tap,
+        "located": located_tap == (fault.first_tap if isinstance(fault.first_tap, str) else fault.first_tap[dtype]),
+        "first_tap": located_tap,
         "named": why is not None and why["cause"] == fault.cause,
         "named_as": [d["cause"] + (" (note)" if d["severity"] == "note" else "") for d in mine],
         "evidence": why["evidence"] if why else "",

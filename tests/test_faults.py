@@ -11,7 +11,9 @@ import pytest
 from tests.faults import DECODE_FAULTS, FAULTS, detect
 
 PROFILES = ("default", "trained-like")
-CASES = [(f, d, p) for p in PROFILES for f in FAULTS for d in ("float32", "bfloat16")]
+# Gemma 4 MoE faults: the default profile only (the trained-like profile's Gemma 4 statistics are separate work)
+CASES = [(f, d, p) for p in PROFILES for f in FAULTS for d in ("float32", "bfloat16")
+         if p == "default" or f.spec != "tiny-gemma4-moe"]
 
 
 @pytest.mark.parametrize("fault,dtype,profile", CASES,

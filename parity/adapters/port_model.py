@@ -56,6 +56,15 @@ class PortOptions:
     float32_islands: bool = False  # round where HF's Gemma 4 rounds to float32 whatever the dtype, float64
     # included: every RMSNorm (`x.float()`, `pow(ms, -0.5)`), RoPE angles, attention and router softmax, and the
     # embedding scales (float32 buffers). Equally correct; with it the float64 port matches HF's float64 run
+    # --- Gemma 4 MoE (parity.compare.routing and the MoE causes)
+    route_override: tuple = ()  # ((layer, token), expert ids) pairs: those tokens take those experts (the
+    # reference replaying an implementation's honest near-tie choice), weighted by their own probabilities
+    router_lowp: str = ""  # router-precision: the router probabilities rounded to this dtype before the top k
+    router_no_renorm: bool = False  # topk-not-renormalised: the chosen probabilities used as they are
+    expert_scale: str = "weights"  # per-expert-scale-misplaced: "weights" (Gemma), "input" (the expert's input
+    # scaled instead of its output) or "none"
+    expert_gate_up: str = "gate-up"  # expert-gate-up-swapped: "gate-up" (HF's rows [:I] gate, [I:] up),
+    # "up-gate" (the halves swapped)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -353,8 +362,9 @@ class Router(nn.Module):
     """Gemma 4's router: scale-less RMSNorm, times a learned scale and D^-0.5, a projection to the experts,
     softmax over all of them, the top k (in descending probability), renormalised to sum to 1."""
 
-    def __init__(self, s: GemmaSpec, opts: PortOptions) -> None:
+    def __init__(self, s: GemmaSpec, opts: PortOptions, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.norm = ScalelessNorm(s.norm_eps, opts)
         self.scale = nn.Parameter(torch.zeros(s.hidden_size))
         self.proj = Linear(s.hidden_size, s.num_experts, opts)
@@ -364,11 +374,35 @@ class Router(nn.Module):
 
     def forward(self, h: torch.Tensor):
         logits = self.logits(self.proj(self.norm(h) * self.scale * self.root))  # [B, T, E]
-        probs = self.probs(F.softmax(logits.to(_island(logits.dtype, self.opts)), dim=-1))  # [B, T, E]
-        top, idx = torch.topk(probs, self.k, dim=-1)  # [B, T, k] each, descending
+        probs = F.softmax(logits.to(_island(logits.dtype, self.opts)), dim=-1)  # [B, T, E]
+        if self.opts.router_lowp:  # rounded before the top k, as keras-hub does in bf16 (tapped as rounded)
+            probs = probs.to(_dtype_named(self.opts.router_lowp)).to(probs.dtype)
+        ranked = self.probs(probs)
+        top, idx = torch.topk(ranked, self.k, dim=-1)  # [B, T, k] each, descending
+        if self.opts.route_override:
+            top, idx = _forced(ranked, idx, self.layer, self.opts.route_override)
         self.chosen(idx.to(torch.float64))
-        w = self.weights(top / top.sum(-1, keepdim=True))  # [B, T, k]
+        top = top.to(probs.dtype)
+        w = self.weights(top if self.opts.router_no_renorm else top / top.sum(-1, keepdim=True))  # [B, T, k]
+        if self.opts.expert_scale != "weights":
+            return w, idx  # the scale goes to the experts' input, or nowhere
         return w * self.per_expert_scale[idx], idx  # promoted: a float32 weight times a float64 scale stays float64
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _forced(probs: torch.Tensor, idx: torch.Tensor, layer: int, overrides: tuple):
+    """idx with the overridden tokens' experts replaced ([B, T, k], B = 1: tokens are positions), each row in
+    descending probability; and those experts' probabilities."""
+    idx = idx.clone()
+    for (at, token), ids in overrides:
+        if at == layer:
+            row = torch.tensor(ids, dtype=idx.dtype)
+            order = torch.argsort(probs[0, token, row], descending=True)
+            idx[0, token] = row[order]
+    return probs.gather(-1, idx), idx
 
 
 class Experts(nn.Module):
@@ -380,14 +414,18 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.zeros(e, d, i))
         self.act = GeluOpByOp() if opts.gelu_lowp else nn.GELU(approximate=s.gelu_approximate)
-        self.swapped = opts.geglu_swapped
+        self.swapped = opts.geglu_swapped or opts.expert_gate_up == "up-gate"
+        self.scale_at = opts.expert_scale
 
-    def forward(self, m: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """m: [N, D] normed inputs; weights, idx: [N, k] -> [N, D], each chosen expert's output times its weight."""
+    def forward(self, m: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """m: [N, D] normed inputs; weights, idx: [N, k] -> [N, D], each chosen expert's output times its weight.
+        `scale`: the per-expert scale [E], for the misplaced-scale fault only (Gemma scales the weights)."""
         out = torch.zeros_like(m)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)  # tokens routed to e, and where e sits in their top k
-            gate, up = F.linear(m[tok], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            x = m[tok] * scale[e].to(m.dtype) if self.scale_at == "input" else m[tok]
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
             if self.swapped:
                 gate, up = up, gate
             y = F.linear(self.act(gate) * up, self.down_proj[e])  # [n, D]
@@ -406,7 +444,7 @@ class Gemma4Block(nn.Module):
         self.norm_1, self.attn, self.post_attention_norm = norm(), Gemma4Attention(s, layer, opts), norm()
         self.norm_2, self.mlp, self.post_mlp_norm = norm(), GemmaMLP(s, opts, s.mlp_width_for(layer)), norm()
         if self.moe:
-            self.post_dense_norm, self.router, self.norm_moe = norm(), Router(s, opts), norm()
+            self.post_dense_norm, self.router, self.norm_moe = norm(), Router(s, opts, layer), norm()
             self.experts, self.post_moe_norm = Experts(s, opts), norm()
             self.dense_tap, self.moe_tap = Tap(), Tap()
         if self.ple:
@@ -425,7 +463,8 @@ class Gemma4Block(nn.Module):
             B, T, D = x.shape
             weights, idx = self.router(x)
             m = self.norm_moe(x).reshape(B * T, D)
-            experts = self.experts(m, weights.reshape(B * T, -1), idx.reshape(B * T, -1)).reshape(B, T, D)
+            experts = self.experts(m, weights.reshape(B * T, -1), idx.reshape(B * T, -1),
+                                   self.router.per_expert_scale).reshape(B, T, D)
             y = self.dense_tap(self.post_dense_norm(y)) + self.moe_tap(self.post_moe_norm(experts))
         x = x + self.post_mlp_norm(y)
         if self.ple:

@@ -116,10 +116,15 @@ class NoiseModel:
         return out
 
 
-def measure(refs: dict, traces: list, table, ref_full: dict | None = None) -> NoiseModel:
+def measure(refs: dict, traces: list, table, ref_full: dict | None = None, replay=None) -> NoiseModel:
     """The noise model from the members' traces (compared with the reference as any run is: decode traces
-    with the reference's full forward and with their own, parity.compare.pairs.compare_all)."""
+    with the reference's full forward and with their own, parity.compare.pairs.compare_all). A member that
+    flips a MoE routing near-tie is compared with the reference replaying its choice (parity.compare.routing),
+    as any run is: one flipped token must not widen every later tap's noise; its routing is no noise figure."""
+    from parity.compare.routing import EXPERTS, account
 
     model = NoiseModel(members=tuple(dict.fromkeys(t.impl for t in traces)))
-    model.add(compare_all(refs, ref_full or {}, traces, table))
+    results = compare_all(refs, ref_full or {}, traces, table)
+    results, _ = account(results, refs, traces, table, None, replay, ref_full=ref_full)
+    model.add(r for r in results if not r.tap.endswith("." + EXPERTS))
     return model

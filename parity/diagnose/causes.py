@@ -176,6 +176,34 @@ CAUSES: tuple[Cause, ...] = (
         "The reference applies it before RoPE.",
         "large",
     ),
+    # ------------------------------------------------------------------ Gemma 4 mixture of experts
+    Cause(
+        "topk-not-renormalised", "top-k weights not renormalised",
+        "The chosen experts' router probabilities are used as their weights as they are, without dividing by "
+        "their sum (Gemma 4 renormalises: a softmax over the chosen k).",
+        "HF's `Gemma4TextRouter`, keras-hub's `Gemma4Router`, the JAX reference and llama.cpp (`norm_w=true`) "
+        "all renormalise.",
+        "Each token's expert branch shrinks by the chosen probabilities' sum (below 1): large, though the "
+        "post-MoE norm hides part of it.",
+    ),
+    Cause(
+        "per-expert-scale-misplaced", "per-expert scale misplaced",
+        "`router.per_expert_scale` is not applied to each chosen expert's weight: left out, or applied to the "
+        "expert's input instead of its output (the GeGLU is not linear, so the two differ).",
+        "HF multiplies the renormalised weights by it (`Gemma4TextRouter`); keras-hub multiplies the expert "
+        "outputs (the same product); llama.cpp has it as `ffn_down_exps_s`. HF initialises it to 1, so a "
+        "model built from HF's init cannot show this fault.",
+        "large unless the scales are near 1",
+    ),
+    Cause(
+        "expert-gate-up-swapped", "expert gate and up swapped",
+        "An expert's fused `gate_up_proj` is split with its halves the wrong way round (or loaded transposed "
+        "per expert), so the GELU is taken of the up projection.",
+        "HF stores `experts.gate_up_proj` [E, 2I, D] with the gate rows first; keras-hub's converter splits "
+        "rows [:I] into `gate_proj` and [I:] into `up_proj`; JAX stores `gating_einsum` [E, 2, I, D] (0 gate, "
+        "1 up).",
+        "large",
+    ),
     # ------------------------------------------------------------------ precision choices (notes)
     Cause(
         "act-lowp", "GELU op by op in low precision",
@@ -193,6 +221,18 @@ CAUSES: tuple[Cause, ...] = (
         "The attention softmax runs in bf16/fp16 instead of fp32.",
         "HF eager and keras-hub upcast; the JAX reference does not.",
         "only in bf16/fp16",
+        kind="precision",
+    ),
+    Cause(
+        "router-precision", "router probabilities rounded before the top k",
+        "The router's softmax (or its logits) is rounded to a low-precision dtype before the top k and the "
+        "renormalisation, instead of choosing and renormalising on the fp32 probabilities.",
+        "keras-hub 0.32's `Gemma4Router` casts the fp32 softmax to the compute dtype before `ops.top_k` and "
+        "renormalises in it (bf16 in a bf16 model); HF keeps the probabilities, the top k and the "
+        "renormalisation in fp32.",
+        "In bf16 the weights move by up to one bf16 ulp (2^-8 relative) and a choice can flip only where two "
+        "probabilities lie within one ulp, well inside the gap bf16 rounding of the logits can close: a "
+        "precision choice, reported as a note. Rounded to bf16 in an fp32 run it is far beyond fp32 noise.",
         kind="precision",
     ),
     # ------------------------------------------------------------------ output

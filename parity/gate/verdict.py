@@ -61,6 +61,14 @@ class Verdict:
     status: str
     runs: tuple[RunVerdict, ...]
     headline: str
+    # MoE layers whose chosen experts differ from the reference's (parity.compare.routing.RoutingResult): honest
+    # near-ties are reported, never failed; a clear-margin flip fails its moe.experts tap
+    routing: tuple = ()
+
+    @property
+    def routing_lines(self) -> list[str]:
+        """One line per (run, prompt, MoE layer) with a flipped token."""
+        return [r.text() for r in self.routing]
 
     @property
     def passed(self) -> bool:
@@ -121,7 +129,13 @@ def decide(report) -> Verdict:
     loose = [d for d in report.diagnosis if d.severity == "divergence"]
     status = FAIL if any(r.status == FAIL for r in runs) or loose else \
         WAIVED if any(r.status == WAIVED for r in runs) else PASS
-    return Verdict(status=status, runs=runs, headline=_headline(report, status, runs, loose))
+    routing = tuple(r for r in getattr(report, "routing", ()) or () if r.flips)
+    head = _headline(report, status, runs, loose)
+    honest = sum(len(r.honest_flips) for r in routing)
+    if honest and status != FAIL:
+        head += (f"; {honest} token-layer routing flip(s) at honest near-ties (the reference's k-th and (k+1)-th "
+                 "probabilities within rounding): downstream compared with that routing")
+    return Verdict(status=status, runs=runs, headline=head, routing=routing)
 
 
 def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) -> str:

@@ -288,6 +288,33 @@ def _sink(spec: GemmaSpec, seed: int, layer: int) -> _Sink:
     return _Sink(q_d, k_c, beta / u, math.sqrt(g2))
 
 
+# ------------------------------------------------------------------ the MoE router (Gemma 4)
+ROUTER_TIE_PAIRS = 0.25  # share of the experts' rows drawn as near-copies of another's: trained routers have
+# experts that many tokens score almost alike, so the k-th and (k+1)-th probabilities often nearly tie
+ROUTER_TIE_GAP = (4e-3, 3e-2)  # relative difference of a pair's rows, log-uniform: at least one bf16 ulp (the
+# profile's weights are stored bf16-exact, and a smaller gap would round to an exact, degenerate tie)
+
+
+def router_near_ties(spec: GemmaSpec, seed: int, name: str):
+    """The router projection [E, D] with near-tied pairs: experts (2j, 2j+1) for j < E * ROUTER_TIE_PAIRS share one
+    row, the second moved by a relative ROUTER_TIE_GAP, so every token scores them within about that share of
+    their logit. Each pair's rows come from their own seeded draw: the same values in any row blocking."""
+    e, d = spec.num_experts, spec.hidden_size
+    pairs = max(1, int(e * ROUTER_TIE_PAIRS))
+
+    def edit(r0, w):
+        for i in range(r0, r0 + len(w)):
+            j = i // 2
+            if j >= pairs:
+                continue
+            rng = _rng(seed, f"{name}/pair{j}")
+            base = rng.standard_normal(d) / math.sqrt(d)
+            gap = float(_loguniform(rng, ROUTER_TIE_GAP))
+            w[i - r0] = base * (1.0 + gap) if i % 2 else base
+        return w
+    return edit
+
+
 # ------------------------------------------------------------------ matrices
 def _editor(spec: GemmaSpec, seed: int, name: str):
     """A function (first row, float64 block) -> the block with the profile's structure, row by row."""
@@ -312,6 +339,8 @@ def _editor(spec: GemmaSpec, seed: int, name: str):
     if not m:
         return none  # lm_head: as the default
     layer, kind = int(m.group(1)), m.group(2)
+    if kind == "router.proj":
+        return router_near_ties(spec, seed, name)
     p = f"model.layers.{layer}."
     sandwich = spec.norm_placement == "sandwich"
     cols = rows_scale = None

@@ -169,6 +169,9 @@ def _summary_section(report, v) -> str:
     if partial:
         out.append("<ul class=\"first\">" + "".join(
             f"<li>{_e(row.run)} {_e(row.mode)}: {_e(row.not_compared)}</li>" for row in partial) + "</ul>")
+    if v.routing_lines:  # MoE layers whose chosen experts differ from the reference's
+        out.append("<p>MoE routing:</p><ul class=\"first\">"
+                   + "".join(f"<li>{_e(line)}</li>" for line in v.routing_lines) + "</ul>")
     return "\n".join(out)
 
 

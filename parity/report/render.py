@@ -70,6 +70,7 @@ def to_json(report) -> dict:
         "first_divergences": [_at(f) for f in firsts],
         "diagnosis": [d.to_json() for d in report.diagnosis],
         "probes": [p.to_json() for p in report.probes],
+        "routing": [r.to_json() for r in getattr(report, "routing", ()) or ()],
         "effective": {run: normalized(d) for run, d in (report.effective or {}).items()},
         "spec": report.spec.to_dict(),
         "weights": {"hash": report.weights_hash, "source": report.weights_source},
@@ -127,6 +128,9 @@ def to_markdown(report) -> str:
     lines += [f"Spec `{s.name}` (Gemma {s.family}), {s.num_layers} layers, weights `{report.weights_hash}` "
               f"({report.weights_source}); reference `{report.reference}`; prompts "
               + ", ".join(f"{k} ({len(v)} tokens)" for k, v in report.prompts.items()), ""]
+    if v.routing_lines:
+        lines += ["MoE routing (tokens whose chosen experts differ from the reference's):", ""]
+        lines += [f"- {line}" for line in v.routing_lines] + [""]
     rows = run_rows(report, v)
     lines += ["| " + " | ".join(header()) + " |", "|---" * len(header()) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row.cells()) + " |" for row in rows]
@@ -282,6 +286,8 @@ def print_terminal(report, console=None, verbose: bool = False) -> None:
     for row in rows:
         if row.not_compared:
             console.print(f"  [yellow]{row.run} {row.mode}[/yellow]: {row.not_compared}", soft_wrap=True)
+    for line in v.routing_lines:  # MoE layers whose chosen experts differ from the reference's
+        console.print(f"  [bold]routing[/bold] {escape(line)}", soft_wrap=True)
     for d in report.diagnosis:
         console.print(f"  [bold]{escape(d.cause)}[/bold] {escape(d.impl)}@{d.dtype} at {d.tap}: {escape(d.evidence)}",
                       soft_wrap=True)
