@@ -379,9 +379,9 @@ FAULTS += [
           port("g4-unit-offset", norm_unit_offset=True), **G4),
     Fault("hf (1 + w) on Gemma 4", "norm-unit-offset-extra", "layers.0.per_layer_input",
           hf("hf-g4-unit-offset", _hf_g4_unit_offset), **G4),
-    Fault("port scores scaled 1/sqrt(head_dim)", "attn-scale-not-one", "layers.0.attn.probs",
+    Fault("port scores scaled 1/sqrt(head_dim)", "attn-scale-not-one", "layers.0.attn.scores",
           port("g4-attn-scale", {"attn_scale_head_dim": True}), **G4),
-    Fault("hf scores scaled 1/sqrt(head_dim)", "attn-scale-not-one", "layers.0.attn.probs",
+    Fault("hf scores scaled 1/sqrt(head_dim)", "attn-scale-not-one", "layers.0.attn.probs",  # hf: no scores tap
           hf("hf-g4-attn-scale", _hf_g4_attn_scale), **G4),
     Fault("port no v norm", "v-norm-missing", "layers.0.attn", port("g4-no-v-norm", v_norm=False), **G4),
     Fault("hf no v norm", "v-norm-missing", "layers.0.attn", hf("hf-g4-no-v-norm", _hf_g4_no_v_norm), **G4),
