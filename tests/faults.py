@@ -189,6 +189,10 @@ class Fault:
     # of them is bench/detection_table.py's, reported in docs/diagnosis.md)
     profiles: tuple = ("default", "trained-like")
 
+    def tap_in(self, dtype: str) -> str:
+        """The first tap in `dtype` (first_tap may be a dict per dtype, where the dtype's noise moves it)."""
+        return self.first_tap[dtype] if isinstance(self.first_tap, dict) else self.first_tap
+
 
 FAULTS = [
     Fault("hf exact GELU", "gelu-exact", "layers.0.mlp.act", hf("hf-exact-gelu", _hf_exact_gelu)),
@@ -374,6 +378,7 @@ def _hf_g4_scalar_first(model):
 
 
 G4 = dict(spec="tiny-gemma4", profiles=("default",))
+V_NORM_TAPS = {"float32": "layers.0.attn", "bfloat16": "layers.0.post_attn_norm"}
 FAULTS += [
     Fault("port (1 + w) on Gemma 4", "norm-unit-offset-extra", "layers.0.per_layer_input",
           port("g4-unit-offset", norm_unit_offset=True), **G4),
@@ -383,8 +388,9 @@ FAULTS += [
           port("g4-attn-scale", {"attn_scale_head_dim": True}), **G4),
     Fault("hf scores scaled 1/sqrt(head_dim)", "attn-scale-not-one", "layers.0.attn.probs",  # hf: no scores tap
           hf("hf-g4-attn-scale", _hf_g4_attn_scale), **G4),
-    Fault("port no v norm", "v-norm-missing", "layers.0.attn", port("g4-no-v-norm", v_norm=False), **G4),
-    Fault("hf no v norm", "v-norm-missing", "layers.0.attn", hf("hf-g4-no-v-norm", _hf_g4_no_v_norm), **G4),
+    # the values' RMS is near 1 on these weights: in bf16 the first tap past its bound is the post-attention norm's
+    Fault("port no v norm", "v-norm-missing", V_NORM_TAPS, port("g4-no-v-norm", v_norm=False), **G4),
+    Fault("hf no v norm", "v-norm-missing", V_NORM_TAPS, hf("hf-g4-no-v-norm", _hf_g4_no_v_norm), **G4),
     Fault("port K=V on the global layers", "k-eq-v-misapplied", "layers.3.attn",
           port("g4-k-eq-v", {"k_eq_v_layers": "global"}), **G4),
     Fault("hf K=V on the global layers", "k-eq-v-misapplied", "layers.3.attn",
@@ -442,7 +448,7 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     return {
         "fault": fault.name, "cause": fault.cause, "dtype": dtype, "profile": profile,
         "detected": not report.passed,
-        "located": located_tap == fault.first_tap, "first_tap": located_tap,
+        "located": located_tap == fault.tap_in(dtype), "first_tap": located_tap,
         "named": why is not None and why["cause"] == fault.cause,
         "named_as": [d["cause"] + (" (note)" if d["severity"] == "note" else "") for d in mine],
         "evidence": why["evidence"] if why else "",

@@ -21,7 +21,7 @@ def test_fault_is_detected_located_named(fault, dtype, profile):
     if dtype in fault.exempt:
         assert not r["detected"], f"{fault.name} is exempt in {dtype} ({fault.exempt[dtype]}) but was detected: {r}"
         return
-    assert r["located"], f"{fault.name} {dtype}: first divergence at {r['first_tap']}, expected {fault.first_tap}"
+    assert r["located"], f"{fault.name} {dtype}: first divergence at {r['first_tap']}, expected {fault.tap_in(dtype)}"
     assert r["named"], f"{fault.name} {dtype}: named {r['named_as']}, expected {fault.cause}; {r['evidence']}"
     if fault.note_only:
         assert not r["detected"] and r["named_as"][0].endswith("(note)"), r
