@@ -379,6 +379,7 @@ def _hf_g4_scalar_first(model):
 
 G4 = dict(spec="tiny-gemma4", profiles=("default",))
 V_NORM_TAPS = {"float32": "layers.0.attn", "bfloat16": "layers.0.post_attn_norm"}
+K_EQ_V_TAPS = {"float32": "layers.3.attn", "bfloat16": "layers.3.post_attn_norm"}  # the same, on the first global layer
 FAULTS += [
     Fault("port (1 + w) on Gemma 4", "norm-unit-offset-extra", "layers.0.per_layer_input",
           port("g4-unit-offset", norm_unit_offset=True), **G4),
@@ -391,9 +392,9 @@ FAULTS += [
     # the values' RMS is near 1 on these weights: in bf16 the first tap past its bound is the post-attention norm's
     Fault("port no v norm", "v-norm-missing", V_NORM_TAPS, port("g4-no-v-norm", v_norm=False), **G4),
     Fault("hf no v norm", "v-norm-missing", V_NORM_TAPS, hf("hf-g4-no-v-norm", _hf_g4_no_v_norm), **G4),
-    Fault("port K=V on the global layers", "k-eq-v-misapplied", "layers.3.attn",
+    Fault("port K=V on the global layers", "k-eq-v-misapplied", K_EQ_V_TAPS,
           port("g4-k-eq-v", {"k_eq_v_layers": "global"}), **G4),
-    Fault("hf K=V on the global layers", "k-eq-v-misapplied", "layers.3.attn",
+    Fault("hf K=V on the global layers", "k-eq-v-misapplied", K_EQ_V_TAPS,
           hf("hf-g4-k-eq-v", _hf_g4_k_eq_v), **G4),
     Fault("port ordinary partial RoPE", "rope-proportional-as-partial", "layers.3.attn.probs",
           port("g4-partial-rope", {"rope_ordinary_partial": True}), **G4),

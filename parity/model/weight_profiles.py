@@ -147,10 +147,10 @@ def _gemma4_tensor(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int
     if name.endswith("layer_scalar"):
         layer = int(_LAYER.match(name + ".weight").group(1))  # below 1 on even layers, above on odd ones
         return np.array([_loguniform(rng, LAYER_SCALAR_HIGH if layer % 2 else LAYER_SCALAR_LOW)])
-    if ".router." in name or ".experts." in name:  # the MoE statistics are their own work: default draws
-        from parity.model.weights import random_tensor
-
-        return random_tensor(name, shape, seed, spec)
+    if ".router." in name or ".experts." in name:  # the MoE statistics (near-tie router logits) are g4moe's work:
+        if len(shape) == 1:  # the router's scales around 1, as the default profile draws them
+            return _loguniform(rng, (0.6, 1.6), shape[0])
+        return rng.standard_normal(shape) / math.sqrt(shape[-1])
     if name.endswith("norm.weight") and (shape[0] != spec.hidden_size or "per_layer" in name) \
             and not name.endswith(("q_norm.weight", "k_norm.weight")) or \
             name.endswith(("q_norm.weight", "k_norm.weight")) and shape[0] != spec.head_dim:
