@@ -396,11 +396,14 @@ FAULTS += [
           port("g4-k-eq-v", {"k_eq_v_layers": "global"}), **G4),
     Fault("hf K=V on the global layers", "k-eq-v-misapplied", K_EQ_V_TAPS,
           hf("hf-g4-k-eq-v", _hf_g4_k_eq_v), **G4),
-    Fault("port ordinary partial RoPE", "rope-proportional-as-partial", "layers.3.attn.probs",
+    Fault("port ordinary partial RoPE", "rope-proportional-as-partial", "layers.3.attn.scores",
           port("g4-partial-rope", {"rope_ordinary_partial": True}), **G4),
     Fault("hf ordinary partial RoPE", "rope-proportional-as-partial", "layers.3.attn.probs",
-          hf("hf-g4-partial-rope", _hf_g4_ordinary_partial_rope), **G4),
-    Fault("port KV shared from the first of its type", "kv-share-source", "layers.4.attn.probs",
+          hf("hf-g4-partial-rope", _hf_g4_ordinary_partial_rope), **G4,
+          exempt={"bfloat16": "measured: hf has no attn.scores tap, and on tiny-gemma4's default weights the bf16 "
+                              "honest bounds from layer 3 on (attn.probs 8.0 x row RMS against 21 allowed) cover it; "
+                              "the port's fault, read at attn.scores, is found (2x its bound)"}),
+    Fault("port KV shared from the first of its type", "kv-share-source", "layers.4.attn.scores",
           port("g4-kv-first", {"kv_share_first_of_type": True}), **G4),
     Fault("hf KV shared from the first of its type", "kv-share-source", "layers.4.attn.probs",
           hf("hf-g4-kv-first", _hf_g4_kv_first_of_type), **G4),
