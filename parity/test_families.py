@@ -1,4 +1,5 @@
-"""Every family on its tiny preset: Gemma 1 pre-norm, Gemma 2/3 sandwich, windows, softcaps, QK-norm.
+"""Every family on its tiny preset: Gemma 1 pre-norm, Gemma 2/3/4 sandwich, windows, softcaps, QK-norm
+(`pytest parity -k gemma4` selects Gemma 4's: PLE, KV sharing, proportional RoPE, layer scalars).
 
 The main suite runs on --parity-spec (tiny-gemma by default); these checks run
 each family's tiny preset through every installed implementation that can
@@ -12,7 +13,7 @@ from parity.gate import checks
 from parity.diagnose.probes.attention import probe_attention_mask
 from parity.diagnose.probes.head import probe_lm_head
 
-FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3"]
+FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma2-27b", "tiny-gemma3", "tiny-gemma4"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -65,6 +65,14 @@ class PortOptions:
     # scaled instead of its output) or "none"
     expert_gate_up: str = "gate-up"  # expert-gate-up-swapped: "gate-up" (HF's rows [:I] gate, [I:] up),
     # "up-gate" (the halves swapped)
+    # --- Gemma 4 faults (parity/diagnose/causes.py), each one cause of the catalogue
+    attn_scale_head_dim: bool = False  # attn-scale-not-one: scores times 1/sqrt(this layer's head dim), not 1.0
+    k_eq_v_layers: str = ""  # k-eq-v-misapplied: "global" or "all" layers use k_proj's output as the values
+    kv_share_first_of_type: bool = False  # kv-share-source: shared layers read the FIRST producer of their type
+    ple_scale_missing: str = ""  # ple-scale: "combine" drops the 2^-0.5, "table" the sqrt(P) of the PLE table
+    ple_before_mlp: bool = False  # ple-placement: the PLE branch added after attention, before the MLP
+    layer_scalar_mode: str = "end"  # layer-scalar-*: "missing" (never applied), "start" (the residual entering
+    # the block is scaled, before the block's additions), "end" (Gemma 4: the block's output)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -310,14 +318,17 @@ class Gemma4Attention(nn.Module):
         self.s, self.layer, self.opts = s, layer, opts
         self.hd, self.kv = s.head_dim_for(layer), s.kv_heads_for(layer)
         self.shared = s.kv_source(layer) != layer
-        self.k_eq_v = s.k_eq_v_for(layer)
+        self.k_eq_v = s.k_eq_v_for(layer) or opts.k_eq_v_layers == "all" or (
+            opts.k_eq_v_layers == "global" and s.layer_types[layer] == "global")
+        # 1.0 for Gemma 4; the attn-scale fault scales by this layer's own head dim
+        self.scale = self.hd ** -0.5 if opts.attn_scale_head_dim else s.query_scale
         self.q_proj = Linear(s.hidden_size, s.num_heads * self.hd, opts)
         self.proj = Linear(s.num_heads * self.hd, s.hidden_size, opts)  # o_proj
         qk = SkippedNorm if opts.skip_qk_norm else RMSNorm
         self.norm_q = qk(self.hd, s.norm_eps, s.norm_unit_offset, opts) if s.qk_norm else nn.Identity()
         if not self.shared:
             self.k_proj = Linear(s.hidden_size, self.kv * self.hd, opts)
-            if not self.k_eq_v:
+            if not s.k_eq_v_for(layer):  # (a K=V fault keeps v_proj, so the checkpoint loads, and ignores it)
                 self.v_proj = Linear(s.hidden_size, self.kv * self.hd, opts)
             self.norm_k = qk(self.hd, s.norm_eps, s.norm_unit_offset, opts) if s.qk_norm else nn.Identity()
             self.norm_v = ScalelessNorm(s.norm_eps, opts) if s.v_norm else nn.Identity()
@@ -338,14 +349,15 @@ class Gemma4Attention(nn.Module):
             v = self.v_out(self.norm_v(v).transpose(1, 2))  # [B, KV, T, hd]
             if cache is not None:
                 k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
-            if shared_kv is not None:
+            if shared_kv is not None and not (self.opts.kv_share_first_of_type and s.layer_types[self.layer]
+                                              in shared_kv):
                 shared_kv[s.layer_types[self.layer]] = (k, v, mask)  # the last of its type before the split wins
         group = s.num_heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, L, hd]
         if self.opts.scale_q_first:
-            scores = (q * torch.tensor(s.query_scale, dtype=q.dtype)) @ k.transpose(-1, -2)  # [B, H, T, L]
+            scores = (q * torch.tensor(self.scale, dtype=q.dtype)) @ k.transpose(-1, -2)  # [B, H, T, L]
         else:
-            scores = (q @ k.transpose(-1, -2)) * s.query_scale  # [B, H, T, L]
+            scores = (q @ k.transpose(-1, -2)) * self.scale  # [B, H, T, L]
         if s.attn_softcap is not None:
             scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
         scores = self.scores(scores + mask.to(scores.dtype))
@@ -455,9 +467,18 @@ class Gemma4Block(nn.Module):
             self.post_ple_norm = norm()
         self.layer_scalar = nn.Parameter(torch.zeros(1)) if s.layer_scalar else None
         self.pre_scalar = Tap()
+        self.ple_before_mlp, self.scalar_mode = opts.ple_before_mlp, opts.layer_scalar_mode
+
+    def _ple(self, x, per_layer):
+        g = self.ple_act(self.ple_gate(x)) * self.ple_in(per_layer)  # [B, T, P]
+        return x + self.post_ple_norm(self.ple_up(g))
 
     def forward(self, x, cos, sin, mask, cache=None, positions=None, shared_kv=None, per_layer=None):
+        if self.layer_scalar is not None and self.scalar_mode == "start":  # a fault: the residual scaled first
+            x = x * self.layer_scalar.to(x.dtype)
         x = x + self.post_attention_norm(self.attn(self.norm_1(x), cos, sin, mask, cache, positions, shared_kv))
+        if self.ple and self.ple_before_mlp:  # a fault: the PLE branch reads the post-attention residual
+            x = self._ple(x, per_layer)
         y = self.mlp(self.norm_2(x))
         if self.moe:  # the router reads the un-normed residual; the experts their own pre-norm of it
             B, T, D = x.shape
@@ -467,11 +488,10 @@ class Gemma4Block(nn.Module):
                                    self.router.per_expert_scale).reshape(B, T, D)
             y = self.dense_tap(self.post_dense_norm(y)) + self.moe_tap(self.post_moe_norm(experts))
         x = x + self.post_mlp_norm(y)
-        if self.ple:
-            g = self.ple_act(self.ple_gate(x)) * self.ple_in(per_layer)  # [B, T, P]
-            x = x + self.post_ple_norm(self.ple_up(g))
-        if self.layer_scalar is None:
-            return x
+        if self.ple and not self.ple_before_mlp:
+            x = self._ple(x, per_layer)
+        if self.layer_scalar is None or self.scalar_mode != "end":
+            return self.pre_scalar(x) if self.layer_scalar is not None else x
         return self.pre_scalar(x) * self.layer_scalar.to(x.dtype)
 
 
@@ -490,9 +510,13 @@ class PerLayerInputs(nn.Module):
         s, (B, T) = self.s, ids.shape
         ids = torch.where(ids < self.rows, ids, torch.zeros_like(ids))
         scale = float(np.float32(math.sqrt(s.ple_dim))) if self.opts.float32_islands else math.sqrt(s.ple_dim)
+        if self.opts.ple_scale_missing == "table":  # a fault: the table read without its sqrt(P)
+            scale = 1.0
         tok = self.ple_embed(ids) * torch.tensor(scale, dtype=x.dtype)  # the scale rounded to the dtype (HF: a float32 buffer first)
         tok = tok.view(B, T, s.num_layers, s.ple_dim)  # [B, T, L, P]
         ctx = (self.ple_proj(x) * s.hidden_size ** -0.5).view(B, T, s.num_layers, s.ple_dim)  # [B, T, L, P]
+        if self.opts.ple_scale_missing == "combine":  # a fault: the sum not scaled by 2^-0.5
+            return self.ple_norm(ctx) + tok
         return (self.ple_norm(ctx) + tok) * 2 ** -0.5
 
 

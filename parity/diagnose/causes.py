@@ -310,6 +310,88 @@ CAUSES: tuple[Cause, ...] = (
         "is not causal.",
         "from the step it first differs",
     ),
+    # ------------------------------------------------------------------ Gemma 4 (dense)
+    Cause(
+        "norm-unit-offset-extra", "(1 + w) on Gemma 4",
+        "An RMSNorm of a Gemma 4 model scales by `(1 + w)`, Gemma 1-3's convention, where Gemma 4 multiplies by "
+        "`w` as is.",
+        "HF `Gemma4RMSNorm`, keras-hub's Gemma 4 and the JAX reference use `w` with no offset (HF initialises it to "
+        "ones). A port that reuses its Gemma 3 norm keeps the offset.",
+        "large: every normalised activation doubled, roughly, for weights near 1",
+    ),
+    Cause(
+        "attn-scale-not-one", "Gemma 4 attention scale",
+        "Gemma 4's attention scores are scaled by 1/sqrt(head_dim) (or 1/sqrt(query_pre_attn_scalar)) where "
+        "Gemma 4 scales by 1.0 (its q and k are RMS-normed per head instead).",
+        "HF `Gemma4TextAttention.scaling = 1.0`, keras-hub `query_normalization = 1.0`, JAX "
+        "`QueryPreAttentionNormalisation.NONE`. The usual default of an attention function (`head_dim**-0.5` when "
+        "no scaling is passed) is the trap.",
+        "large: the softmax flattens by sqrt(head_dim)",
+    ),
+    Cause(
+        "v-norm-missing", "no v norm",
+        "Gemma 4's scale-less RMSNorm over each head of the values is skipped.",
+        "HF `v_norm` (`Gemma4RMSNorm(with_scale=False)`), keras-hub `Gemma4VNorm`, JAX `RMSNorm(with_scale=False)` "
+        "on the values.",
+        "large unless v_proj's rows already have unit RMS",
+    ),
+    Cause(
+        "k-eq-v-misapplied", "K=V misapplied",
+        "The values come from the wrong projection: `k_proj`'s output used as the values where the layer has its "
+        "own `v_proj` (K=V on a model or layer type that does not use it), or a separate value projection where "
+        "K=V is on.",
+        "K=V is on for the global layers of 26B-A4B and 31B only (`attention_k_eq_v`); local layers and the E "
+        "models have `v_proj`. mlx-swift-lm PR #245: `v = k` copied the already-transposed key.",
+        "large from the first layer it applies to",
+    ),
+    Cause(
+        "rope-proportional-as-partial", "proportional RoPE as partial RoPE",
+        "Gemma 4's global layers use proportional RoPE (the first `p * hd / 2` frequencies over the full head "
+        "dim, the rest 0, half-split across the whole head); the implementation rotates only the first `p * hd` "
+        "dims with frequencies over that width and pairs `(i, i + p*hd/2)`: ordinary partial RoPE.",
+        "HF `_compute_proportional_rope_parameters`, keras-hub `RotaryEmbedding(denominator_dim=head_dim)`, JAX "
+        "`apply_rope(rope_proportion=...)`. Megatron-Bridge PR #4196 built it as `rotary_percent 0.25`; pie PR "
+        "#603 and apple/coreai-models #66 chose other pairings.",
+        "large on global layers; local layers are unaffected",
+    ),
+    Cause(
+        "kv-share-source", "wrong KV-sharing source",
+        "A KV-shared layer reads the keys and values of the wrong producer layer (e.g. the first layer of its "
+        "type, or the positional JAX rule where it differs from the last-of-type rule).",
+        "HF and keras-hub read the last non-shared layer of the same type; JAX's "
+        "`create_kv_cache_sharing_patterns` is positional (global: layer n-1, local: n-2). transformers #45242: "
+        "with `use_cache=False` shared layers recomputed K/V from unused weights.",
+        "large on the shared layers only",
+    ),
+    Cause(
+        "ple-scale", "PLE scale",
+        "A constant of the per-layer-embedding input is missing: the `2^-0.5` that averages the projection and "
+        "the table, or the `sqrt(P)` that scales the per-layer table (or `D^-0.5` on the projection).",
+        "HF `per_layer_input_scale = 2**-0.5` and `embed_tokens_per_layer` scaled by sqrt(P); keras-hub and JAX "
+        "likewise.",
+        "large: every layer's per-layer input",
+    ),
+    Cause(
+        "ple-placement", "PLE branch misplaced",
+        "The per-layer-embedding branch is added at the wrong point of the block (e.g. after attention, before "
+        "the MLP, instead of after the MLP).",
+        "HF, keras-hub and JAX add it after the MLP's residual and before the layer scalar.",
+        "large",
+    ),
+    Cause(
+        "layer-scalar-missing", "no layer scalar",
+        "The learned per-layer scalar of Gemma 4 is not applied to the block output.",
+        "HF keeps it in a buffer (`layer_scalar`, initialised to 1: a random-init test that leaves it alone "
+        "cannot see it dropped); keras-hub a non-trainable scalar; JAX `skip_scale`.",
+        "the block output off by the scalar's factor",
+    ),
+    Cause(
+        "layer-scalar-misplaced", "layer scalar misplaced",
+        "The layer scalar multiplies something other than the block output, e.g. the residual entering the "
+        "block, before the block's additions.",
+        "HF: `hidden_states *= self.layer_scalar` as the block's last step.",
+        "large",
+    ),
     # ------------------------------------------------------------------ verdicts
     Cause(
         "unexplained", "unexplained",

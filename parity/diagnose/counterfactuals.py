@@ -71,14 +71,17 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         Counterfactual("embed-scale-rounded", "embedding scale a bf16 constant", (("embed_scale_dtype", "bfloat16"),)),
         Counterfactual("final-norm-missing", "no final norm", options=(("final_norm", False),)),
     ]
+    if not spec.norm_unit_offset:  # Gemma 4 has none to drop: that variant would be the unchanged port
+        c = [cf for cf in c if cf.cause != "norm-unit-offset-missing"]
     if spec.norm_placement == "pre":
         c.append(Counterfactual("norm-placement", "norms after sub-layers too", options=(("extra_post_norms", True),)))
     # query scale: the usual wrong choices, where they differ from the spec's
     d = spec.head_dim
     scalars = {d, spec.hidden_size // spec.num_heads, 2 * d, max(d // 2, 1), 1, 224, 256, 144}
+    scale_cause = "attn-scale-not-one" if spec.family == 4 else "query-scale"  # Gemma 4 scales by 1.0
     for q in sorted(scalars):
         if abs(1.0 / q**0.5 - spec.query_scale) > 1e-9:
-            c.append(Counterfactual("query-scale", f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
+            c.append(Counterfactual(scale_cause, f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
     # rope bases: Gemma's two bases, and local/global swapped
     b = spec.rope_base
     for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b}):
@@ -107,6 +110,37 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
     if spec.qk_norm:
         c.append(Counterfactual("qk-norm-missing", "QK-norm after RoPE", options=(("qk_norm_after_rope", True),)))
         c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
+    if spec.family == 4:
+        c += gemma4_candidates(spec)
+    return c
+
+
+def gemma4_candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """Gemma 4's dense choices, each changed alone (the MoE ones are listed apart)."""
+    c = []
+    if not spec.norm_unit_offset:
+        c.append(Counterfactual("norm-unit-offset-extra", "norm with (1 + w)", (("norm_unit_offset", True),)))
+    c.append(Counterfactual("attn-scale-not-one", "scores scaled by 1/sqrt(each layer's head dim)",
+                            options=(("attn_scale_head_dim", True),)))
+    if spec.v_norm:
+        c.append(Counterfactual("v-norm-missing", "no v norm", (("v_norm", False),)))
+    if not spec.attention_k_eq_v:
+        c.append(Counterfactual("k-eq-v-misapplied", "K=V on the global layers", options=(("k_eq_v_layers", "global"),)))
+    c.append(Counterfactual("k-eq-v-misapplied", "K=V on every layer", options=(("k_eq_v_layers", "all"),)))
+    if any(spec.rope_proportion_for(i) < 1 for i in range(spec.num_layers)):
+        c.append(Counterfactual("rope-proportional-as-partial", "ordinary partial RoPE on the global layers",
+                                options=(("rope_ordinary_partial", True),)))
+    if spec.num_kv_shared_layers:
+        c.append(Counterfactual("kv-share-source", "shared layers read the first producer of their type",
+                                options=(("kv_share_first_of_type", True),)))
+    if spec.ple_dim:
+        c += [Counterfactual("ple-scale", "PLE sum not scaled by 2^-0.5", options=(("ple_scale_missing", "combine"),)),
+              Counterfactual("ple-scale", "PLE table not scaled by sqrt(P)", options=(("ple_scale_missing", "table"),)),
+              Counterfactual("ple-placement", "PLE branch before the MLP", options=(("ple_before_mlp", True),))]
+    if spec.layer_scalar:
+        c += [Counterfactual("layer-scalar-missing", "no layer scalar", options=(("layer_scalar_mode", "missing"),)),
+              Counterfactual("layer-scalar-misplaced", "layer scalar on the residual entering the block",
+                             options=(("layer_scalar_mode", "start"),))]
     return c
 
 

@@ -99,6 +99,7 @@ LARGE, LARGE_FIRST = (5.0, 30.0), (20.0, 30.0)  # the few large channels' (1 + w
 COMPENSATE_OVER = 4.0  # a norm scale this large comes with 1/scale in the weights that read it
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
+_NORM_NAME = re.compile(r"norm(_\d+)?\.weight$")  # Gemma 4's MoE adds post_feedforward_layernorm_1 and _2
 
 
 def trained_like(spec: GemmaSpec, seed: int) -> dict[str, np.ndarray]:
@@ -114,17 +115,15 @@ def trained_like_tensor(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed
 
 def tensor_blocks(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int, rows: int) -> Iterator[np.ndarray]:
     """float32 blocks of `rows` rows of the trained-like tensor `name`, in order (the same values for any `rows`)."""
-    if spec.family == 4:  # its statistics (router near-ties, per-layer embeddings, layer scalars) are not built yet
-        from parity.errors import Unsupported
-
-        raise Unsupported(f"the {NAME} weight profile has no Gemma 4 statistics yet (spec {spec.name!r}); use "
-                          "--weights-profile default")
-
     def rounded(a: np.ndarray) -> np.ndarray:
         return bf16_to_f32(bf16_bits(a.astype(np.float32)))
 
-    if name.endswith("norm.weight"):
-        yield rounded(_norm_scale(spec, seed, name) - 1.0)
+    if spec.family == 4 and (g4 := _gemma4_tensor(spec, name, shape, seed)) is not None:
+        yield rounded(g4)
+        return
+    if _NORM_NAME.search(name):
+        # Gemma 1-3 store w with (1 + w) applied; Gemma 4 (no unit offset) stores the scale itself
+        yield rounded(_norm_scale(spec, seed, name) - (1.0 if spec.norm_unit_offset else 0.0))
         return
     rng = _rng(seed, name)
     edit = _editor(spec, seed, name)
@@ -132,6 +131,32 @@ def tensor_blocks(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int,
         k = min(rows, shape[0] - r)
         w = rng.standard_normal((k, shape[1])) / math.sqrt(shape[1])
         yield rounded(edit(r, w))
+
+
+# ------------------------------------------------------------------ Gemma 4
+LAYER_SCALAR_LOW, LAYER_SCALAR_HIGH = (0.3, 0.8), (1.25, 2.0)  # away from 1 on either side (not measured)
+PLE_LAYER_SIGMA = 0.7  # log-normal spread of each layer's share of the per-layer table
+
+
+def _gemma4_tensor(spec: GemmaSpec, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray | None:
+    """Gemma 4's own tensors (None: the shared construction). Layer scalars away from 1 (a dropped or moved
+    scalar must show); the per-layer table with a per-layer scale of its own, so layers' inputs differ in size as
+    trained ones do; the PLE norms and q/k norms of other widths heavy-tailed like the rest. The router (MoE) is
+    the default draw here."""
+    rng = _rng(seed, name)
+    if name.endswith("layer_scalar"):
+        layer = int(_LAYER.match(name + ".weight").group(1))  # below 1 on even layers, above on odd ones
+        return np.array([_loguniform(rng, LAYER_SCALAR_HIGH if layer % 2 else LAYER_SCALAR_LOW)])
+    if ".router." in name or ".experts." in name:  # the MoE statistics (near-tie router logits) are g4moe's work:
+        if len(shape) == 1:  # the router's scales around 1, as the default profile draws them
+            return _loguniform(rng, (0.6, 1.6), shape[0])
+        return rng.standard_normal(shape) / math.sqrt(shape[-1])
+    if name.endswith("norm.weight") and (shape[0] != spec.hidden_size or "per_layer" in name) \
+            and not name.endswith(("q_norm.weight", "k_norm.weight")) or \
+            name.endswith(("q_norm.weight", "k_norm.weight")) and shape[0] != spec.head_dim:
+        # the PLE norms (width P or D) and a global layer's q/k norm (its own head dim): heavy-tailed, stored as is
+        return _heavy_tailed(rng, shape[0], np.arange(shape[0]))
+    return None
 
 
 # ------------------------------------------------------------------ draws
@@ -321,6 +346,13 @@ def _editor(spec: GemmaSpec, seed: int, name: str):
     h, hd = spec.hidden_size, spec.head_dim
     c, d = channels(h, seed)
     none = lambda r0, w: w  # noqa: E731
+    if name == "model.embed_tokens_per_layer.weight":  # [rows, L * P], drawn at 1/sqrt(L * P): each layer's
+        p = spec.ple_dim  # slice at 1/sqrt(P) times a scale of its own, so the layers' inputs differ in size
+        scale = np.repeat(np.exp(_rng(seed, name + "/layers").normal(0.0, PLE_LAYER_SIGMA, spec.num_layers)), p)
+        scale *= math.sqrt(spec.num_layers)
+        return lambda r0, w: w * scale[: w.shape[1]]
+    if spec.family == 4 and (m4 := _LAYER.match(name)) and not name.endswith("norm.weight"):
+        hd = spec.head_dim_for(int(m4.group(1)))  # Gemma 4: the global layers' own head dim
     if name == "model.embed_tokens.weight":
         bos = spec.bos_token_id
 
@@ -356,8 +388,9 @@ def _editor(spec: GemmaSpec, seed: int, name: str):
         rows_scale[[c, d]] *= SMALL  # the sub-layers write little to BOS's channel and the common one
 
     sink = _sink(spec, seed, layer) if kind in ("self_attn.q_proj", "self_attn.k_proj") else None
-    signs = _rng(seed, f"{p}sink_signs").choice([-1.0, 1.0], spec.num_kv_heads)
-    group = spec.num_heads // spec.num_kv_heads
+    kv = spec.kv_heads_for(layer) if spec.family == 4 else spec.num_kv_heads
+    signs = _rng(seed, f"{p}sink_signs").choice([-1.0, 1.0], kv)
+    group = spec.num_heads // kv
 
     def edit(r0, w):
         idx = np.arange(r0, r0 + len(w))

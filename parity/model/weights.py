@@ -78,6 +78,10 @@ def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, 
     return None
 
 
+PLE_TABLE = "model.embed_tokens_per_layer.weight"
+PLE_PROJECTION = "model.per_layer_model_projection.weight"
+
+
 def matrix_divisor(name: str, shape: tuple[int, ...], spec: GemmaSpec) -> float:
     """A matrix is standard normal / this (weight_store streams the same draw a block of rows at a time).
 
@@ -164,15 +168,22 @@ class Weights:
         A stored subset's hash is derived from the whole file's and the depth
         rather than read, so every process agrees on it without a pass over it.
         """
-        if spec.replace(num_layers=self.spec.num_layers, layer_types=self.spec.layer_types, name=self.spec.name) \
-                != self.spec or spec.num_layers > self.spec.num_layers:
+        from parity.model.spec import truncate
+
+        if spec.num_layers > self.spec.num_layers or truncate(self.spec, spec.num_layers).replace(
+                name=spec.name) != spec:
             raise ParityInputError(f"spec {spec.name!r} is not a truncation of {self.spec.name!r}")
         names = list(canonical_shapes(spec))
+        cut = spec.num_layers * spec.ple_dim  # PLE columns (table) and rows (projection) of the first layers
         if self.stored:
             h = hashlib.sha256(f"{self.hash}/first {spec.num_layers} layers".encode()).hexdigest()[:16]
             meta = {**self.tensors.metadata, "weights_hash": h, "spec": json.dumps(spec.to_dict())}
             return Weights(spec, self.tensors.subset(names, meta), source=self.source, generated=self.generated)
-        return Weights(spec, {k: self.tensors[k] for k in names}, source=self.source)
+        out = {k: self.tensors[k] for k in names}
+        if spec.ple_dim:
+            out[PLE_TABLE] = self.tensors[PLE_TABLE][:, :cut]
+            out[PLE_PROJECTION] = self.tensors[PLE_PROJECTION][:cut]
+        return Weights(spec, out, source=self.source)
 
 
 def check_tensors(spec: GemmaSpec, tensors: Mapping[str, np.ndarray], where: str, generated: bool = False) -> None:

@@ -23,7 +23,8 @@ def _close(actual: np.ndarray, expected: np.ndarray, dtype: str) -> float:
         return float(np.mean((a == e) | (np.abs(a - e) <= 2 * ulp_of(e, dtype) + 1e-300)))
 
 
-def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98) -> Probe:
+def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98,
+                         weights: dict | None = None) -> Probe:
     """Pre-norm: attn_residual = in + attn and out = attn_residual + mlp, nothing in between."""
     p = f"layers.{layer}."
     x_in = trace.taps.get("embed" if layer == 0 else f"layers.{layer - 1}.out")
@@ -61,6 +62,24 @@ def probe_norm_placement(trace: Trace, spec: GemmaSpec, layer: int, min_agreemen
     else:
         found = "other"
     cause = None if found == spec.norm_placement else "norm-placement"
+    if found == "other" and ple is not None and t["post_attn_norm"] is not None:
+        # Gemma 4: the PLE branch added after attention, before the MLP (it then reaches the MLP's input)
+        early = _close(t["attn_residual"], round_to(x_in + t["post_attn_norm"], dtype) + np.asarray(ple, np.float64),
+                       dtype)
+        ev["residual = in + post_attn_norm + ple"] = round(early, 4)
+        if early >= min_agreement:
+            return Probe.named("norm-placement", tap, "the PLE branch is added to the residual after attention, "
+                               "before the MLP: misplaced", cause="ple-placement", evidence=ev)
+    scalar = (weights or {}).get(f"model.layers.{layer}.layer_scalar")
+    if found == "other" and scalar is not None and t["post_attn_norm"] is not None:
+        # Gemma 4: the layer scalar applied to the residual entering the block, not to the block's output
+        scaled = _close(t["attn_residual"], round_to(x_in * float(np.asarray(scalar).ravel()[0]), dtype)
+                        + np.asarray(t["post_attn_norm"], np.float64), dtype)
+        ev["residual = scalar * in + post_attn_norm"] = round(scaled, 4)
+        if scaled >= min_agreement:
+            return Probe.named("norm-placement", tap, "the residual entering the block is multiplied by the layer "
+                               "scalar before attention is added: the scalar is misplaced",
+                               cause="layer-scalar-misplaced", evidence=ev)
     if found == "other":
         hint = " (what reaches the residual is a normalised attention output: a post-attention norm)" \
             if ev["added looks normalised"] > 0.9 else ""
@@ -174,8 +193,9 @@ def probe_final_norm(trace: Trace, spec: GemmaSpec, weights: dict) -> Probe:
 NORM_CAUSES = ("norm-unit-offset-missing", "norm-unit-offset-lowp", "norm-cast-order", "unexplained")
 register(ProbeSpec("attn_norm", lambda trace, spec, weights, layer: probe_attn_norm(trace, spec, weights, layer),
                    "layers.{}.attn_norm", per_layer=True, causes=NORM_CAUSES))
-register(ProbeSpec("norm_placement", lambda trace, spec, weights, layer: probe_norm_placement(trace, spec, layer),
-                   "layers.{}.attn_residual", per_layer=True, causes=("norm-placement",)))
+register(ProbeSpec("norm_placement",
+                   lambda trace, spec, weights, layer: probe_norm_placement(trace, spec, layer, weights=weights),
+                   "layers.{}.attn_residual", per_layer=True, causes=("norm-placement", "layer-scalar-misplaced", "ple-placement")))
 register(ProbeSpec("layer_norms", probe_layer_norms, "layers.{}.mlp_norm", per_layer=True, causes=NORM_CAUSES))
 register(ProbeSpec("final_norm", probe_final_norm, "final_norm", per_layer=False,
                    causes=NORM_CAUSES + ("final-norm-missing", "softcap-misplaced")))
