@@ -610,7 +610,7 @@ def detect_decode(fault: DecodeFault, dtype: str) -> dict:
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
                          prompts={"short": default_prompts(spec)["short"]}, decode=DECODE_STEPS))
     (rv,) = [r for r in report.verdict.runs if r.mode == "decode"]
-    why = rv.explanation
+    why = rv.explanation.to_json() if rv.explanation is not None else None
     return {
         "fault": fault.name, "cause": fault.cause, "dtype": dtype, "detected": not report.passed,
         "status": rv.status, "first_tap": rv.first.tap if rv.first else None,

@@ -38,7 +38,7 @@ DECODE_MODES = (DECODE, SELF)  # rows are decode steps
 STAT_SLACK = 1e-12  # relative rounding allowed in the row statistics' bounds (float64 sums)
 
 
-Failure = Literal["", "shape", "nonfinite", "no-common-rows", "row-statistics"]
+Failure = Literal["", "shape", "nonfinite", "unmasked", "no-common-rows", "row-statistics"]
 
 @dataclass
 class TapResult:
@@ -66,7 +66,7 @@ class TapResult:
     sampled_numel: int | None = None  # elements compared; numel unless sampled
     reason: str = ""  # why it failed, where the numbers above do not say it (for people: nothing parses it)
     # what kind of failure, for code: "" (the numbers say it), "shape", "nonfinite" (NaN or inf where the
-    # reference is finite), "no-common-rows" (reduced taps sharing no row), "row-statistics" (a reduced tap's
+    # reference is finite), "unmasked" (finite where the reference is -inf/inf), "no-common-rows" (reduced taps sharing no row), "row-statistics" (a reduced tap's
     # rows outside what any passing comparison has)
     failure: Failure = ""
     stat_rows_failed: int = 0  # rows whose max |x|, RMS or non-finite count rule out passing
@@ -248,8 +248,7 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
         if mm["excess"] < stat:
             actual, shift, stat, m = moved, by, mm["excess"], mm
     tap_rms = rms(expected) or 1.0  # finite values only, as a reduced tap's (masked scores hold -inf)
-    reason = "" if m["finite"] else _nonfinite(actual, expected)
-    failure = "" if m["finite"] else "nonfinite"
+    reason, failure = ("", "") if m["finite"] else _nonfinite(actual, expected)
     per_step = {}
     if mode in DECODE_MODES:
         rows = [float(x) for x in m["row_excess"]]
@@ -269,8 +268,10 @@ def _compare_tap(tap, actual, expected, other: Trace, mode: str, tol: Tolerance,
     return r
 
 
-def _nonfinite(actual, expected) -> str:
-    """What is non-finite where the reference is not: NaN and inf named as such, with a first index."""
+def _nonfinite(actual, expected) -> tuple[str, str]:
+    """What is non-finite where the reference is not: NaN and inf named as such, with a first index; and the
+    failure kind: "nonfinite" (NaN or inf of the implementation's own), else "unmasked" (only finite values
+    where the reference is -inf/inf: a mask that lets through what the reference masks)."""
     a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     nan = np.isnan(a) & ~np.isnan(b)
     inf = np.isinf(a) & ~(np.isinf(b) & (np.sign(a) == np.sign(b)))
@@ -280,7 +281,8 @@ def _nonfinite(actual, expected) -> str:
         if mask.any():
             first = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
             parts.append(f"{what} in {int(mask.sum())} element(s), first at {first}")
-    return "; ".join(parts) or "non-finite values differ from the reference's"
+    kind = "nonfinite" if nan.any() or inf.any() else "unmasked"
+    return "; ".join(parts) or "non-finite values differ from the reference's", kind
 
 
 def _unshifted(actual, expected) -> tuple[np.ndarray, np.ndarray]:
