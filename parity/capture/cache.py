@@ -85,6 +85,10 @@ class TraceCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
+    def keys(self) -> list:
+        """The stored keys, least recently used first (each key's first item says what it holds)."""
+        return list(self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0
