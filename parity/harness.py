@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from parity.adapters.declared import declared
+from parity.capture.cache import TraceCache, spec_key, tokens_key, using
 from parity.capture.runner import Progress, capture, capture_in_subprocess, produced
 from parity.compare.pairs import TapResult, compare_all, pair_traces
 from parity.compare.routing import account as account_routing, replayer
@@ -74,6 +75,9 @@ class Request:
     decode: int | str = 0  # decode steps after each prompt through each implementation's cache; "auto": past the window
     decode_tokens: list[int] | None = None  # the continuation decoded (teacher-forced); None: seeded ids
     allow_large: bool = False  # skip the up-front memory and disk estimate (parity.model.resources)
+    # shares the reference's traces, the honest-noise model and the counterfactual captures with other runs of the
+    # same spec, weights, prompts and dtypes (parity.capture.cache); None: everything computed afresh
+    cache: TraceCache | None = None
 
 
 @dataclass
@@ -273,7 +277,16 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress,
                        continuation=cont, checked=checked)
 
-    got = take(ref_name, ref_adapter, ref_dtype, ["cumulative"] + ([FULL] if cont else []))
+    # what the reference, the honest ensemble and the noise model depend on; None: not shared (no cache, or a
+    # reference replaced by req.adapters or captured in its own process, whose traces are files)
+    base = None
+    if req.cache is not None and not separate and not declared(ref_adapter).own_process \
+            and not (req.adapters and ref_name in req.adapters):
+        base = (spec_key(spec), weights.hash, req.weights_profile, tokens_key(prompts), tuple(cont), ref_name,
+                ref_dtype)
+    ref_modes = ["cumulative"] + ([FULL] if cont else [])
+    make_ref = lambda: take(ref_name, ref_adapter, ref_dtype, ref_modes)  # noqa: E731
+    got = req.cache.traces(("reference", *base, tuple(ref_modes)), make_ref) if base else make_ref()
     ref_traces = {t.prompt: t for t in got if t.mode == "cumulative"}
     ref_full = {t.prompt: t for t in got if t.mode == FULL}  # the decode's ground truth: a full forward, no cache
     traces = list(got)
@@ -294,9 +307,18 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
-    honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
     replay = replayer(ref_adapter, spec, weights)  # MoE: the reference re-run with a run's honest routing
-    noise = measure(ref_traces, honest, table, ref_full, replay) if honest else None
+
+    def make_noise() -> NoiseModel | None:
+        honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
+        return measure(ref_traces, honest, table, ref_full, replay) if honest else None
+
+    if base:
+        table_key = tuple(sorted((k, repr(v)) for k, v in table.items()))
+        noise = req.cache.value(("noise", *base, tuple(dict.fromkeys(req.dtypes)), count, tuple(modes), pure_port,
+                                 table_key, req.raw_logits), make_noise, copy_noise)
+    else:
+        noise = make_noise()
     results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
     # routing is a choice, not a number: moe.experts compared as one, honest near-tie flips replayed
     results, routed = account_routing(results, ref_traces, traces[n_ref:], table, noise, replay, req.layers, ref_full)
@@ -312,8 +334,14 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
         weakref.finalize(report, shutil.rmtree, trace_dir, True)  # the lazy traces read from there until then
 
-    diagnose(report)
+    with using(req.cache):  # the counterfactual searches' captures (parity.diagnose.counterfactuals)
+        diagnose(report)
     return report
+
+
+def copy_noise(noise: NoiseModel | None) -> NoiseModel | None:
+    """A noise model a run may edit (NoiseModel.add) without changing the cached one."""
+    return None if noise is None else NoiseModel(members=noise.members, stats=dict(noise.stats))
 
 
 def honest_traces(req: Request, count: int, modes: list[str], prompts: dict, traces: list[Trace], pure_port: bool,

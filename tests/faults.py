@@ -17,6 +17,11 @@ from typing import Callable
 
 from parity.adapters.hf import HFAdapter
 from parity.adapters.litgpt_style import LitgptStyleAdapter
+from parity.capture.cache import TraceCache
+
+# one per process (each xdist worker has its own): the fault cases share the reference, the honest-noise model and
+# the counterfactual captures of each (spec, weights, prompt, dtype); only the faulty implementation is run per case
+SHARED = TraceCache()
 
 
 class PatchedHF(HFAdapter):
@@ -509,11 +514,12 @@ FAULTS += [
 ]
 
 
-def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
+def detect(fault: Fault, dtype: str, profile: str = "default", cache: TraceCache | None = SHARED) -> dict:
     """Run the harness on the fault in one dtype; say whether it was detected, located and named.
 
     Named: the cause that explains the first divergence (not any cause found at a later tap); for a
-    fault that stays within noise, the cause a probe names.
+    fault that stays within noise, the cause a probe names. `cache`: shared with the other cases (None:
+    everything computed for this case alone; tests/test_cache.py shows the results are the same).
     """
     from parity.harness import Request, run
     from parity.model.presets import PRESETS
@@ -524,7 +530,7 @@ def detect(fault: Fault, dtype: str, profile: str = "default") -> dict:
     adapter = fault.factory()
     extra = {} if profile == "default" else {"weights_profile": profile}
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
-                         prompts={"long": default_prompts(spec)["long"]}, **extra))
+                         prompts={"long": default_prompts(spec)["long"]}, cache=cache, **extra))
     data = to_json(report)
     mine = [d.to_json() for d in report.diagnosis if d.impl == adapter.name]
     lead = data["first_divergence"]
@@ -599,7 +605,7 @@ DECODE_FAULTS = [
 ]
 
 
-def detect_decode(fault: DecodeFault, dtype: str) -> dict:
+def detect_decode(fault: DecodeFault, dtype: str, cache: TraceCache | None = SHARED) -> dict:
     """The harness decoding under the fault in one dtype: detected, located at its (step, tap), named."""
     from parity.harness import Request, run
     from parity.model.presets import PRESETS
@@ -608,9 +614,9 @@ def detect_decode(fault: DecodeFault, dtype: str) -> dict:
     spec = PRESETS[fault.spec]
     adapter = fault.factory()
     report = run(Request(spec=spec, impls=[adapter.name], dtypes=[dtype], adapters={adapter.name: adapter},
-                         prompts={"short": default_prompts(spec)["short"]}, decode=DECODE_STEPS))
+                         prompts={"short": default_prompts(spec)["short"]}, decode=DECODE_STEPS, cache=cache))
     (rv,) = [r for r in report.verdict.runs if r.mode == "decode"]
-    why = rv.explanation.to_json() if rv.explanation is not None else None
+    why = rv.explanation.to_json() if rv.explanation is not None else None  # a Finding, read as report.json does
     return {
         "fault": fault.name, "cause": fault.cause, "dtype": dtype, "detected": not report.passed,
         "status": rv.status, "first_tap": rv.first.tap if rv.first else None,

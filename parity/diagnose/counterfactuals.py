@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from parity.model.spec import GemmaSpec, truncate
 from parity.adapters.litgpt_style import LitgptStyleAdapter
+from parity.capture.cache import active, spec_key
 from parity.capture.runner import capture
 from parity.compare.pairs import compare_trace, used
 from parity.diagnose.probes.norms import layer_norms
@@ -224,12 +225,21 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     run_spec = truncate(spec, layer + 1) if layer is not None else spec
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
     trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
+    # a capture depends on the candidate, the model run and its weights, the dtype and the tokens, never on the
+    # implementation explained: a run given a cache (parity.capture.cache) shares them with the other runs (the
+    # candidate keyed by its repr, every field: a tuple of options may hold a list)
+    cache = active()
+    shared = (spec_key(run_spec), weights.hash, trace.dtype, trace.prompt, tuple(trace.tokens)) if cache else ()
 
     def reproduce(cf: Counterfactual | None) -> float | None:
-        adapter = cf.adapter() if cf is not None else LitgptStyleAdapter(name="cf:unchanged")
-        # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
-        w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) else run_weights
-        got = capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})[0]
+        def make():
+            adapter = cf.adapter() if cf is not None else LitgptStyleAdapter(name="cf:unchanged")
+            # a swap is made in the whole model's weights, then truncated: its partner may be a deeper layer
+            w = cf.weights(weights).truncated(run_spec) if cf is not None and (cf.swaps or cf.transposes) \
+                else run_weights
+            return capture(adapter, run_spec, w, trace.dtype, {trace.prompt: trace.tokens})
+
+        got = (cache.traces(("counterfactual", repr(cf), *shared), make) if cache else make())[0]
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
         rs = [r for r in compare_trace(got, trace, table, "cumulative", noise, metrics=False) if order.get(r.tap, 10**6) <= last]
         return max(used(r) for r in rs) if rs else None
