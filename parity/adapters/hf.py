@@ -163,6 +163,10 @@ class HFAdapter(Adapter):
         cls = transformers.AutoConfig.for_model(model_type, **cfg).__class__
         config = cls(**cfg)
         config._attn_implementation = "eager"
+        if spec.family == 4:
+            from parity.adapters import hf_gemma4
+
+            config.parity_layer_types_note = hf_gemma4.keep_layer_types(config, spec)
         return config
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str):
@@ -425,6 +429,7 @@ class HFAdapter(Adapter):
             "attn_implementation": cfg._attn_implementation,
             "kv_cache": self._cache_layout(model),
             **({"kv_source": getattr(model, "parity_kv_source", None)} if model.parity_spec.family == 4 else {}),
+            **({"layer_types": note} if (note := getattr(cfg, "parity_layer_types_note", None)) else {}),
         })
         if model.parity_spec.family == 4:  # G4.md: which layer's K/V each shared layer reads, beside the properties
             out["kv_source"] = out["library"]["kv_source"]

@@ -113,6 +113,35 @@ def check(spec) -> None:
                               f"{want!r}); drop 'hf' from --impls for this spec")
 
 
+def keep_layer_types(config, spec) -> str | None:
+    """Give `config` the spec's layer types where transformers overwrote them; say what it did (None: nothing).
+
+    `Gemma4TextConfig.__post_init__` forces the last layer to `full_attention` (with a warning). Every released
+    Gemma 4 ends on a global layer, so only a truncated depth (`--first-layers`: the real model's first N
+    layers) can end on a local one; transformers would then build that layer global, with the global head
+    size, and compute another model than the first N layers. parity sets the layer types back, and drops the
+    global head-size override transformers put on that layer, so the library computes the spec's layers with
+    its own classes; the returned line goes into the run's library facts (`effective`), so the change is said.
+    """
+    want = ["sliding_attention" if t == "local" else "full_attention" for t in spec.layer_types]
+    got = list(config.layer_types)
+    if got == want:
+        return None
+    forced = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    config.layer_types = want
+    if config.is_heterogeneous:  # the global layers' head size / KV heads, re-applied to the kept layer types
+        overrides = config._heterogeneity_spec.per_layer_overrides
+        config.per_layer_config = {i: dict(o) for i, o in overrides.items() if want[i] == "full_attention"}
+    return (f"transformers {_version()} forces the last layer to full_attention (Gemma4TextConfig); layer(s) "
+            f"{forced} set back to sliding_attention by parity, as in the spec ({spec.name})")
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def configure(config, dtype: str) -> None:
     """Eager attention (returns its probabilities) and, in float64 only, eager experts: transformers'
     default `grouped_mm` has no float64 kernel. Other dtypes keep the library's default experts path."""

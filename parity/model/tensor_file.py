@@ -218,6 +218,7 @@ class TensorFile:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._base = 8 + n
         self._entries: dict[str, tuple[str, tuple[int, ...], int]] = {}  # name -> code, shape, file offset
+        self._full: dict[str, tuple[int, ...]] = {}  # a column view's stored shape (subset's `columns`)
         for name, e in header.items():
             code, shape = e["dtype"], tuple(int(d) for d in e["shape"])
             lo, hi = (int(x) for x in e["data_offsets"])
@@ -262,6 +263,12 @@ class TensorFile:
     def get_tensor(self, name: str) -> np.ndarray:
         """The tensor as stored, in a fresh writable array."""
         shape, dtype = self.layout(name)
+        if name in self._full:  # a column view: its rows are not contiguous in the file
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return np.array(self._read(fd, name, 0, shape[0], raw=True)).view(dtype)
+            finally:
+                os.close(fd)
         out = np.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:
             f.seek(self._entries[name][2])
@@ -279,10 +286,13 @@ class TensorFile:
     def _read(self, fd: int, name: str, row0: int, nrows: int, raw: bool = False) -> np.ndarray:
         """Rows [row0, row0 + nrows) as float32 (float64 stays float64; raw: as stored), shape [nrows, ...]."""
         code, shape, offset = self._entries[name]
+        stored = self._full.get(name, shape)  # a column view reads whole stored rows, then keeps its columns
         width = CODES[self._float_code(name)][1]
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        row = math.prod(stored[1:]) if len(stored) > 1 else 1
         buf = os.pread(fd, nrows * row * width, offset + row0 * row * width)
         a = np.frombuffer(buf, dtype=np.uint16 if code == "BF16" else numpy_dtype(code))
+        if name in self._full:  # [nrows, stored columns] -> [nrows, the view's first columns]
+            a = np.ascontiguousarray(a.reshape(nrows, stored[1])[:, :shape[1]]).reshape(-1)
         if code == "BF16" and not raw:
             a = bf16_to_f32(a)
         elif code == "F16" and not raw:
@@ -349,11 +359,26 @@ class StoredTensors(TensorFile, Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def subset(self, names, metadata: dict) -> "StoredTensors":
-        """The same file, seen through fewer tensors (a truncated depth)."""
+    def subset(self, names, metadata: dict, columns: dict[str, int] | None = None,
+               rows: dict[str, int] | None = None) -> "StoredTensors":
+        """The same file, seen through fewer tensors (a truncated depth); `columns` / `rows` keep only the
+        first columns of 2-D tensors / the first rows of tensors (Gemma 4's per-layer embedding table and its
+        projection hold every layer's part side by side)."""
         out = object.__new__(StoredTensors)
         out.path, out._fix, out._base, out.metadata = self.path, self._fix, self._base, dict(metadata)
         out._entries = {k: self._entries[k] for k in names}
+        out._full = {k: v for k, v in self._full.items() if k in out._entries}
+        for k, n in (columns or {}).items():
+            code, shape, offset = out._entries[k]
+            if len(shape) != 2 or not 0 < n <= shape[1]:
+                raise ValueError(f"{k}: cannot keep {n} columns of a tensor of shape {shape}")
+            out._full.setdefault(k, shape)
+            out._entries[k] = (code, (shape[0], n), offset)
+        for k, n in (rows or {}).items():  # a row prefix of a row-major tensor: the same offset, fewer rows
+            code, shape, offset = out._entries[k]
+            if k in out._full or not shape or not 0 < n <= shape[0]:
+                raise ValueError(f"{k}: cannot keep {n} rows of a tensor of shape {shape}")
+            out._entries[k] = (code, (n, *shape[1:]), offset)
         return out
 
     def nbytes_as(self, itemsize: int) -> int:

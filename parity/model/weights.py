@@ -43,7 +43,7 @@ _NORM = re.compile(r"norm(_\d+)?\.weight$")  # RMSNorm weights (Gemma 4's MoE ad
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec | None = None) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if spec is not None and spec.family == 4:
-        special = _gemma4_tensor(name, shape, rng, spec)
+        special = _gemma4_tensor(name, shape, rng, spec, seed)
         if special is not None:
             return _round_bf16(special.astype(np.float32))
     if _NORM.search(name):
@@ -58,7 +58,8 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec 
     return _round_bf16(w.astype(np.float32))
 
 
-def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec: GemmaSpec) -> np.ndarray | None:
+def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec: GemmaSpec,
+                   rng_seed: int = 0) -> np.ndarray | None:
     """Gemma 4's draws where they differ from the default (None: the default draw).
 
     Norm weights are used as they are (no unit offset), so they sit around 1, never at it: w in 1 +- [0.1, 0.6]
@@ -71,6 +72,8 @@ def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, 
 
     if _NORM.search(name) and not spec.norm_unit_offset or name.endswith("router.scale"):
         return around_one(0.1, 0.6)
+    if name == PLE_TABLE:
+        return next(ple_table_blocks(shape, rng_seed, spec, shape[0]))
     if name.endswith(("layer_scalar", "router.per_expert_scale")):
         return around_one(0.1, 0.5)
     if len(shape) >= 2:
@@ -82,6 +85,22 @@ PLE_TABLE = "model.embed_tokens_per_layer.weight"
 PLE_PROJECTION = "model.per_layer_model_projection.weight"
 
 
+def ple_table_blocks(shape: tuple[int, ...], seed: int, spec: GemmaSpec, step: int):
+    """Gemma 4's per-layer embedding table [rows, L * P], float64 blocks of `step` rows, drawn layer by layer.
+
+    Layer i's columns [i * P, (i + 1) * P) come from a generator of their own (seeded by the name and i), so
+    the table of a spec's first n layers is the first n * P columns of the whole spec's table: `--first-layers`
+    runs the same model's first layers, as it does for every other tensor (each is seeded by its name). A
+    generator streams its rows in order, so any `step` gives the same values.
+    """
+    p = spec.ple_dim
+    rngs = [np.random.default_rng([seed, zlib.crc32(PLE_TABLE.encode()), i]) for i in range(shape[1] // p)]
+    divisor = matrix_divisor(PLE_TABLE, shape, spec)
+    for r in range(0, shape[0], step):
+        k = min(step, shape[0] - r)
+        yield np.concatenate([g.standard_normal((k, p)) for g in rngs], axis=1) / divisor  # [k, L * P]
+
+
 def matrix_divisor(name: str, shape: tuple[int, ...], spec: GemmaSpec) -> float:
     """A matrix is standard normal / this (weight_store streams the same draw a block of rows at a time).
 
@@ -91,7 +110,7 @@ def matrix_divisor(name: str, shape: tuple[int, ...], spec: GemmaSpec) -> float:
     """
     if spec.family == 4 and name.endswith("router.proj.weight"):
         return 1 / 1.5
-    if spec.family == 4 and name == "model.embed_tokens_per_layer.weight":
+    if spec.family == 4 and name == PLE_TABLE:
         return math.sqrt(spec.ple_dim)
     return math.sqrt(shape[-1])
 
@@ -167,6 +186,9 @@ class Weights:
 
         A stored subset's hash is derived from the whole file's and the depth
         rather than read, so every process agrees on it without a pass over it.
+        Gemma 4's per-layer embedding table and its projection hold every layer's
+        slice side by side ([rows, L * P] and [L * P, D]): the first n layers' are
+        the first n * P columns and rows (what layer i reads is `ple[.., i, :]`).
         """
         from parity.model.spec import truncate
 
@@ -178,7 +200,10 @@ class Weights:
         if self.stored:
             h = hashlib.sha256(f"{self.hash}/first {spec.num_layers} layers".encode()).hexdigest()[:16]
             meta = {**self.tensors.metadata, "weights_hash": h, "spec": json.dumps(spec.to_dict())}
-            return Weights(spec, self.tensors.subset(names, meta), source=self.source, generated=self.generated)
+            ple = spec.ple_dim and spec.num_layers < self.spec.num_layers
+            sub = self.tensors.subset(names, meta, {PLE_TABLE: cut} if ple else None,
+                                      {PLE_PROJECTION: cut} if ple else None)
+            return Weights(spec, sub, source=self.source, generated=self.generated)
         out = {k: self.tensors[k] for k in names}
         if spec.ple_dim:
             out[PLE_TABLE] = self.tensors[PLE_TABLE][:, :cut]
