@@ -166,7 +166,9 @@ class HFAdapter(Adapter):
         if spec.family == 4:
             from parity.adapters import hf_gemma4
 
-            config.parity_layer_types_note = hf_gemma4.keep_layer_types(config, spec)
+            note = hf_gemma4.keep_layer_types(config, spec)
+            if note:  # only then: config.json written from this config stays as transformers writes it
+                config.parity_layer_types_note = note
         return config
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str):

@@ -353,6 +353,8 @@ def spec_from_config(cfg: dict, where: str, name: str) -> GemmaSpec:
         raise ParityInputError(f"{where}: class_name {cls!r} is not one of keras-hub's {BACKBONES}; "
                                "export the model to a HuggingFace directory instead")
     c = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+    if cls == "Gemma4Backbone":
+        return gemma4_spec_from_config(c, where, name)
 
     def refuse(field: str, why: str) -> None:
         raise ParityInputError(f"{where}: {field}={c.get(field)!r} {why}")
@@ -457,6 +459,51 @@ def gemma4_kwargs(spec: GemmaSpec) -> dict:
         kw.update(num_experts=experts, expert_intermediate_dim=int(_g4(spec, "expert_intermediate_size", 0)),
                   num_experts_per_token=int(_g4(spec, "top_k_experts", 0)))
     return kw
+
+
+def gemma4_spec_from_config(c: dict, where: str, name: str) -> GemmaSpec:
+    """The spec a saved Gemma4Backbone config computes (the inverse of `gemma4_kwargs`, text only), with
+    what Gemma4Backbone hard-codes (no unit offset, q/k/v norms, scale 1.0, layer scalar) filled in."""
+    def refuse(field: str, why: str) -> None:
+        raise ParityInputError(f"{where}: {field}={c.get(field)!r} {why}")
+
+    need = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
+            "intermediate_dim", "head_dim", "layer_types")
+    missing = [k for k in need if c.get(k) is None]
+    if missing:
+        raise ParityInputError(f"{where}: Gemma4Backbone config has no {missing[0]!r}; re-save the preset")
+    for f, ok in (("vision_encoder", None), ("audio_encoder", None), ("use_bidirectional_attention", False),
+                  ("local_rope_scaling_factor", 1.0), ("attention_logit_soft_cap", None)):
+        if c.get(f, ok) != ok:
+            refuse(f, f"is not the text-only causal Gemma 4 that parity compares (needs {ok!r})")
+    back = {v: k for k, v in KH_TYPES.items()}
+    if not isinstance(c["layer_types"], list) or any(t not in back for t in c["layer_types"]):
+        refuse("layer_types", f"must list one of {sorted(back)} per layer")
+    types = tuple(back[t] for t in c["layer_types"])
+    k_eq_v = c.get("num_global_key_value_heads") is not None  # keras-hub: the count switches K=V on
+    experts = int(c.get("num_experts") or 0) if c.get("enable_moe_block") else 0
+    kw: dict = {f: int(c[option]) for option, f in SIZES.items()}
+    kw.update(
+        family=4, name=name, max_position=MAX_POSITION, norm_eps=float(c.get("layer_norm_epsilon", 1e-6)),
+        intermediate_size=int(c["intermediate_dim"]), layer_types=types,
+        sliding_window=int(c.get("sliding_window_size", 512)) if "local" in types else None,
+        final_softcap=c.get("final_logit_soft_cap"), attn_softcap=None,
+        norm_unit_offset=False, norm_placement="sandwich", qk_norm=True, v_norm=True, layer_scalar=True,
+        query_pre_attn_scalar=1.0, gelu_approximate="tanh", embed_scale=True, tied_head=True,
+        rope_base=float(c.get("global_rope_wavelength", 1_000_000.0)),
+        rope_local_base=float(c.get("local_rope_wavelength", 10_000.0)),
+        rope_scaling_factor=float(c.get("global_rope_scaling_factor", 1.0)),
+        rope_proportion=float(c.get("global_rope_partial_rotary_factor", 1.0)),
+        global_head_dim=c.get("global_head_dim"), attention_k_eq_v=k_eq_v,
+        num_global_kv_heads=c.get("num_global_key_value_heads") if k_eq_v else None,
+        ple_dim=int(c.get("hidden_size_per_layer_input") or 0),
+        ple_vocab_size=c.get("vocab_size_per_layer_input") if c.get("hidden_size_per_layer_input") else None,
+        num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
+        double_wide_mlp=bool(c.get("use_double_wide_mlp", False)),
+        num_experts=experts, top_k_experts=int(c.get("num_experts_per_token", 8)) if experts else 0,
+        expert_intermediate_size=int(c.get("expert_intermediate_dim") or 0) if experts else 0,
+    )
+    return GemmaSpec(**kw)
 
 
 def gemma4_inexpressible(spec: GemmaSpec) -> Iterator[tuple[str, str]]:

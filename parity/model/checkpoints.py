@@ -45,7 +45,7 @@ from parity.errors import ParityInputError
 from parity.formats import keras_hub as keras_format
 from parity.model.spec import GemmaSpec, from_hf_config
 from parity.model.tensor_file import TensorFile
-from parity.model.weights import Weights, check_tensors
+from parity.model.weights import Checkpoint, Weights, check_tensors
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -113,7 +113,8 @@ def _read_json(p: Path):
         raise ParityInputError(f"{p}: not valid JSON ({e}); fix or re-export the file") from None
 
 
-def _finish(spec: GemmaSpec, tensors: dict[str, np.ndarray], source: str) -> tuple[GemmaSpec, Weights]:
+def _finish(spec: GemmaSpec, tensors: dict[str, np.ndarray], source: str,
+            checkpoint: Checkpoint | None = None) -> tuple[GemmaSpec, Weights]:
     if spec.tied_head and "lm_head.weight" in tensors:
         head = tensors.pop("lm_head.weight")
         emb = tensors.get("model.embed_tokens.weight")
@@ -123,7 +124,7 @@ def _finish(spec: GemmaSpec, tensors: dict[str, np.ndarray], source: str) -> tup
                 "model.embed_tokens.weight; set tie_word_embeddings to false in the config"
             )
     check_tensors(spec, tensors, where=source)
-    return spec, Weights(spec, tensors, source=source)
+    return spec, Weights(spec, tensors, source=source, checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------- HuggingFace
@@ -141,9 +142,13 @@ def _load_hf(d: Path, cfg) -> tuple[GemmaSpec, Weights]:
         files = _hf_index(d)
     opened: dict[str, TensorFile] = {}
     tensors: dict[str, np.ndarray] = {}
+    ignored = 0
     for name, shard in files.items():
         canon = _hf_canonical(name, multimodal)
         if canon is None:
+            continue
+        if _kv_shared_unused(canon, spec):
+            ignored += 1
             continue
         if shard not in opened:
             opened[shard] = TensorFile(d / shard)
@@ -154,7 +159,19 @@ def _load_hf(d: Path, cfg) -> tuple[GemmaSpec, Weights]:
         if canon in tensors:
             raise ParityInputError(f"{d}: two tensors map to {canon!r} (one is {name!r}); remove the duplicate")
         tensors[canon] = st.float32(name)
-    return _finish(spec, tensors, f"{d} (hf)")
+    note = f"; {ignored} k/v tensors of KV-shared layers not loaded, as transformers ignores them" if ignored else ""
+    return _finish(spec, tensors, f"{d} (hf{note})", Checkpoint(str(d.resolve()), "hf"))
+
+
+_KV_OWN = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$")
+
+
+def _kv_shared_unused(canon: str, spec: GemmaSpec) -> bool:
+    """A Gemma 4 KV-shared layer's own k/v projection or norm: released checkpoints carry them, the layer
+    reads its source's keys and values instead, and transformers drops them on load
+    (`Gemma4TextModel._keys_to_ignore_on_load_unexpected`); so does parity."""
+    m = _KV_OWN.match(canon) if spec.family == 4 and spec.num_kv_shared_layers else None
+    return m is not None and int(m.group(1)) >= spec.first_kv_shared
 
 
 def _hf_index(d: Path) -> dict[str, str]:
@@ -188,27 +205,38 @@ def _hf_canonical(name: str, multimodal: bool) -> str | None:
 keras_name_map = keras_format.name_map  # canonical -> keras variable path; its home is parity.formats.keras_hub
 
 
+# keras layers that hold several variables of their own, in the order the layer creates them (what
+# save_to_preset writes as datasets 0, 1, ...): Gemma4 MoE's expert bank (keras_hub gemma4_moe.py build)
+KERAS_VAR_ORDER = {"moe_expert_bank": ("gate_proj", "up_proj", "down_proj", "per_expert_scale")}
+
+
 def _load_keras(d: Path, cfg: dict) -> tuple[GemmaSpec, Weights]:
     spec = keras_format.spec_from_config(cfg, where=str(d / "config.json"), name=d.name or "keras-hub")
-    wanted: dict[str, str] = {}  # keras layer path -> canonical name
+    wanted: dict[str, dict[str, str]] = {}  # keras layer path -> {dataset index: canonical name}
     for canon, var in keras_format.variable_paths(spec).items():
-        wanted[var.rsplit("/", 1)[0]] = canon
+        layer, _, vname = var.rpartition("/")
+        order = KERAS_VAR_ORDER.get(layer.rpartition("/")[2])
+        wanted.setdefault(layer, {})[str(order.index(vname)) if order else "0"] = canon
     groups = _keras_groups(d)
     unused = sorted(p for p, g in groups.items() if g["data"] and p not in wanted)
     if unused:
         raise ParityInputError(f"{d}: keras layer {unused[0]!r} holds variables that a Gemma backbone does not "
                                "have (LoRA, quantization?); merge or drop them and re-save the preset")
     raw = {}
-    for layer, canon in wanted.items():
+    for layer, canons in wanted.items():
         data = groups.get(layer, {}).get("data", {})
         if not data:
-            raise ParityInputError(f"{d}: keras layer {layer!r} has no weights in the preset (tensor {canon!r}); "
-                                   "the preset does not match its config.json: re-save it")
-        if set(data) != {"0"}:
+            raise ParityInputError(f"{d}: keras layer {layer!r} has no weights in the preset (tensor "
+                                   f"{next(iter(canons.values()))!r}); the preset does not match its config.json: "
+                                   "re-save it")
+        if set(data) != set(canons):
             raise ParityInputError(f"{d}: keras layer {layer!r} holds {len(data)} variables, a Gemma backbone "
-                                   "holds one (untied or quantized embeddings?); re-save a plain GemmaBackbone")
-        raw[canon] = _h5_float32(data["0"], layer)
-    return _finish(spec, keras_format.from_keras_layout(raw, spec, str(d)), f"{d} (keras-hub)")
+                                   f"holds {len(canons)} (untied or quantized embeddings?); re-save a plain "
+                                   "keras-hub backbone")
+        for index, canon in canons.items():
+            raw[canon] = _h5_float32(data[index], layer)
+    return _finish(spec, keras_format.from_keras_layout(raw, spec, str(d)), f"{d} (keras-hub)",
+                   Checkpoint(str(d.resolve()), "keras-hub"))
 
 
 def _keras_groups(d: Path) -> dict[str, dict]:

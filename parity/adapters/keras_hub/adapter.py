@@ -122,6 +122,7 @@ class KerasModel:
     differences: dict = field(default_factory=dict)  # spec field -> what the built layers do instead
     observed: dict = field(default_factory=dict)  # what the last run saw of the GELU call (for effective)
     clean: dict = field(default_factory=dict)  # what the last unfed run saw, with block 0's attention call order
+    loading: str = ""  # how a checkpoint directory's weights were loaded (Gemma 4: keras-hub's from_preset or not)
 
 
 class KerasAdapter(Adapter):
@@ -214,12 +215,35 @@ class KerasAdapter(Adapter):
         if not hasattr(hub.models, backbone_name):
             raise Unsupported(f"{self.name}: keras-hub {getattr(hub, '__version__', '?')} has no {backbone_name} "
                               f"(family={spec.family}); pip install -U keras-hub, or drop it from --impls")
-        backbone = self._filled(getattr(hub.models, backbone_name), kwargs, spec, weights, dtype)
+        loading = ""
+        if spec.family == 4 and weights.checkpoint is not None:
+            backbone, loading = self._from_checkpoint(hub, backbone_name, kwargs, spec, weights, dtype)
+        else:
+            backbone = self._filled(getattr(hub.models, backbone_name), kwargs, spec, weights, dtype)
         lm = getattr(hub.models, lm_name)(backbone=backbone, preprocessor=None)
-        model = KerasModel(spec, dtype, self.backend, backbone, lm, requested=kwargs)
+        model = KerasModel(spec, dtype, self.backend, backbone, lm, requested=kwargs, loading=loading)
         model.differences = (gemma4.differences(spec, backbone) if spec.family == 4
                              else readback.differences(spec, backbone))
         return model
+
+    def _from_checkpoint(self, hub, backbone_name: str, kwargs: dict, spec: GemmaSpec, weights: Weights,
+                         dtype: str):
+        """(backbone, how it was loaded) for weights read from a checkpoint directory: keras-hub loads the
+        directory its own way, as its users do (`from_preset`: a saved preset, or an HF directory through
+        keras-hub's own transformers converter), so a converter that drops or mistranslates a setting shows
+        in `differences` (the built layers against the spec parity read from the same config.json) and in
+        the run. Where keras-hub cannot take the files, parity's own conversion is the fallback, and the
+        reason is the run's library fact `weights_loaded_by`."""
+        ck = weights.checkpoint
+        how = "its transformers converter" if ck.layout == "hf" else "its preset loader"
+        try:
+            backbone = getattr(hub.models, backbone_name).from_preset(ck.directory, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 -- whatever keras-hub raises is the finding, said in the run
+            msg = " ".join(str(e).split())[:300]
+            backbone = self._filled(getattr(hub.models, backbone_name), kwargs, spec, weights, dtype)
+            return backbone, (f"parity's conversion: keras-hub {getattr(hub, '__version__', '?')} "
+                              f"{backbone_name}.from_preset({ck.directory}) ({how}) failed: {type(e).__name__}: {msg}")
+        return backbone, f"keras-hub {getattr(hub, '__version__', '?')} {backbone_name}.from_preset({ck.directory}) ({how})"
 
     def _filled(self, backbone_cls, kwargs: dict, spec: GemmaSpec, weights: Weights, dtype: str):
         """The backbone with the weights in its variables, loaded one tensor at a time."""
@@ -356,7 +380,10 @@ class KerasAdapter(Adapter):
         if not model.clean:
             self.run(model, [spec.bos_token_id] + [i % spec.vocab_size for i in (3, 4, 5)])
         if spec.family == 4:
-            return gemma4.effective(spec, model.backbone, model.lm, model.clean, model.differences)
+            out = gemma4.effective(spec, model.backbone, model.lm, model.clean, model.differences)
+            if model.loading:
+                out["library"]["weights_loaded_by"] = model.loading
+            return out
         return readback.effective(model.backbone, model.lm, model.clean, model.differences)
 
     def release(self, model: KerasModel) -> None:
