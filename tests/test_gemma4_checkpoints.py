@@ -244,4 +244,5 @@ def test_transformers_without_gemma4_gets_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert len(lines) == 1, lines
-    assert "transformers 5.3" in lines[0] and "Gemma 4" in lines[0] and "install transformers" in lines[0]
+    # the library, its version and the fix
+    assert "transformers 5.3" in lines[0] and "Gemma 4" in lines[0] and "transformers>=5.5" in lines[0], lines

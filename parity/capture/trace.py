@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.errors import ParityInputError
-from parity.numerics.metrics import row_stats, top_ids
+from parity.numerics.metrics import rms, row_stats, top_ids
 from parity.model.tensor_file import TensorFile, write_safetensors
 
 MAX_ROWS = 16  # whole rows a reduced tap keeps
@@ -109,23 +109,9 @@ def reduce_at(name: str, array: np.ndarray, row_index: np.ndarray) -> ReducedTap
         shape=tuple(int(n) for n in a.shape), rows=np.ascontiguousarray(a[idx]), row_index=idx,
         row_max_abs=row_max_abs, row_rms=row_rms, row_nonfinite=nonfinite,
         top_ids=top_ids(a, TOP_K) if name == "logits" and a.ndim == 2 else None,
-        rms=_rms_by_rows(a), max_abs=float(row_max_abs.max()) if row_max_abs.size else 0.0, numel=int(a.size),
+        rms=rms(a), max_abs=float(row_max_abs.max()) if row_max_abs.size else 0.0, numel=int(a.size),
         nan_count=int(nans.sum()),
     )
-
-
-def _rms_by_rows(a: np.ndarray) -> float:
-    """`metrics.rms` of the whole tap (finite values), summed a row at a time: `rms` widens the whole tap to
-    float64 and copies its finite values (a [128, 262144] logits tap: 540 MB beside the model's weights, the
-    largest allocation of a real-size capture). Equal to `rms` up to the order of the float64 sum."""
-    rows = a.reshape(a.shape[0], -1)
-    total, count = 0.0, 0
-    for row in rows:
-        r = np.asarray(row, dtype=np.float64)
-        f = r[np.isfinite(r)]
-        total += float(np.dot(f, f))
-        count += f.size
-    return math.sqrt(total / count) if count else 0.0
 
 
 class LazyTaps(Mapping):
