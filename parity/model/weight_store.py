@@ -33,8 +33,7 @@ from parity.model.tensor_file import (  # noqa: F401 -- CHUNK_ELEMENTS: re-expor
     CHUNK_ELEMENTS, StoredTensors, _rows_per_block, bf16_bits, bf16_to_f32, numpy_dtype, write_safetensors,
 )
 from parity.model.weights import (
-    PLE_TABLE, canonical_shapes, check_profile, matrix_divisor, param_count, ple_table_blocks, random_source,
-    random_tensor, Weights,
+    canonical_shapes, check_profile, matrix_divisor, param_count, random_source, random_tensor, Weights,
 )
 
 def cache_dir() -> Path:
@@ -55,12 +54,8 @@ def _random_blocks(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec
     if len(shape) == 1 or name.endswith("norm.weight"):
         yield random_tensor(name, shape, seed, spec)
         return
-    step = _rows_per_block(shape)
-    if spec is not None and spec.family == 4 and name == PLE_TABLE:  # drawn layer by layer (ple_table_blocks)
-        for w in ple_table_blocks(shape, seed, spec, step):
-            yield bf16_to_f32(bf16_bits(w.astype(np.float32)))
-        return
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    step = _rows_per_block(shape)
     divisor = math.sqrt(shape[1]) if spec is None else matrix_divisor(name, shape, spec)
     for r in range(0, shape[0], step):
         k = min(step, shape[0] - r)

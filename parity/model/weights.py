@@ -43,7 +43,7 @@ _NORM = re.compile(r"norm(_\d+)?\.weight$")  # RMSNorm weights (Gemma 4's MoE ad
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec | None = None) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if spec is not None and spec.family == 4:
-        special = _gemma4_tensor(name, shape, rng, spec, seed)
+        special = _gemma4_tensor(name, shape, rng, spec)
         if special is not None:
             return _round_bf16(special.astype(np.float32))
     if _NORM.search(name):
@@ -58,8 +58,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, spec: GemmaSpec 
     return _round_bf16(w.astype(np.float32))
 
 
-def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec: GemmaSpec,
-                   rng_seed: int = 0) -> np.ndarray | None:
+def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec: GemmaSpec) -> np.ndarray | None:
     """Gemma 4's draws where they differ from the default (None: the default draw).
 
     Norm weights are used as they are (no unit offset), so they sit around 1, never at it: w in 1 +- [0.1, 0.6]
@@ -72,8 +71,6 @@ def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, 
 
     if _NORM.search(name) and not spec.norm_unit_offset or name.endswith("router.scale"):
         return around_one(0.1, 0.6)
-    if name == PLE_TABLE:
-        return next(ple_table_blocks(shape, rng_seed, spec, shape[0]))
     if name.endswith(("layer_scalar", "router.per_expert_scale")):
         return around_one(0.1, 0.5)
     if len(shape) >= 2:
@@ -83,22 +80,6 @@ def _gemma4_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, 
 
 PLE_TABLE = "model.embed_tokens_per_layer.weight"
 PLE_PROJECTION = "model.per_layer_model_projection.weight"
-
-
-def ple_table_blocks(shape: tuple[int, ...], seed: int, spec: GemmaSpec, step: int):
-    """Gemma 4's per-layer embedding table [rows, L * P], float64 blocks of `step` rows, drawn layer by layer.
-
-    Layer i's columns [i * P, (i + 1) * P) come from a generator of their own (seeded by the name and i), so
-    the table of a spec's first n layers is the first n * P columns of the whole spec's table: `--first-layers`
-    runs the same model's first layers, as it does for every other tensor (each is seeded by its name). A
-    generator streams its rows in order, so any `step` gives the same values.
-    """
-    p = spec.ple_dim
-    rngs = [np.random.default_rng([seed, zlib.crc32(PLE_TABLE.encode()), i]) for i in range(shape[1] // p)]
-    divisor = matrix_divisor(PLE_TABLE, shape, spec)
-    for r in range(0, shape[0], step):
-        k = min(step, shape[0] - r)
-        yield np.concatenate([g.standard_normal((k, p)) for g in rngs], axis=1) / divisor  # [k, L * P]
 
 
 def matrix_divisor(name: str, shape: tuple[int, ...], spec: GemmaSpec) -> float:
