@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.adapters.port_model import PortOptions
 from parity.model.presets import PRESETS
 from parity.model.spec import to_hf_config
 from parity.model.taps import tap_names
@@ -51,6 +50,8 @@ def hf_logits():
 
 def _port(name, **options):
     spec = PRESETS[name]
+    from parity.adapters.port_model import PortOptions  # torch: imported by the test, not at collection
+
     adapter = LitgptStyleAdapter(PortOptions(**options))
     model = adapter.build(spec, random_weights(spec, seed=0), "float64")
     return adapter, model, adapter.run(model, TOKENS).taps
@@ -80,6 +81,8 @@ def test_a_broken_port_is_far_from_hf(name, changes, hf_logits):
 ])
 def test_a_port_built_from_a_wrong_spec_is_far_from_hf(name, spec_changes, hf_logits):
     spec = PRESETS[name]
+    from parity.adapters.port_model import PortOptions
+
     adapter = LitgptStyleAdapter(PortOptions(float32_islands=True), spec_changes=spec_changes)
     wrong = spec.replace(**spec_changes)
     model = adapter.build(spec, random_weights(wrong, seed=0), "float64")  # the wrong spec's tensors, same seed

@@ -378,7 +378,7 @@ class HFAdapter(Adapter):
         offset, the GELU, which projection it gates)."""
         import torch
 
-        from parity.model.effective import GELU_PROBE, NOT_A_SETTING, gelu_kind, report, rope_from_inv_freq
+        from parity.model.effective import GELU_PROBE, NOT_A_SETTING, Unread, gelu_kind, report, rope_from_inv_freq
 
         m, cfg = model.model, model.config
         layer0, emb = m.layers[0], m.embed_tokens
@@ -395,6 +395,9 @@ class HFAdapter(Adapter):
             rope.append(rope_from_inv_freq((inv if inv is not None else m.rotary_emb.inv_freq).tolist()))
         with torch.no_grad():
             act = layer0.mlp.act_fn(torch.tensor(GELU_PROBE, dtype=torch.float32)).tolist()
+        # layers that stream their weights (PARITY_STREAM) hold them only while they run: not observed here
+        streamed = (Unread("the layers stream their weights (PARITY_STREAM): not observed outside a forward")
+                    if layer0.input_layernorm.weight.is_meta else None)
         out = report({
             "vocab_size": emb.num_embeddings,
             "hidden_size": emb.embedding_dim,
@@ -403,13 +406,13 @@ class HFAdapter(Adapter):
             "num_heads": attn[0].q_proj.out_features // hd,
             "num_kv_heads": attn[0].k_proj.out_features // hd,
             "head_dim": hd,
-            "norm_unit_offset": _norm_offset(layer0.input_layernorm),
+            "norm_unit_offset": _norm_offset(layer0.input_layernorm) if not streamed else streamed,
             "norm_placement": "sandwich" if hasattr(layer0, "post_feedforward_layernorm") else "pre",
             "norm_eps": float(getattr(layer0.input_layernorm, "eps", None)
                               or layer0.input_layernorm.variance_epsilon),  # Gemma 4's name for it
             "final_norm": isinstance(getattr(m, "norm", None), torch.nn.Module),
             "gelu_approximate": gelu_kind(act),
-            "geglu": _gelu_input(layer0.mlp),
+            "geglu": _gelu_input(layer0.mlp) if not streamed else streamed,
             "embed_scale": float(scale) if scale is not None else NOT_A_SETTING,
             "embed_scale_dtype": ("activation" if scale.dtype == emb.weight.dtype else name(scale.dtype))
             if scale is not None else NOT_A_SETTING,
