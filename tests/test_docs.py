@@ -379,10 +379,10 @@ def test_link_check_fails_on_broken_links(tmp_path):
     (tmp_path / "docs" / "a.md").write_text("# Title\n\n## Real heading\n")
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/a.md) [anchor](docs/a.md#real-heading) [web](https://example.com)\n"
-                    "[gone](docs/missing.md) [out](../shared/DESIGN.md) [bad anchor](docs/a.md#nope)\n"
+                    "[gone](docs/missing.md) [out](../elsewhere/DESIGN.md) [bad anchor](docs/a.md#nope)\n"
                     "`[not a link](nowhere.md)`\n\n```\n[in code](nowhere.md)\n```\n")
     bad = broken_links(page, root=tmp_path)
-    assert bad == ["README.md: docs/missing.md does not exist", "README.md: ../shared/DESIGN.md leaves the repository",
+    assert bad == ["README.md: docs/missing.md does not exist", "README.md: ../elsewhere/DESIGN.md leaves the repository",
                    "README.md: docs/a.md#nope: no heading #nope in a.md"], bad
 
 
