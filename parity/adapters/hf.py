@@ -190,7 +190,7 @@ class HFAdapter(Adapter):
         params = {k: tuple(v.shape) for k, v in model.named_parameters()}  # tied head listed once
         if g4:  # Gemma 4's layer scalar is a buffer in transformers and a weight in parity
             params.update(hf_gemma4.scalar_targets(model))
-        plan = map_weights(parts(weights), hf_gemma4.NAME_MAP if g4 else NAME_MAP, params,
+        plan = map_weights(parts(weights), {**NAME_MAP, **{k: k for k in hf_gemma4.NAMES}} if g4 else NAME_MAP, params,
                            where=f"{self.name} weights")
         dt = torch_dtype(dtype)
         load(model, plan, weights, dt, [f"model.layers.{i}" for i in range(spec.num_layers)])

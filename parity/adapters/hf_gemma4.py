@@ -24,23 +24,10 @@ import numpy as np
 
 CLASS = "Gemma4ForCausalLM"
 
-# canonical names are HF's: literal, so map_weights' every-tensor-used-once check runs. Shared layers
-# have no k/v projections or norms (transformers builds none), and v_norm has no weight.
+# the tensors Gemma 4 adds to the Gemma 1-3 names of parity.adapters.hf.NAME_MAP (which joins the two for
+# family 4): literal, so map_weights' every-tensor-used-once check runs. Shared layers have no k/v projections or
+# norms (transformers builds none), and v_norm has no weight.
 NAMES = (
-    "model.embed_tokens.weight",
-    "model.layers.{}.input_layernorm.weight",
-    "model.layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.self_attn.q_norm.weight",
-    "model.layers.{}.self_attn.k_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight",
-    "model.layers.{}.pre_feedforward_layernorm.weight",
-    "model.layers.{}.post_feedforward_layernorm.weight",
-    "model.layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight",
     "model.layers.{}.layer_scalar",
     "model.layers.{}.per_layer_input_gate.weight",
     "model.layers.{}.per_layer_projection.weight",
@@ -56,10 +43,7 @@ NAMES = (
     "model.embed_tokens_per_layer.weight",
     "model.per_layer_model_projection.weight",
     "model.per_layer_projection_norm.weight",
-    "model.norm.weight",
-    "lm_head.weight",
 )
-NAME_MAP = {k: k for k in NAMES}
 SCALAR = "layer_scalar"  # a buffer in transformers (not a parameter), a weight in parity
 
 # taps `recording` takes (module outputs / first inputs); eager attention returns its probabilities
