@@ -324,12 +324,10 @@ def effective(spec: GemmaSpec, backbone, lm, clean: dict, diffs: dict) -> dict:
         "num_heads": int(att[0].num_query_heads),
         "num_kv_heads": int(att[local[0]].effective_num_kv_heads if local else att[0].num_key_value_heads),
         "head_dim": int(att[local[0]].head_dim if local else bb.head_dim),
-        "norm_unit_offset": {"(1 + w)": True, "w": False}.get(offset, Unread(offset)),
+        **readback.observed(offset, gelu, geglu),
         "norm_placement": "sandwich",  # Gemma4TextDecoderBlock: always both post norms (no option)
         "norm_eps": float(blocks[0].pre_attention_norm.epsilon),
         "final_norm": bb.layer_norm is not None,
-        "gelu_approximate": {"tanh": "tanh", "exact": "none"}.get(gelu, Unread(f"not observed ({gelu})")),
-        "geglu": {"gelu(gate) * up": "gate", "gelu(up) * gate": "up"}.get(geglu, geglu),
         "embed_scale": norm_scale,
         "embed_scale_dtype": "activation",  # x * ops.cast(ops.sqrt(hidden_dim), x.dtype), read from the source
         "tied_head": bool(bb.token_embedding.tie_weights),

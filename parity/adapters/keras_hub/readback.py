@@ -71,6 +71,18 @@ QK_ROPE_CALLS = ("query_norm", "key_norm", "rope_layer")  # block 0's attention:
 
 
 # ------------------------------------------------------------ the report
+def observed(offset: str, gelu: str, geglu: str) -> dict:
+    """The properties read off keras-hub by observation (the norm's output on ones, the GELU's on a probe, which
+    projection it gates), as effective values: what was not recognised is Unread, saying what was seen."""
+    from parity.model.effective import Unread
+
+    return {
+        "norm_unit_offset": {"(1 + w)": True, "w": False}.get(offset, Unread(offset)),
+        "gelu_approximate": {"tanh": "tanh", "exact": "none"}.get(gelu, Unread(f"not observed ({gelu})")),
+        "geglu": {"gelu(gate) * up": "gate", "gelu(up) * gate": "up"}.get(geglu, geglu),
+    }
+
+
 def effective(bb, lm, clean: dict, differences: dict) -> dict:
     """What the model computes, for the report (parity.model.effective's properties plus keras-hub's own
     facts); `clean` is what an unfed run recorded (GELU, call order)."""
@@ -99,12 +111,10 @@ def effective(bb, lm, clean: dict, differences: dict) -> dict:
         "num_heads": int(att[0].num_query_heads),
         "num_kv_heads": int(att[0].num_key_value_heads),
         "head_dim": int(att[0].head_dim),
-        "norm_unit_offset": {"(1 + w)": True, "w": False}.get(offset, Unread(offset)),
+        **observed(offset, gelu, geglu),
         "norm_placement": placements.pop() if len(placements) == 1 else "mixed",
         "norm_eps": float(blocks[0].pre_attention_norm.epsilon),
         "final_norm": bb.layer_norm is not None,
-        "gelu_approximate": {"tanh": "tanh", "exact": "none"}.get(gelu, Unread(f"not observed ({gelu})")),
-        "geglu": {"gelu(gate) * up": "gate", "gelu(up) * gate": "up"}.get(geglu, geglu),
         "embed_scale": norm_scale,
         "embed_scale_dtype": "activation",  # x * ops.cast(ops.sqrt(hidden_dim), x.dtype), read from the source
         "tied_head": bool(bb.token_embedding.tie_weights),
