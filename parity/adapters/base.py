@@ -95,6 +95,22 @@ class DecodeResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why it cannot be captured while decoding
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a quantizing implementation computes with, for the honest reference of its runs.
+
+    `weights`: the canonical tensors (canonical names, shapes and layout, float32) as the built model holds them,
+    dequantized from its own file (a GGUF's q4_0 blocks, an ONNX model's MatMulNBits initializers). The float64
+    port on these is what a correct kernel of this quantized model computes, so its runs are judged against that,
+    at the same strictness as an unquantized run; the quantization loss against the given weights is reported
+    apart (parity.compare.quant). `activations`: how its matmuls round their inputs
+    (parity.numerics.act_quant.KINDS), which the honest-noise model then does too; None: they do not.
+    """
+    weights: Weights
+    weight_type: str  # e.g. "q4_0", "int4 (MatMulNBits, block 32)": shown in the report
+    activations: str | None = None
+
+
 @dataclass
 class RunResult:
     taps: dict[str, np.ndarray]  # canonical tap -> [T, ...] array (batch dimension dropped)
@@ -135,6 +151,17 @@ class Adapter:
 
     def effective(self, model: Any) -> dict:
         """What the built model will actually compute, read from the model, not the config."""
+        return {}
+
+    def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
+        """A quantizing implementation: the weights it will compute with (see `Held`), before `build` (it may
+        write and cache the same file `build` then loads). None (the default): it computes with `weights`
+        rounded to `dtype`, and the float64 port on `weights` is its honest reference."""
+        return None
+
+    def settings(self) -> dict[str, str]:
+        """The choices beyond the dtype that change its numbers (weight type, KV-cache type, attention path),
+        each set explicitly, never a library default nobody sees: shown with the run in every report."""
         return {}
 
     def release(self, model: Any) -> None:

@@ -27,6 +27,7 @@ class Declared:
     decodes: bool = False  # `decode` is implemented
     full_cache_taps: bool = False  # `run(..., cache_taps=True)` also returns each layer's keys and values
     own_process: bool = False  # `needs_own_process()`: it must be captured in a fresh process
+    settings: Mapping[str, str] = field(default_factory=dict)  # `settings()`: choices shown with its runs
 
 
 def declared(adapter) -> Declared:
@@ -42,4 +43,17 @@ def declared(adapter) -> Declared:
         decodes=bool(getattr(adapter, "decodes", False)),
         full_cache_taps=bool(getattr(adapter, "full_cache_taps", False)),
         own_process=bool(own()) if callable(own) else False,
+        settings=MappingProxyType({str(k): str(v) for k, v in (_call(adapter, "settings") or {}).items()}),
     )
+
+
+def _call(adapter, member: str):
+    fn = getattr(adapter, member, None)
+    return fn() if callable(fn) else None
+
+
+def held(adapter, spec, weights, dtype):
+    """`adapter.held(...)` (parity.adapters.base.Held) or None when it lacks the member or holds the weights
+    it was given."""
+    fn = getattr(adapter, "held", None)
+    return fn(spec, weights, dtype) if callable(fn) else None

@@ -43,6 +43,8 @@ class PortOptions:
     scale_q_first: bool = False  # q * scale rounded before q.k (reference JAX and keras-hub), not after
     accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
     perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)
+    act_quant: str | None = None  # every projection's input rounded as a quantized runtime's matmul rounds it
+    # (parity.numerics.act_quant: "q8_0", "f16", ...): the honest members of a quantized run do it, as its kernels do
     # --- decode-path faults (the KV cache), each one cause of the catalogue; they act only on decode steps
     decode_window: int = 0  # cache-window: local layers see window + this many keys while decoding
     decode_pos_offset: int = 0  # cache-position: the new token rotated at position p + this (kept at p)
@@ -162,12 +164,40 @@ class Linear(nn.Linear):
     def __init__(self, fan_in: int, fan_out: int, opts: PortOptions) -> None:
         super().__init__(fan_in, fan_out, bias=False)
         self.split = opts.accum_split and fan_in >= 2
+        self.act_quant = opts.act_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant:
+            x = round_activations(x, self.act_quant)
         if not self.split:
             return super().forward(x)
         h = self.in_features // 2
         return F.linear(x[..., :h], self.weight[:, :h]) + F.linear(x[..., h:], self.weight[:, h:])
+
+
+def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """`x` as a quantized runtime's matmul reads it (parity.numerics.act_quant), back in x's dtype.
+
+    Integer kinds follow ggml's quantize_row_q8_0: per block of B along the last dim, d = max|x| / 127,
+    q = round-half-away(x / d) (127 at most), value = q * d with d stored in the kind's scale format. A last
+    block shorter than B (a width B does not divide) is a block of its own.
+    """
+    from parity.numerics.act_quant import act_quant
+
+    k = act_quant(kind)
+    fmt = getattr(torch, k.fmt)
+    if k.block == 0:
+        return x.to(fmt).to(x.dtype)
+    n, B = x.shape[-1], k.block
+    parts = []
+    for lo in range(0, n, B):
+        xb = x[..., lo:lo + B].to(torch.float32)  # [..., b] (ggml quantizes from float32)
+        d = xb.abs().amax(-1, keepdim=True) / 127  # [..., 1]
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        v = xb * inv
+        q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(-127, 127)
+        parts.append((q * d.to(fmt).to(torch.float32)).to(x.dtype))
+    return torch.cat(parts, dim=-1)
 
 
 class GemmaMLP(nn.Module):

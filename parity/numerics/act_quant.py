@@ -1,0 +1,43 @@
+"""How a runtime rounds the activations its matmuls read: the names adapters declare, and what each means.
+
+A quantized runtime does not multiply float activations by its weights: ggml's CPU matmul first converts the
+activation row to the weight type's `vec_dot_type` (f16 for f16 weights, bf16 for bf16, q8_0 blocks of 32 for
+q8_0/q4_0/q4_1/q5_x, q8_K blocks of 256 for the K-quants), and onnxruntime's MatMulNBits at accuracy level 4
+quantizes them to int8 per block of the weight's block size. That rounding is honest (the runtime is meant to
+do it), so the honest-noise model's members do it too (parity.adapters.port_model.Linear, `act_quant`), and a
+run's error is judged against what such a correct kernel errs.
+
+Each kind: (block length along the input dimension or 0 for a plain float cast, the float format the block
+scale is stored in, or the float dtype the row is cast to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    name: str
+    block: int  # elements per scale along the matmul's input dimension; 0: a plain cast, no integer blocks
+    fmt: str  # the cast's dtype (block 0), or the dtype each block's scale is stored in
+    what: str  # one line for the report
+
+
+KINDS = {k.name: k for k in (
+    ActQuant("f16", 0, "float16", "activations cast to float16 before each matmul (ggml vec_dot_type of f16)"),
+    ActQuant("bf16", 0, "bfloat16", "activations cast to bfloat16 before each matmul (ggml vec_dot_type of bf16)"),
+    ActQuant("q8_0", 32, "float16", "activations quantized to int8 in blocks of 32, float16 scales (ggml q8_0)"),
+    ActQuant("q8_K", 256, "float32", "activations quantized to int8 in blocks of 256, float32 scales (ggml q8_K)"),
+    ActQuant("int8/32", 32, "float32", "activations quantized to int8 in blocks of 32, float32 scales "
+             "(onnxruntime MatMulNBits, accuracy level 4)"),
+    ActQuant("int8/128", 128, "float32", "activations quantized to int8 in blocks of 128, float32 scales "
+             "(onnxruntime MatMulNBits, accuracy level 4)"),
+)}
+
+
+def act_quant(name: str) -> ActQuant:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"activation quantization {name!r} is not known; use one of {', '.join(KINDS)}") from None
