@@ -15,7 +15,7 @@ from parity.capture.runner import Progress, capture, capture_in_subprocess, prod
 from parity.compare.pairs import TapResult, compare_all, pair_traces
 from parity.compare.routing import account as account_routing, replayer
 from parity.capture.decode import DECODE, FULL, SELF, auto_steps, check_lengths, continuation
-from parity.errors import ParityInputError
+from parity.errors import ImplementationError, ParityInputError
 from parity.capture.implementations import (  # noqa: F401 -- resolving and checking implementations lives there
     Elsewhere, checked_impls, resolve_elsewhere, resolve_impls,
 )
@@ -78,6 +78,9 @@ class Request:
     # shares the reference's traces, the honest-noise model and the counterfactual captures with other runs of the
     # same spec, weights, prompts and dtypes (parity.capture.cache); None: everything computed afresh
     cache: TraceCache | None = None
+    # quantized runs (parity.compare.quant): the mean-KL budget of the quantization loss, one number for every
+    # weight type or {weight type: nats}; None: the documented default per weight type
+    quant_budget: float | dict[str, float] | None = None
 
 
 @dataclass
@@ -99,6 +102,28 @@ class Report:
     noise: NoiseModel | None = None  # the honest-noise model; None: the fixed table alone decided
     continuation: list[int] = field(default_factory=list)  # the tokens decoded after each prompt (empty: none)
     routing: list = field(default_factory=list)  # parity.compare.routing.RoutingResult per (run, prompt, MoE layer)
+    # quantized runs: "impl@dtype" -> the reference they are judged against (the port on the weights they hold,
+    # parity.compare.held), and each one's quantization loss against the given weights (parity.compare.quant)
+    held: dict = field(default_factory=dict)
+    quant: list = field(default_factory=list)
+
+    def weights_for(self, impl: str, dtype: str) -> Weights | None:
+        """The weights a run computes with: its held (dequantized) weights, or the report's."""
+        h = self.held.get(f"{impl}@{dtype}")
+        return h.weights if h is not None else self.weights
+
+    def noise_for(self, impl: str, dtype: str) -> NoiseModel | None:
+        h = self.held.get(f"{impl}@{dtype}")
+        return h.noise if h is not None else self.noise
+
+    def reference_trace(self, impl: str, dtype: str, prompt: str, mode: str = "cumulative") -> Trace | None:
+        """The reference trace a run of impl@dtype is compared with (mode cumulative, or FULL for decode)."""
+        h = self.held.get(f"{impl}@{dtype}")
+        if h is not None:
+            return (h.full if mode == FULL else h.refs).get(prompt)
+        name, rdtype = self.reference.rsplit("@", 1)
+        return next((t for t in self.traces if (t.impl, t.dtype, t.prompt, t.mode) == (name, rdtype, prompt, mode)),
+                    None)
 
     @property
     def divergent_causes(self) -> list[Finding]:
@@ -269,12 +294,14 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         trace_dir = tempfile.mkdtemp(prefix="parity-traces-")
     stored = dict(out_dir=trace_dir, reduce_over=req.reduce_over, full_taps=req.full_taps) if separate else {}
 
-    def take(name, adapter, dtype, mode, refs=None, checked=True):
-        """`checked`: checked above with the others (a noise member is not: capture checks it)."""
+    def take(name, adapter, dtype, mode, refs=None, checked=True, w=None):
+        """`checked`: checked above with the others (a noise member is not: capture checks it); `w`: other
+        weights than the run's (a quantized run's held weights, for its reference and honest members)."""
+        w = weights if w is None else w
         if separate or declared(adapter).own_process:
-            return capture_in_subprocess(name, spec, weights, dtype, prompts, mode=mode, references=refs,
+            return capture_in_subprocess(name, spec, w, dtype, prompts, mode=mode, references=refs,
                                          progress=progress, continuation=cont, **stored)
-        return capture(adapter, spec, weights, dtype, prompts, mode=mode, references=refs, progress=progress,
+        return capture(adapter, spec, w, dtype, prompts, mode=mode, references=refs, progress=progress,
                        continuation=cont, checked=checked)
 
     # what the reference, the honest ensemble and the noise model depend on; None: not shared (no cache, or a
@@ -292,22 +319,29 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     traces = list(got)
     n_ref = len(traces)
     effective = {f"{ref_name}@{ref_dtype}": ref_traces[next(iter(prompts))].effective}
+    count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
+    replay = replayer(ref_adapter, spec, weights)  # MoE: the reference re-run with a run's honest routing
+    held = held_references(req, impls, modes_for, spec, weights, take, (ref_name, ref_adapter), ref_modes, modes,
+                           count, table, separate)
     runs = []
     for name, adapter in impls:
         for d in req.dtypes:
             ms = modes_for(adapter, d)
             if not ms:
                 continue  # the reference against itself says nothing
-            got = take(name, adapter, d, ms, ref_traces)  # one build for every mode
+            h = held.get(f"{adapter.name}@{d}")
+            got = take(name, adapter, d, ms, h.refs if h else ref_traces)  # one build for every mode
             traces += got
             effective.setdefault(f"{adapter.name}@{d}", got[0].effective if got else {})
+            settings = dict(declared(adapter).settings)
+            if h is not None:
+                settings.update(weights=h.weight_type, activations=h.activations or "as computed")
             for mode in ms:
                 for m in ([DECODE, SELF] if mode == DECODE else [mode]):
-                    runs.append(Run(adapter.name, adapter.version(), d, m, dict(got[0].resources) if got else {}))
+                    runs.append(Run(adapter.name, adapter.version(), d, m, dict(got[0].resources) if got else {},
+                                    settings))
     # the built-in port's own runs are the first member's, unless a test or plug-in replaced the port's adapter
     pure_port = any(name == PORT and not (req.adapters and PORT in req.adapters) for name, _ in impls)
-    count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
-    replay = replayer(ref_adapter, spec, weights)  # MoE: the reference re-run with a run's honest routing
 
     def make_noise() -> NoiseModel | None:
         honest = honest_traces(req, count, modes, prompts, traces, pure_port, separate, take, ref_traces)
@@ -319,15 +353,25 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                                  table_key, req.raw_logits), make_noise, copy_noise)
     else:
         noise = make_noise()
-    results = compare_all(ref_traces, ref_full, traces[n_ref:], table, noise, req.raw_logits, req.layers)
+    ours = [t for t in traces[n_ref:] if f"{t.impl}@{t.dtype}" not in held]
+    results = compare_all(ref_traces, ref_full, ours, table, noise, req.raw_logits, req.layers)
     # routing is a choice, not a number: moe.experts compared as one, honest near-tie flips replayed
-    results, routed = account_routing(results, ref_traces, traces[n_ref:], table, noise, replay, req.layers, ref_full)
+    results, routed = account_routing(results, ref_traces, ours, table, noise, replay, req.layers, ref_full)
+    quant = []
+    for label, h in held.items():  # quantized runs: against the port on their own weights, the loss apart
+        theirs = [t for t in traces[n_ref:] if f"{t.impl}@{t.dtype}" == label]
+        got = compare_all(h.refs, h.full, theirs, table, h.noise, req.raw_logits, req.layers)
+        got, flips = account_routing(got, h.refs, theirs, table, h.noise, replayer(ref_adapter, spec, h.weights),
+                                     req.layers, h.full)
+        results += got
+        routed += flips
+        quant.append(quantization_loss(req, label, h, ref_traces, theirs, table))
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
         reference=f"{ref_name}@{ref_dtype}", prompts=prompts, runs=runs, results=results,
         traces=traces, skipped=skipped, effective=effective, tolerances=table, weights=weights, noise=noise,
-        continuation=cont, routing=routed,
+        continuation=cont, routing=routed, held=held, quant=quant,
     )
     if separate and req.trace_dir is None:
         import weakref
@@ -337,6 +381,78 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     with using(req.cache):  # the counterfactual searches' captures (parity.diagnose.counterfactuals)
         diagnose(report)
     return report
+
+
+def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: Weights, take, ref, ref_modes,
+                    modes, count: int, table, separate: bool) -> dict:
+    """"impl@dtype" -> parity.compare.held.HeldReference, for each run whose implementation computes with other
+    weights than it was given (a quantizing runtime: Adapter.held); one reference per distinct held weight set
+    and activation rounding, shared by every run that holds it."""
+    from parity.compare.held import held_reference
+
+    groups: dict = {}
+    for name, adapter in impls:
+        for d in req.dtypes:
+            if not modes_for(adapter, d):
+                continue
+            h = held_of(name, adapter, spec, weights, d)
+            if h is None or h.weights.hash == weights.hash:
+                continue  # it computes with the weights it was given: the ordinary reference is its own
+            if h.weights.spec != spec:
+                raise ImplementationError(f"{adapter.name}@{d}", "held", "its held weights are for another spec",
+                                          "Adapter.held must return weights of the spec it was given")
+            key = (h.weights.hash, h.activations)
+            groups.setdefault(key, (h, []))[1].append(f"{adapter.name}@{d}")
+    if req.quant_budget is not None and not groups:
+        raise ParityInputError("{option} was given, but no run quantizes its weights (none of the implementations "
+                               "holds other weights than it was given); drop it, or add a quantized run such as "
+                               "llama-cpp-q4_0 or ort-genai-int4", option="quant_budget")
+    out = {}
+    for h, labels in groups.values():
+        dtypes = [label.rsplit("@", 1)[1] for label in labels]
+        replay = replayer(ref[1], spec, h.weights)
+        got = held_reference(h, take, ref, ref_modes, dtypes, modes, count, table, separate, replay, FULL,
+                             req.reference[1], weights.hash)
+        got.runs = labels
+        out.update({label: got for label in labels})
+    return out
+
+
+def held_of(name: str, adapter, spec: GemmaSpec, weights: Weights, dtype: str):
+    """The adapter's Held (parity.adapters.base), asked in this process; an implementation captured in another
+    process (real sizes) is asked through its own built-in adapter, which only writes and reads its file here."""
+    from parity.adapters.declared import held
+
+    if isinstance(adapter, Elsewhere):
+        from parity.adapters.registry import BUILTINS
+
+        if name not in BUILTINS or not BUILTINS[name].holds:
+            return None
+        from parity.adapters import get_adapter
+
+        adapter = get_adapter(name)
+    try:
+        return held(adapter, spec, weights, dtype)
+    except ParityInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- its file could not be written or read back: it failed, not a verdict
+        raise ImplementationError(f"{name}@{dtype}", "held", f"{type(e).__name__}: {e}",
+                                  "the weights it holds could not be read back from its own file") from e
+
+
+def quantization_loss(req: Request, label: str, h, ref_traces: dict, theirs: list[Trace], table):
+    """A quantized run against the reference on the given weights (table only): parity.compare.quant."""
+    from parity.compare.quant import default_budget, measure_loss
+
+    impl, dtype = label.rsplit("@", 1)
+    cum = [t for t in theirs if t.mode == "cumulative"]
+    against = compare_all(ref_traces, {}, cum, table, None, req.raw_logits, req.layers) if cum else []
+    budget = req.quant_budget
+    if isinstance(budget, dict):
+        budget = budget.get(h.weight_type.split()[0].lower(), default_budget(h.weight_type))
+    elif budget is None:
+        budget = default_budget(h.weight_type)
+    return measure_loss(impl, dtype, h.weight_type, h.activations, against, ref_traces, cum, budget)
 
 
 def copy_noise(noise: NoiseModel | None) -> NoiseModel | None:

@@ -176,28 +176,11 @@ class Linear(nn.Linear):
 
 
 def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """`x` as a quantized runtime's matmul reads it (parity.numerics.act_quant), back in x's dtype.
+    """`x` as a quantized runtime's matmul reads it (parity.numerics.act_quant.round_rows), back in x's dtype."""
+    from parity.numerics.act_quant import round_rows
 
-    Integer kinds follow ggml's quantize_row_q8_0: per block of B along the last dim, d = max|x| / 127,
-    q = round-half-away(x / d) (127 at most), value = q * d with d stored in the kind's scale format. A last
-    block shorter than B (a width B does not divide) is a block of its own.
-    """
-    from parity.numerics.act_quant import act_quant
-
-    k = act_quant(kind)
-    fmt = getattr(torch, k.fmt)
-    if k.block == 0:
-        return x.to(fmt).to(x.dtype)
-    n, B = x.shape[-1], k.block
-    parts = []
-    for lo in range(0, n, B):
-        xb = x[..., lo:lo + B].to(torch.float32)  # [..., b] (ggml quantizes from float32)
-        d = xb.abs().amax(-1, keepdim=True) / 127  # [..., 1]
-        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-        v = xb * inv
-        q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(-127, 127)
-        parts.append((q * d.to(fmt).to(torch.float32)).to(x.dtype))
-    return torch.cat(parts, dim=-1)
+    got = round_rows(x.detach().to(torch.float32).cpu().numpy(), kind)
+    return torch.from_numpy(got).to(x.dtype)
 
 
 class GemmaMLP(nn.Module):

@@ -35,6 +35,9 @@ class Builtin:
     # feature ("run", "decode", "gemma1/2/3") -> the library versions it works with, pip's syntax
     # ("transformers>=5.3"); checked from installed metadata when the name is asked for (parity/adapters/versions.py)
     versions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # it quantizes the weights it is given (Adapter.held): at real sizes, where it runs in another process, its
+    # adapter is also made in the main one to write and read back its file
+    holds: bool = False
 
     def absent(self) -> list[str]:
         """The packages in `needs` that cannot be found (none is imported to find out)."""
@@ -73,8 +76,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
             versions={"run": ("litgpt>=0.5", "torch>=2.4")}),
     Builtin("mlx", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx"),
     Builtin("ort-genai", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai"),  # noqa: E501
-    Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}),  # noqa: E501
-    Builtin("ort-genai-int4", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int4"}),  # noqa: E501
+    Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}, holds=True),  # noqa: E501
+    Builtin("ort-genai-int4", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int4"}, holds=True),  # noqa: E501
 )}
 
 

@@ -12,10 +12,14 @@ class Run:
     dtype: str
     mode: str
     resources: dict = field(default_factory=dict, compare=False)  # wall time, peak RSS, process (in-run only)
+    # choices beyond the dtype that change its numbers (Adapter.settings; a quantized run's weight type and
+    # activation rounding): shown with the run everywhere
+    settings: dict = field(default_factory=dict, compare=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
         return self.impl, self.dtype, self.mode
 
     def to_json(self) -> dict:
-        return {"impl": self.impl, "version": self.version, "dtype": self.dtype, "mode": self.mode, **self.resources}
+        out = {"impl": self.impl, "version": self.version, "dtype": self.dtype, "mode": self.mode, **self.resources}
+        return {**out, "settings": dict(self.settings)} if self.settings else out

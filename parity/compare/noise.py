@@ -47,6 +47,13 @@ class Member:
 
         return LitgptStyleAdapter(PortOptions(**dict(self.options)), name=self.impl)
 
+    def rounding_activations(self, kind: str | None) -> "Member":
+        """This member as a quantized runtime's kernels round: every projection's input rounded to `kind`
+        (parity.numerics.act_quant) before the matmul; itself when `kind` is None."""
+        if not kind:
+            return self
+        return Member(f"{self.label}+act-{kind}", self.options + (("act_quant", kind),))
+
 
 _ALT = (("scale_q_first", True), ("gelu_lowp", True))
 MEMBERS = (
@@ -64,7 +71,13 @@ def members(count: int) -> tuple[Member, ...]:
 
 
 def _factory_name(m: Member) -> str:
-    return "member_" + m.label.replace("-", "_").replace("+", "__")
+    return "member_" + m.label.replace("-", "_").replace("+", "__").replace("/", "_per_")
+
+
+def _act_members() -> list[Member]:
+    from parity.numerics.act_quant import KINDS
+
+    return [m.rounding_activations(k) for m in MEMBERS for k in KINDS]
 
 
 def factory_spec(m: Member) -> str:
@@ -73,7 +86,7 @@ def factory_spec(m: Member) -> str:
 
 
 def __getattr__(name: str):
-    for m in MEMBERS:  # the factories factory_spec names
+    for m in (*MEMBERS, *_act_members()):  # the factories factory_spec names
         if name == _factory_name(m):
             return m.adapter
     raise AttributeError(name)

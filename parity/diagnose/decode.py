@@ -58,10 +58,17 @@ def _trace(report, impl, dtype, prompt, mode):
     return next((t for t in report.traces if (t.impl, t.dtype, t.prompt, t.mode) == (impl, dtype, prompt, mode)), None)
 
 
+def _reference(report, impl, dtype, prompt, ref):
+    """The full forward a decode run is compared with: a quantized run's is the port's on its held weights."""
+    fn = getattr(report, "reference_trace", None)
+    return fn(impl, dtype, prompt, FULL) if fn else _trace(report, *ref, prompt, FULL)
+
+
 def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
     ref_name, ref_dtype = report.reference.split("@")
     dec = _trace(report, impl, dtype, first.prompt, DECODE)
-    truth = _trace(report, *((impl, dtype) if mode == SELF else (ref_name, ref_dtype)), first.prompt, FULL)
+    truth = _trace(report, impl, dtype, first.prompt, FULL) if mode == SELF else \
+        _reference(report, impl, dtype, first.prompt, (ref_name, ref_dtype))
     own = _trace(report, impl, dtype, first.prompt, FULL)
     entry = dict(impl=impl, dtype=dtype, mode=mode, tap=first.tap, step=first.step, severity="divergence",
                  explains=first.tap)
@@ -246,7 +253,9 @@ def counterfactual(report, dec, first, order) -> Ranking:
     divergent step and layer."""
     import dataclasses
 
-    spec, weights, layer = report.spec, report.weights, first.layer
+    spec, layer = report.spec, first.layer
+    weights = report.weights_for(first.impl, first.dtype) if hasattr(report, "weights_for") else report.weights
+    noise = report.noise_for(first.impl, first.dtype) if hasattr(report, "noise_for") else report.noise
     last = order.get(f"layers.{layer}.out", order.get(first.tap, 0)) if layer is not None else order.get(first.tap, 0)
     run_spec = truncate(spec, layer + 1) if layer is not None else spec
     run_weights = weights.truncated(run_spec) if run_spec != spec else weights
@@ -267,7 +276,7 @@ def counterfactual(report, dec, first, order) -> Ranking:
                       continuation=list(cont))
         ours = head(next(t for t in got if t.mode == DECODE))
         ours.spec, ours.weights_hash = dec.spec, dec.weights_hash
-        return max((used(r) for r in compare_trace(ours, mine, report.tolerances, DECODE, report.noise, metrics=False)), default=None)
+        return max((used(r) for r in compare_trace(ours, mine, report.tolerances, DECODE, noise, metrics=False)), default=None)
 
     def variants():  # a generator: the candidates are listed only if the baseline fails
         yield from counterfactuals.decode_candidates(run_spec)

@@ -55,11 +55,13 @@ def diagnose_run(report, impl: str, dtype: str) -> tuple[list[RunProbe], list[Fi
     """One cumulative run's probe results and diagnosis entries; the entry that explains the first
     divergence comes first, so a reader of `diagnosis[0]` of a run meets the cause of its first divergence."""
     spec = report.spec
-    weights = report.weights.tensors if report.weights is not None else {}
+    held = _weights_for(report, impl, dtype)  # a quantized run's own (dequantized) weights
+    weights = held.tensors if held is not None else {}
     order = _order(spec)
     prompt = "long" if "long" in report.prompts else next(iter(report.prompts))
     trace = report.trace(impl, dtype, prompt, "cumulative")
-    probes = run_probes(trace, spec, weights)
+    h = getattr(report, "held", {}).get(f"{impl}@{dtype}")
+    probes = run_probes(trace, spec, weights, activations=h.activations if h is not None else None)
     probe_rows = [RunProbe(impl, dtype, p) for p in probes]
     entries: list[Finding] = []
     results = report.run_results(impl, dtype, "cumulative")
@@ -97,10 +99,21 @@ def _explain_first(report, impl: str, dtype: str, first, order) -> Finding:
         # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
         # scores where the reference has -inf, is left to the counterfactuals)
         return entry(f"first divergence at {first.tap}: {first.reason}")
-    if report.weights is None:
+    if _weights_for(report, impl, dtype) is None:
         return entry(f"first divergence at {first.tap}; no probe names it, and counterfactuals need the weights "
                      "(pass --weights)")
     return _counterfactual(report, trace_for(report, impl, dtype, first.prompt), first, order)
+
+
+def _weights_for(report, impl, dtype):
+    """The weights a run computes with (a quantized run's held ones; parity.harness.Report.weights_for)."""
+    fn = getattr(report, "weights_for", None)
+    return fn(impl, dtype) if fn else report.weights
+
+
+def _noise_for(report, impl, dtype):
+    fn = getattr(report, "noise_for", None)
+    return fn(impl, dtype) if fn else report.noise
 
 
 def trace_for(report, impl, dtype, prompt):
@@ -110,6 +123,7 @@ def trace_for(report, impl, dtype, prompt):
 def _counterfactual(report, trace, first, order) -> Finding:
     where = (f"first divergence at {first.tap} ({share_text(used(first))} of its bound: needs "
              f"{first.stat:.3g} x row RMS, allowed {first.bound:.3g}, {first.basis})")
-    ranking = explain(trace, report.spec, report.weights, report.tolerances, first.tap, order, report.noise)
+    ranking = explain(trace, report.spec, _weights_for(report, first.impl, first.dtype), report.tolerances,
+                      first.tap, order, _noise_for(report, first.impl, first.dtype))
     return Finding(impl=first.impl, dtype=first.dtype, tap=first.tap, severity="divergence", explains=first.tap,
                    **named(ranking, where, first.dtype, PREFILL))

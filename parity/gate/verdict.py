@@ -64,6 +64,18 @@ class Verdict:
     # MoE layers whose chosen experts differ from the reference's (parity.compare.routing.RoutingResult): honest
     # near-ties are reported, never failed; a clear-margin flip fails its moe.experts tap
     routing: tuple = ()
+    # quantized runs' loss against the unquantized reference (parity.compare.quant.QuantLoss): reported apart
+    # from the divergences; one over its budget fails the gate (exit 1) as quantization loss, never as a cause
+    quant: tuple = ()
+
+    @property
+    def quant_lines(self) -> list[str]:
+        """One line per quantized run: its loss, against its budget."""
+        return [q.text() for q in self.quant]
+
+    @property
+    def over_budget(self) -> tuple:
+        return tuple(q for q in self.quant if not q.within)
 
     @property
     def routing_lines(self) -> list[str]:
@@ -130,12 +142,24 @@ def decide(report) -> Verdict:
     status = FAIL if any(r.status == FAIL for r in runs) or loose else \
         WAIVED if any(r.status == WAIVED for r in runs) else PASS
     routing = tuple(r for r in getattr(report, "routing", ()) or () if r.flips)
-    head = _headline(report, status, runs, loose)
+    quant = tuple(getattr(report, "quant", ()) or ())
+    over = [q for q in quant if not q.within]
+    head = _headline(report, status, runs, loose)  # the divergence verdict, quantization apart
+    if over:
+        head = head + "; " + _over_budget(over).removeprefix("FAIL: ") if status == FAIL else _over_budget(over)
+        status = FAIL
     honest = sum(len(r.honest_flips) for r in routing)
     if honest and status != FAIL:
         head += (f"; {honest} token-layer routing flip(s) at honest near-ties (the reference's k-th and (k+1)-th "
                  "probabilities within rounding): downstream compared with that routing")
-    return Verdict(status=status, runs=runs, headline=head, routing=routing)
+    return Verdict(status=status, runs=runs, headline=head, routing=routing, quant=quant)
+
+
+def _over_budget(over) -> str:
+    q = over[0]
+    more = f" (and {len(over) - 1} more run(s))" if len(over) > 1 else ""
+    return (f"FAIL: {q.label} quantization loss over budget: logits KL mean {q.kl_mean:.3g} > {q.budget:g} nats "
+            f"({q.weight_type}; its kernels are judged apart, against the reference on its own weights){more}")
 
 
 def _headline(report, status: str, runs: tuple[RunVerdict, ...], loose: list) -> str:

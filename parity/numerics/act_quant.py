@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ActQuant:
@@ -41,3 +43,26 @@ def act_quant(name: str) -> ActQuant:
         return KINDS[name]
     except KeyError:
         raise ValueError(f"activation quantization {name!r} is not known; use one of {', '.join(KINDS)}") from None
+
+
+def round_rows(x: np.ndarray, kind: str) -> np.ndarray:
+    """`x` as a matmul of that kind reads it, in float32 (its last axis is the matmul's input dimension).
+
+    Integer kinds follow ggml's quantize_row_q8_0: per block of B along the last axis, d = max|x| / 127,
+    q = round-half-away(x / d) (at most 127), value = q * d with d stored in the kind's scale format. A last
+    block shorter than B (a width B does not divide) is a block of its own.
+    """
+    import ml_dtypes  # noqa: F401 -- registers bfloat16 with numpy
+
+    k = act_quant(kind)
+    x = np.asarray(x, np.float32)
+    if k.block == 0:
+        return x.astype(k.fmt).astype(np.float32)
+    out = np.empty_like(x)
+    for lo in range(0, x.shape[-1], k.block):
+        xb = x[..., lo:lo + k.block]  # [..., b]
+        d = np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)  # [..., 1]
+        v = np.divide(xb, d, out=np.zeros_like(xb), where=d > 0)
+        q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127)
+        out[..., lo:lo + k.block] = q * d.astype(k.fmt).astype(np.float32)
+    return out

@@ -23,6 +23,7 @@ from parity.model.presets import resolve_spec
 from parity.model.prompts import parse_tokens, text_to_tokens
 from parity.model.taps import parse_layers
 from parity.model.weights import load_weights
+from parity.compare.quant import parse_budget
 from parity.numerics.tolerances import load_overrides
 from parity.report.files import OutDir, no_space, write_report
 
@@ -72,6 +73,11 @@ def parser() -> argparse.ArgumentParser:
                         "unembedding changes no distribution and is otherwise a note, logit-shift)")
     p.add_argument("--noise-members", type=int, metavar="N",
                    help="size of the honest-noise ensemble (default 4, 2 at real sizes); 0: the fixed table alone")
+    p.add_argument("--quant-budget", metavar="KL|TYPE=KL,...",
+                   help="quantized runs (llama-cpp-q4_0, ort-genai-int4, ...): the mean KL (nats) of the next-token "
+                        "distribution the quantization may cost against the unquantized reference, one number or "
+                        "per weight type (q4_0=0.05,q8_0=0.002); over it the gate fails as quantization loss, apart "
+                        "from any divergence (default per weight type: docs/verdict.md)")
     p.add_argument("--decode", default="0", metavar="N|auto",
                    help="after each prompt, decode N tokens one at a time through every implementation's own KV "
                         "cache and compare each step layer by layer (and with the implementation's own full "
@@ -154,6 +160,7 @@ def build_request(args):
         separate_processes=args.separate_processes, reduce_over=args.reduce_over, full_taps=args.full_taps,
         noise_members=args.noise_members, raw_logits=args.raw_logits, allow_large=args.allow_large,
         weights_profile=args.weights_profile or "default",
+        quant_budget=parse_budget(args.quant_budget) if args.quant_budget is not None else None,
         decode=parse_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
         else None,
     )
@@ -162,7 +169,7 @@ def build_request(args):
 # options that shape a run; with --trace nothing runs, so giving one is a contradiction, not a no-op
 RUN_ONLY = ("impls", "dtypes", "spec", "seed", "weights_profile", "mode", "first_layers", "separate_processes",
             "reduce_over", "full_taps", "noise_members", "decode", "decode_tokens", "prompt", "tokens", "checkpoint",
-            "allow_large")
+            "allow_large", "quant_budget")
 
 
 def check_trace_options(args, p: argparse.ArgumentParser) -> None:

@@ -172,6 +172,9 @@ def _summary_section(report, v) -> str:
     if v.routing_lines:  # MoE layers whose chosen experts differ from the reference's
         out.append("<p>MoE routing:</p><ul class=\"first\">"
                    + "".join(f"<li>{_e(line)}</li>" for line in v.routing_lines) + "</ul>")
+    if v.quant_lines:  # quantized runs: judged against the reference on their own weights, the loss apart
+        out.append("<p>Quantized runs (judged against the reference on the weights they hold; the loss apart):</p>"
+                   "<ul class=\"first\">" + "".join(f"<li>{_e(line)}</li>" for line in v.quant_lines) + "</ul>")
     return "\n".join(out)
 
 

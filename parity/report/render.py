@@ -71,6 +71,9 @@ def to_json(report) -> dict:
         "diagnosis": [d.to_json() for d in report.diagnosis],
         "probes": [p.to_json() for p in report.probes],
         "routing": [r.to_json() for r in getattr(report, "routing", ()) or ()],
+        "quant": [q.to_json() for q in v.quant],
+        "held": {label: {"weight_type": h.weight_type, "activations": h.activations, "weights_hash": h.weights.hash}
+                 for label, h in (getattr(report, "held", None) or {}).items()},
         "effective": {run: normalized(d) for run, d in (report.effective or {}).items()},
         "spec": report.spec.to_dict(),
         "weights": {"hash": report.weights_hash, "source": report.weights_source},
@@ -131,6 +134,9 @@ def to_markdown(report) -> str:
     if v.routing_lines:
         lines += ["MoE routing (tokens whose chosen experts differ from the reference's):", ""]
         lines += [f"- {line}" for line in v.routing_lines] + [""]
+    if v.quant_lines:
+        lines += ["Quantized runs (judged against the reference on the weights they hold; the loss apart):", ""]
+        lines += [f"- {line}" for line in v.quant_lines] + [""]
     rows = run_rows(report, v)
     lines += ["| " + " | ".join(header()) + " |", "|---" * len(header()) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row.cells()) + " |" for row in rows]
@@ -288,6 +294,9 @@ def print_terminal(report, console=None, verbose: bool = False) -> None:
             console.print(f"  [yellow]{row.run} {row.mode}[/yellow]: {row.not_compared}", soft_wrap=True)
     for line in v.routing_lines:  # MoE layers whose chosen experts differ from the reference's
         console.print(f"  [bold]routing[/bold] {escape(line)}", soft_wrap=True)
+    for q in v.quant:  # quantized runs' loss against the unquantized reference, apart from the verdict
+        console.print(f"  [bold]{'quantization' if q.within else '[red]quantization[/red]'}[/bold] {escape(q.text())}",
+                      soft_wrap=True)
     for d in report.diagnosis:
         console.print(f"  [bold]{escape(d.cause)}[/bold] {escape(d.impl)}@{d.dtype} at {d.tap}: {escape(d.evidence)}",
                       soft_wrap=True)

@@ -18,6 +18,7 @@ import pkgutil
 from collections.abc import Mapping
 
 from parity.capture.trace import ReducedTap, Trace
+from parity.diagnose.probes._context import MATMUL_INPUT, matmul_input  # noqa: F401 -- probes import it there
 from parity.diagnose.probes._evidence import (STATUSES, Candidate, Probe, ProbeDefinitionError, Status,
                                               UnknownCauseError, decide)
 from parity.diagnose.probes._registry import PROBES, ProbeSpec, register, unregister
@@ -61,8 +62,19 @@ def _calls(spec: GemmaSpec, layers: list[int]) -> list[tuple[ProbeSpec, int | No
     return sorted(calls, key=lambda c: (position.get(c[0].tap_at(c[1]), len(position)), rank[id(c[0])]))
 
 
-def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None) -> list[Probe]:
-    """Every registered probe on `trace` (every layer's, or those of `layers`)."""
+def run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None = None,
+               activations: str | None = None) -> list[Probe]:
+    """Every registered probe on `trace` (every layer's, or those of `layers`). `activations`: how the run's
+    matmuls round their inputs (a quantized run, parity.numerics.act_quant), which a probe that multiplies a
+    captured tap by a weight does too (`matmul_input`)."""
+    token = MATMUL_INPUT.set(activations)
+    try:
+        return _run_probes(trace, spec, weights, layers)
+    finally:
+        MATMUL_INPUT.reset(token)
+
+
+def _run_probes(trace: Trace, spec: GemmaSpec, weights: dict, layers: list[int] | None) -> list[Probe]:
     layers = list(range(spec.num_layers)) if layers is None else layers
     trace = dataclasses.replace(trace, taps=_WholeTaps(trace.taps))
     out: list[Probe] = []

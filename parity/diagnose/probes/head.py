@@ -10,6 +10,7 @@ import numpy as np
 from parity.capture.trace import Trace
 from parity.diagnose.probes._evidence import (SUBNORMAL, Candidate, Probe, decide, pick, strictly_above,
                                               trusted)
+from parity.diagnose.probes._context import matmul_input
 from parity.diagnose.probes._registry import ProbeSpec, register
 from parity.model.spec import GemmaSpec
 from parity.numerics.metrics import np_dtype, round_to
@@ -69,13 +70,13 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
     dtype = trace.dtype
     head = round_to(weights.get("lm_head.weight", weights["model.embed_tokens.weight"]), dtype)
     x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    raw = x64 @ head.T  # [T, vocab]
+    raw = matmul_input(x) @ head.T  # [T, vocab]
     cap = spec.final_softcap
     cands = [Candidate("tied head, no softcap", "final-softcap-missing" if cap else None, raw)]
     if cap:
         cands += [Candidate(f"tied head, softcap {cap:g}", None, np.tanh(raw / cap) * cap),
                   Candidate(f"softcap {cap:g} on final_norm, then tied head", "softcap-misplaced",
-                            (np.tanh(x64 / cap) * cap) @ head.T)]
+                            matmul_input(np.tanh(x64 / cap) * cap) @ head.T)]
     expected = next(c for c in cands if c.cause is None)
     # a matmul in low precision accumulates differently: judge by closeness, not bits
     scale = np.sqrt(np.mean(y64**2)) or 1.0
