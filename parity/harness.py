@@ -81,6 +81,9 @@ class Request:
     # quantized runs (parity.compare.quant): the mean-KL budget of the quantization loss, one number for every
     # weight type or {weight type: nats}; None: the documented default per weight type
     quant_budget: float | dict[str, float] | None = None
+    # run-wide runtime settings (`--kv-cache` -> kv_type, `--flash-attn` -> flash_attn), given to the built-ins
+    # that declare them settable (parity.adapters.registry.Builtin.settable); shown with each run
+    runtime: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,8 +184,33 @@ def check_request(req: Request) -> None:
         raise ParityInputError(f"{{option}} {req.seed} is negative; give a seed >= 0", option="seed")
     if req.noise_members is not None and req.noise_members < 0:
         raise ParityInputError(f"noise_members {req.noise_members} is negative; give 0 (table only) or more members")
+    check_runtime(req)
     check_versions(req)
     check_resources(req)
+
+
+RUNTIME_SETTINGS = {"kv_type": ("kv-cache", ("f32", "f16", "bf16", "q8_0", "q4_0")),
+                    "flash_attn": ("flash-attn", ("on", "off"))}
+
+
+def check_runtime(req: Request) -> None:
+    """Each runtime setting known, valid, and taken by at least one chosen built-in (else it would be ignored)."""
+    from parity.adapters import default_impls
+    from parity.adapters.registry import BUILTINS
+
+    names = req.impls if req.impls is not None else default_impls()
+    for key, value in (req.runtime or {}).items():
+        if key not in RUNTIME_SETTINGS:
+            raise ParityInputError(f"runtime setting {key!r} is not known; use one of {', '.join(RUNTIME_SETTINGS)}")
+        flag, allowed = RUNTIME_SETTINGS[key]
+        if value not in allowed:
+            raise ParityInputError(f"--{flag} {value!r} is not one of {', '.join(allowed)}")
+        takers = [n for n in names if n in BUILTINS and key in BUILTINS[n].settable]
+        if not takers:
+            can = sorted(n for n, b in BUILTINS.items() if key in b.settable)
+            raise ParityInputError(f"--{flag} {value} applies to {', '.join(can) or 'no built-in'} only, and none "
+                                   f"of them is among the implementations run; add one (e.g. --impls "
+                                   f"{can[0] if can else '?'}) or drop --{flag}")
 
 
 def check_versions(req: Request) -> None:
@@ -300,7 +328,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         w = weights if w is None else w
         if separate or declared(adapter).own_process:
             return capture_in_subprocess(name, spec, w, dtype, prompts, mode=mode, references=refs,
-                                         progress=progress, continuation=cont, **stored)
+                                         progress=progress, continuation=cont, settings=req.runtime, **stored)
         return capture(adapter, spec, w, dtype, prompts, mode=mode, references=refs, progress=progress,
                        continuation=cont, checked=checked)
 
@@ -395,7 +423,7 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
         for d in req.dtypes:
             if not modes_for(adapter, d):
                 continue
-            h = held_of(name, adapter, spec, weights, d)
+            h = held_of(req, name, adapter, spec, weights, d)
             if h is None or h.weights.hash == weights.hash:
                 continue  # it computes with the weights it was given: the ordinary reference is its own
             if h.weights.spec != spec:
@@ -418,7 +446,7 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
     return out
 
 
-def held_of(name: str, adapter, spec: GemmaSpec, weights: Weights, dtype: str):
+def held_of(req: Request, name: str, adapter, spec: GemmaSpec, weights: Weights, dtype: str):
     """The adapter's Held (parity.adapters.base), asked in this process; an implementation captured in another
     process (real sizes) is asked through its own built-in adapter, which only writes and reads its file here."""
     from parity.adapters.declared import held
@@ -430,7 +458,7 @@ def held_of(name: str, adapter, spec: GemmaSpec, weights: Weights, dtype: str):
             return None
         from parity.adapters import get_adapter
 
-        adapter = get_adapter(name)
+        adapter = get_adapter(name, req.runtime)
     try:
         return held(adapter, spec, weights, dtype)
     except ParityInputError:

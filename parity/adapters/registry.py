@@ -11,6 +11,7 @@ module:factory`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class Builtin:
     # it quantizes the weights it is given (Adapter.held): at real sizes, where it runs in another process, its
     # adapter is also made in the main one to write and read back its file
     holds: bool = False
+    # the run-wide settings (`--kv-cache`, `--flash-attn`: parity.harness.Request.runtime) it takes, as factory
+    # keyword arguments; a setting no chosen implementation takes is refused up front
+    settable: tuple[str, ...] = ()
 
     def absent(self) -> list[str]:
         """The packages in `needs` that cannot be found (none is imported to find out)."""
@@ -141,10 +145,13 @@ def known_names() -> list[str]:
     return sorted(set(BUILTINS) | set(_plugins()))
 
 
-def get_adapter(name: str):
-    """An adapter instance for a built-in name, an entry-point name, or `module:factory`."""
+def get_adapter(name: str, settings: Mapping[str, str] | None = None):
+    """An adapter instance for a built-in name, an entry-point name, or `module:factory`; `settings`: the
+    run-wide runtime settings (Request.runtime), passed to a built-in that declares them `settable`."""
     if name in BUILTINS:
-        return _builtin(BUILTINS[name])
+        b = BUILTINS[name]
+        given = {k: v for k, v in (settings or {}).items() if k in b.settable}
+        return _builtin(dataclasses.replace(b, options={**b.options, **given}) if given else b)
     plugins = _plugins()
     if name in plugins:
         return _checked(name, _made(name, lambda: plugins[name].load()()), "its entry point")

@@ -7,7 +7,7 @@ installed built-in), the dtypes, the reference and adapter overrides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from parity.adapters import default_impls, get_adapter
 from parity.adapters.declared import declared
@@ -23,12 +23,13 @@ class Selection:
     dtypes: list[str]
     reference: tuple[str, str]
     adapters: dict | None = None
+    runtime: dict = field(default_factory=dict)  # run-wide runtime settings (parity.harness.Request.runtime)
 
 
 def _adapter(req, name: str):
     if req.adapters and name in req.adapters:
         return req.adapters[name]
-    return get_adapter(name)
+    return get_adapter(name, getattr(req, "runtime", None))
 
 
 def resolve_impls(req) -> tuple[list[tuple[str, object]], dict[str, str]]:
@@ -104,6 +105,8 @@ def resolve_elsewhere(req, spec: GemmaSpec):
            "--dtypes", ",".join(req.dtypes), "--reference", f"{ref_name}@{ref_dtype}"]
     if req.impls is not None:
         cmd += ["--impls", ",".join(req.impls)]
+    if getattr(req, "runtime", None):
+        cmd += ["--settings", json.dumps(dict(req.runtime))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 2:
         raise ParityInputError((proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("parity: error: "))

@@ -284,7 +284,8 @@ def trace_file(out_dir, impl: str, dtype: str, mode: str, prompt: str):
 def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: str, prompts: dict[str, list[int]],
                           mode: str | list[str] = "cumulative", references: dict[str, Trace] | None = None,
                           progress: Progress | None = None, out_dir=None, reduce_over: int | None = None,
-                          full_taps: str | None = None, continuation: list[int] | None = None) -> list[Trace]:
+                          full_taps: str | None = None, continuation: list[int] | None = None,
+                          settings: dict | None = None) -> list[Trace]:
     """Run one implementation in a fresh Python process and read its traces back from files.
 
     For implementations that cannot share a process with others (keras on a
@@ -317,6 +318,8 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             cmd += ["--full-taps", full_taps]
         if continuation:
             cmd += ["--continuation", json.dumps(list(continuation))]
+        if settings:
+            cmd += ["--settings", json.dumps(dict(settings))]
         if references:
             refs = {}
             for name, t in references.items():
@@ -403,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-taps", help="glob patterns of taps never reduced")
     ap.add_argument("--continuation", help="JSON list of token ids decoded after each prompt (modes decode, "
                                            "decode-full)")
+    ap.add_argument("--settings", help="JSON object: the run-wide runtime settings (kv_type, flash_attn) given to "
+                                       "built-ins that take them")
     ap.add_argument("--out", required=not checking)
     made: list = []  # directories this run created, removed again on bad input
     written: list = []  # trace files this run wrote, likewise
@@ -540,7 +545,7 @@ def _capture_job(a) -> dict:
         if "isolated" in modes and missing:
             raise ParityInputError(f"--references {a.references!r} has no trace for prompt {missing[0]!r}; give one "
                                    "per prompt")
-    adapter = get_adapter(a.impl)  # an unknown name before the weights are read
+    adapter = get_adapter(a.impl, _settings(a))  # an unknown name before the weights are read
     if spec is not None:
         weights = load_weights(a.weights, spec if _has_no_spec(a.weights) else None)
     else:
@@ -608,6 +613,16 @@ def _has_no_spec(path: str) -> bool:
     return "spec" not in StoredTensors(path).metadata
 
 
+def _settings(a) -> dict[str, str]:
+    if not a.settings:
+        return {}
+    got = _json_arg(a.settings, "--settings", 'a JSON object of setting -> value, e.g. {"kv_type": "q8_0"}')
+    if not isinstance(got, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in got.items()):
+        raise ParityInputError(f"--settings {a.settings!r} must be a JSON object of strings, e.g. "
+                               '{"kv_type": "q8_0"}')
+    return got
+
+
 def _check(a) -> dict:
     from parity.adapters.base import DTYPES
 
@@ -625,7 +640,7 @@ def _check(a) -> dict:
                                f"; give a comma list of {', '.join(DTYPES)}")
     impls = [i for i in (a.impls or "").split(",") if i] or None
     req = Selection(spec=spec, impls=impls,
-                    dtypes=dtypes, reference=(ref_name, ref_dtype))
+                    dtypes=dtypes, reference=(ref_name, ref_dtype), runtime=_settings(a))
     impls, skipped, ref = checked_impls(req, spec)
     return {"impls": {n: {"name": ad.name, "version": ad.version(), "decodes": declared(ad).decodes}
                       for n, ad in impls}, "skipped": skipped,

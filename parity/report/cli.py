@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                         "distribution the quantization may cost against the unquantized reference, one number or "
                         "per weight type (q4_0=0.05,q8_0=0.002); over it the gate fails as quantization loss, apart "
                         "from any divergence (default per weight type: docs/verdict.md)")
+    p.add_argument("--kv-cache", metavar="TYPE", help="llama-cpp runs: the KV-cache type (f32, f16, bf16, q8_0, "
+                   "q4_0; default f16, llama.cpp's own, set explicitly and shown with the run)")
+    p.add_argument("--flash-attn", metavar="on|off", help="llama-cpp runs: the attention path (default off, the "
+                   "path whose scores and probabilities can be captured; on: one fused kernel, K and V cast to f16)")
     p.add_argument("--decode", default="0", metavar="N|auto",
                    help="after each prompt, decode N tokens one at a time through every implementation's own KV "
                         "cache and compare each step layer by layer (and with the implementation's own full "
@@ -161,6 +165,7 @@ def build_request(args):
         noise_members=args.noise_members, raw_logits=args.raw_logits, allow_large=args.allow_large,
         weights_profile=args.weights_profile or "default",
         quant_budget=parse_budget(args.quant_budget) if args.quant_budget is not None else None,
+        runtime={k: v for k, v in (("kv_type", args.kv_cache), ("flash_attn", args.flash_attn)) if v is not None},
         decode=parse_steps(args.decode), decode_tokens=parse_tokens(args.decode_tokens) if args.decode_tokens
         else None,
     )
@@ -169,7 +174,7 @@ def build_request(args):
 # options that shape a run; with --trace nothing runs, so giving one is a contradiction, not a no-op
 RUN_ONLY = ("impls", "dtypes", "spec", "seed", "weights_profile", "mode", "first_layers", "separate_processes",
             "reduce_over", "full_taps", "noise_members", "decode", "decode_tokens", "prompt", "tokens", "checkpoint",
-            "allow_large", "quant_budget")
+            "allow_large", "quant_budget", "kv_cache", "flash_attn")
 
 
 def check_trace_options(args, p: argparse.ArgumentParser) -> None:
