@@ -55,6 +55,8 @@ GEGLU_FUSED = ("mlx-lm's gemma4_text.geglu is one mx.compile'd function, gelu_ap
                "alone is never an array")
 ALL_PROBS = ("mlx-lm's gemma4_text.Router softmaxes only the top-k logits (mx.softmax over [T, k]); the "
              "probabilities over all experts never exist")
+NO_SCALAR = ("layer {i} never multiplied anything by its layer_scalar parameter in this forward (mlx-lm's "
+             "`h * self.layer_scalar`): no operand to record")
 FUSED_ATTENTION = ("mlx-lm's gemma4_text.Attention calls mx.fast.scaled_dot_product_attention, one fused kernel: "
                    "the scores and probabilities never exist as arrays")
 
@@ -118,6 +120,7 @@ def unavailable(spec, taps: dict) -> dict[str, str]:
         out[f"layers.{i}.attn.probs"] = FUSED_ATTENTION
         if spec.num_experts:
             out[f"layers.{i}.moe.router_probs"] = ALL_PROBS
+        out[f"layers.{i}.pre_scalar"] = NO_SCALAR.format(i=i)
     return {t: r for t, r in out.items() if t not in taps}
 
 
