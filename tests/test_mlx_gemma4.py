@@ -105,3 +105,28 @@ def test_what_mlx_lm_hard_codes_is_refused_by_field():
     MlxAdapter().check(spec, "float32")
     with pytest.raises(Unsupported, match="layer_scalar=False"):
         MlxAdapter().check(spec.replace(layer_scalar=False), "float32")
+
+
+def test_kv_source_is_observed_not_assumed():
+    """A shared layer handed another layer's keys and values (mlx-lm's previous_kvs changed after the build)
+    shows as that layer in kv_source, and its attention output changes with it."""
+    import numpy as np
+
+    from parity.adapters.mlx import MlxAdapter
+    from parity.model.presets import resolve_spec
+    from parity.model.weights import random_weights
+
+    spec = resolve_spec("tiny-gemma4")
+    a = MlxAdapter()
+    m = a.build(spec, random_weights(spec), "float32")
+    try:
+        ids = list(range(3, 23))
+        good = a.run(m, ids).taps
+        assert m.kv_source == {"4": 2, "5": 3}
+        m.model.model.previous_kvs[4] = 0  # a local layer of the same shapes, not the last before the split
+        bad = a.run(m, ids).taps
+        assert m.kv_source == {"4": 0, "5": 3}
+        assert np.array_equal(good["layers.3.out"], bad["layers.3.out"])
+        assert not np.allclose(good["layers.4.attn"], bad["layers.4.attn"], rtol=1e-3, atol=1e-3)
+    finally:
+        a.release(m)

@@ -19,6 +19,10 @@ back here from the built model:
   and a RotatingKVCache(max_size=window); its float16 residual adds are clipped to +-65504 in float32.
 - RoPE is `nn.RoPE` (mx.fast.rope); Gemma 3 global layers `initialize_rope(..., scaling_config=rope_scaling)`
   (linear: scale = 1 / factor), local layers the local base without scaling.
+- Gemma 4 (gemma4_text.py; taps in gemma4.py): norms are `nn.RMSNorm` (w as is), the embedding scale the
+  Python float sqrt(hidden); global layers use `ProportionalRoPE`, whose periods (inf past the rotated share)
+  are read back as frequencies; `library` adds per-layer head sizes, KV heads, K=V, MLP widths, PLE and expert
+  sizes and the KV-shared layers' sources, as built (`previous_kvs`) and as observed (`kv_source`).
 """
 
 from __future__ import annotations
