@@ -244,8 +244,3 @@ def test_a_cache_one_slot_short_is_found_at_the_step_the_window_fills(tmp_path, 
     assert any(d["cause"] == "cache-window" and d["tap"] == "layers.0.cache.k" and d["step"] == 3
                for d in r["diagnosis"])
 
-
-def test_gemma4_is_refused_as_unsupported(tmp_path):
-    out = tmp_path / "g4"
-    assert report_main(["--impls", "mlx", "--spec", "tiny-gemma4", "--dtypes", "float32", "--out", str(out),
-                        "--quiet"]) == 2

@@ -1,4 +1,4 @@
-"""The `mlx` implementation: mlx-lm's own Gemma, Gemma 2 and Gemma 3 (text) classes on MLX's CPU backend.
+"""The `mlx` implementation: mlx-lm's own Gemma, Gemma 2, Gemma 3 and Gemma 4 (text) classes on MLX's CPU backend.
 
 Built the way mlx-lm users load a checkpoint: an HF directory (config.json + model.safetensors in the run's
 dtype) loaded by `mlx_lm.utils.load_model` (checkpoint.py). Taps are recorded from MLX itself by wrapper
@@ -7,7 +7,8 @@ modules swapped into the loaded module tree (recording.py). Decode goes through 
 per call, as `mlx_lm.generate` steps it.
 
 What mlx-lm 0.32.2 computes (read from mlx_lm/models/gemma.py, gemma2.py, gemma3_text.py) is read back from
-the built model in readback.py, and every difference from the spec is listed there.
+the built model in readback.py, and every difference from the spec is listed there; Gemma 4
+(gemma4_text.py: per-layer inputs, KV-shared layers, proportional RoPE, experts) has its taps in gemma4.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from parity.adapters.base import Adapter, DecodeResult, DecodeStep, RunResult
-from parity.adapters.mlx import readback
-from parity.adapters.mlx.recording import module_feeds, recording
+from parity.adapters.mlx import gemma4, readback
+from parity.adapters.mlx.recording import module_feeds, operand_taps, recording
 from parity.adapters.registry import backend_missing
 from parity.errors import Unsupported
 from parity.model.spec import GemmaSpec
@@ -72,6 +73,7 @@ class Built:
     dtype: str
     config: dict  # config.json as load_model read it
     directory: Path
+    kv_source: dict | None = None  # Gemma 4: shared layer -> the layer whose K/V it was handed (last forward)
 
 
 class MlxAdapter(Adapter):
@@ -92,11 +94,19 @@ class MlxAdapter(Adapter):
                 raise backend_missing(self.name, mod.replace("_", "-")) from None
         if dtype not in DTYPES:
             raise Unsupported(f"mlx runs {', '.join(DTYPES)}, not {dtype}; drop 'mlx' from --impls for it")
+        if spec.family == 4:
+            try:
+                __import__("mlx_lm.models.gemma4_text")
+            except ImportError:
+                from importlib.metadata import version
+
+                raise Unsupported(f"mlx: mlx-lm {version('mlx-lm')} has no Gemma 4 (mlx_lm.models.gemma4_text): "
+                                  "pip install 'mlx-lm>=0.32' or drop 'mlx' from --impls") from None
+            gemma4.check(spec)
+            return
         if spec.family not in (1, 2, 3):
-            # mlx-lm 0.32.2 has gemma4_text.py; its tap map (per-layer inputs, KV-shared layers, proportional
-            # RoPE, MoE) is not written here yet: refused rather than recorded from the wrong modules
-            raise Unsupported(f"mlx: Gemma {spec.family} is not mapped by parity's mlx adapter yet (mlx-lm's "
-                              "gemma4_text.py exists); drop 'mlx' from --impls for this spec")
+            raise Unsupported(f"mlx: Gemma {spec.family} is not mapped by parity's mlx adapter; drop 'mlx' from "
+                              "--impls for this spec")
         fixed = {  # what mlx-lm's Gemma classes hard-code and no config key changes
             "norm_unit_offset": True, "embed_scale": True,
             "norm_placement": "pre" if spec.family == 1 else "sandwich",
@@ -127,6 +137,8 @@ class MlxAdapter(Adapter):
 
     # ------------------------------------------------------------ taps
     def _tap_map(self, spec: GemmaSpec) -> dict[str, tuple[str, str]]:
+        if spec.family == 4:
+            return gemma4.tap_map(spec)
         template = dict(TAP_MAP_GEMMA1 if spec.family == 1 else TAP_MAP_SANDWICH)
         if spec.family == 2:
             template.update(SOFTMAX_TAPS)
@@ -136,6 +148,8 @@ class MlxAdapter(Adapter):
         import mlx.core as mx
         import mlx.nn as nn
 
+        if built.spec.family == 4:
+            return gemma4.inline()
         inline = {"gelu": (nn, ["gelu", "gelu_approx", "gelu_fast_approx"], "out")}
         if built.spec.family == 2:
             inline["softmax"] = (mx, ["softmax"], "out")
@@ -143,6 +157,8 @@ class MlxAdapter(Adapter):
 
     def _unavailable(self, built: Built, taps: dict) -> dict[str, str]:
         spec, out = built.spec, {}
+        if spec.family == 4:
+            return gemma4.unavailable(spec, taps)
         for i in range(spec.num_layers):
             for t in ("attn.scores", "attn.probs"):
                 tap = f"layers.{i}.{t}"
@@ -159,11 +175,17 @@ class MlxAdapter(Adapter):
         spec = built.spec
         tap_map = self._tap_map(spec)
         layers = [_L.format(i) for i in range(spec.num_layers)]
-        with recording(built.model, tap_map, module_feeds(tap_map, feed), self._inline(built), layers) as rec:
+        watch = gemma4.scalar_watch(built.model) if spec.family == 4 else []
+        with operand_taps(watch) as scaled, \
+                recording(built.model, tap_map, module_feeds(tap_map, feed), self._inline(built), layers) as rec:
             logits = built.model(mx.array([ids]), cache=cache)
             mx.eval(logits)
             taps = rec.finish()
+        taps.update(scaled)
         taps["logits"] = _np(logits)
+        if spec.family == 4:
+            gemma4.finish(taps, spec)
+            built.kv_source = gemma4.kv_sources(built.model, rec.objects)
         for tap in [t for t in taps if t.endswith(("attn.scores", "attn.probs"))]:
             taps[tap] = _heads(taps[tap], tap.endswith("scores"), built.dtype)
         return taps, rec
@@ -181,21 +203,32 @@ class MlxAdapter(Adapter):
         shadow = readback.PositionShadow(cache)
         self._forward(model, list(prompt), cache=cache)
         steps, unavailable = [], {}
+        source = getattr(model.model.model, "previous_kvs", None)  # Gemma 4: KV-shared layers have no cache
         for token in continuation:
             taps, _ = self._forward(model, [int(token)], cache=cache)
-            steps.append(DecodeStep(taps=taps, cache=shadow.views(cache)))
+            views = shadow.views(cache)
+            if source is not None:  # a shared layer's view is its source's cache, which its attention reads
+                views.update({i: views[j] for i, j in enumerate(source) if i not in views})
+            steps.append(DecodeStep(taps=taps, cache=views))
             unavailable = self._unavailable(model, taps)
         return DecodeResult(steps, unavailable)
 
     # ------------------------------------------------------------ readback
     def effective(self, model: Built) -> dict:
-        return readback.effective(model, self._probe(model))
+        if model.spec.family == 4 and model.kv_source is None:  # observed in a forward: run one
+            self._forward(model, [model.spec.bos_token_id])
+        out = readback.effective(model, self._probe(model))
+        if model.spec.family == 4:  # as hf: which layer's K/V each shared layer reads, beside the properties
+            out["kv_source"] = out["library"]["kv_source"]
+        return out
 
     def _probe(self, built: Built) -> dict:
         """One token through the model with layer 0's GELU input and both projections recorded: which GELU
         function the MLP calls, and which projection it takes."""
         import mlx.core as mx
 
+        if built.spec.family == 4:
+            return self._probe_gemma4(built)
         taps = {"in": (_L.format(0) + ":gelu", "in"), "gate": (_L.format(0) + ".mlp.gate_proj", "out"),
                 "up": (_L.format(0) + ".mlp.up_proj", "out")}
         with recording(built.model, taps, None, self._inline(built), [_L.format(0)]) as rec:
@@ -205,6 +238,30 @@ class MlxAdapter(Adapter):
         geglu = ("gate" if np.array_equal(got.get("in"), got["gate"]) else
                  "up" if np.array_equal(got.get("in"), got["up"]) else "neither projection")
         return {"gelu": gelu, "geglu": geglu}
+
+    def _probe_gemma4(self, built: Built) -> dict:
+        """Gemma 4's MLP calls one compiled `geglu(gate, up)`: its GELU is read by calling that function on the
+        GELU probe (times ones), and the projection it gates by comparing layer 0's down-projection input on
+        one token with geglu(gate, up) and geglu(up, gate) of the recorded projections."""
+        import mlx.core as mx
+        from mlx_lm.models import gemma4_text
+
+        from parity.model.effective import GELU_PROBE
+
+        taps = {"hidden": (_L.format(0) + ".mlp.down_proj", "in"), "gate": (_L.format(0) + ".mlp.gate_proj", "out"),
+                "up": (_L.format(0) + ".mlp.up_proj", "out")}
+        with recording(built.model, taps, None, None, [_L.format(0)]) as rec:
+            mx.eval(built.model(mx.array([[built.spec.bos_token_id]])))
+            got = rec.finish()
+        x = mx.array(GELU_PROBE, mx.float32)
+        act = np.array(gemma4_text.geglu(x, mx.ones_like(x))).tolist()
+        g, u = (mx.array(np.asarray(got[k], np.float32)).astype(built.model.model.embed_tokens.weight.dtype)
+                for k in ("gate", "up"))
+        hidden = np.asarray(got["hidden"], np.float32)
+        same = lambda y: np.array_equal(np.array(y.astype(mx.float32)), hidden)  # noqa: E731
+        geglu = "gate" if same(gemma4_text.geglu(g, u)) else "up" if same(gemma4_text.geglu(u, g)) else \
+            "neither projection"
+        return {"gelu_values": act, "gelu": "gemma4_text.geglu (mx.compile'd nn.gelu_approx)", "geglu": geglu}
 
     def release(self, model: Built) -> None:
         shutil.rmtree(model.directory, ignore_errors=True)

@@ -19,6 +19,10 @@ back here from the built model:
   and a RotatingKVCache(max_size=window); its float16 residual adds are clipped to +-65504 in float32.
 - RoPE is `nn.RoPE` (mx.fast.rope); Gemma 3 global layers `initialize_rope(..., scaling_config=rope_scaling)`
   (linear: scale = 1 / factor), local layers the local base without scaling.
+- Gemma 4 (gemma4_text.py; taps in gemma4.py): norms are `nn.RMSNorm` (w as is), the embedding scale the
+  Python float sqrt(hidden); global layers use `ProportionalRoPE`, whose periods (inf past the rotated share)
+  are read back as frequencies; `library` adds per-layer head sizes, KV heads, K=V, MLP widths, PLE and expert
+  sizes and the KV-shared layers' sources, as built (`previous_kvs`) and as observed (`kv_source`).
 """
 
 from __future__ import annotations
@@ -132,8 +136,12 @@ def effective(built, probe: dict) -> dict:
     dt = emb.dtype
     dname = str(dt).replace("mlx.core.", "")
     gelu = probe.get("gelu")
-    act = (gelu_kind(np.array(getattr(nn, gelu)(mx.array(GELU_PROBE, mx.float32))).tolist()) if gelu
-           else "?")
+    if "gelu_values" in probe:  # Gemma 4: the compiled geglu's own output on the probe (adapter._probe_gemma4)
+        act = gelu_kind(probe["gelu_values"])
+    else:
+        act = (gelu_kind(np.array(getattr(nn, gelu)(mx.array(GELU_PROBE, mx.float32))).tolist()) if gelu
+               else "?")
+    rope = [_rope(a.rope) for a in att]
     scale = embed_scale(model, dt)
     bf16_scale = "mx.bfloat16" in inspect.getsource(type(model.model).__call__)
     return report({
@@ -154,8 +162,8 @@ def effective(built, probe: dict) -> dict:
         "embed_scale_dtype": "bfloat16" if bf16_scale and dt != mx.bfloat16 else "activation",
         "tied_head": "lm_head" not in model,
         "query_scale": [float(a.scale) for a in att],
-        "rope_base": [float(a.rope.base) for a in att],
-        "rope_scaling_factor": [1.0 / float(getattr(a.rope, "scale", 1.0)) for a in att],
+        "rope_base": [b for b, _ in rope],
+        "rope_scaling_factor": [f for _, f in rope],
         "attn_softcap": [None if getattr(a, "attn_logit_softcapping", None) is None
                          else float(a.attn_logit_softcapping) for a in att],
         "final_softcap": None if getattr(model, "final_logit_softcapping", None) is None
@@ -164,18 +172,66 @@ def effective(built, probe: dict) -> dict:
         "qk_norm": "q_norm" in att[0],
     }, {
         "class": f"{type(model).__module__}.{type(model).__name__}",
-        "gelu": f"nn.{gelu} in {dname}" if gelu else "not observed",
+        "gelu": (gelu if "gelu_values" in probe else f"nn.{gelu}") + f" in {dname}" if gelu else "not observed",
         "norm": f"mx.fast.rms_norm(x, 1.0 + w): (1 + w) formed in {dname} (the weight's dtype)",
         "embed_scale": f"{scale:.6g} in {dname}" + (" (a bfloat16 constant)" if bf16_scale else ""),
-        "rope": "nn.RoPE (mx.fast.rope), " + ("interleaved" if getattr(att[0].rope, "traditional", False)
-                                               else "half-split"),
+        "rope": _rope_text(att),
         "attention": "mx.fast.scaled_dot_product_attention (fused)" if not hasattr(att[0], "attn_logit_softcapping")
         else f"q * scale, scores and softcap in {dname}, mask, mx.softmax(precise=True)",
         "layer_types": layer_types(model),
         "kv_cache": _cache_layout(model),
         "model_args": model_args(model),
         "config_keys_not_read": unread_keys(built.config, model),
+        **(_gemma4(built) if spec.family == 4 else {}),
     })
+
+
+def _rope(rope) -> tuple[float, float]:
+    """(base, linear factor) of a layer's RoPE module: nn.RoPE's base and scale, or the periods mlx-lm's
+    ProportionalRoPE hands mx.fast.rope (factor * base^(2j/d), inf past the rotated share) as frequencies."""
+    from parity.model.effective import rope_from_inv_freq
+
+    freqs = getattr(rope, "_freqs", None)
+    if freqs is not None:
+        return rope_from_inv_freq((1.0 / np.array(freqs, np.float64)).tolist())
+    return float(rope.base), 1.0 / float(getattr(rope, "scale", 1.0))
+
+
+def _rope_text(att) -> str:
+    kinds = []
+    for a in att:
+        name = type(a.rope).__name__
+        text = ("nn.RoPE (mx.fast.rope)" if name == "RoPE" else
+                f"{name} (mx.fast.rope with periods; {int(np.isfinite(np.array(a.rope._freqs)).sum())} of "
+                f"{a.head_dim // 2} frequencies rotate)" if hasattr(a.rope, "_freqs") else name)
+        if text not in kinds:
+            kinds.append(text)
+    return "; ".join(kinds) + (", interleaved" if getattr(att[0].rope, "traditional", False) else ", half-split")
+
+
+def _gemma4(built) -> dict:
+    """Gemma 4's own structure as mlx-lm built it: head sizes and KV heads per layer, which layers have their
+    own K/V (and K=V), MLP widths, per-layer input width, experts, and which layer each shared one reads."""
+    model = built.model
+    layers = model.model.layers
+    att = [layer.self_attn for layer in layers]
+    m = model.model
+    return {
+        "head_dim_per_layer": [int(a.head_dim) for a in att],
+        "kv_heads_per_layer": [int(a.n_kv_heads) for a in att],
+        "own_kv": [bool(a.has_kv) for a in att],
+        "k_eq_v": [bool(a.use_k_eq_v) for a in att],
+        "mlp_width_per_layer": [int(layer.mlp.gate_proj.weight.shape[0]) for layer in layers],
+        "ple_dim": int(m.hidden_size_per_layer_input or 0),
+        "ple_vocab_size": int(m.embed_tokens_per_layer.weight.shape[0]) if m.embed_tokens_per_layer is not None
+        else None,
+        "experts": ({"num_experts": int(layers[0].router.proj.weight.shape[0]),
+                     "top_k": int(model.args.top_k_experts),
+                     "expert_width": int(layers[0].experts.switch_glu.gate_proj.weight.shape[1])}
+                    if layers[0].enable_moe else None),
+        "kv_source_rule": {str(i): j for i, j in enumerate(m.previous_kvs) if i != j},
+        "kv_source": built.kv_source,
+    }
 
 
 def _norm_offset(norm) -> bool:

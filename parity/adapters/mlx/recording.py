@@ -10,6 +10,9 @@ layer now running. Nothing here re-computes the glue between modules.
 
 Paths are attribute names joined by "." from the model (`model.layers.3.mlp.gate_proj`); a number indexes a
 list. Pseudo-paths for inline functions: `model.layers.{i}:<function>` (first call while layer i runs).
+Sides: "in" (first positional input), "out" (the output), "out<k>" (element k of a tuple output, as Gemma 4's
+attention and decoder layer return), "kw:<name>" (a keyword argument the parent passes, Gemma 4's
+`per_layer_input`), "obj<k>" (element k of the output kept as the mx object itself, for identity checks).
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ def _wrapper_class():
         def __call__(self, *args, **kwargs):
             return self._hook(self.inner, args, kwargs)
 
+        def __getattr__(self, name):
+            # the parent's forward may read the module's attributes (Gemma 4's model reads each layer's
+            # `layer_type` to build its masks): the wrapped module's, as if it were in its slot
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+
     return Recording
 
 
@@ -83,6 +94,7 @@ class Recorder:
         self.inline, self.layers = inline or {}, list(layers)
         self.taps: dict[str, np.ndarray] = {}
         self.calls: dict[str, str] = {}  # pseudo-path -> which function name was called (first call)
+        self.objects: dict[str, object] = {}  # "obj<k>" sides: the library's own objects, unconverted
         self._by_path: dict[str, list[tuple[str, str]]] = {}
         for tap, (path, side) in tap_map.items():
             self._by_path.setdefault(path, []).append((tap, side))
@@ -130,6 +142,8 @@ class Recorder:
         for tap, side in self._by_path.get(path, []):
             if side == "in" and tap not in self.taps:  # the library's own input, before a feed replaces it
                 self.taps[tap] = to_numpy(args[0])
+            elif side.startswith("kw:") and tap not in self.taps and kwargs.get(side[3:]) is not None:
+                self.taps[tap] = to_numpy(kwargs[side[3:]])
         if path in self.feeds:
             arr = np.asarray(self.feeds[path]())
             if (1, *arr.shape) != tuple(args[0].shape):
@@ -145,8 +159,14 @@ class Recorder:
             if layer:
                 self._running.pop()
         for tap, side in self._by_path.get(path, []):
-            if side == "out" and tap not in self.taps:
+            if tap in self.taps:
+                continue
+            if side == "out":
                 self.taps[tap] = to_numpy(y)
+            elif side.startswith("out"):
+                self.taps[tap] = to_numpy(y[int(side[3:])])
+            elif side.startswith("obj"):
+                self.objects[tap] = y[int(side[3:])]
         return y
 
     # ------------------------------------------------------------ inline functions
@@ -174,6 +194,36 @@ class Recorder:
 
 
 @contextmanager
+def operand_taps(watch: list) -> Iterator[dict]:
+    """Record the other operand of a multiplication by a watched array, as the library computes it inline.
+
+    `watch`: (mx array of the model, tap) pairs compared by identity (a parameter such as Gemma 4's
+    `layer_scalar`). MLX has no function mode; `mx.array.__mul__` is replaced on the class for the duration
+    (MLX's own product still forms every result), and the first `h * watched` records h under the tap,
+    before the product. Yields the dict the taps fill (numpy, batch dimension dropped).
+    """
+    import mlx.core as mx
+
+    out: dict[str, np.ndarray] = {}
+    original = mx.array.__mul__
+
+    def mul(a, b):
+        for t, tap in watch:
+            if b is t and tap not in out:
+                out[tap] = a
+                break
+        return original(a, b)
+
+    mx.array.__mul__ = mul
+    try:
+        yield out
+    finally:
+        mx.array.__mul__ = original
+    for tap, a in out.items():
+        out[tap] = to_numpy(a)
+
+
+@contextmanager
 def recording(model, tap_map, feeds=None, inline=None, layers=()) -> Iterator[Recorder]:
     rec = Recorder(model, tap_map, feeds, inline, layers)
     with rec:
@@ -186,7 +236,7 @@ def module_feeds(tap_map: dict[str, tuple[str, str]], feed) -> dict:
         return {}
     out = {}
     for tap in feed:
-        if tap not in tap_map or tap_map[tap][1] != "out" or ":" in tap_map[tap][0]:
+        if tap not in tap_map or not tap_map[tap][1].startswith("out") or ":" in tap_map[tap][0]:
             raise ParityInputError(f"cannot feed tap {tap!r}: it is not an mlx-lm sub-module output")
         out[tap_map[tap][0]] = (lambda tap=tap: feed[tap])
     return out
