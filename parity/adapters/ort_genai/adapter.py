@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, RunResult
+from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, Held, RunResult
 from parity.adapters.registry import backend_missing
 from parity.errors import Unsupported
 from parity.model.spec import GemmaSpec
@@ -26,6 +26,9 @@ from parity.model.weights import Weights
 
 FUSED = ("the attention scores and probabilities are computed inside onnxruntime's fused GroupQueryAttention "
          "operator (rotary, softcap, window and softmax in one kernel): no graph value holds them")
+# The quantizer's choices, passed to the builder explicitly (its own CPU defaults in 0.18, written out so a
+# default that changes in another version changes the build key and shows in settings(), not silently).
+QUANT_OPTIONS = {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true"}
 WINDOWED = ("the sliding layers' cache is genai's windowed buffer (window + slack slots, compacted when full); "
             "how many of its slots are live is kept inside the generator, not in any output")
 
@@ -94,7 +97,7 @@ class OrtGenaiAdapter(Adapter):
 
         from parity.adapters.ort_genai import build, graph
 
-        folder, command, shim = build.built(spec, weights, self.precision)
+        folder, command, shim = build.built(spec, weights, self.precision, self.options())
         model = graph.load(folder)
         values = graph.tap_values(model, spec)
         graph.expose(model, values.values())
@@ -106,6 +109,33 @@ class OrtGenaiAdapter(Adapter):
         max_length = int(json.loads((folder / "genai_config.json").read_text())["search"]["max_length"])
         return OrtModel(spec, og.Model(str(run_dir)), run_dir, folder, model, values, command, shim,
                         self.precision, norm0, max_length)
+
+    def options(self) -> dict[str, str] | None:
+        """The builder's extra options for this precision (None for fp32: nothing is quantized)."""
+        return None if self.precision == "fp32" else dict(QUANT_OPTIONS)
+
+    def settings(self) -> dict[str, str]:
+        if self.precision == "fp32":
+            return {"precision": "fp32 (float32 weights and activations)"}
+        o = QUANT_OPTIONS
+        bits = self.precision[3:]
+        return {"precision": f"{self.precision} (MatMulNBits, {bits}-bit weights; the embedding as the builder "
+                             f"writes it, see held)",
+                "block_size": o["block_size"], "symmetric": o["is_symmetric"],
+                "accuracy_level": f"{o['accuracy_level']} (activations quantized to int8 per block of "
+                                  f"{o['block_size']} inside MatMulNBits)"}
+
+    def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
+        """int8 / int4: the weights dequantized from the built model's own initializers (held.py), built here
+        once and cached, so `build` loads the same folder."""
+        if self.precision == "fp32":
+            return None
+        from parity.adapters.ort_genai import build
+        from parity.adapters.ort_genai.held import held_weights
+
+        folder, _, _ = build.built(spec, weights, self.precision, self.options())
+        w, quant = held_weights(spec, folder)
+        return Held(w, quant.weight_type(), quant.activations())
 
     def _generator(self, model: OrtModel, max_length: int):
         import onnxruntime_genai as og

@@ -97,21 +97,30 @@ def write_hf_dir(spec: GemmaSpec, weights: Weights, d: Path) -> None:
         "pad_token": "t0", "unk_token": "t0"}))
 
 
-def build_key(spec: GemmaSpec, weights: Weights, precision: str) -> str:
+def build_key(spec: GemmaSpec, weights: Weights, precision: str, options: dict[str, str] | None = None) -> str:
     import onnxruntime_genai as og
 
     h = hashlib.sha256(json.dumps(hf_config(spec), sort_keys=True).encode())
     h.update(f"{weights.hash}|{precision}|{og.__version__}".encode())
+    if options:  # none for fp32: its key (and cached builds) stay as they were
+        h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
-def built(spec: GemmaSpec, weights: Weights, precision: str) -> tuple[Path, list[str], bool]:
-    """(the builder's output folder, its command line, whether the shim started it); built unless cached."""
+def extra_args(options: dict[str, str] | None) -> list[str]:
+    """The builder's `--extra_options KEY=VALUE ...` for `options` (none: no flag)."""
+    return ["--extra_options", *(f"{k}={v}" for k, v in options.items())] if options else []
+
+
+def built(spec: GemmaSpec, weights: Weights, precision: str,
+          options: dict[str, str] | None = None) -> tuple[Path, list[str], bool]:
+    """(the builder's output folder, its command line, whether the shim started it); built unless cached.
+    `options`: the builder's extra options, passed explicitly (the quantizer's block size, accuracy level)."""
     if precision not in PRECISIONS:
         raise ValueError(f"ort-genai precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     shim = needs_shim(spec)
-    out = cache_dir() / "ort-genai" / build_key(spec, weights, precision)
-    args = ["-o", str(out), "-p", precision, "-e", "cpu"]
+    out = cache_dir() / "ort-genai" / build_key(spec, weights, precision, options)
+    args = ["-o", str(out), "-p", precision, "-e", "cpu", *extra_args(options)]
     shown = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "<hf dir>", *args]
     if (out / "genai_config.json").is_file() and (out / "model.onnx").is_file():
         return out, shown, shim
@@ -119,7 +128,8 @@ def built(spec: GemmaSpec, weights: Weights, precision: str) -> tuple[Path, list
     with tempfile.TemporaryDirectory(prefix="part-", dir=out.parent) as tmp:
         hf, part = Path(tmp) / "hf", Path(tmp) / "out"
         write_hf_dir(spec, weights, hf)
-        argv = ["-i", str(hf), "-o", str(part), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        argv = ["-i", str(hf), "-o", str(part), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+                *extra_args(options)]
         cmd = [sys.executable, "-c", SHIM, *argv] if shim else [sys.executable, "-m",
                                                                    "onnxruntime_genai.models.builder", *argv]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

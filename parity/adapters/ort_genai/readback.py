@@ -125,7 +125,22 @@ def effective(model) -> dict:
                          cfg.get("search", {}).get("past_present_share_buffer")},
         "attention": {k: gqa[0].get(k) for k in ("do_rotary", "rotary_interleaved", "sliding_window_cache")},
         "matmul_ops": sorted({n.op_type for n in g.graph.node if "MatMul" in n.op_type}),
+        "quantization": _quantization(g),
     })
+
+
+def _quantization(g) -> dict | None:
+    """What the graph's quantized ops are set to: per (op, bits, block_size, accuracy_level), the modules."""
+    out: dict[str, list[str]] = {}
+    for n in g.graph.node:
+        if n.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        a = attrs(n)
+        key = f"{n.op_type} bits={a.get('bits')} block_size={a.get('block_size')}"
+        if "accuracy_level" in a:
+            key += f" accuracy_level={a['accuracy_level']}"
+        out.setdefault(key, []).append(n.name.rsplit("/", 1)[0].replace("/model/", "") or n.name)
+    return {k: f"{len(v)} ops: {', '.join(v[:6])}{', ...' if len(v) > 6 else ''}" for k, v in out.items()} or None
 
 
 def _width(model, prefix: str) -> int:
