@@ -111,11 +111,11 @@ def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
 class Graph:
     """The built model's graph and initializers, by name."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, filename: str = "model.onnx") -> None:
         import onnx
 
         self.folder = Path(folder)
-        self.model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
+        self.model = onnx.load(str(self.folder / filename), load_external_data=False)
         self.inits = {t.name: t for t in self.model.graph.initializer}
         self.nodes = list(self.model.graph.node)
         self.producer = {o: n for n in self.nodes for o in n.output}
@@ -192,9 +192,10 @@ _NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pos
           "self_attn.q_norm": "attn/q_norm", "self_attn.k_norm": "attn/k_norm"}
 
 
-def held_weights(spec: GemmaSpec, folder: Path) -> tuple[Weights, Quant]:
-    """Every canonical tensor as the built model computes with it (float32, canonical names and layout)."""
-    g = Graph(folder)
+def held_weights(spec: GemmaSpec, folder: Path, filename: str = "model.onnx") -> tuple[Weights, Quant]:
+    """Every canonical tensor as the built model computes with it (float32, canonical names and layout).
+    `filename`: the graph in `folder` to read (the builder's model.onnx; a run folder's edited copy)."""
+    g = Graph(folder, filename)
     L, hd = spec.num_layers, spec.head_dim
     q_rows, kv_rows = spec.num_heads * hd, spec.num_kv_heads * hd
     out: dict[str, np.ndarray] = {}
@@ -243,4 +244,4 @@ def held_weights(spec: GemmaSpec, folder: Path) -> tuple[Weights, Quant]:
     (bits, block, level), = kinds
     quant = Quant(bits, block, level, any(a["zero_points"] for a in seen), tuple(a["name"].rstrip("/") for a in seen),
                   how)
-    return Weights(held_spec, out, source=f"dequantized from {Path(folder) / 'model.onnx'}"), quant
+    return Weights(held_spec, out, source=f"dequantized from {Path(folder) / filename}"), quant
