@@ -37,8 +37,7 @@ TIMEOUT_S = 1800  # a real-size int4 build quantizes every matrix on one core
 # Started as `python -c SHIM ARGS...`: the builder's own main, with AutoConfig's Gemma 3 text config given
 # the transformers-4.x RoPE keys the builder reads (transformers 5 nests them per layer type).
 SHIM = r"""
-import sys, transformers
-from onnxruntime_genai.models import builder
+import runpy, sys, transformers
 _load = transformers.AutoConfig.from_pretrained
 def from_pretrained(*a, **k):
     c = _load(*a, **k)
@@ -50,9 +49,10 @@ def from_pretrained(*a, **k):
         c.rope_local_base_freq = local["rope_theta"]
     return c
 transformers.AutoConfig.from_pretrained = from_pretrained
-builder.AutoConfig = transformers.AutoConfig
 sys.argv = ["builder"] + sys.argv[1:]
-builder.main()
+# 0.18's builder has no main(): its command line is its `if __name__ == "__main__"` block, run as -m runs it
+# (its `from transformers import AutoConfig` is the class patched above)
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 """
 SHIM_NOTE = ("started through parity's config shim: transformers 5 nests Gemma 3's rope_parameters per layer type "
              "and this builder reads rope_parameters['rope_type'] (KeyError); the shim hands it the global layers' "
