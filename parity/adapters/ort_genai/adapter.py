@@ -4,7 +4,8 @@ build: the builder's model (build.py), a copy of its graph with every tap a grap
 `og.Model` on that copy. run: `og.Generator.append_tokens(tokens)` (the prefill), then `get_output(value)` per
 tap. decode: the same generator, one `append_tokens([t])` per continuation token, through its own cache
 (`present.{i}.key/value`). Activations are float32 on CPU whatever the precision; `int8` / `int4` quantize the
-weights (MatMulNBits), so those runs differ from the float reference by the quantization as well.
+weights (MatMulNBits) and, inside each MatMulNBits, the activations (int8 per block): `held` gives the weights the
+built model holds and that activation rounding (held.py), the honest reference of those runs.
 """
 
 from __future__ import annotations
