@@ -7,7 +7,8 @@ the embedding scale). Each precision is built once into a module-private PARITY_
   canonical names and shapes, each weight within half a quantization step of the given one, norms exact;
 - the float64 port with PortOptions(act_quant=held.activations) on held.weights matches the runtime's prefill taps
   at float32 noise (max relative error < 1e-5; measured 3e-7 .. 7e-7), where the port on the given weights is off
-  by 1e-2 .. 7e-1 and the port on the held weights without the activation rounding by about 1e-2;
+  by 1e-2 .. 7e-1 and the port on the held weights without the activation rounding by about 1e-2; decode steps
+  through the generator's cache agree the same way;
 - a zero point written into one MatMulNBits of the graph that runs is not hidden by the held reference (which
   reads the builder's file): the tap it feeds is off by > 1e-3; read from the edited file, held follows it.
 """
@@ -114,6 +115,26 @@ def test_port_on_held_weights_matches_the_runtime(env, precision):
     # both halves are needed: without the activation rounding, or on the given weights, it is far off
     assert _rel(rt["layers.0.attn"], held_plain["layers.0.attn"]) > 1e-3
     assert _rel(rt["logits"], given["logits"]) > 1e-2
+
+
+def test_decode_steps_match_the_port_on_held_weights(env):
+    """The generator's own cache, one token a step past the window (M = 1 rows: the same int8/32 rounding)."""
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+    from parity.adapters.ort_genai import OrtGenaiAdapter
+    from parity.adapters.port_model import PortOptions
+
+    spec, w, tokens = env
+    a = OrtGenaiAdapter("int4")
+    h = a.held(spec, w, "float32")
+    m = a.build(spec, w, "float32")
+    try:
+        got = a.decode(m, tokens[:20], tokens[20:])
+    finally:
+        a.release(m)
+    p = LitgptStyleAdapter(PortOptions(act_quant=h.activations))
+    want = p.decode(p.build(h.weights.spec, h.weights, "float64"), tokens[:20], tokens[20:])
+    errs = [_rel(g.taps[t], r.taps[t]) for g, r in zip(got.steps, want.steps) for t in ("layers.0.attn", "logits")]
+    assert len(errs) == 8 and max(errs) < NOISE, errs  # measured 1e-7 .. 4e-7
 
 
 def _zero_point_9(model):
