@@ -326,10 +326,11 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         """`checked`: checked above with the others (a noise member is not: capture checks it); `w`: other
         weights than the run's (a quantized run's held weights, for its reference and honest members)."""
         w = weights if w is None else w
+        s = w.spec  # the run's spec, or a held model's (untied where the runtime quantized its head apart)
         if separate or declared(adapter).own_process:
-            return capture_in_subprocess(name, spec, w, dtype, prompts, mode=mode, references=refs,
+            return capture_in_subprocess(name, s, w, dtype, prompts, mode=mode, references=refs,
                                          progress=progress, continuation=cont, settings=req.runtime, **stored)
-        return capture(adapter, spec, w, dtype, prompts, mode=mode, references=refs, progress=progress,
+        return capture(adapter, s, w, dtype, prompts, mode=mode, references=refs, progress=progress,
                        continuation=cont, checked=checked)
 
     # what the reference, the honest ensemble and the noise model depend on; None: not shared (no cache, or a
@@ -426,7 +427,7 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
             h = held_of(req, name, adapter, spec, weights, d)
             if h is None or h.weights.hash == weights.hash:
                 continue  # it computes with the weights it was given: the ordinary reference is its own
-            if h.weights.spec != spec:
+            if dataclasses.replace(h.weights.spec, tied_head=spec.tied_head) != spec:  # an untied head: allowed
                 raise ImplementationError(f"{adapter.name}@{d}", "held", "its held weights are for another spec",
                                           "Adapter.held must return weights of the spec it was given")
             key = (h.weights.hash, h.activations)
@@ -440,7 +441,7 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
         dtypes = [label.rsplit("@", 1)[1] for label in labels]
         replay = replayer(ref[1], spec, h.weights)
         got = held_reference(h, take, ref, ref_modes, dtypes, modes, count, table, separate, replay, FULL,
-                             req.reference[1], weights.hash)
+                             req.reference[1], weights.hash, spec.to_dict())
         got.runs = labels
         out.update({label: got for label in labels})
     return out

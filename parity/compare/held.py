@@ -41,7 +41,8 @@ class HeldReference:
 
 
 def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run_modes: list[str], count: int,
-                   table, separate: bool, replay, full_mode: str, ref_dtype: str, given: str) -> HeldReference:
+                   table, separate: bool, replay, full_mode: str, ref_dtype: str, given: str,
+                   spec: dict | None = None) -> HeldReference:
     """`take(name, adapter, dtype, modes, refs, checked, weights)`: the harness's capture (in process or not);
     `ref`: (name, adapter) of the reference; `given`: the hash of the weights the run was given, which these
     traces are labelled with (pairing refuses traces of other weights: these are of the run's weights as the
@@ -49,7 +50,10 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
     out = HeldReference(held.weights, held.weight_type, held.activations)
 
     def take_held(*args):
-        return [dataclasses.replace(t, weights_hash=given) for t in take(*args, held.weights)]
+        # labelled with the run's weights and spec (a held head the runtime quantized apart unties the model it
+        # holds; the run's traces carry the spec it was given)
+        got = take(*args, held.weights)
+        return [dataclasses.replace(t, weights_hash=given, spec=spec or t.spec) for t in got]
 
     got = take_held(ref[0], ref[1], ref_dtype, ref_modes, None, True)
     out.refs = {t.prompt: t for t in got if t.mode == "cumulative"}
