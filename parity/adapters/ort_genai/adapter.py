@@ -120,8 +120,10 @@ class OrtGenaiAdapter(Adapter):
             return {"precision": "fp32 (float32 weights and activations)"}
         o = QUANT_OPTIONS
         bits = self.precision[3:]
-        return {"precision": f"{self.precision} (MatMulNBits, {bits}-bit weights; the embedding as the builder "
-                             f"writes it, see held)",
+        # what 0.18's builder does with a tied embedding (base.py make_tied_embeddings_init: only 4-bit gathers)
+        embed = ("a tied embedding gathers lm_head's 4-bit codes (GatherBlockQuantized)" if bits == "4" else
+                 "a tied embedding stays float32 beside the 8-bit lm_head (untied)")
+        return {"precision": f"{self.precision} (MatMulNBits {bits}-bit projections and lm_head; {embed})",
                 "block_size": o["block_size"], "symmetric": o["is_symmetric"],
                 "accuracy_level": f"{o['accuracy_level']} (activations quantized to int8 per block of "
                                   f"{o['block_size']} inside MatMulNBits)"}
