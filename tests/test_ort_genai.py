@@ -101,3 +101,18 @@ def test_softcap_fault_in_the_graph_is_found(env):
     assert r["first_divergence"]["tap"] == "layers.0.attn"
     runs = [k for k in r["effective"] if "litgpt-style" not in k]
     assert r["effective"][runs[0]]["attn_softcap"][0] == 10.0  # read back from the edited graph
+
+
+def test_gemma3_builds_through_the_shim_and_its_local_rope_gets_the_global_factor(env):
+    """Gemma 3 under transformers 5 goes through build.SHIM (0.18's builder has no main(): the shim runs its
+    __main__ block). The builder then makes the sliding layers' cos/sin caches with the global layers' RoPE
+    attributes, theta alone changed (builders/gemma.py make_rotary_embedding_multi_cache), so the local layers get
+    the global linear factor: found at rope.cos (layer 0 is local) and read back as rope_scaling_factor."""
+    rc, r = _run(env, _h64(env, "tiny-gemma3"))
+    assert r["status"] == "FAIL" and rc != 0
+    assert r["first_divergence"]["tap"] == "rope.cos"
+    eff, port = r["effective"]["ort-genai@float32"], r["effective"]["litgpt-style@float64"]
+    assert eff["qk_norm"] is True and "config shim" in eff["library"]["config_shim"]
+    local = [i for i, w in enumerate(port["sliding_window"]) if w]
+    assert {port["rope_scaling_factor"][i] for i in local} == {1.0}
+    assert {eff["rope_scaling_factor"][i] for i in local} == {8.0}  # the global layers' factor
