@@ -82,6 +82,12 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("ort-genai", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai"),  # noqa: E501
     Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}, holds=True),  # noqa: E501
     Builtin("ort-genai-int4", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int4"}, holds=True),  # noqa: E501
+    Builtin("llama-cpp", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "f32"}, settable=("kv_type", "flash_attn")),  # noqa: E501
+    Builtin("llama-cpp-f16", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "f16"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
+    Builtin("llama-cpp-bf16", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "bf16"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
+    Builtin("llama-cpp-q8_0", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "q8_0"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
+    Builtin("llama-cpp-q4_0", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "q4_0"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
+    Builtin("llama-cpp-q4_k", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "q4_k"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
 )}
 
 

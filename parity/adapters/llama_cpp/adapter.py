@@ -1,0 +1,394 @@
+"""`LlamaCppAdapter`: Gemma 1/2/3 run by llama.cpp (through llama-cpp-python's low-level API) from a GGUF
+parity writes from the canonical weights (gguf_file.py).
+
+build: the GGUF (cached), `llama_model_load_from_file` (CPU only). run: a fresh context per run with the
+`cb_eval` callback (capture.py), one `llama_batch` of every token with every row's logits requested, one
+`llama_decode`; each tap is the graph node llama.cpp names for it (TAPS below, src/models/gemma{,2,3}.cpp and
+src/llama-graph.cpp of the vendored llama.cpp), copied the moment it is computed. decode: the same context,
+prefill in one batch, then one `llama_decode` per token through llama.cpp's own KV cache (the iSWA caches on
+Gemma 2/3), the cache tensors read after each step.
+
+Every setting that changes llama.cpp's numbers is set explicitly in llama_context_params, never left to its
+defaults: KV-cache type (type_k = type_v), flash attention (flash_attn_type 0/1, never AUTO), threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, Held, RunResult
+from parity.adapters.llama_cpp import gguf_file
+from parity.adapters.llama_cpp.capture import GgmlTensor, Recorder, read
+from parity.adapters.registry import backend_missing
+from parity.errors import ParityInputError, Unsupported
+from parity.model.spec import GemmaSpec
+from parity.model.weights import Weights
+
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # ggml_type
+FLASH = {"off": 0, "on": 1}  # llama_flash_attn_type (AUTO = -1 is never used: the path must be known)
+GEGLU = ("llama.cpp's build_ffn(LLM_FFN_GELU, LLM_FFN_PAR) emits one fused ggml_geglu_split node: gelu(gate) "
+         "is never a tensor of its own")
+ROPE = "ggml_rope_ext computes the rotation inside the ROPE op: no cos table exists as a tensor"
+FLASH_FUSED = ("flash attention is on: attention is one FLASH_ATTN_EXT node, the scores and probabilities never "
+               "exist as tensors (flash_attn='off' exposes them)")
+
+# canonical tap (layer i) -> llama.cpp node name; "@wo" is the attention output projection's MUL_MAT (unnamed)
+LAYER_TAPS = {
+    "attn_norm": "attn_norm-{i}", "attn": "@wo-{i}", "attn_residual": "sa_out-{i}", "mlp_norm": "ffn_norm-{i}",
+    "mlp.gate": "ffn_gate-{i}", "mlp.up": "ffn_up-{i}", "mlp.hidden": "ffn_geglu-{i}", "mlp": "ffn_out-{i}",
+    "out": "l_out-{i}",
+}
+SANDWICH_TAPS = {"post_attn_norm": "attn_post_norm-{i}", "post_mlp_norm": "ffn_post_norm-{i}"}
+SCORES = {1: "kq-{i}", 2: "kq_scaled_2-{i}", 3: "kq-{i}"}  # Gemma 2: after the softcap; 1/3: q pre-scaled
+WANT = {"inp_scaled", "result_norm", "result_output", "ffn_post_norm", "kq_soft_max",
+        *(v.split("-")[0] for v in (*LAYER_TAPS.values(), *SANDWICH_TAPS.values(), *SCORES.values()))}
+
+
+@dataclass
+class Built:
+    spec: GemmaSpec
+    path: Path
+    model: Any  # llama_model_p
+    weight_type: str
+    stored: dict[str, str]  # canonical name -> GGML type the file holds it in
+    norm0: np.ndarray  # layer 0's first norm as given, to read the unit offset back
+    contexts: list = field(default_factory=list)
+
+
+def _query_scale_llama(spec: GemmaSpec) -> float:
+    """The query scale llama.cpp computes (it has no key for it): gemma2.cpp/gemma3.cpp take 1/sqrt(hidden /
+    heads) for the 27B layer counts (46 / 62) and 1/sqrt(head_dim) otherwise; gemma.cpp always 1/sqrt(head_dim)."""
+    big = {2: 46, 3: 62}.get(spec.family)
+    d = spec.hidden_size // spec.num_heads if spec.num_layers == big else spec.head_dim
+    return float(np.float32(1.0) / np.sqrt(np.float32(d)))
+
+
+class LlamaCppAdapter(Adapter):
+    name = "llama-cpp"
+    decodes = True
+    cannot = {"rope.cos": ROPE}
+
+    def __init__(self, weights: str = "f32", kv_type: str = "f16", flash_attn: str = "off",
+                 edit: Callable[[dict], None] | None = None) -> None:
+        if weights not in gguf_file.WEIGHT_TYPES:
+            raise ParityInputError(f"llama-cpp weights={weights!r}; use one of {', '.join(gguf_file.WEIGHT_TYPES)}")
+        if kv_type not in KV_TYPES:
+            raise ParityInputError(f"llama-cpp kv_type={kv_type!r}; use one of {', '.join(KV_TYPES)}")
+        if flash_attn not in FLASH:
+            raise ParityInputError(f"llama-cpp flash_attn={flash_attn!r}; use one of {', '.join(FLASH)}")
+        self.weights, self.kv_type, self.flash_attn = weights, kv_type, flash_attn
+        self.edit = edit  # applied to the GGUF metadata before it is written (fault injection in tests)
+        if weights != "f32":
+            self.name = f"llama-cpp-{weights}"
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return f"llama-cpp-python {version('llama-cpp-python')} / gguf {version('gguf')} (CPU)"
+
+    def settings(self) -> dict[str, str]:
+        from parity.adapters.torch_setup import threads
+
+        return {"weights": self.weights, "kv_cache": self.kv_type, "flash_attn": self.flash_attn,
+                "threads": str(threads())}
+
+    # ------------------------------------------------------------ check
+    def check(self, spec: GemmaSpec, dtype: str) -> None:
+        for mod in ("llama_cpp", "gguf"):
+            try:
+                __import__(mod)
+            except ImportError:
+                raise backend_missing(self.name, mod.replace("_", "-")) from None
+        if dtype != "float32":
+            raise Unsupported(f"{self.name} computes float32 activations on CPU (ggml-cpu), not {dtype} (the "
+                              "weight type is an option: weights=); use --dtypes float32 for it")
+        if spec.family not in (1, 2, 3):
+            # the vendored llama.cpp has src/models/gemma4.cpp; its GGUF keys and node names are not mapped here
+            raise Unsupported(f"{self.name}: Gemma {spec.family} is not written or mapped by parity's llama.cpp "
+                              "adapter yet (llama.cpp's gemma4.cpp exists); drop it from --impls for this spec")
+        fixed = {"embed_scale": True, "norm_placement": "pre" if spec.family == 1 else "sandwich",
+                 "qk_norm": spec.family == 3, "gelu_approximate": "tanh", "tied_head": True}
+        for f, want in fixed.items():
+            if getattr(spec, f) != want:
+                raise Unsupported(f"{self.name} cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} "
+                                  f"(llama.cpp's graph hard-codes {want!r}); drop it from --impls for this spec")
+        if spec.embed_scale_dtype == "bfloat16":
+            raise Unsupported(f"{self.name}: llama.cpp scales the embeddings by sqrtf(n_embd) in float32, not a "
+                              "bfloat16 constant; drop it from --impls for this spec")
+        want = 1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim)
+        got = _query_scale_llama(spec)
+        if abs(got - want) > 1e-6 * want:
+            raise Unsupported(f"{self.name}: llama.cpp has no query-scale key; it derives {got:.6g} from the layer "
+                              f"count and head_dim, the spec asks {want:.6g}; drop it from --impls for this spec")
+        caps = {1: (False, False), 2: (True, True), 3: (False, None)}[spec.family]  # must be set / unset / either
+        for f, need in zip(("attn_softcap", "final_softcap"), caps):
+            if need is not None and (getattr(spec, f) is not None) != need:
+                raise Unsupported(f"{self.name}: Gemma {spec.family} in llama.cpp {'always' if need else 'never'} "
+                                  f"applies {f} (spec: {getattr(spec, f)}); drop it from --impls for this spec")
+        if spec.family == 1 and (spec.sliding_window or spec.rope_scaling_factor != 1.0):
+            raise Unsupported(f"{self.name}: llama.cpp's Gemma 1 has no sliding window or RoPE scaling; drop it")
+        if spec.family == 2 and spec.rope_scaling_factor != 1.0:
+            raise Unsupported(f"{self.name}: llama.cpp's Gemma 2 reads no RoPE scaling for it; drop it")
+        if self.weights in gguf_file.K_QUANTS:
+            widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+                      "num_heads * head_dim": spec.num_heads * spec.head_dim}
+            for what, n in widths.items():
+                if n % gguf_file.K_BLOCK:
+                    raise ParityInputError(
+                        f"{self.name}: {what} = {n} is not a multiple of {gguf_file.K_BLOCK}, the K-quant block "
+                        f"(llama.cpp would fall back to another type); use a spec whose widths are multiples of "
+                        f"{gguf_file.K_BLOCK}, or weights q4_0")
+        if self.kv_type not in ("f32", "f16") and self.flash_attn != "on":
+            raise ParityInputError(f"{self.name}: kv_type={self.kv_type} needs flash_attn='on' (llama.cpp cannot "
+                                   "transpose a quantized or bf16 V cache); set flash_attn='on' or kv_type f16/f32")
+
+    # ------------------------------------------------------------ build
+    def _file(self, spec: GemmaSpec, weights: Weights) -> Path:
+        return gguf_file.cached(spec, weights, self.weights, self.edit)
+
+    def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
+        if self.weights == "f32":
+            return None
+        tensors, types = gguf_file.read_back(spec, self._file(spec, weights))
+        # every matrix of a file is one type here (Q4_K is written `pure`), so one activation rounding applies;
+        # norms are F32 and take no matmul
+        return Held(Weights(spec, tensors, source=f"{self.name} GGUF"), self.weights,
+                    gguf_file.ACTIVATIONS[self.weights])
+
+    def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
+        import llama_cpp
+
+        _quiet()
+        path = self._file(spec, weights)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise RuntimeError(f"llama-cpp: llama_model_load_from_file refused {path}")
+        _, types = gguf_file.read_back(spec, path) if self.weights != "f32" else ({}, {})
+        norm0 = np.empty(weights.shape("model.layers.0.input_layernorm.weight"), np.float32)
+        weights.read_into("model.layers.0.input_layernorm.weight", norm0)
+        return Built(spec, path, model, self.weights, types, norm0)
+
+    def _context(self, built: Built, n_ctx: int, rec: Recorder):
+        import llama_cpp
+
+        from parity.adapters.torch_setup import threads
+
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = n_ctx  # the whole prompt in one ubatch: one graph, one callback pass
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = threads()
+        cp.type_k = cp.type_v = KV_TYPES[self.kv_type]
+        cp.flash_attn_type = FLASH[self.flash_attn]
+        cp.swa_full = False  # llama.cpp's default, explicit: the SWA cache is window + ubatch cells
+        cb = rec.callback()
+        cp.cb_eval = cb
+        cp.cb_eval_user_data = None
+        ctx = llama_cpp.llama_init_from_model(built.model, cp)
+        if not ctx:
+            raise RuntimeError("llama-cpp: llama_init_from_model returned NULL")
+        built.contexts.append((ctx, cb))  # the callback object must outlive the context
+        return ctx
+
+    # ------------------------------------------------------------ capture
+    def _recorder(self, spec: GemmaSpec) -> Recorder:
+        wo = {f"blk.{i}.attn_output.weight": i for i in range(spec.num_layers)}
+
+        def wo_layer(t: GgmlTensor) -> int | None:
+            if t.src[0]:
+                return wo.get(t.src[0].contents.name.decode(errors="replace"))
+            return None
+
+        def want(name: str, t: GgmlTensor) -> bool:
+            if name.startswith("cache_") and t.view_src:  # the KV cache tensors, read after the step
+                base = t.view_src.contents
+                rec.extra.setdefault("cache", {})[base.name.decode()] = ctypes.addressof(base)
+                return False
+            return name.split("-")[0] in WANT or wo_layer(t) is not None
+
+        def keep(r: Recorder, name: str, t: GgmlTensor) -> None:
+            i = wo_layer(t)
+            if i is not None:
+                r.add(f"@wo-{i}", read(t))
+                return
+            if name.split("-")[0] not in WANT:
+                return
+            if name.startswith("kq_soft_max"):  # the mask and scale soft_max_ext applies to the scores
+                r.add("mask-" + name.split("-")[1], read(t.src[1].contents))
+                r.add("kq_scale-" + name.split("-")[1], np.array(
+                    ctypes.c_float.from_buffer_copy(bytes(t.op_params)[:4]).value, np.float32))
+            r.add(name, read(t))
+
+        rec = Recorder(want, keep)
+        return rec
+
+    def _taps(self, spec: GemmaSpec, rec: Recorder, T: int, L: int) -> tuple[dict, dict]:
+        """Canonical taps from one llama_decode's recorded nodes; T query rows, L key slots (0..L-1)."""
+        if rec.error is not None:
+            raise rec.error
+        nodes = rec.nodes
+
+        def last(name: str) -> np.ndarray:
+            if name not in nodes:
+                raise RuntimeError(f"llama-cpp: graph node {name!r} was not computed; the vendored graph changed, "
+                                   "update parity/adapters/llama_cpp/adapter.py LAYER_TAPS")
+            return nodes[name][-1]
+
+        taps = {"embed": last("inp_scaled").reshape(T, -1)}
+        unavailable = {}
+        for i in range(spec.num_layers):
+            table = dict(LAYER_TAPS)
+            if spec.family != 1:
+                table.update(SANDWICH_TAPS)
+            for tap, node in table.items():
+                if spec.family == 2 and tap == "post_mlp_norm":
+                    # gemma2.cpp names it with no layer suffix (cb(cur, "ffn_post_norm", -1)): the i-th one
+                    taps[f"layers.{i}.{tap}"] = nodes["ffn_post_norm"][i].reshape(T, -1)
+                    continue
+                taps[f"layers.{i}.{tap}"] = last(node.format(i=i)).reshape(T, -1)
+            unavailable[f"layers.{i}.mlp.act"] = GEGLU
+            if self.flash_attn == "on":
+                unavailable[f"layers.{i}.attn.scores"] = unavailable[f"layers.{i}.attn.probs"] = FLASH_FUSED
+                continue
+            kq = last(SCORES[spec.family].format(i=i))[0][:, :, :L]  # [heads, T, n_kv] -> its first L slots
+            mask = last(f"mask-{i}")[0, 0, :T, :L]  # [T padded, n_kv] -> [T, L]: 0 or -inf
+            scale = float(last(f"kq_scale-{i}"))
+            taps[f"layers.{i}.attn.scores"] = (kq * np.float32(scale) + mask[None]).astype(np.float32)
+            taps[f"layers.{i}.attn.probs"] = last(f"kq_soft_max-{i}")[0][:, :, :L]
+        taps["final_norm"] = last("result_norm").reshape(T, -1)
+        taps["logits"] = last("result_output").reshape(T, -1)
+        return taps, unavailable
+
+    def _decode(self, ctx, tokens: list[int], pos0: int) -> None:
+        import llama_cpp
+
+        T = len(tokens)
+        batch = llama_cpp.llama_batch_init(T, 0, 1)
+        try:
+            batch.n_tokens = T
+            for j, tok in enumerate(tokens):
+                batch.token[j] = int(tok)
+                batch.pos[j] = pos0 + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = 1  # every row's output: no row is dropped before the last layer
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama-cpp: llama_decode returned {rc} for {T} tokens at position {pos0}")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def run(self, model: Built, tokens: list[int], feed: dict[str, np.ndarray] | None = None) -> RunResult:
+        if feed:
+            raise RuntimeError(f"{self.name}: llama.cpp computes its whole graph in one llama_decode; substituting "
+                               "a node's input from the eval callback is not implemented, so isolated mode is not "
+                               "available; use --mode cumulative")
+        rec = self._recorder(model.spec)
+        ctx = self._context(model, _n_ctx(len(tokens)), rec)
+        try:
+            self._decode(ctx, list(tokens), 0)
+            taps, unavailable = self._taps(model.spec, rec, len(tokens), len(tokens))
+        finally:
+            self._free(model, ctx)
+        return RunResult(taps, unavailable)
+
+    def decode(self, model: Built, prompt: list[int], continuation: list[int]) -> DecodeResult:
+        """Prefill in one batch, then one llama_decode per token through llama.cpp's KV cache (cells are taken in
+        order from a fresh cache that never fills here, so cell j holds position j; checked against the mask)."""
+        spec = model.spec
+        rec = self._recorder(spec)
+        ctx = self._context(model, _n_ctx(len(prompt) + len(continuation)), rec)
+        steps, unavailable = [], {}
+        try:
+            self._decode(ctx, list(prompt), 0)
+            for s, token in enumerate(continuation):
+                p = len(prompt) + s
+                rec.clear()
+                self._decode(ctx, [int(token)], p)
+                taps, unavailable = self._taps(spec, rec, 1, p + 1)
+                if self.flash_attn == "off":
+                    _check_slots(spec, rec, p)
+                steps.append(DecodeStep(taps=taps, cache=self._caches(model, rec, p)))
+        finally:
+            self._free(model, ctx)
+        return DecodeResult(steps, unavailable)
+
+    def _caches(self, built: Built, rec: Recorder, p: int) -> dict[int, CacheView]:
+        spec = built.spec
+        kv, hd = spec.num_kv_heads, spec.head_dim
+        found = rec.extra.get("cache", {})
+        out = {}
+        for i in range(spec.num_layers):
+            k_t = GgmlTensor.from_address(found[f"cache_k_l{i}"])
+            v_t = GgmlTensor.from_address(found[f"cache_v_l{i}"])
+            k = read(k_t).reshape(-1, kv * hd)[:p + 1]  # [cells, kv * hd] -> the first p + 1 cells
+            v = read(v_t).reshape(-1)
+            if self.flash_attn == "off":  # llama.cpp stores V transposed without flash attention (v_trans)
+                v = v.reshape(kv * hd, -1).T
+            v = v.reshape(-1, kv * hd)[:p + 1]
+            pos = np.arange(p + 1, dtype=np.int64)
+            out[i] = CacheView(pos, k.reshape(p + 1, kv, hd).transpose(1, 0, 2).copy(),
+                               v.reshape(p + 1, kv, hd).transpose(1, 0, 2).copy())
+        return out
+
+    def _free(self, built: Built, ctx) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_free(ctx)
+        built.contexts = [(c, cb) for c, cb in built.contexts if c is not ctx]
+
+    # ------------------------------------------------------------ readback
+    def effective(self, model: Built) -> dict:
+        from parity.adapters.llama_cpp.readback import effective
+
+        return effective(model, self)
+
+    def release(self, model: Built) -> None:
+        import llama_cpp
+
+        for ctx, _ in model.contexts:
+            llama_cpp.llama_free(ctx)
+        model.contexts = []
+        if model.model:
+            llama_cpp.llama_model_free(model.model)
+            model.model = None
+
+
+def _n_ctx(n: int) -> int:
+    """Cells for n tokens, padded to 256 as llama.cpp pads its caches (the minimum 256 keeps the SWA cache, window
+    + ubatch cells, from wrapping before n)."""
+    return max(256, -(-n // 256) * 256)
+
+
+def _check_slots(spec: GemmaSpec, rec: Recorder, p: int) -> None:
+    """The step's mask shows cell j visible exactly when position j is (j <= p; within the window on a local
+    layer): the cell-j-holds-position-j reading of the cache is what llama.cpp did."""
+    for i in range(spec.num_layers):
+        mask = rec.nodes[f"mask-{i}"][-1][0, 0, 0]  # [n_kv] for the step's one query
+        window = spec.sliding_window if spec.layer_types and spec.layer_types[i] == "local" else None
+        j = np.arange(mask.shape[0])
+        want = (j <= p) & ((p - j < window) if window else True)
+        if not np.array_equal(np.isfinite(mask), want):
+            raise RuntimeError(f"llama-cpp: layer {i}'s cache cells are not positions 0..{p} in order at step "
+                               f"position {p}; parity's cache reading (adapters/llama_cpp/adapter.py) needs updating")
+
+
+def _quiet() -> None:
+    """llama.cpp's loader logs every key and tensor to stderr: kept out of parity's output."""
+    import llama_cpp
+
+    global _LOG_CB
+    if _LOG_CB is None:
+        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+
+
+_LOG_CB = None

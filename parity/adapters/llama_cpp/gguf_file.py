@@ -1,0 +1,228 @@
+"""The GGUF file llama.cpp loads, written from the canonical weights, and read back to canonical tensors.
+
+Written with gguf-py's `GGUFWriter` (convert_hf_to_gguf.py needs a tokenizer a tiny checkpoint lacks): the
+metadata keys exactly as the vendored llama.cpp's `load_arch_hparams` (src/models/gemma{,2,3}.cpp) reads them,
+`tokenizer.ggml.model = "none"` (LLAMA_VOCAB_TYPE_NONE: V dummy tokens; ids go straight into `llama_batch`),
+tensor names from `gguf.get_tensor_name_map`, Gemma's `(1 + w)` folded into every norm weight as
+convert_hf_to_gguf.py does (llama.cpp multiplies by the stored weight). Norms stay F32 (as the converter keeps
+them); every matrix is written in the chosen weight type: F16/BF16/Q8_0/Q4_0 by gguf.quants, Q4_K by llama.cpp's
+own C quantizer (`llama_model_quantize`) on the F32 file, since gguf-py cannot quantize K-quants.
+
+Files go to parity's cache (parity.model.weight_store.cache_dir()/llama-cpp), keyed by the weights' hash, the
+spec and the weight type, so `held()` and `build()` read the same file and it is written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from parity.model.canonical import canonical_shapes
+from parity.model.spec import GemmaSpec
+from parity.model.weights import Weights
+
+ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
+K_QUANTS = ("q4_k",)
+K_BLOCK = 256  # a K-quant super-block: every row length must be a multiple of it
+# how ggml-cpu's matmul rounds the activation row for each weight type (its vec_dot_type; ggml-cpu.c type_traits)
+ACTIVATIONS = {"f32": None, "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0", "q4_k": "q8_K"}
+# llama_ftype values for llama_model_quantize (include/llama.h)
+FTYPE = {"q4_k": 15}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, with `pure` set: every matrix Q4_K (no Q6_K mix)
+
+# Metadata as a plain mapping key -> (value, GGUFValueType name, array sub-type name or None): the form an
+# `edit` hook (fault injection in tests) changes before the file is written.
+Metadata = dict
+
+
+def _qtype(weight_type: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}[weight_type]
+
+
+def metadata(spec: GemmaSpec) -> Metadata:
+    """Every key the vendored llama.cpp reads for this Gemma family, with the value the spec asks for."""
+    arch = ARCH[spec.family]
+    a = f"{arch}."
+    md: Metadata = {
+        "general.architecture": (arch, "STRING", None),
+        "general.name": (spec.name, "STRING", None),
+        a + "context_length": (int(spec.max_position), "UINT32", None),
+        a + "embedding_length": (spec.hidden_size, "UINT32", None),
+        a + "block_count": (spec.num_layers, "UINT32", None),
+        a + "feed_forward_length": (spec.intermediate_size, "UINT32", None),
+        a + "attention.head_count": (spec.num_heads, "UINT32", None),
+        a + "attention.head_count_kv": (spec.num_kv_heads, "UINT32", None),
+        a + "attention.layer_norm_rms_epsilon": (float(spec.norm_eps), "FLOAT32", None),
+        a + "attention.key_length": (spec.head_dim, "UINT32", None),
+        a + "attention.value_length": (spec.head_dim, "UINT32", None),
+        a + "rope.freq_base": (float(spec.rope_base), "FLOAT32", None),
+        a + "vocab_size": (spec.vocab_size, "UINT32", None),
+        "tokenizer.ggml.model": ("none", "STRING", None),
+    }
+    sliding = [t == "local" for t in spec.layer_types] or [False] * spec.num_layers
+    if spec.family == 2:
+        md[a + "attn_logit_softcapping"] = (float(spec.attn_softcap), "FLOAT32", None)
+        md[a + "final_logit_softcapping"] = (float(spec.final_softcap), "FLOAT32", None)
+        # gemma2.cpp defaults the window to 4096 and the pattern to period 2: both always written
+        md[a + "attention.sliding_window"] = (int(spec.sliding_window or 0), "UINT32", None)
+        md[a + "attention.sliding_window_pattern"] = (sliding if spec.sliding_window else [False] * spec.num_layers,
+                                                      "ARRAY", "BOOL")
+    if spec.family == 3:
+        if spec.final_softcap is not None:
+            md[a + "final_logit_softcapping"] = (float(spec.final_softcap), "FLOAT32", None)
+        if spec.sliding_window:
+            md[a + "attention.sliding_window"] = (int(spec.sliding_window), "UINT32", None)
+            md[a + "attention.sliding_window_pattern"] = (sliding, "ARRAY", "BOOL")
+            md[a + "rope.freq_base_swa"] = (float(spec.rope_local_base or spec.rope_base), "FLOAT32", None)
+        if spec.rope_scaling_factor != 1.0:
+            md[a + "rope.scaling.type"] = ("linear", "STRING", None)
+            md[a + "rope.scaling.factor"] = (float(spec.rope_scaling_factor), "FLOAT32", None)
+    return md
+
+
+def tensor_names(spec: GemmaSpec) -> dict[str, str]:
+    """canonical name -> GGUF tensor name (lm_head is skipped: llama.cpp ties it to token_embd)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCH[spec.family].upper()], spec.num_layers)
+    out = {}
+    for k in canonical_shapes(spec):
+        if k == "lm_head.weight":
+            continue
+        g = names.get_name(k, try_suffixes=(".weight",))
+        if g is None:
+            raise RuntimeError(f"llama-cpp: gguf {gguf.__version__} has no tensor name for {k!r}; update "
+                               "parity/adapters/llama_cpp/gguf_file.py")
+        out[k] = g
+    return out
+
+
+def _canonical(weights: Weights, name: str) -> np.ndarray:
+    out = np.empty(weights.shape(name), np.float32)
+    weights.read_into(name, out)
+    return out
+
+
+def write(spec: GemmaSpec, weights: Weights, weight_type: str, path: Path,
+          edit: Callable[[Metadata], None] | None = None) -> Path:
+    """The GGUF for `weight_type` (f32/f16/bf16/q8_0/q4_0; a K-quant: see `quantized`) at `path`."""
+    import gguf
+
+    md = metadata(spec)
+    if edit is not None:
+        edit(md)
+    w = gguf.GGUFWriter(str(path), md["general.architecture"][0])
+    for key, (value, vtype, sub) in md.items():
+        if key == "general.architecture":
+            continue  # the writer adds it from its `arch` argument
+        w.add_key_value(key, value, gguf.GGUFValueType[vtype],
+                        sub_type=gguf.GGUFValueType[sub] if sub else None)
+    qtype = _qtype(weight_type)
+    for canon, g in tensor_names(spec).items():
+        v = _canonical(weights, canon)
+        if canon.endswith("norm.weight"):
+            v = v + np.float32(1.0)  # Gemma's (1 + w), folded as convert_hf_to_gguf.py does; exact in float32
+        if v.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(g, v)
+            continue
+        q = gguf.quants.quantize(v, qtype)  # [rows, bytes per row] (uint8 blocks, or f16/bf16 values)
+        w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def quantized(src: Path, weight_type: str, path: Path) -> Path:
+    """A K-quant file made by llama.cpp's own C quantizer from the F32 file (gguf-py cannot write K-quants)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPE[weight_type]
+    params.nthread = 1
+    params.pure = True  # every matrix the one type (Q4_K_M alone mixes in Q6_K): one activation rounding, q8_K
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama-cpp: llama_model_quantize({weight_type}) returned {rc}")
+    return path
+
+
+def cached(spec: GemmaSpec, weights: Weights, weight_type: str,
+           edit: Callable[[Metadata], None] | None = None) -> Path:
+    """The GGUF `build` loads and `held` reads: written once per weights, spec and weight type.
+
+    An edited file (a test's fault) is never cached: it goes to a fresh temporary folder."""
+    from parity.model.weight_store import cache_dir
+
+    if edit is not None:
+        folder = Path(tempfile.mkdtemp(prefix="parity-llama-cpp-edit-"))
+    else:
+        folder = cache_dir() / "llama-cpp"
+        folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([weights.hash, spec.to_dict()], sort_keys=True, default=str).encode())
+    stem = f"{spec.name}-{key.hexdigest()[:16]}"
+    path = folder / f"{stem}-{weight_type}.gguf"
+    if path.exists():
+        return path
+    if weight_type in K_QUANTS:
+        base = cached(spec, weights, "f32", edit) if edit is None else write(spec, weights, "f32",
+                                                                             folder / f"{stem}-f32.gguf", edit)
+        make = lambda tmp: quantized(base, weight_type, tmp)  # noqa: E731
+    else:
+        make = lambda tmp: write(spec, weights, weight_type, tmp, edit)  # noqa: E731
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        make(tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ reading back
+def read_back(spec: GemmaSpec, path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The canonical tensors as the file holds them (float32, canonical names and layout, the norm fold undone),
+    and each tensor's stored GGML type name."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = canonical_shapes(spec)
+    out, types = {}, {}
+    for canon, g in tensor_names(spec).items():
+        t = by_name[g]
+        # dequantize gives the logical shape, ggml's ne reversed: [rows, cols] as the canonical layout
+        v = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shapes[canon])
+        if canon.endswith("norm.weight"):
+            # undo the fold: fl(1 + w) - 1 is exact in float32 (Sterbenz), so 1 + held is what llama.cpp
+            # multiplies by, bit for bit (not w itself: fl(1 + w) dropped w's bits below 2^-23)
+            v = v - np.float32(1.0)
+        out[canon] = v
+        types[canon] = t.tensor_type.name
+    if "lm_head.weight" in shapes:  # an untied spec is refused by check; kept for completeness
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out, types
+
+
+def read_metadata(path: Path) -> dict:
+    """The file's key/values as Python values (strings decoded, arrays as lists)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
