@@ -123,7 +123,8 @@ def test_the_gelu_table_reproduces_llama_cpp(env):
     exact = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3))) * up
     table = _ggml_gelu_table(taps["layers.0.mlp.gate"]).astype(np.float64) * up
     assert _rel(hidden, exact) > 1e-3  # the float64 GELU is 40-50x the float32 bound away
-    assert _rel(hidden, table) < 1e-6  # the float16 table is what llama.cpp computed
+    # the float16 table is what llama.cpp computed (to a float16 ulp where float32 tanh rounds differently)
+    assert _rel(hidden, table) < 5e-5
 
 
 def test_default_f16_kv_cache_rounds_the_scores(env):
@@ -156,11 +157,15 @@ def test_decode_steps_match_the_full_run(env):
     for s, step in enumerate(res.steps):
         p = len(prompt) + s
         for tap in ("layers.0.attn", "layers.5.attn", "layers.0.attn_norm"):
-            assert _rel(step.taps[tap][0], whole[tap][p]) < 1e-4, (tap, s)
+            # float32 and the GELU table's float16 steps (a 1-token matmul sums in another order): far below
+            # what a wrong cache position or window moves (order 1)
+            assert _rel(step.taps[tap][0], whole[tap][p]) < 1e-3, (tap, s)
         local = step.taps["layers.0.attn.probs"][:, 0]  # [heads, p + 1]: layer 0 is local (window 16)
-        assert np.all(local[:, : p - 15] == 0) and np.all(local[:, p - 15:] > 0)
+        first = max(0, p - 15)  # the oldest position the window still sees
+        assert np.all(local[:, :first] == 0) and np.all(local[:, first:] > 0)
         view = step.cache[5]
         assert list(view.positions) == list(range(p + 1)) and view.k.shape == (2, p + 1, 32)
+    assert p - 15 > 0  # the last steps are past the window
     a.release(model)
 
 
