@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,8 @@ import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, Held, RunResult
 from parity.adapters.llama_cpp import gguf_file
-from parity.adapters.llama_cpp.capture import GgmlTensor, Recorder, read
+from parity.adapters.llama_cpp.capture import GgmlTensor, Recorder, quiet, read
+from parity.adapters.llama_cpp.readback import query_scale as _query_scale_llama
 from parity.adapters.registry import backend_missing
 from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec
@@ -61,14 +63,6 @@ class Built:
     contexts: list = field(default_factory=list)
 
 
-def _query_scale_llama(spec: GemmaSpec) -> float:
-    """The query scale llama.cpp computes (it has no key for it): gemma2.cpp/gemma3.cpp take 1/sqrt(hidden /
-    heads) for the 27B layer counts (46 / 62) and 1/sqrt(head_dim) otherwise; gemma.cpp always 1/sqrt(head_dim)."""
-    big = {2: 46, 3: 62}.get(spec.family)
-    d = spec.hidden_size // spec.num_heads if spec.num_layers == big else spec.head_dim
-    return float(np.float32(1.0) / np.sqrt(np.float32(d)))
-
-
 class LlamaCppAdapter(Adapter):
     name = "llama-cpp"
     decodes = True
@@ -93,10 +87,8 @@ class LlamaCppAdapter(Adapter):
         return f"llama-cpp-python {version('llama-cpp-python')} / gguf {version('gguf')} (CPU)"
 
     def settings(self) -> dict[str, str]:
-        from parity.adapters.torch_setup import threads
-
         return {"weights": self.weights, "kv_cache": self.kv_type, "flash_attn": self.flash_attn,
-                "threads": str(threads())}
+                "threads": str(_threads())}
 
     # ------------------------------------------------------------ check
     def check(self, spec: GemmaSpec, dtype: str) -> None:
@@ -164,7 +156,7 @@ class LlamaCppAdapter(Adapter):
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         import llama_cpp
 
-        _quiet()
+        quiet()
         path = self._file(spec, weights)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
@@ -179,13 +171,11 @@ class LlamaCppAdapter(Adapter):
     def _context(self, built: Built, n_ctx: int, rec: Recorder):
         import llama_cpp
 
-        from parity.adapters.torch_setup import threads
-
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = n_ctx  # the whole prompt in one ubatch: one graph, one callback pass
         cp.n_seq_max = 1
-        cp.n_threads = cp.n_threads_batch = threads()
+        cp.n_threads = cp.n_threads_batch = _threads()
         cp.type_k = cp.type_v = KV_TYPES[self.kv_type]
         cp.flash_attn_type = FLASH[self.flash_attn]
         cp.swa_full = False  # llama.cpp's default, explicit: the SWA cache is window + ubatch cells
@@ -349,7 +339,7 @@ class LlamaCppAdapter(Adapter):
     def effective(self, model: Built) -> dict:
         from parity.adapters.llama_cpp.readback import effective
 
-        return effective(model, self)
+        return effective(model, self.settings())
 
     def release(self, model: Built) -> None:
         import llama_cpp
@@ -360,6 +350,13 @@ class LlamaCppAdapter(Adapter):
         if model.model:
             llama_cpp.llama_model_free(model.model)
             model.model = None
+
+
+def _threads() -> int:
+    """PARITY_THREADS, as parity.adapters.torch_setup.threads() reads it (the harness has already refused a bad
+    value through it); not imported from there, since that module imports torch and llama.cpp needs none."""
+    text = os.environ.get("PARITY_THREADS", "1").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 1
 
 
 def _n_ctx(n: int) -> int:
@@ -379,16 +376,3 @@ def _check_slots(spec: GemmaSpec, rec: Recorder, p: int) -> None:
         if not np.array_equal(np.isfinite(mask), want):
             raise RuntimeError(f"llama-cpp: layer {i}'s cache cells are not positions 0..{p} in order at step "
                                f"position {p}; parity's cache reading (adapters/llama_cpp/adapter.py) needs updating")
-
-
-def _quiet() -> None:
-    """llama.cpp's loader logs every key and tensor to stderr: kept out of parity's output."""
-    import llama_cpp
-
-    global _LOG_CB
-    if _LOG_CB is None:
-        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, data: None)
-        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
-
-
-_LOG_CB = None

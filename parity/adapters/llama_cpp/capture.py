@@ -115,3 +115,17 @@ class Recorder:
             return True
 
         return llama_cpp.ggml_backend_sched_eval_callback(cb)
+
+
+_LOG_CB = None
+
+
+def quiet() -> None:
+    """llama.cpp's loader and quantizer log every key and tensor to stderr: kept out of parity's output (the
+    callback object is kept for the process's life, as llama.cpp holds its pointer)."""
+    import llama_cpp
+
+    global _LOG_CB
+    if _LOG_CB is None:
+        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))

@@ -148,6 +148,9 @@ def quantized(src: Path, weight_type: str, path: Path) -> Path:
     """A K-quant file made by llama.cpp's own C quantizer from the F32 file (gguf-py cannot write K-quants)."""
     import llama_cpp
 
+    from parity.adapters.llama_cpp.capture import quiet
+
+    quiet()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPE[weight_type]
     params.nthread = 1

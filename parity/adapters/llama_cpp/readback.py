@@ -45,11 +45,10 @@ def _bools(text: str | None) -> list[bool] | None:
         return None
 
 
-def effective(built, adapter) -> dict:
+def effective(built, settings: dict[str, str]) -> dict:
     import gguf
     import llama_cpp
 
-    from parity.adapters.llama_cpp.adapter import _query_scale_llama
     from parity.adapters.llama_cpp.gguf_file import read_metadata
 
     m, spec = built.model, built.spec
@@ -84,7 +83,7 @@ def effective(built, adapter) -> dict:
     stored = np.asarray(names["blk.0.attn_norm.weight"].data, np.float64)
     w = built.norm0.astype(np.float64)
     H, heads = llama_cpp.llama_model_n_embd(m), llama_cpp.llama_model_n_head(m)
-    q_scale = _query_scale_llama(_Shape(family, L, H, heads, int(num("attention.key_length"))))
+    q_scale = query_scale(_Shape(family, L, H, heads, int(num("attention.key_length"))))
     return report({
         "vocab_size": int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))),
         "hidden_size": H,
@@ -113,7 +112,7 @@ def effective(built, adapter) -> dict:
     }, {
         "gguf": built.path.name,
         "architecture": arch,
-        "settings": adapter.settings(),
+        "settings": settings,
         "weight_types": sorted({str(t.tensor_type.name) for t in reader.tensors}),
         "metadata": {k: v for k, v in kv.items() if not k.startswith("tokenizer.")},
         "gelu_table": "ggml-cpu GGML_GELU_FP16: the GELU's input is rounded to float16 and its value read "
@@ -122,8 +121,16 @@ def effective(built, adapter) -> dict:
     })
 
 
+def query_scale(spec) -> float:
+    """The query scale llama.cpp computes (it has no key for it): gemma2.cpp/gemma3.cpp take 1/sqrt(hidden /
+    heads) for the 27B layer counts (46 / 62) and 1/sqrt(head_dim) otherwise; gemma.cpp always 1/sqrt(head_dim)."""
+    big = {2: 46, 3: 62}.get(spec.family)
+    d = spec.hidden_size // spec.num_heads if spec.num_layers == big else spec.head_dim
+    return float(np.float32(1.0) / np.sqrt(np.float32(d)))
+
+
 class _Shape:
-    """The fields _query_scale_llama reads, from what llama.cpp loaded (not the spec)."""
+    """The fields query_scale reads, from what llama.cpp loaded (not the spec)."""
 
     def __init__(self, family: int, L: int, H: int, heads: int, head_dim: int) -> None:
         self.family, self.num_layers, self.hidden_size, self.num_heads, self.head_dim = family, L, H, heads, head_dim
