@@ -58,7 +58,6 @@ class Built:
     path: Path
     model: Any  # llama_model_p
     weight_type: str
-    stored: dict[str, str]  # canonical name -> GGML type the file holds it in
     norm0: np.ndarray  # layer 0's first norm as given, to read the unit offset back
     contexts: list = field(default_factory=list)
 
@@ -147,7 +146,7 @@ class LlamaCppAdapter(Adapter):
     def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
         if self.weights == "f32":
             return None
-        tensors, types = gguf_file.read_back(spec, self._file(spec, weights))
+        tensors, _ = gguf_file.read_back(spec, self._file(spec, weights))
         # every matrix of a file is one type here (Q4_K is written `pure`), so one activation rounding applies;
         # norms are F32 and take no matmul
         return Held(Weights(spec, tensors, source=f"{self.name} GGUF"), self.weights,
@@ -163,10 +162,9 @@ class LlamaCppAdapter(Adapter):
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not model:
             raise RuntimeError(f"llama-cpp: llama_model_load_from_file refused {path}")
-        _, types = gguf_file.read_back(spec, path) if self.weights != "f32" else ({}, {})
         norm0 = np.empty(weights.shape("model.layers.0.input_layernorm.weight"), np.float32)
         weights.read_into("model.layers.0.input_layernorm.weight", norm0)
-        return Built(spec, path, model, self.weights, types, norm0)
+        return Built(spec, path, model, self.weights, norm0)
 
     def _context(self, built: Built, n_ctx: int, rec: Recorder):
         import llama_cpp

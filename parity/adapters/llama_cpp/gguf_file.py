@@ -36,6 +36,9 @@ ACTIVATIONS = {"f32": None, "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0"
 # llama_ftype values for llama_model_quantize (include/llama.h)
 FTYPE = {"q4_k": 15}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, with `pure` set: every matrix Q4_K (no Q6_K mix)
 
+# bumped whenever what `write` puts in a file changes: part of the cache key, so no stale file is reused
+WRITER = 1
+
 # Metadata as a plain mapping key -> (value, GGUFValueType name, array sub-type name or None): the form an
 # `edit` hook (fault injection in tests) changes before the file is written.
 Metadata = dict
@@ -173,7 +176,11 @@ def cached(spec: GemmaSpec, weights: Weights, weight_type: str,
     else:
         folder = cache_dir() / "llama-cpp"
         folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([weights.hash, spec.to_dict()], sort_keys=True, default=str).encode())
+    from importlib.metadata import version
+
+    # the file depends on the weights, the spec, this writer, gguf-py, and (K-quants) llama.cpp's C quantizer
+    made_by = [WRITER, version("gguf")] + ([version("llama-cpp-python")] if weight_type in K_QUANTS else [])
+    key = hashlib.sha256(json.dumps([weights.hash, spec.to_dict(), made_by], sort_keys=True, default=str).encode())
     stem = f"{spec.name}-{key.hexdigest()[:16]}"
     path = folder / f"{stem}-{weight_type}.gguf"
     if path.exists():
