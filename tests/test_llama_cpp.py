@@ -151,10 +151,12 @@ def test_decode_auto_through_llama_cpps_cache(env):
     assert modes.get("decode") == "PASS" and modes.get("decode-self") == "PASS", modes
 
 
-@pytest.mark.parametrize("impl,spec", [("llama-cpp-q8_0", "tiny-gemma2"), ("llama-cpp-q4_0", "tiny-gemma"),
-                                       ("llama-cpp-q4_k", "wide")])
-def test_quantized_runs_pass_against_held(env, impl, spec):
-    rc, r = _run(env, _wide(env, "tiny-gemma2") if spec == "wide" else spec, impl, "--kv-cache", "f32",
+@pytest.mark.parametrize("impl,spec,kv", [("llama-cpp-q8_0", "tiny-gemma2", "f32"), ("llama-cpp-q4_0", "tiny-gemma", "f32"),
+                                          ("llama-cpp-q4_k", "wide", "f32"), ("llama-cpp-f16", "tiny-gemma3", "f16")])
+def test_quantized_runs_pass_against_held(env, impl, spec, kv):
+    """Against the port on held() with the activation rounding held() names (f16 weights: activations f16, which
+    also covers the default F16 KV cache's float16 query in the KQ matmul)."""
+    rc, r = _run(env, _wide(env, "tiny-gemma2") if spec == "wide" else spec, impl, "--kv-cache", kv,
                  "--quant-budget", "1")
     assert rc == 0 and r["status"] == "PASS", r["headline"]
     (run,) = [k for k in r["effective"] if k.startswith("llama-cpp")]
