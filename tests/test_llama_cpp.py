@@ -229,7 +229,7 @@ def test_held_reads_the_file_back(env):
     assert LlamaCppAdapter().held(spec, w, "float32") is None  # f32 weights: the port on the given weights
     a = LlamaCppAdapter(weights="q4_0")
     held = a.held(spec, w, "float32")
-    assert (held.weight_type, held.activations) == ("q4_0", "q8_0")
+    assert held.weight_type == "q4_0" and held.activations in ("q8_0", "q8_0-x86")  # x86: half to even
     again, types = read_back(spec, a._file(spec, w))  # the cached file, not a second one
     for k, v in held.weights.tensors.items():
         assert v.shape == w.tensors[k].shape and v.dtype == np.float32
@@ -243,10 +243,12 @@ def test_held_reads_the_file_back(env):
             assert np.all(np.abs(v - w.tensors[k]).reshape(scale.shape[:2] + (32,)) <= scale * 1.01)
 
 
-@pytest.mark.parametrize("weights,better", [("q8_0", 5.0), ("q4_0", 1e4)])
+@pytest.mark.parametrize("weights,better", [("q8_0", 1e4), ("q4_0", 1e4)])
 def test_held_weights_explain_the_quantized_run(env, weights, better):
     """The port with llama.cpp's activation rounding on held() agrees with llama.cpp far better than on the
-    given weights (layer 0's attention output, before the GELU table's rounding enters)."""
+    given weights (layer 0's attention output, before the GELU table's rounding enters): to float32 rounding."""
+    import platform
+
     from parity.adapters.litgpt_style import LitgptStyleAdapter
     from parity.adapters.llama_cpp import LlamaCppAdapter
     from parity.adapters.port_model import PortOptions
@@ -256,11 +258,18 @@ def test_held_weights_explain_the_quantized_run(env, weights, better):
     a = LlamaCppAdapter(weights=weights, kv_type="f32")
     held = a.held(spec, w, "float32")
     got = a.run(a.build(spec, w, "float32"), TOKENS).taps
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    cases = [("given", w, None), ("held", held.weights, held.activations)]
+    if weights == "q8_0" and x86:
+        assert held.activations == "q8_0-x86"
+        cases.append(("half-away", held.weights, "q8_0"))  # the generic C's rounding: one activation lands on a tie
     err = {}
-    for label, ww, aq in (("given", w, None), ("held", held.weights, held.activations)):
+    for label, ww, aq in cases:
         port = LitgptStyleAdapter(options=PortOptions(act_quant=aq))
         err[label] = _rel(got["layers.0.attn"], port.run(port.build(spec, ww, "float32"), TOKENS).taps["layers.0.attn"])
-    assert err["held"] * better < err["given"], err
+    assert err["held"] * better < err["given"] and err["held"] < 1e-5, err
+    if "half-away" in err:
+        assert err["half-away"] > 1e-3, err  # ggml's x86 path rounds half to even: the kind is not a detail
 
 
 def test_k_quant_needs_widths_of_256(env):
@@ -282,7 +291,7 @@ def test_k_quant_needs_widths_of_256(env):
     for label, ww, aq in (("given", w, None), ("held", held.weights, held.activations)):
         port = LitgptStyleAdapter(options=PortOptions(act_quant=aq))
         err[label] = _rel(got["layers.0.attn"], port.run(port.build(spec, ww, "float32"), TOKENS).taps["layers.0.attn"])
-    assert err["held"] * 5 < err["given"], err
+    assert err["held"] * 1e4 < err["given"], err
 
 
 # ------------------------------------------------------------------ what is refused or declared

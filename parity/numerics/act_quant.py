@@ -35,7 +35,14 @@ KINDS = {k.name: k for k in (
     ActQuant("f16", 0, "float16", "activations cast to float16 before each matmul (ggml vec_dot_type of f16)"),
     ActQuant("bf16", 0, "bfloat16", "activations cast to bfloat16 before each matmul (ggml vec_dot_type of bf16)"),
     ActQuant("q8_0", 32, "float16", "activations quantized to int8 in blocks of 32, float16 scales (ggml q8_0)"),
-    ActQuant("q8_K", 256, "float32", "activations quantized to int8 in blocks of 256, float32 scales (ggml q8_K)"),
+    # ggml-cpu's x86 SIMD quantize_row_q8_0 (arch/x86/quants.c, and the repacked ggml_quantize_mat_q8_0_4x8):
+    # x * (127 / max) rounded half to even (_mm256_round_ps), not the generic C's round(x / d); measured: one
+    # activation of tiny-gemma2 lands on -42.5 vs -42.500004 and llama.cpp's Q8_0 projections follow this kind
+    ActQuant("q8_0-x86", 32, "float16", "activations quantized to int8 in blocks of 32, float16 scales, rounded "
+             "half to even (ggml q8_0, x86 SIMD)", "half-even"),
+    # quantize_row_q8_K_ref (every platform): nearest_int(-127 / max * x), which rounds half to even
+    ActQuant("q8_K", 256, "float32", "activations quantized to int8 in blocks of 256, float32 scales, rounded "
+             "half to even (ggml q8_K)", "half-even"),
     ActQuant("int8/32", 32, "float32", "activations quantized to int8 in blocks of 32, float32 scales, "
              "rounded half to even (onnxruntime MatMulNBits, accuracy level 4)", "half-even"),
     ActQuant("int8/128", 128, "float32", "activations quantized to int8 in blocks of 128, float32 scales, "

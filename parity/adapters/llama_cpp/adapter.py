@@ -150,7 +150,7 @@ class LlamaCppAdapter(Adapter):
         # every matrix of a file is one type here (Q4_K is written `pure`), so one activation rounding applies;
         # norms are F32 and take no matmul
         return Held(Weights(spec, tensors, source=f"{self.name} GGUF"), self.weights,
-                    gguf_file.ACTIVATIONS[self.weights])
+                    gguf_file.activations(self.weights))
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         import llama_cpp

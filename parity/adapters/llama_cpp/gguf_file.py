@@ -33,6 +33,18 @@ K_QUANTS = ("q4_k",)
 K_BLOCK = 256  # a K-quant super-block: every row length must be a multiple of it
 # how ggml-cpu's matmul rounds the activation row for each weight type (its vec_dot_type; ggml-cpu.c type_traits)
 ACTIVATIONS = {"f32": None, "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0", "q4_k": "q8_K"}
+
+
+def activations(weight_type: str) -> str | None:
+    """ACTIVATIONS, with q8_0 as this machine's ggml-cpu rounds it: x86's SIMD path rounds half to even
+    (parity.numerics.act_quant "q8_0-x86"); elsewhere the generic C's round-half-away ("q8_0") is assumed (ARM's
+    NEON path rounds x / d half to even, a third variant not modelled)."""
+    import platform
+
+    kind = ACTIVATIONS[weight_type]
+    if kind == "q8_0" and platform.machine().lower() in ("x86_64", "amd64"):
+        return "q8_0-x86"
+    return kind
 # llama_ftype values for llama_model_quantize (include/llama.h)
 FTYPE = {"q4_k": 15}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, with `pure` set: every matrix Q4_K (no Q6_K mix)
 
