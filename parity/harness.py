@@ -199,6 +199,13 @@ def check_runtime(req: Request) -> None:
     from parity.adapters.registry import BUILTINS
 
     names = req.impls if req.impls is not None else default_impls()
+    adapters = req.adapters or {}
+    if req.quant_budget is not None and not any(n in adapters or n not in BUILTINS or BUILTINS[n].holds
+                                                for n in names):
+        # built-ins say whether they quantize; a plug-in may (Adapter.held), so only an all-built-in choice is refused
+        raise ParityInputError("{option} was given, but none of the implementations run quantizes its weights; drop "
+                               "it, or add a quantized run such as llama-cpp-q4_0 or ort-genai-int4",
+                               option="quant_budget")
     for key, value in (req.runtime or {}).items():
         if key not in RUNTIME_SETTINGS:
             raise ParityInputError(f"runtime setting {key!r} is not known; use one of {', '.join(RUNTIME_SETTINGS)}")
@@ -432,10 +439,6 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
                                           "Adapter.held must return weights of the spec it was given")
             key = (h.weights.hash, h.activations)
             groups.setdefault(key, (h, []))[1].append(f"{adapter.name}@{d}")
-    if req.quant_budget is not None and not groups:
-        raise ParityInputError("{option} was given, but no run quantizes its weights (none of the implementations "
-                               "holds other weights than it was given); drop it, or add a quantized run such as "
-                               "llama-cpp-q4_0 or ort-genai-int4", option="quant_budget")
     out = {}
     for h, labels in groups.values():
         dtypes = [label.rsplit("@", 1)[1] for label in labels]

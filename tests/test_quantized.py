@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 
 from parity.adapters.base import Held
-from parity.adapters.litgpt_style import LitgptStyleAdapter
-from parity.adapters.port_model import PortOptions
 from parity.harness import Request, run
 from parity.model.presets import PRESETS
 from parity.model.weights import Weights
@@ -36,20 +34,24 @@ def quantized(weights: Weights) -> Weights:
                                   for k, v in weights.tensors.items()}, source=f"q8_0 of {weights.source}")
 
 
-class QuantizedPort(LitgptStyleAdapter):
-    """A plug-in quantized Gemma: the port in float32 on q8_0 weights, q8_0 activations in every matmul."""
+def QuantizedPort(name="qport", unheld=False, **faults):
+    """A plug-in quantized Gemma: the port in float32 on q8_0 weights, q8_0 activations in every matmul; with
+    `unheld`, the same model not saying what it holds (judged against the float weights' reference). Made here,
+    not at import: the port imports torch, and collecting the suite imports no framework."""
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+    from parity.adapters.port_model import PortOptions
 
-    def __init__(self, name="qport", **faults) -> None:
-        super().__init__(PortOptions(act_quant="q8_0", **faults), name=name)
+    class Port(LitgptStyleAdapter):
+        def held(self, spec, weights, dtype):
+            return None if unheld else Held(quantized(weights), "q8_0", "q8_0")
 
-    def held(self, spec, weights, dtype):
-        return Held(quantized(weights), "q8_0", "q8_0")
+        def settings(self):
+            return {"weights": "q8_0"}
 
-    def settings(self):
-        return {"weights": "q8_0"}
+        def build(self, spec, weights, dtype):
+            return super().build(spec, quantized(weights), dtype)
 
-    def build(self, spec, weights, dtype):
-        return super().build(spec, quantized(weights), dtype)
+    return Port(PortOptions(act_quant="q8_0", **faults), name=name)
 
 
 def _run(adapter, spec="tiny-gemma2", **kw):
@@ -73,11 +75,8 @@ def test_a_correct_quantized_implementation_passes_against_its_held_weights(corr
     assert loss.within and loss.layers
 
 
-class Unheld(QuantizedPort):
-    """The same quantized model, not saying what it holds: judged against the float weights' reference."""
-
-    def held(self, spec, weights, dtype):
-        return None
+def Unheld():
+    return QuantizedPort(unheld=True)
 
 
 def test_without_its_held_weights_the_same_correct_run_fails():
@@ -102,11 +101,30 @@ def test_a_budget_below_the_loss_fails_the_gate_as_quantization_not_divergence()
     assert not tight.divergent_causes  # over budget is not a cause
 
 
-def test_a_budget_with_no_quantized_run_is_refused():
+def test_a_budget_with_no_quantizing_builtin_is_refused_before_any_work():
     from parity.errors import ParityInputError
 
-    with pytest.raises(ParityInputError, match="no run quantizes"):
-        _run(Unheld(), quant_budget=0.01)
+    with pytest.raises(ParityInputError, match="none of the implementations run quantizes"):
+        run(Request(spec=PRESETS["tiny-gemma"], impls=["litgpt-style"], dtypes=["float32"], quant_budget=0.01,
+                    weights=_poisoned()))
+
+
+def _poisoned():
+    """Weights whose check() fails loudly: a refusal that comes after any weight is touched would show it."""
+    class Poisoned:
+        spec = PRESETS["tiny-gemma"]
+
+        def check(self):
+            raise AssertionError("the weights were used before the refusal")
+
+    return Poisoned()
+
+
+def test_a_budget_with_a_plugin_that_holds_nothing_reports_no_loss():
+    """A plug-in may quantize (Adapter.held) or not: not known before it is asked, so not refused; it holds the
+    given weights, so there is nothing to report."""
+    got = _run(Unheld(), quant_budget=0.01)
+    assert not got.quant and not got.held
 
 
 @pytest.mark.parametrize("text", ["-1", "nan", "inf", "q4_0=", "q4_0=1,q4_0=2", "q9_9=1", "x"])
