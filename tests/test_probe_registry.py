@@ -169,5 +169,5 @@ def test_a_probe_naming_a_cause_it_did_not_declare_fails_the_run(report):
 def test_every_builtin_probe_is_registered():
     # every module of the package is imported, in name order, and registers its probes
     assert list(PROBES) == ["rope_precision", "softmax", "attention_mask", "embedding", "lm_head", "gelu", "geglu",
-                            "moe-router-probs", "moe-router-weights", "moe-experts", "attn_norm", "norm_placement", "layer_norms", "final_norm"]
+                            "geglu-fused", "moe-router-probs", "moe-router-weights", "moe-experts", "attn_norm", "norm_placement", "layer_norms", "final_norm"]
     assert probes.run_probes is run_probes

@@ -217,6 +217,17 @@ CAUSES: tuple[Cause, ...] = (
         kind="precision",
     ),
     Cause(
+        "gelu-fp16-table", "GELU from a float16 table",
+        "The GELU rounds its input to float16 and reads a table of tanh-GELU values stored in float16, in float32 "
+        "runs too, so its error is float16's, not the run's dtype's.",
+        "ggml's CPU backend (llama.cpp and everything built on it) with GGML_GELU_FP16, on by default: "
+        "`ggml_vec_gelu_f32` and the fused `ggml_vec_geglu_f32` index `ggml_table_gelu_f16` by the input's float16 "
+        "bits (0 at or below -10, the input at or above 10).",
+        "About 5e-4 relative per element: 38-51x the float32 bound at the first layer's mlp.hidden of the tiny "
+        "presets, within the honest noise of f16 and quantized weights (which round the MLP's inputs more).",
+        kind="precision",
+    ),
+    Cause(
         "softmax-precision", "softmax precision",
         "The attention softmax runs in bf16/fp16 instead of fp32.",
         "HF eager and keras-hub upcast; the JAX reference does not.",

@@ -36,6 +36,16 @@ def gelu_tanh_op_by_op(x: np.ndarray, dtype: str) -> np.ndarray:
     return (xv * cdf).astype(np.float64)
 
 
+def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU (GGML_GELU_FP16, on by default): the input rounded to float16 indexes a table of
+    tanh-GELU values stored in float16; at or below -10 it is 0, at or above 10 the input itself. In float32 runs
+    too, so its error is float16's (about 5e-4 relative per element), not float32's."""
+    x = np.asarray(x, np.float64)
+    idx = x.astype(np.float32).astype(np.float16).astype(np.float64)  # GGML_CPU_FP32_TO_FP16(x)
+    table = gelu_tanh(idx).astype(np.float32).astype(np.float16).astype(np.float64)  # ggml_table_gelu_f16[t]
+    return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, table))
+
+
 GELU_TIE = 1e-3  # within a dtype, exact and tanh can tie when every input is tiny: say so instead of guessing
 CORRECT_GELU = "tanh, rounded once"
 
@@ -144,7 +154,39 @@ def probe_geglu(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float 
                   unexplained="mlp.hidden is neither act * up nor act * gate (best {score:.1%})")
 
 
+def probe_geglu_fused(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: float = 0.98) -> Probe:
+    """Where mlp.act is not captured (one fused GeGLU kernel: llama.cpp's ggml_geglu_split, mlx-lm's compiled
+    function), which GELU of which projection, times the other, gives mlp.hidden."""
+    p = f"layers.{layer}.mlp."
+    tap = p + "hidden"
+    if trace.taps.get(p + "act") is not None:
+        return Probe.cannot_tell("geglu-fused", tap, "mlp.act is captured: the gelu and geglu probes decide")
+    gate, up, hidden = (trace.taps.get(p + k) for k in ("gate", "up", "hidden"))
+    if any(v is None for v in (gate, up, hidden)):
+        return Probe.cannot_tell("geglu-fused", tap, "mlp.gate, mlp.up or mlp.hidden not captured")
+    if not (gate.shape == up.shape == hidden.shape):
+        return Probe.cannot_tell("geglu-fused", tap, f"shapes differ: gate {gate.shape}, up {up.shape}, "
+                                 f"hidden {hidden.shape}")
+    dtype = trace.dtype
+    g, u = np.asarray(gate, np.float64), np.asarray(up, np.float64)
+    cands = [Candidate(f"gelu(gate) {CORRECT_GELU} * up", None, gelu_tanh(g) * u, GELU_TIE),
+             Candidate("exact gelu(gate) * up", "gelu-exact", gelu_exact(g) * u, GELU_TIE),
+             Candidate("gelu(gate) from a float16 table * up", "gelu-fp16-table", gelu_fp16_table(g) * u, GELU_TIE),
+             Candidate("gelu(up) * gate", "geglu-swapped", gelu_tanh(u) * g)]
+    if dtype in ("bfloat16", "float16"):
+        cands.append(Candidate(f"gelu(gate) op by op in {dtype} * up", "act-lowp", gelu_tanh_op_by_op(g, dtype) * u,
+                               GELU_TIE))
+    keep = gelu_trusted(g, dtype, cands, hidden)
+    return decide("geglu-fused", tap, hidden, cands, dtype, keep, _gelu_why(dtype), min_agreement,
+                  correct=cands[0], lead_as=float, with_finding=True, says="mlp.hidden = {best}",
+                  tied="{best} and the runner-up agree equally ({score:.1%}): inputs too small to tell",
+                  unexplained="no GeGLU candidate explains mlp.hidden (best {best!r} at {score:.1%})")
+
+
 register(ProbeSpec("gelu", lambda trace, spec, weights, layer: probe_gelu(trace, layer), "layers.{}.mlp.act",
                    per_layer=True, causes=("gelu-exact", "act-lowp", "geglu-swapped", "unexplained")))
 register(ProbeSpec("geglu", lambda trace, spec, weights, layer: probe_geglu(trace, spec, layer),
                    "layers.{}.mlp.hidden", per_layer=True, causes=("geglu-width", "geglu-swapped", "unexplained")))
+register(ProbeSpec("geglu-fused", lambda trace, spec, weights, layer: probe_geglu_fused(trace, spec, layer),
+                   "layers.{}.mlp.hidden", per_layer=True,
+                   causes=("gelu-exact", "gelu-fp16-table", "geglu-swapped", "act-lowp", "unexplained")))
