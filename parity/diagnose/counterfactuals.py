@@ -25,6 +25,10 @@ from parity.model.weights import canonical_shapes
 from parity.diagnose.search import Ranking, Wording, rank
 
 
+# the KV-cache types a decode is re-run with (parity.numerics.act_quant kinds, along head_dim)
+KV_CACHE_KINDS = ("f16", "bf16", "q8_0")
+
+
 @dataclass(frozen=True)
 class Counterfactual:
     cause: str
@@ -83,15 +87,7 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
     for q in sorted(scalars):
         if abs(1.0 / q**0.5 - spec.query_scale) > 1e-9:
             c.append(Counterfactual(scale_cause, f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
-    # rope bases: Gemma's two bases, and local/global swapped
-    b = spec.rope_base
-    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b}):
-        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", (("rope_base", base),)))
-    if spec.rope_local_base is not None:
-        c.append(Counterfactual("rope-base", "local and global bases swapped",
-                                (("rope_base", spec.rope_local_base), ("rope_local_base", spec.rope_base))))
-    if spec.rope_scaling_factor != 1.0:
-        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    c += rope_candidates(spec)
     if spec.attn_softcap is not None:
         c.append(Counterfactual("attn-softcap-missing", "no attention softcap", (("attn_softcap", None),)))
     if spec.final_softcap is not None:
@@ -113,6 +109,31 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
     if spec.family == 4:
         c += gemma4_candidates(spec)
+    return c
+
+
+def rope_candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """`rope-base`: a wrong base on every layer (one neither layer type uses), or the scaling dropped;
+    `rope-wrong-layer-type`: a base or the scaling right for one layer type applied to the other. A base the
+    spec gives one layer type is left out of the first kind: set everywhere, it is the second kind."""
+    c = []
+    b, lb = spec.rope_base, spec.rope_local_base
+    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b, lb}):
+        everywhere = (("rope_base", base),) + ((("rope_local_base", base),) if lb is not None else ())
+        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", everywhere))
+    if spec.rope_scaling_factor != 1.0:
+        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    if lb is not None and lb != b:  # a truncated spec may hold one layer type only: a no-op variant scores as such
+        c += [Counterfactual("rope-wrong-layer-type", f"global base {b:g} on the local layers too",
+                             (("rope_local_base", b),)),
+              Counterfactual("rope-wrong-layer-type", f"local base {lb:g} on the global layers too",
+                             (("rope_base", lb),)),
+              Counterfactual("rope-wrong-layer-type", "local and global bases swapped",
+                             (("rope_base", lb), ("rope_local_base", b)))]
+    if spec.rope_scaling_factor != 1.0 and "local" in spec.layer_types:
+        c.append(Counterfactual("rope-wrong-layer-type",
+                                f"linear scaling by {spec.rope_scaling_factor:g} on the local layers too",
+                                options=(("rope_scaling_local", True),)))
     return c
 
 
@@ -149,6 +170,9 @@ def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
     """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
     c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
          for d in (1, -1)]
+    # a cache that rounds K/V: the float formats, then the int8 blocks of llama.cpp's q8_0 cache
+    c += [Counterfactual("kv-cache-precision", f"K/V rounded by a {kind} cache", options=(("decode_kv_quant", kind),))
+          for kind in KV_CACHE_KINDS]
     if spec.attn_softcap is not None:  # litgpt #1672: only its softcap path adds the boolean mask
         c.append(Counterfactual("decode-mask", "the cached prefill's mask added as 0/1, not 0/-inf",
                                 options=(("prefill_mask_added_as_bool", True),)))

@@ -1,0 +1,102 @@
+"""`config-value-dropped`: a spec value the built model does not hold, read off its effective configuration.
+
+Each adapter reads back what the model it built computes (parity.model.effective); a property whose value
+differs from the reference's is a value of the spec the implementation did not take (a config key its loader
+never read, a flag left at its default, a constant it rounded). Each becomes one finding naming the property,
+the spec's value and the implementation's. Where the run's first divergence is at or downstream of the first
+tap that property controls, it is a divergence; where no probe or counterfactual names that first divergence
+(an "unexplained" entry), the dropped value explains it instead. Where the run's traces agree anyway (a
+dropped window on a prompt inside it), it is a note: the value was not taken, but these tokens cannot show it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from parity.compare.pairs import used as used_
+from parity.diagnose.finding import Finding
+from parity.model.effective import BY_NAME, Difference
+from parity.model.taps import tap_order
+from parity.numerics.display import share_text
+
+CAUSE = "config-value-dropped"
+
+# the first tap each property's value acts on ("{}": the first layer whose value differs)
+CONTROLS = {
+    "vocab_size": "embed", "hidden_size": "embed", "embed_scale": "embed", "embed_scale_dtype": "embed",
+    "intermediate_size": "layers.0.mlp.gate",
+    "num_layers": "final_norm",
+    "num_heads": "layers.0.attn.scores", "num_kv_heads": "layers.0.attn.scores", "head_dim": "layers.0.attn.scores",
+    "qk_norm": "layers.0.attn.scores",
+    "norm_unit_offset": "layers.0.attn_norm", "norm_eps": "layers.0.attn_norm",
+    "norm_placement": "layers.0.attn_residual",
+    "final_norm": "final_norm",
+    "gelu_approximate": "layers.0.mlp.act", "geglu": "layers.0.mlp.act",
+    "tied_head": "logits", "final_softcap": "logits",
+    "query_scale": "layers.{}.attn.scores", "rope_base": "layers.{}.attn.scores",
+    "rope_scaling_factor": "layers.{}.attn.scores", "attn_softcap": "layers.{}.attn.scores",
+    "sliding_window": "layers.{}.attn.scores",
+}
+
+
+def _text(v) -> str:
+    """A property's value for the evidence sentence: a per-layer value once when every layer has it."""
+    if isinstance(v, (list, tuple)):
+        return f"{_text(v[0])} on every layer" if v and len(set(map(repr, v))) == 1 else \
+            "[" + ", ".join(_text(x) for x in v) + "] per layer"
+    return "none" if v is None else f"{v:.7g}" if isinstance(v, float) else str(v)
+
+
+def controlled_tap(d: Difference) -> str:
+    """The first tap `d`'s property acts on: for a per-layer property, at the first layer whose value differs."""
+    tap = CONTROLS.get(d.property, "embed")
+    if "{}" not in tap:
+        return tap
+    ref, got = d.reference, d.value
+    layer = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), 0) \
+        if isinstance(ref, (list, tuple)) and isinstance(got, (list, tuple)) else 0
+    return tap.format(layer)
+
+
+def config_findings(report) -> list[Finding]:
+    """One finding per (cumulative run, property) whose effective value differs from the reference's; an
+    `unexplained` first divergence downstream of a dropped value is re-assigned to it (report.diagnosis is
+    updated in place for that)."""
+    order = {t: i for i, t in enumerate(tap_order(report.spec))}
+    runs = {f"{r.impl}@{r.dtype}": r for r in report.runs if r.mode == "cumulative"}
+    out: list[Finding] = []
+    for d in report.effective_differences:
+        run = runs.get(d.run)
+        if run is None:
+            continue
+        tap = controlled_tap(d)
+        failed = [r for r in report.run_results(run.impl, run.dtype, "cumulative") if not r.passed]
+        first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
+        prop = BY_NAME[d.property]
+        said = (f"the spec's {d.property} ({prop.doc}) is {_text(d.reference)}; "
+                f"{d.run} holds {_text(d.value)} (its effective configuration, read back)")
+        downstream = first is not None and order.get(first.tap, 10**6) >= order.get(tap, 0)
+        if not downstream:
+            why = (f"; it acts from {tap}, after the first divergence at {first.tap}" if first is not None
+                   else f"; it acts from {tap}, and the traces agree on these tokens: not shown, a note")
+            out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
+                               severity="divergence" if first is not None else "note", evidence=said + why))
+            continue
+        explaining = next((i for i, e in enumerate(report.diagnosis) if e.run == (run.impl, run.dtype, "cumulative")
+                           and e.explains == first.tap), None)
+        named = report.diagnosis[explaining] if explaining is not None else None
+        takes_over = named is None or named.cause == "unexplained"
+        where = (f"; it acts from {tap}, at or before the first divergence at {first.tap} "
+                 f"({share_text(used_(first))} of its bound)")
+        if takes_over:
+            if named is not None:  # the unexplained entry stays, as the closest candidates, no longer explaining
+                report.diagnosis[explaining] = dataclasses.replace(named, explains=None)
+            out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
+                               severity="divergence", explains=first.tap,
+                               evidence=said + where + ": the value not taken explains it"))
+        else:
+            out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
+                               severity="divergence",
+                               evidence=said + where + f", which is named {named.cause}: the value not taken is "
+                                                       "where it came from"))
+    return out
