@@ -3,10 +3,15 @@
 Each adapter reads back what the model it built computes (parity.model.effective); a property whose value
 differs from the reference's is a value of the spec the implementation did not take (a config key its loader
 never read, a flag left at its default, a constant it rounded). Each becomes one finding naming the property,
-the spec's value and the implementation's. Where the run's first divergence is at or downstream of the first
-tap that property controls, it is a divergence; where no probe or counterfactual names that first divergence
-(an "unexplained" entry), the dropped value explains it instead. Where the run's traces agree anyway (a
-dropped window on a prompt inside it), it is a note: the value was not taken, but these tokens cannot show it.
+the spec's value and the implementation's:
+
+* the run's traces agree (a dropped window on a prompt inside it): a note, the value was not taken but these
+  tokens cannot show it;
+* the first divergence is at or after the first tap the property acts on and nothing else names it (an
+  `unexplained` entry): the dropped value explains it, a divergence;
+* a probe or counterfactual names the first divergence (a dropped final softcap is `final-softcap-missing`):
+  that entry stays the one explaining it, the more specific id, and its evidence gains the property, both
+  values and `config-value-dropped`, so one divergence keeps one entry.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ CONTROLS = {
     "num_heads": "layers.0.attn.scores", "num_kv_heads": "layers.0.attn.scores", "head_dim": "layers.0.attn.scores",
     "qk_norm": "layers.0.attn.scores",
     "norm_unit_offset": "layers.0.attn_norm", "norm_eps": "layers.0.attn_norm",
-    "norm_placement": "layers.0.attn_residual",
+    "norm_placement": "layers.0.post_attn_norm",
     "final_norm": "final_norm",
     "gelu_approximate": "layers.0.mlp.act", "geglu": "layers.0.mlp.act",
     "tied_head": "logits", "final_softcap": "logits",
@@ -59,9 +64,10 @@ def controlled_tap(d: Difference) -> str:
 
 
 def config_findings(report) -> list[Finding]:
-    """One finding per (cumulative run, property) whose effective value differs from the reference's; an
-    `unexplained` first divergence downstream of a dropped value is re-assigned to it (report.diagnosis is
-    updated in place for that)."""
+    """The new entries for each (cumulative run, property) whose effective value differs from the reference's
+    (a note, or the entry explaining an `unexplained` first divergence); the entries of report.diagnosis that
+    already name a first divergence are updated in place (their evidence, or `explains` moved off an
+    unexplained one)."""
     order = {t: i for i, t in enumerate(tap_order(report.spec))}
     runs = {f"{r.impl}@{r.dtype}": r for r in report.runs if r.mode == "cumulative"}
     out: list[Finding] = []
@@ -75,28 +81,27 @@ def config_findings(report) -> list[Finding]:
         prop = BY_NAME[d.property]
         said = (f"the spec's {d.property} ({prop.doc}) is {_text(d.reference)}; "
                 f"{d.run} holds {_text(d.value)} (its effective configuration, read back)")
-        downstream = first is not None and order.get(first.tap, 10**6) >= order.get(tap, 0)
-        if not downstream:
-            why = (f"; it acts from {tap}, after the first divergence at {first.tap}" if first is not None
-                   else f"; it acts from {tap}, and the traces agree on these tokens: not shown, a note")
+        if first is None:  # the traces agree (a probe may still have named something else): a note
             out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
-                               severity="divergence" if first is not None else "note", evidence=said + why))
+                               severity="note", evidence=said + f"; it acts from {tap}, and the traces agree on "
+                                                                "these tokens: not shown"))
             continue
         explaining = next((i for i, e in enumerate(report.diagnosis) if e.run == (run.impl, run.dtype, "cumulative")
                            and e.explains == first.tap), None)
         named = report.diagnosis[explaining] if explaining is not None else None
-        takes_over = named is None or named.cause == "unexplained"
-        where = (f"; it acts from {tap}, at or before the first divergence at {first.tap} "
-                 f"({share_text(used_(first))} of its bound)")
-        if takes_over:
-            if named is not None:  # the unexplained entry stays, as the closest candidates, no longer explaining
+        downstream = order.get(first.tap, 10**6) >= order.get(tap, 0)
+        if downstream and (named is None or named.cause == "unexplained"):
+            if named is not None:  # the unexplained entry stays, with its closest candidates, no longer explaining
                 report.diagnosis[explaining] = dataclasses.replace(named, explains=None)
             out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
                                severity="divergence", explains=first.tap,
-                               evidence=said + where + ": the value not taken explains it"))
-        else:
-            out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
-                               severity="divergence",
-                               evidence=said + where + f", which is named {named.cause}: the value not taken is "
-                                                       "where it came from"))
+                               evidence=said + f"; it acts from {tap}, at or before the first divergence at "
+                                               f"{first.tap} ({share_text(used_(first))} of its bound), which nothing "
+                                               "else explains: the value not taken does"))
+        elif named is not None:
+            # the entry that names the first divergence says where its cause came from (one entry per
+            # divergence: the named cause is the more specific id)
+            how = (f"{CAUSE}: {said}, acting from {tap}" + ("" if downstream else
+                                                                 ", after this divergence (not what shows here)"))
+            report.diagnosis[explaining] = dataclasses.replace(named, evidence=f"{named.evidence}; {how}")
     return out
