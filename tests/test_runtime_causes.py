@@ -271,3 +271,45 @@ def test_existing_causes_are_named_on_mlx_traces(tmp_path, monkeypatch, fault, t
     assert code == 1 and _first(r, "float32") == tap, r["first_divergences"]
     why = _explaining(r, "float32")
     assert why is not None and why["cause"] == fault and why["tap"] == tap, r["diagnosis"]
+
+
+# ---------------------------------------------------------------- config-value-dropped on ort-genai
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
+                    reason="ort-genai needs pip install 'parity[ort-genai]'")
+@pytest.mark.filterwarnings("ignore")
+def test_ort_builders_rounded_embedding_scale_says_which_value(tmp_path, monkeypatch):
+    """onnxruntime-genai's builder rounds sqrt(96) to 9.8: the probe names embed-scale-rounded, and the value
+    read back from the builder's graph is what that entry says was not taken."""
+    from parity.report.cli import main
+
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r"
+    assert main(["--spec", "tiny-gemma2", "--impls", "ort-genai", "--dtypes", "float32", "--tokens", SHORT,
+                 "--out", str(out), "--quiet"]) == 1
+    r = json.loads((out / "report.json").read_text())
+    why = _explaining(r, "float32")
+    assert why["cause"] == "embed-scale-rounded" and why["tap"] == "embed"
+    said = why["evidence"].split("config-value-dropped: ", 1)[1]
+    assert said.startswith("the spec's embed_scale ") and "is 9.797959;" in said and "holds 9.8 " in said, said
+
+
+@pytest.mark.parametrize("changes, cause", [
+    ({"rope_local_base": 1e6}, "rope-wrong-layer-type"),  # the global base on the local layers
+    ({"rope_base": 1e4}, "rope-wrong-layer-type"),  # the local base on the global layer
+    ({"rope_base": 5e5, "rope_local_base": 5e5}, "rope-base"),  # a base neither type uses, everywhere
+])
+def test_rope_ranking_tells_a_wrong_base_from_a_wrong_layer_type(changes, cause):
+    """The port with the fault, on tiny-gemma3 (5 local layers, then a global one): the ranking's winner."""
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+    from parity.harness import Request, run
+    from parity.model.presets import PRESETS
+    from parity.model.prompts import default_prompts
+
+    spec = PRESETS["tiny-gemma3"]
+    adapter = LitgptStyleAdapter(spec_changes=changes, name="port-rope")
+    report = run(Request(spec=spec, impls=[adapter.name], dtypes=["float32"], adapters={adapter.name: adapter},
+                         prompts={"long": default_prompts(spec)["long"]}))
+    (rv,) = [v for v in report.verdict.runs if v.mode == "cumulative"]
+    # the port exposes layer 0's rotary table: a fault on the local layers shows there first
+    assert rv.status == "FAIL" and rv.first.tap in ("rope.cos", "layers.5.attn.scores"), rv.first.tap
+    assert rv.explanation.cause == cause, rv.explanation.evidence
