@@ -147,6 +147,9 @@ def test_a_dropped_epsilon_explains_what_nothing_else_does(tmp_path, monkeypatch
     assert why["cause"] == "config-value-dropped" and why["tap"] == "layers.0.attn_norm", r["diagnosis"]
     assert "norm_eps" in why["evidence"] and "0.05" in why["evidence"] and "1e-06" in why["evidence"]
     assert r["verdicts"][0]["explained_by"] == "config-value-dropped"
+    # one entry explains it; the other value not taken (a bf16 embedding scale, exact for 8) joins its evidence
+    assert [d["cause"] for d in r["diagnosis"] if d.get("explains")] == ["config-value-dropped"]
+    assert "embed_scale_dtype" in why["evidence"] and "where the traces still agree" in why["evidence"]
 
 
 @needs_mlx

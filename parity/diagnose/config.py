@@ -70,38 +70,60 @@ def config_findings(report) -> list[Finding]:
     unexplained one)."""
     order = {t: i for i, t in enumerate(tap_order(report.spec))}
     runs = {f"{r.impl}@{r.dtype}": r for r in report.runs if r.mode == "cumulative"}
-    out: list[Finding] = []
+    by_run: dict[str, list[Difference]] = {}
     for d in report.effective_differences:
-        run = runs.get(d.run)
-        if run is None:
-            continue
-        tap = controlled_tap(d)
-        failed = [r for r in report.run_results(run.impl, run.dtype, "cumulative") if not r.passed]
+        if d.run in runs:
+            by_run.setdefault(d.run, []).append(d)
+    out: list[Finding] = []
+    for key, diffs in by_run.items():
+        run = runs[key]
+        results = report.run_results(run.impl, run.dtype, "cumulative")
+        failed = [r for r in results if not r.passed]
         first = min(failed, key=lambda r: order.get(r.tap, 10**6)) if failed else None
-        prop = BY_NAME[d.property]
-        said = (f"the spec's {d.property} ({prop.doc}) is {_text(d.reference)}; "
-                f"{d.run} holds {_text(d.value)} (its effective configuration, read back)")
-        if first is None:  # the traces agree (a probe may still have named something else): a note
-            out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
-                               severity="note", evidence=said + f"; it acts from {tap}, and the traces agree on "
-                                                                "these tokens: not shown"))
+        said = {d.property: (f"the spec's {d.property} ({BY_NAME[d.property].doc}) is {_text(d.reference)}; "
+                             f"{d.run} holds {_text(d.value)} (its effective configuration, read back)") for d in diffs}
+        if first is None:  # the traces agree (a probe may still have named something else): notes
+            out += [Finding(impl=run.impl, dtype=run.dtype, tap=controlled_tap(d), cause=CAUSE, source="comparison",
+                            severity="note", evidence=said[d.property] + f"; it acts from {controlled_tap(d)}, and "
+                                                                          "the traces agree on these tokens: not shown")
+                    for d in diffs]
             continue
         explaining = next((i for i, e in enumerate(report.diagnosis) if e.run == (run.impl, run.dtype, "cumulative")
                            and e.explains == first.tap), None)
         named = report.diagnosis[explaining] if explaining is not None else None
-        downstream = order.get(first.tap, 10**6) >= order.get(tap, 0)
-        if downstream and (named is None or named.cause == "unexplained"):
+        # a value can explain the first divergence only where it acts at or before it, on a tap that does not
+        # agree (a dropped value whose own tap passed does not show on these tokens: a bf16 constant that is exact)
+        passing = {r.tap for r in results if r.passed}
+        cands = [d for d in diffs if order.get(controlled_tap(d), 0) <= order.get(first.tap, 10**6)
+                 and controlled_tap(d) not in passing]
+        takes = max(cands, key=lambda d: order.get(controlled_tap(d), 0)) \
+            if cands and (named is None or named.cause == "unexplained") else None
+        if takes is not None:
             if named is not None:  # the unexplained entry stays, with its closest candidates, no longer explaining
-                report.diagnosis[explaining] = dataclasses.replace(named, explains=None)
+                report.diagnosis[explaining] = named = dataclasses.replace(named, explains=None)
+            tap = controlled_tap(takes)
             out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
                                severity="divergence", explains=first.tap,
-                               evidence=said + f"; it acts from {tap}, at or before the first divergence at "
-                                               f"{first.tap} ({share_text(used_(first))} of its bound), which nothing "
-                                               "else explains: the value not taken does"))
-        elif named is not None:
-            # the entry that names the first divergence says where its cause came from (one entry per
-            # divergence: the named cause is the more specific id)
-            how = (f"{CAUSE}: {said}, acting from {tap}" + ("" if downstream else
-                                                                 ", after this divergence (not what shows here)"))
-            report.diagnosis[explaining] = dataclasses.replace(named, evidence=f"{named.evidence}; {how}")
+                               evidence=said[takes.property] + f"; it acts from {tap}, at or before the first "
+                               f"divergence at {first.tap} ({share_text(used_(first))} of its bound), which nothing "
+                               "else explains: the value not taken does"))
+            explaining = None  # the rest join the entry that now explains it
+            named = out[-1]
+        for d in diffs:
+            if d is takes:
+                continue
+            tap = controlled_tap(d)
+            after = order.get(tap, 0) > order.get(first.tap, 10**6)
+            how = (f"{CAUSE}: {said[d.property]}, acting from {tap}"
+                   + (", after this divergence (not what shows here)" if after else
+                      ", where the traces still agree" if tap in passing else ""))
+            if named is None:  # no entry explains the first divergence (none is made without one): stand alone
+                out.append(Finding(impl=run.impl, dtype=run.dtype, tap=tap, cause=CAUSE, source="comparison",
+                                   severity="divergence", evidence=how))
+            elif explaining is None:  # the config entry made here
+                out[-1] = named = dataclasses.replace(named, evidence=f"{named.evidence}; {how}")
+            else:
+                # the entry that names the first divergence says where its cause came from (one entry per
+                # divergence: the named cause is the more specific id)
+                report.diagnosis[explaining] = named = dataclasses.replace(named, evidence=f"{named.evidence}; {how}")
     return out
