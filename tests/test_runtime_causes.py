@@ -300,6 +300,7 @@ def test_ort_builders_rounded_embedding_scale_says_which_value(tmp_path, monkeyp
     ({"rope_local_base": 1e6}, "rope-wrong-layer-type"),  # the global base on the local layers
     ({"rope_base": 1e4}, "rope-wrong-layer-type"),  # the local base on the global layer
     ({"rope_base": 5e5, "rope_local_base": 5e5}, "rope-base"),  # a base neither type uses, everywhere
+    ({"rope_base": 1e4, "rope_local_base": 1e6}, "rope-base"),  # swapped: ties the first at layer 0, not after
 ])
 def test_rope_ranking_tells_a_wrong_base_from_a_wrong_layer_type(changes, cause):
     """The port with the fault, on tiny-gemma3 (5 local layers, then a global one): the ranking's winner."""

@@ -137,17 +137,17 @@ CAUSES: tuple[Cause, ...] = (
     ),
     Cause(
         "rope-base", "rotary base",
-        "The rotary base is wrong on every layer (a base neither of Gemma's layer types uses), or the linear "
-        "scaling is missing (Gemma 3: 1e4 for local layers, 1e6 for global ones, with linear scaling by 8 from "
-        "4B up).",
+        "The rotary base is wrong on every layer (a base neither of Gemma's layer types uses), the local and "
+        "global bases are swapped, or the linear scaling is missing (Gemma 3: 1e4 for local layers, 1e6 for "
+        "global ones, with linear scaling by 8 from 4B up).",
         "",
         "grows with position",
     ),
     Cause(
         "rope-wrong-layer-type", "RoPE of the wrong layer type",
-        "Each layer type's RoPE is right somewhere but applied to the wrong layers: Gemma 3's global base (1e6) "
-        "or its linear scaling also applied on the local layers, the local base (1e4) on the global layers, or "
-        "the two bases swapped.",
+        "One layer type's RoPE also applied to the other type: Gemma 3's global base (1e6) or its linear "
+        "scaling also applied on the local layers, or the local base (1e4) on the global layers (both types "
+        "exchanged is `rope-base`'s swap).",
         "A recurring runtime bug: one rotary table built for the whole model from the global config keys, or the "
         "per-layer-type keys (`rope_local_base_freq`, `rope_scaling`) read for the wrong layers.",
         "grows with position; only the layers of the wrong type move",
