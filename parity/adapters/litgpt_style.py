@@ -244,7 +244,8 @@ class LitgptStyleAdapter(Adapter):
             "tied_head": model.lm_head.weight is model.wte.weight,
             "query_scale": [s.query_scale] * s.num_layers,
             "rope_base": [s.rope_base_for(i) for i in range(s.num_layers)],
-            "rope_scaling_factor": [s.rope_factor_for(i) for i in range(s.num_layers)],
+            "rope_scaling_factor": [s.rope_scaling_factor if o.rope_scaling_local else s.rope_factor_for(i)
+                                    for i in range(s.num_layers)],
             "attn_softcap": [s.attn_softcap] * s.num_layers,
             "final_softcap": s.final_softcap,
             "sliding_window": [s.window_for(i) for i in range(s.num_layers)],
@@ -261,6 +262,7 @@ class LitgptStyleAdapter(Adapter):
             "qk_norm": ("weights held, not applied" if o.skip_qk_norm else
                         "after RoPE" if o.qk_norm_after_rope else "before RoPE") if s.qk_norm else "none",
             **(self._gemma4(s, o) if s.family == 4 else {}),
+            **({"kv_cache_type": o.decode_kv_quant} if o.decode_kv_quant else {}),  # declared: kv-cache-precision
         })
         if s.family == 4:  # G4.md: which layer's K/V each shared layer reads; the rest are library facts
             out["kv_source"] = {str(i): s.kv_source(i) for i in range(s.num_layers) if s.kv_source(i) != i}

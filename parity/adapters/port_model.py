@@ -50,9 +50,12 @@ class PortOptions:
     decode_pos_offset: int = 0  # cache-position: the new token rotated at position p + this (kept at p)
     decode_stale: bool = False  # cache-stale: a local ring writes the new key one slot late (a live slot overwritten)
     decode_mask_global_window: bool = False  # decode-mask: the decode step's mask applies the window on global layers
+    decode_kv_quant: str | None = None  # kv-cache-precision: K and V rounded as they enter the cache (prefill
+    # through the cache and decode steps alike), by a parity.numerics.act_quant kind along head_dim ("f16", "q8_0")
     prefill_mask_added_as_bool: bool = False  # decode-mask: a prefill through the cache adds its mask as 0/1, not
     # 0/-inf (litgpt #1672, Gemma 2's softcap path), so the cached prompt keys and values are not causal
     # --- Gemma 4 choices (docs/gemma4.md)
+    rope_scaling_local: bool = False  # rope-wrong-layer-type: the global layers' linear scaling on local layers too
     rope_ordinary_partial: bool = False  # proportional RoPE built as ordinary partial RoPE: only the first
     # rope_proportion * head_dim dims turn, pairs (i, i + r/2), frequencies over r (Megatron-Bridge PR #4196)
     float32_islands: bool = False  # round where HF's Gemma 4 rounds to float32 whatever the dtype, float64
@@ -211,6 +214,8 @@ def rope_cache(s: GemmaSpec, layer: int, T: int, dtype: torch.dtype, opts: PortO
     frequencies over r, which `rotate` applies to the first r dims (a fault).
     """
     base, factor = s.rope_base_for(layer), s.rope_factor_for(layer)
+    if opts.rope_scaling_local:
+        factor = s.rope_scaling_factor
     hd, prop = s.head_dim_for(layer), s.rope_proportion_for(layer)
     adt = dtype if opts.rope_lowp else _island(dtype, opts)
     if prop < 1 and opts.rope_ordinary_partial:
@@ -596,6 +601,8 @@ class LayerCache:
 
     def attend(self, k, v, positions):
         decoding = self.k is not None and k.shape[2] == 1
+        if self.opts.decode_kv_quant:  # what a rounding cache hands back: the keys and values as it stores them
+            k, v = round_activations(k, self.opts.decode_kv_quant), round_activations(v, self.opts.decode_kv_quant)
         keys = k if self.k is None else torch.cat([self.k, k], 2)  # [B, KV, L, hd]
         values = v if self.v is None else torch.cat([self.v, v], 2)
         kpos = torch.cat([self.pos, positions])  # [L]

@@ -137,10 +137,38 @@ CAUSES: tuple[Cause, ...] = (
     ),
     Cause(
         "rope-base", "rotary base",
-        "The rotary base is wrong, or the local and global bases are swapped (Gemma 3: 1e4 for local layers, "
-        "1e6 for global ones, with linear scaling by 8 from 4B up).",
+        "The rotary base is wrong on every layer (a base neither of Gemma's layer types uses), the local and "
+        "global bases are swapped, or the linear scaling is missing (Gemma 3: 1e4 for local layers, 1e6 for "
+        "global ones, with linear scaling by 8 from 4B up).",
         "",
         "grows with position",
+    ),
+    Cause(
+        "rope-wrong-layer-type", "RoPE of the wrong layer type",
+        "One layer type's RoPE also applied to the other type: Gemma 3's global base (1e6) or its linear "
+        "scaling also applied on the local layers, or the local base (1e4) on the global layers (both types "
+        "exchanged is `rope-base`'s swap).",
+        "A recurring runtime bug: one rotary table built for the whole model from the global config keys, or the "
+        "per-layer-type keys (`rope_local_base_freq`, `rope_scaling`) read for the wrong layers.",
+        "grows with position; only the layers of the wrong type move",
+    ),
+    # ------------------------------------------------------------------ translation into a runtime
+    Cause(
+        "config-value-dropped", "spec value not taken",
+        "A value of the spec that the built model does not hold: a config key its loader never reads, a flag "
+        "left at its default, a constant it rounded. Read back from the runtime's own view of the model "
+        "(its effective configuration) and named with the property, the spec's value and the runtime's.",
+        "mlx-lm 0.32's ModelArgs keeps only the keys its dataclass declares (Gemma 2 drops `sliding_window`, "
+        "Gemma 1 the activation); Gemma 2 HF configs once carried the softcaps under keys runtimes did not read.",
+        "whatever the property controls; a note while the traces still agree on the tokens run",
+    ),
+    Cause(
+        "fp16-overflow", "float16 overflow",
+        "An activation exceeds float16's range (65504) in a float16 run: it turns infinite (or NaN), or is "
+        "clipped to +-65504, where the reference's values are larger than float16 can hold.",
+        "Gemma's residual stream grows past 65504 in trained checkpoints, so float16 runs of Gemma overflow "
+        "unless they clip (mlx-lm's Gemma 3 clips its residual adds) or compute in bf16/fp32.",
+        "infinite or saturated from the first overflowing tap on",
     ),
     # ------------------------------------------------------------------ attention
     Cause(
@@ -320,6 +348,17 @@ CAUSES: tuple[Cause, ...] = (
         "Gemma 2 softcap path adds its boolean cache mask as 0/1 rather than 0/-inf (#1672), so a cached prefill "
         "is not causal.",
         "from the step it first differs",
+    ),
+    Cause(
+        "kv-cache-precision", "KV cache rounding",
+        "The decode reads its keys and values from a cache that rounds them (a float16/bfloat16 cache in a "
+        "wider run, or a quantized cache: int8 or 4-bit blocks), so every decode step attends to rounded K/V "
+        "while the prefill did not.",
+        "llama.cpp's `--cache-type-k/-v` (f16 by default, q8_0, q4_0), mlx-lm's QuantizedKVCache "
+        "(`--kv-bits`), ORT GenAI's float16 KV cache.",
+        "the cache type's rounding of K and V: a note when that is what the run declared (its KV-cache type), "
+        "a divergence when a cache rounds that the run did not declare (decided per run, by its declared "
+        "`kv_cache_type`; a failing tolerance fails the run either way)",
     ),
     # ------------------------------------------------------------------ Gemma 4 (dense)
     Cause(

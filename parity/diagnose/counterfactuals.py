@@ -25,6 +25,10 @@ from parity.model.weights import canonical_shapes
 from parity.diagnose.search import Ranking, Wording, rank
 
 
+# the KV-cache types a decode is re-run with (parity.numerics.act_quant kinds, along head_dim)
+KV_CACHE_KINDS = ("f16", "bf16", "q8_0")
+
+
 @dataclass(frozen=True)
 class Counterfactual:
     cause: str
@@ -83,15 +87,7 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
     for q in sorted(scalars):
         if abs(1.0 / q**0.5 - spec.query_scale) > 1e-9:
             c.append(Counterfactual(scale_cause, f"query scale 1/sqrt({q})", (("query_pre_attn_scalar", float(q)),)))
-    # rope bases: Gemma's two bases, and local/global swapped
-    b = spec.rope_base
-    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b}):
-        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", (("rope_base", base),)))
-    if spec.rope_local_base is not None:
-        c.append(Counterfactual("rope-base", "local and global bases swapped",
-                                (("rope_base", spec.rope_local_base), ("rope_local_base", spec.rope_base))))
-    if spec.rope_scaling_factor != 1.0:
-        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    c += rope_candidates(spec)
     if spec.attn_softcap is not None:
         c.append(Counterfactual("attn-softcap-missing", "no attention softcap", (("attn_softcap", None),)))
     if spec.final_softcap is not None:
@@ -113,6 +109,34 @@ def candidates(spec: GemmaSpec) -> list[Counterfactual]:
         c.append(Counterfactual("qk-norm-missing", "no QK-norm", options=(("skip_qk_norm", True),)))
     if spec.family == 4:
         c += gemma4_candidates(spec)
+    return c
+
+
+def rope_candidates(spec: GemmaSpec) -> list[Counterfactual]:
+    """`rope-base`: a wrong base on every layer (one neither layer type uses), the two bases swapped, or the
+    scaling dropped; `rope-wrong-layer-type`: one layer type's base or scaling applied to the other type too. A
+    base the spec gives one layer type is left out of the first kind: set everywhere, it is the second kind.
+    On a first divergence at a local layer 0 the swap and the global base on local layers tie: explain's
+    whole-model re-run (`_break_tie`) tells them apart."""
+    c = []
+    b, lb = spec.rope_base, spec.rope_local_base
+    for base in sorted({10_000.0, 1_000_000.0, 500_000.0, 2 * b, b / 2} - {b, lb}):
+        everywhere = (("rope_base", base),) + ((("rope_local_base", base),) if lb is not None else ())
+        c.append(Counterfactual("rope-base", f"rope base {base:g} (spec {b:g})", everywhere))
+    if lb is not None:
+        c.append(Counterfactual("rope-base", "local and global bases swapped",
+                                (("rope_base", lb), ("rope_local_base", b))))
+    if spec.rope_scaling_factor != 1.0:
+        c.append(Counterfactual("rope-base", "no rope scaling", (("rope_scaling_factor", 1.0),)))
+    if lb is not None and lb != b:  # a truncated spec may hold one layer type only: a no-op variant scores as such
+        c += [Counterfactual("rope-wrong-layer-type", f"global base {b:g} on the local layers too",
+                             (("rope_local_base", b),)),
+              Counterfactual("rope-wrong-layer-type", f"local base {lb:g} on the global layers too",
+                             (("rope_base", lb),))]
+    if spec.rope_scaling_factor != 1.0 and "local" in spec.layer_types:
+        c.append(Counterfactual("rope-wrong-layer-type",
+                                f"linear scaling by {spec.rope_scaling_factor:g} on the local layers too",
+                                options=(("rope_scaling_local", True),)))
     return c
 
 
@@ -149,6 +173,9 @@ def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
     """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
     c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
          for d in (1, -1)]
+    # a cache that rounds K/V: the float formats, then the int8 blocks of llama.cpp's q8_0 cache
+    c += [Counterfactual("kv-cache-precision", f"K/V rounded by a {kind} cache", options=(("decode_kv_quant", kind),))
+          for kind in KV_CACHE_KINDS]
     if spec.attn_softcap is not None:  # litgpt #1672: only its softcap path adds the boolean mask
         c.append(Counterfactual("decode-mask", "the cached prefill's mask added as 0/1, not 0/-inf",
                                 options=(("prefill_mask_added_as_bool", True),)))
@@ -223,8 +250,43 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
     # only the layers up to the divergence matter: run a model that deep (at real sizes, the difference
     # between re-running 18 layers twenty times and re-running one), and read the trace's taps once
     run_spec = truncate(spec, layer + 1) if layer is not None else spec
-    run_weights = weights.truncated(run_spec) if run_spec != spec else weights
+    whole = trace
     trace = dataclasses.replace(trace, taps={k: trace.taps[k] for k in trace.taps if order.get(k, 10**6) <= last})
+    reproduce = _scorer(run_spec, weights, trace, table, noise, order, last)
+
+    def variants():  # a generator: nothing is listed (the swaps read the weights) unless the baseline fails
+        swaps = swap_candidates(spec, layer, weights) if layer is not None else []
+        yield from (cf for cf in candidates(run_spec) + swaps if _valid(cf, run_spec))
+
+    ranking = rank(variants(), reproduce)
+    return _break_tie(ranking, lambda: _scorer(spec, weights, whole, table, noise, order, 10**6))
+
+
+def _break_tie(ranking: Ranking, whole) -> Ranking:
+    """Two candidates of different causes that both reproduce the first divergent layer (the global RoPE base
+    on the local layers, against the two bases swapped, on a local layer 0) are told apart by the layers after
+    it: both re-run through the whole model, and the closer one named. `whole()` makes that scorer."""
+    import dataclasses
+
+    best, runner = ranking.best, ranking.runner_up
+    if not ranking.explains or runner is None or ranking.runner_up_score is None or ranking.runner_up_score > 1 \
+            or runner.cause == best.cause:
+        return ranking
+    score = whole()
+    try:
+        a, b = score(best), score(runner)
+    except Exception:  # noqa: BLE001 -- a whole-model re-run that fails leaves the first ranking as it was
+        return ranking
+    if b is None or (a is not None and a <= b):
+        return ranking
+    return dataclasses.replace(ranking, best=runner, score=ranking.runner_up_score, runner_up=best,
+                               runner_up_score=ranking.score)
+
+
+def _scorer(run_spec: GemmaSpec, weights, trace, table, noise, order, last):
+    """reproduce(candidate) -> the worst share of its bound over `trace`'s taps up to `last`, the port with that
+    change run on `run_spec` (the model up to the divergent layer, or the whole one)."""
+    run_weights = weights.truncated(run_spec) if run_spec.num_layers != weights.spec.num_layers else weights
     # a capture depends on the candidate, the model run and its weights, the dtype and the tokens, never on the
     # implementation explained: a run given a cache (parity.capture.cache) shares them with the other runs (the
     # candidate keyed by its repr, every field: a tuple of options may hold a list)
@@ -241,11 +303,8 @@ def explain(trace, spec: GemmaSpec, weights, table, until_tap: str, order: dict[
 
         got = (cache.traces(("counterfactual", repr(cf), *shared), make) if cache else make())[0]
         got.spec, got.weights_hash = trace.spec, trace.weights_hash  # the first layers of the same model
-        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise, metrics=False) if order.get(r.tap, 10**6) <= last]
+        rs = [r for r in compare_trace(got, trace, table, "cumulative", noise, metrics=False)
+              if order.get(r.tap, 10**6) <= last]
         return max(used(r) for r in rs) if rs else None
 
-    def variants():  # a generator: nothing is listed (the swaps read the weights) unless the baseline fails
-        swaps = swap_candidates(spec, layer, weights) if layer is not None else []
-        yield from (cf for cf in candidates(run_spec) + swaps if _valid(cf, run_spec))
-
-    return rank(variants(), reproduce)
+    return reproduce

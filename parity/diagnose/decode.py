@@ -85,7 +85,52 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
     if report.weights is None:
         return Finding(**entry, cause="unexplained", source="first-divergence",
                        evidence=f"{where}; no probe names it, and counterfactuals need the weights")
-    return Finding(**entry, **named(counterfactual(report, dec, first, order), where, dtype, DECODING))
+    ranking = counterfactual(report, dec, first, order)
+    found = named(ranking, where, dtype, DECODING)
+    if found["cause"] == "kv-cache-precision":
+        entry["severity"], text = kv_cache_severity(report, impl, dtype, dict(ranking.best.options)["decode_kv_quant"],
+                                                    dec, truth)
+        found["evidence"] += text
+    return Finding(**entry, **found)
+
+
+def declared_kv_cache(report, impl: str, dtype: str) -> str | None:
+    """The KV-cache type a run declares (its effective configuration's library fact `kv_cache_type`, a
+    parity.numerics.act_quant kind), None where it declares none."""
+    eff = (getattr(report, "effective", None) or {}).get(f"{impl}@{dtype}") or {}
+    got = (eff.get("library") or {}).get("kv_cache_type")
+    return str(got) if got else None
+
+
+def kv_cache_severity(report, impl, dtype, kind: str, dec, truth) -> tuple[str, str]:
+    """("note" or "divergence", a clause for the evidence) for a decode that a cache rounding K/V as `kind`
+    reproduces: a note where the run declared that cache type (the loss is what such a cache honestly loses,
+    measured here on the cache taps), a divergence where a cache rounds that the run did not declare."""
+    loss = cache_loss(dec, truth)
+    measured = f"; the cached K/V differ from the reference's by {loss:.3g} x their RMS at most" if loss else ""
+    declared = declared_kv_cache(report, impl, dtype)
+    if declared == kind:
+        return "note", f"{measured}; the run declares a {kind} KV cache: what that cache type loses, a note"
+    said = f"declares a {declared} KV cache" if declared else "declares no rounding KV-cache type"
+    return "divergence", f"{measured}; the run {said}: a cache that rounds undeclared"
+
+
+def cache_loss(dec, truth) -> float | None:
+    """The largest |cached K or V - the reference's| over their RMS, over every layer and step both hold
+    (entries the two caches lay out alike; None where neither exposes its cache)."""
+    worst = None
+    for tap in dec.taps if truth is not None else ():
+        if ".cache." not in tap or tap not in truth.taps:
+            continue
+        a, b = np.asarray(dec.taps[tap], np.float64), np.asarray(truth.taps[tap], np.float64)
+        if a.shape != b.shape:
+            continue
+        ok = np.isfinite(a) & np.isfinite(b)
+        if not ok.any():
+            continue
+        e = float(np.max(np.abs(a - b)[ok])) / _rms(b[ok])
+        worst = e if worst is None else max(worst, e)
+    return worst
 
 
 # ------------------------------------------------------------------ probes

@@ -19,6 +19,8 @@ from parity.diagnose.counterfactuals import PREFILL, explain
 from parity.diagnose.finding import Finding, RunProbe
 from parity.diagnose.search import named
 from parity.diagnose.logit_shift import shift_notes
+from parity.diagnose.config import config_findings
+from parity.diagnose.overflow import overflow
 
 # a different rounding order, not a different function: named, reported, never failed on its own
 PRECISION_ONLY = NOTE_CAUSES
@@ -44,6 +46,7 @@ def diagnose(report) -> None:
         probes, entries = diagnose_run(report, run.impl, run.dtype)
         report.probes += probes
         report.diagnosis += entries
+    report.diagnosis += config_findings(report)  # after the runs' entries: it may take over an unexplained one
     if any(run.mode in DECODE_MODES for run in report.runs):
         from parity.diagnose.decode import diagnose_decode
 
@@ -95,6 +98,10 @@ def _explain_first(report, impl: str, dtype: str, first, order) -> Finding:
         return Finding(impl=impl, dtype=dtype, tap=first.tap, severity="divergence", cause="unexplained",
                        source="first-divergence", explains=first.tap, evidence=evidence)
 
+    got = overflow(report, impl, dtype, first)
+    if got is not None:  # float16's range, not a formula: checked before anything is re-run
+        return Finding(impl=impl, dtype=dtype, tap=first.tap, severity="divergence", cause="fp16-overflow",
+                       source="probe", explains=first.tap, evidence=got)
     if first.failure in ("shape", "nonfinite") and not first.sampled:
         # a shape mismatch, a NaN, an overflow: no formula change explains that (a mask change, finite
         # scores where the reference has -inf, is left to the counterfactuals)

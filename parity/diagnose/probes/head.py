@@ -105,6 +105,14 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
         return Probe.named("lm-head", "logits", "logits are the correct ones shifted by a constant per position (a "
                            "centred unembedding): the next-token distribution is the same", cause="logit-shift",
                            evidence=ev)
+    # a tied head capped at another value (a runtime that kept its default cap: mlx-lm's Gemma 2 ModelArgs has
+    # 30.0): not an untied head; left to the counterfactuals and to the effective configuration to name
+    c = _fit_cap(raw, y64)
+    if c is not None and close(np.tanh(raw / c) * c) >= min_agreement and (not cap or abs(c / cap - 1) > 0.05):
+        ev["final softcap that fits"] = round(c, 4)
+        return Probe.named("lm-head", "logits", f"logits are the tied head with a final softcap of about {c:.3g}"
+                           + (f", where the spec caps at {cap:g}" if cap else ", where the spec has none"),
+                           cause="unexplained", evidence=ev)
     if head.size <= 5e7:  # the span test solves a [vocab, hidden] least squares: skipped at real vocabularies
         z, *_ = np.linalg.lstsq(head, y64.T, rcond=None)  # [hidden, T]
         resid = float(np.linalg.norm(head @ z - y64.T) / (np.linalg.norm(y64) or 1.0))
@@ -115,6 +123,20 @@ def probe_lm_head(trace: Trace, spec: GemmaSpec, weights: dict, min_agreement: f
                                cause="unexplained", evidence=ev)
     return Probe.named("lm-head", "logits", "logits are not final_norm times the embedding, nor in its span: the "
                        "head is not tied to the embedding", cause="lm-head-untied", evidence=ev)
+
+
+def _fit_cap(raw: np.ndarray, y: np.ndarray) -> float | None:
+    """The softcap c with y = c * tanh(raw / c) closest (mean |error|), searched on a log grid and refined."""
+    lo, hi = np.log(0.1), np.log(1000.0)
+    best = None
+    for _ in range(4):  # 40 points a round, each round 1/20 of the last one's width around its best
+        grid = np.exp(np.linspace(lo, hi, 41))
+        errs = [float(np.mean(np.abs(y - np.tanh(raw / c) * c))) for c in grid]
+        k = int(np.argmin(errs))
+        best = float(grid[k])
+        step = (hi - lo) / 40
+        lo, hi = np.log(best) - step, np.log(best) + step
+    return best if best is not None and np.isfinite(best) else None
 
 
 register(ProbeSpec("embedding", probe_embedding, "embed", per_layer=False,
