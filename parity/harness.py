@@ -372,6 +372,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
             settings = dict(declared(adapter).settings)
             if h is not None:
                 settings.update(weights=h.weight_type, activations=h.activations or "as computed")
+                if h.kv:
+                    settings["kv_rounding"] = h.kv
             for mode in ms:
                 for m in ([DECODE, SELF] if mode == DECODE else [mode]):
                     runs.append(Run(adapter.name, adapter.version(), d, m, dict(got[0].resources) if got else {},
@@ -401,7 +403,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                                      req.layers, h.full)
         results += got
         routed += flips
-        quant.append(quantization_loss(req, label, h, ref_traces, theirs, table))
+        if h.weights.hash != weights.hash:  # quantized weights; a kernel's rounding alone is no quantization loss
+            quant.append(quantization_loss(req, label, h, ref_traces, theirs, table))
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
@@ -432,12 +435,12 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
             if not modes_for(adapter, d):
                 continue
             h = held_of(req, name, adapter, spec, weights, d)
-            if h is None or h.weights.hash == weights.hash:
-                continue  # it computes with the weights it was given: the ordinary reference is its own
+            if h is None or (h.weights.hash == weights.hash and not h.activations and not getattr(h, "kv", None)):
+                continue  # it computes with the weights it was given, as the port rounds: the ordinary reference
             if dataclasses.replace(h.weights.spec, tied_head=spec.tied_head) != spec:  # an untied head: allowed
                 raise ImplementationError(f"{adapter.name}@{d}", "held", "its held weights are for another spec",
                                           "Adapter.held must return weights of the spec it was given")
-            key = (h.weights.hash, h.activations)
+            key = (h.weights.hash, h.activations, getattr(h, "kv", None))
             groups.setdefault(key, (h, []))[1].append(f"{adapter.name}@{d}")
     out = {}
     for h, labels in groups.values():

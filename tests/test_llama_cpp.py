@@ -135,10 +135,37 @@ def test_the_gelu_table_reproduces_llama_cpp(env):
     assert _rel(hidden, table) < 5e-5
 
 
-def test_default_f16_kv_cache_rounds_the_scores(env):
+def test_default_f16_kv_cache_is_honest_rounding(env):
+    """llama.cpp's default F16 cache rounds K, V, q (for K) and the probabilities (for V) to f16: declared by
+    held() (Held.kv), the honest members round the same, and a correct run passes, the cache type shown."""
     rc, r = _run(env, "tiny-gemma", "llama-cpp")
-    assert rc == 1 and r["first_divergence"]["tap"] == "layers.0.attn.scores", r["headline"]
+    assert rc == 0, r["headline"]
     assert r["effective"]["llama-cpp@float32"]["library"]["settings"]["kv_cache"] == "f16"
+    assert r["runs"][0]["settings"]["kv_rounding"] == "f16"
+
+
+def undeclared_f16_cache():
+    """--impls factory: llama.cpp's F16 cache, its rounding not declared (held() says nothing of it)."""
+    from parity.adapters.llama_cpp import LlamaCppAdapter
+
+    class Undeclared(LlamaCppAdapter):
+        def held(self, spec, weights, dtype):
+            return None
+
+    return Undeclared(weights="f32", kv_type="f16")
+
+
+def test_an_undeclared_f16_cache_fails_at_the_scores(env):
+    """What Held.kv is for: the same run with the cache's rounding undeclared fails where the f16 keys are read."""
+    rc, r = _run(env, "tiny-gemma", f"{__name__}:undeclared_f16_cache")
+    assert rc == 1 and r["first_divergence"]["tap"] == "layers.0.attn.scores", r["headline"]
+
+
+def test_with_a_float_cache_the_gelu_table_is_the_divergence(env):
+    """An F32 cache leaves ggml's float16 GELU table as the first divergence, named (gelu-fp16-table)."""
+    rc, r = _run(env, "tiny-gemma2", "llama-cpp", "--kv-cache", "f32")
+    assert rc == 1 and r["first_divergence"]["tap"] == "layers.0.mlp.hidden", r["headline"]
+    assert r["verdicts"][0]["explained_by"] == "gelu-fp16-table", r["headline"]
 
 
 def test_decode_auto_through_llama_cpps_cache(env):
@@ -226,7 +253,9 @@ def test_held_reads_the_file_back(env):
 
     spec = resolve_spec("tiny-gemma3")
     w = random_weights(spec, 0)
-    assert LlamaCppAdapter().held(spec, w, "float32") is None  # f32 weights: the port on the given weights
+    assert LlamaCppAdapter(kv_type="f32").held(spec, w, "float32") is None  # f32 weights, f32 cache: as given
+    plain = LlamaCppAdapter().held(spec, w, "float32")  # the default F16 cache: the given weights, kv rounding
+    assert plain.weights is w and plain.kv == "f16" and plain.activations is None
     a = LlamaCppAdapter(weights="q4_0")
     held = a.held(spec, w, "float32")
     assert held.weight_type == "q4_0" and held.activations in ("q8_0", "q8_0-x86")  # x86: half to even

@@ -104,11 +104,18 @@ class Held:
     port on these is what a correct kernel of this quantized model computes, so its runs are judged against that,
     at the same strictness as an unquantized run; the quantization loss against the given weights is reported
     apart (parity.compare.quant). `activations`: how its matmuls round their inputs
-    (parity.numerics.act_quant.KINDS), which the honest-noise model then does too; None: they do not.
+    (parity.numerics.act_quant.KINDS), which the honest-noise model then does too; None: they do not. An
+    implementation that holds the given weights but rounds in its kernels (a float32 GGUF read through an F16
+    KV cache) returns the given weights with `kv` (or `activations`) set: judged against the ordinary reference
+    with members that round as it does, and no quantization loss.
     """
     weights: Weights
     weight_type: str  # e.g. "q4_0", "int4 (MatMulNBits, block 32)": shown in the report
     activations: str | None = None
+    # how its KV cache rounds attention's operands (a parity.numerics.act_quant kind: "f16" for llama.cpp's
+    # default F16 cache): K and V stored so, q and the probabilities converted so for the products with them;
+    # the honest members do the same (PortOptions.kv_round). None: a float cache of the run's dtype.
+    kv: str | None = None
 
 
 @dataclass

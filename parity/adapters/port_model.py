@@ -44,6 +44,9 @@ class PortOptions:
     accum_split: bool = False  # every projection summed as two half-K products rounded to the dtype
     perturb_seed: int | None = None  # the scaled embedding moved by +-1 ulp at random (a rounding-level input change)
     act_quant: str | None = None  # every projection's input rounded as a quantized runtime's matmul rounds it
+    # (parity.numerics.act_quant), and with kv_round the attention's operands as a runtime's KV cache holds them:
+    # K and V rounded to the cache's type, q and the probabilities to what its matmul converts them to
+    kv_round: str | None = None
     # (parity.numerics.act_quant: "q8_0", "f16", ...): the honest members of a quantized run do it, as its kernels do
     # --- decode-path faults (the KV cache), each one cause of the catalogue; they act only on decode steps
     decode_window: int = 0  # cache-window: local layers see window + this many keys while decoding
@@ -186,6 +189,25 @@ def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.from_numpy(got).to(x.dtype)
 
 
+def kv_rounded(k, v, q, opts: PortOptions):
+    """k, v as a KV cache of type `opts.kv_round` holds them, and q as the product with such keys reads it
+    (ggml converts the query to the cached keys' vec_dot type: f16 for an f16 cache); unchanged without it."""
+    if not opts.kv_round:
+        return k, v, q
+    kind = opts.kv_round
+    return round_activations(k, kind), round_activations(v, kind), round_activations(q, kind)
+
+
+def kv_probs(probs, opts: PortOptions):
+    """The probabilities as the product with a float cache's V reads them (converted to its type); a quantized
+    cache's V is dequantized to float32 instead (ggml's flash-attention path), the probabilities kept."""
+    from parity.numerics.act_quant import act_quant
+
+    if not opts.kv_round or act_quant(opts.kv_round).block:
+        return probs
+    return round_activations(probs, opts.kv_round)
+
+
 class GemmaMLP(nn.Module):
     """GeGLU: two half-width projections, gelu(gate) * up, then down."""
 
@@ -287,6 +309,7 @@ class CausalSelfAttention(nn.Module):
         v = self.v_out(v)
         if cache is not None:  # attend over what the cache holds plus the new keys, then store the new ones
             k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
+        k, v, q = kv_rounded(k, v, q, self.opts)
         k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         if self.opts.scale_q_first:  # q rounded after scaling, then q.k
@@ -301,6 +324,7 @@ class CausalSelfAttention(nn.Module):
             probs = self.probs(e / e.sum(-1, keepdim=True))
         else:
             probs = self.probs(F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype))
+        probs = kv_probs(probs, self.opts)
         y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim)  # [B, T, H * hd]
         return self.proj(y)
 
@@ -370,6 +394,7 @@ class Gemma4Attention(nn.Module):
             if shared_kv is not None and not (self.opts.kv_share_first_of_type and s.layer_types[self.layer]
                                               in shared_kv):
                 shared_kv[s.layer_types[self.layer]] = (k, v, mask)  # the last of its type before the split wins
+        k, v, q = kv_rounded(k, v, q, self.opts)
         group = s.num_heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, L, hd]
         if self.opts.scale_q_first:
@@ -384,6 +409,7 @@ class Gemma4Attention(nn.Module):
             probs = self.probs(e / e.sum(-1, keepdim=True))
         else:
             probs = self.probs(F.softmax(scores.to(_island(scores.dtype, self.opts)), dim=-1).to(q.dtype))
+        probs = kv_probs(probs, self.opts)
         y = (probs @ v).transpose(1, 2).reshape(B, T, s.num_heads * self.hd)  # [B, T, H * hd]
         return self.proj(y)
 

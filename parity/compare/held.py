@@ -29,6 +29,7 @@ class HeldReference:
     weights: Weights  # the held weights (dequantized from the runtime's file)
     weight_type: str
     activations: str | None
+    kv: str | None = None  # how its KV cache rounds attention's operands (Held.kv)
     refs: dict = field(default_factory=dict)  # prompt -> the float64 port's cumulative trace on `weights`
     full: dict = field(default_factory=dict)  # prompt -> its full forward (decode's ground truth)
     noise: NoiseModel | None = None
@@ -37,6 +38,7 @@ class HeldReference:
     @property
     def what(self) -> str:
         act = f", activations rounded {self.activations} in its matmuls" if self.activations else ""
+        act += f", attention through a {self.kv} KV cache" if self.kv else ""
         return f"the reference on its own dequantized {self.weight_type} weights{act}"
 
 
@@ -47,7 +49,7 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
     `ref`: (name, adapter) of the reference; `given`: the hash of the weights the run was given, which these
     traces are labelled with (pairing refuses traces of other weights: these are of the run's weights as the
     run holds them, which is the point)."""
-    out = HeldReference(held.weights, held.weight_type, held.activations)
+    out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None))
 
     def take_held(*args):
         # labelled with the run's weights and spec (a held head the runtime quantized apart unties the model it
@@ -63,7 +65,7 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
         if d == ref_dtype:
             continue
         for m in members(count):
-            m = m.rounding_activations(held.activations)
+            m = m.rounding_activations(held.activations, out.kv)
             honest += take_held(factory_spec(m) if separate else m.impl, None if separate else m.adapter(), d,
                                 run_modes, out.refs, False)
     out.noise = measure(out.refs, honest, table, out.full, replay) if honest else None

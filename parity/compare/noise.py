@@ -47,12 +47,16 @@ class Member:
 
         return LitgptStyleAdapter(PortOptions(**dict(self.options)), name=self.impl)
 
-    def rounding_activations(self, kind: str | None) -> "Member":
-        """This member as a quantized runtime's kernels round: every projection's input rounded to `kind`
-        (parity.numerics.act_quant) before the matmul; itself when `kind` is None."""
-        if not kind:
-            return self
-        return Member(f"{self.label}+act-{kind}", self.options + (("act_quant", kind),))
+    def rounding_activations(self, kind: str | None, kv: str | None = None) -> "Member":
+        """This member as a runtime's kernels round: every projection's input rounded to `kind`
+        (parity.numerics.act_quant) before the matmul, and attention's operands as a KV cache of kind `kv`
+        holds them (PortOptions.kv_round); itself when both are None."""
+        out = self
+        if kind:
+            out = Member(f"{out.label}+act-{kind}", out.options + (("act_quant", kind),))
+        if kv:
+            out = Member(f"{out.label}+kv-{kv}", out.options + (("kv_round", kv),))
+        return out
 
 
 _ALT = (("scale_q_first", True), ("gelu_lowp", True))
@@ -77,7 +81,8 @@ def _factory_name(m: Member) -> str:
 def _act_members() -> list[Member]:
     from parity.numerics.act_quant import KINDS
 
-    return [m.rounding_activations(k) for m in MEMBERS for k in KINDS]
+    kinds = (None, *KINDS)
+    return [m.rounding_activations(a, kv) for m in MEMBERS for a in kinds for kv in kinds if a or kv]
 
 
 def factory_spec(m: Member) -> str:

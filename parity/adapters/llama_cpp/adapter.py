@@ -33,6 +33,13 @@ from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
 
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # ggml_type
+# the cache types whose rounding of attention's operands the honest members model (Held.kv, a
+# parity.numerics.act_quant kind, this machine's for q8_0): an F16 cache stores K and V in f16, and ggml's mul_mat
+# converts q (for K) and the probabilities (for the transposed V) to f16, its vec_dot type; a q8_0 cache (flash
+# attention only, as llama.cpp requires) stores q8_0 blocks along head_dim and converts q to q8_0, the
+# probabilities staying f32. q4_0 is not modelled: judged as if the cache were float, and the decode diagnosis
+# names what it loses (kv-cache-precision).
+KV_ROUNDING = ("f16", "bf16", "q8_0")
 FLASH = {"off": 0, "on": 1}  # llama_flash_attn_type (AUTO = -1 is never used: the path must be known)
 GEGLU = ("llama.cpp's build_ffn(LLM_FFN_GELU, LLM_FFN_PAR) emits one fused ggml_geglu_split node: gelu(gate) "
          "is never a tensor of its own")
@@ -144,13 +151,15 @@ class LlamaCppAdapter(Adapter):
         return gguf_file.cached(spec, weights, self.weights, self.edit)
 
     def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
+        kv = gguf_file.activations(self.kv_type) if self.kv_type in KV_ROUNDING else None
         if self.weights == "f32":
-            return None
+            # the weights as given; what the cache and its products round is the honest members' to do too
+            return Held(weights, "f32", None, kv) if kv else None
         tensors, _ = gguf_file.read_back(spec, self._file(spec, weights))
         # every matrix of a file is one type here (Q4_K is written `pure`), so one activation rounding applies;
         # norms are F32 and take no matmul
         return Held(Weights(spec, tensors, source=f"{self.name} GGUF"), self.weights,
-                    gguf_file.activations(self.weights))
+                    gguf_file.activations(self.weights), kv)
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         import llama_cpp

@@ -113,6 +113,7 @@ def effective(built, settings: dict[str, str]) -> dict:
         "gguf": built.path.name,
         "architecture": arch,
         "settings": settings,
+        "kv_cache_type": settings.get("kv_cache"),  # the declared cache type (parity.diagnose.decode reads it)
         "weight_types": sorted({str(t.tensor_type.name) for t in reader.tensors}),
         "metadata": {k: v for k, v in kv.items() if not k.startswith("tokenizer.")},
         "gelu_table": "ggml-cpu GGML_GELU_FP16: the GELU's input is rounded to float16 and its value read "
