@@ -351,3 +351,23 @@ def test_flash_attention_declares_scores_unavailable(env):
     assert "layers.0.attn.scores" in r_off.taps
     # the quantized cache and FA's float16 K/V move the attention output, within the cache type's precision
     assert 1e-4 < _rel(r_on.taps["layers.0.attn"], r_off.taps["layers.0.attn"]) < 5e-2
+
+
+def omitted_final_softcap():
+    """--impls factory: tiny-gemma2 in q4_0 with the final softcap key left out of the GGUF (llama.cpp's loader
+    then uses 30 where the spec says 3)."""
+    from parity.adapters.llama_cpp import LlamaCppAdapter
+
+    def edit(md):
+        del md["gemma2.final_logit_softcapping"]
+
+    return LlamaCppAdapter(weights="q4_0", kv_type="f32", edit=edit)
+
+
+def test_a_dropped_config_value_is_found_at_the_logits_and_named(env):
+    """The runtime's own view (its loader's default for an absent key) beside the spec names the cause."""
+    rc, r = _run(env, "tiny-gemma2", f"{__name__}:omitted_final_softcap", "--quant-budget", "1")
+    assert rc == 1 and r["first_divergence"]["tap"] == "logits", r["headline"]
+    assert r["verdicts"][0]["explained_by"] in ("config-value-dropped", "final-softcap-missing"), r["headline"]
+    said = " ".join(d["evidence"] for d in r["diagnosis"])
+    assert "final_softcap" in said, said
