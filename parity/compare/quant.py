@@ -22,8 +22,10 @@ import numpy as np
 from parity.model.taps import layer_of
 
 # mean KL (nats) of the next-token distribution a weight type may cost against the unquantized model
-DEFAULT_BUDGETS = {"f32": 0.0, "f16": 1e-4, "bf16": 1e-3, "q8_0": 2e-3, "int8": 5e-3, "q4_k": 0.03, "q4_0": 0.05,
-                   "int4": 0.05}
+# (measured on the tiny presets, docs/verdict.md "Quantized runs": about 1.7x the worst correct run with the
+# default weights, so a correct quantizer passes there; trained-like statistics at these widths cost far more)
+DEFAULT_BUDGETS = {"f32": 0.0, "f16": 1e-4, "bf16": 1e-3, "q8_0": 5e-3, "int8": 5e-3, "q4_k": 0.15, "q4_0": 0.15,
+                   "int4": 0.15}
 
 
 def parse_budget(text: str) -> float | dict[str, float]:
