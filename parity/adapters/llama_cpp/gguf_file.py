@@ -14,6 +14,8 @@ spec and the weight type, so `held()` and `build()` read the same file and it is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import hashlib
 import json
 import os
@@ -213,28 +215,49 @@ def cached(spec: GemmaSpec, weights: Weights, weight_type: str,
 
 
 # ------------------------------------------------------------------ reading back
-def read_back(spec: GemmaSpec, path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The canonical tensors as the file holds them (float32, canonical names and layout, the norm fold undone),
-    and each tensor's stored GGML type name."""
-    import gguf
+class HeldTensors(Mapping):
+    """The canonical tensors as a GGUF holds them, dequantized one at a time when asked (float32, canonical names
+    and layout, the norm fold undone): a real-size file's 2 GB embedding is never held beside the others. The
+    reader memory-maps the file; nothing is cached, so each access dequantizes again."""
 
-    reader = gguf.GGUFReader(str(path))
-    by_name = {t.name: t for t in reader.tensors}
-    shapes = canonical_shapes(spec)
-    out, types = {}, {}
-    for canon, g in tensor_names(spec).items():
-        t = by_name[g]
+    def __init__(self, spec: GemmaSpec, path: Path) -> None:
+        import gguf
+
+        self._reader = gguf.GGUFReader(str(path))
+        self._by_name = {t.name: t for t in self._reader.tensors}
+        self._shapes = canonical_shapes(spec)
+        self._names = tensor_names(spec)
+        if "lm_head.weight" in self._shapes:  # an untied spec is refused by check; kept for completeness
+            self._names = {**self._names, "lm_head.weight": self._names["model.embed_tokens.weight"]}
+
+    def __getitem__(self, canon: str) -> np.ndarray:
+        import gguf
+
+        t = self._by_name[self._names[canon]]
         # dequantize gives the logical shape, ggml's ne reversed: [rows, cols] as the canonical layout
-        v = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shapes[canon])
+        v = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self._shapes[canon])
         if canon.endswith("norm.weight"):
             # undo the fold: fl(1 + w) - 1 is exact in float32 (Sterbenz), so 1 + held is what llama.cpp
             # multiplies by, bit for bit (not w itself: fl(1 + w) dropped w's bits below 2^-23)
             v = v - np.float32(1.0)
-        out[canon] = v
-        types[canon] = t.tensor_type.name
-    if "lm_head.weight" in shapes:  # an untied spec is refused by check; kept for completeness
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out, types
+        return v
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def types(self) -> dict[str, str]:
+        """Each canonical tensor's stored GGML type name."""
+        return {c: self._by_name[g].tensor_type.name for c, g in self._names.items()}
+
+
+def read_back(spec: GemmaSpec, path: Path) -> tuple[HeldTensors, dict[str, str]]:
+    """The canonical tensors as the file holds them (HeldTensors: dequantized when read), and each tensor's
+    stored GGML type name."""
+    held = HeldTensors(spec, path)
+    return held, held.types()
 
 
 def read_metadata(path: Path) -> dict:
