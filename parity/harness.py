@@ -7,6 +7,7 @@ argument parsing and no printing (progress goes through a callback).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from parity.adapters.declared import declared
@@ -329,14 +330,18 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         trace_dir = tempfile.mkdtemp(prefix="parity-traces-")
     stored = dict(out_dir=trace_dir, reduce_over=req.reduce_over, full_taps=req.full_taps) if separate else {}
 
-    def take(name, adapter, dtype, mode, refs=None, checked=True, w=None):
+    def take(name, adapter, dtype, mode, refs=None, checked=True, w=None, sub=None):
         """`checked`: checked above with the others (a noise member is not: capture checks it); `w`: other
-        weights than the run's (a quantized run's held weights, for its reference and honest members)."""
+        weights than the run's (a quantized run's held weights, for its reference and honest members), whose
+        trace files go in their own subfolder `sub` of the trace folder (the reference on held weights is the
+        same implementation, dtype and mode as the ordinary one: one folder would overwrite the other's files)."""
         w = weights if w is None else w
         s = w.spec  # the run's spec, or a held model's (untied where the runtime quantized its head apart)
         if separate or declared(adapter).own_process:
+            here = dict(stored, out_dir=str(Path(stored["out_dir"]) / sub)) if sub and stored.get("out_dir") \
+                else stored
             return capture_in_subprocess(name, s, w, dtype, prompts, mode=mode, references=refs,
-                                         progress=progress, continuation=cont, settings=req.runtime, **stored)
+                                         progress=progress, continuation=cont, settings=req.runtime, **here)
         return capture(adapter, s, w, dtype, prompts, mode=mode, references=refs, progress=progress,
                        continuation=cont, checked=checked)
 
@@ -461,11 +466,11 @@ def held_of(req: Request, name: str, adapter, spec: GemmaSpec, weights: Weights,
     if isinstance(adapter, Elsewhere):
         from parity.adapters.registry import BUILTINS
 
-        if name not in BUILTINS or not BUILTINS[name].holds:
-            return None
+        if name in BUILTINS and not BUILTINS[name].holds:
+            return None  # a built-in that says it holds the given weights: its module is not imported here
         from parity.adapters import get_adapter
 
-        adapter = get_adapter(name, req.runtime)
+        adapter = get_adapter(name, req.runtime)  # a quantizing built-in, or a plug-in that may be one
     try:
         return held(adapter, spec, weights, dtype)
     except ParityInputError:

@@ -141,3 +141,20 @@ def test_budgets_parse():
 
     assert parse_budget("0.01") == 0.01
     assert parse_budget("q4_0=0.05, q8_0=0.002") == {"q4_0": 0.05, "q8_0": 0.002}
+
+
+def qport():
+    """`module:factory` for a capture in another process."""
+    return QuantizedPort()
+
+
+def test_in_separate_processes_each_reference_keeps_its_own_traces(tmp_path):
+    """At real sizes every run is captured in its own process and its traces are files: the reference on held
+    weights is the same implementation, dtype and mode as the ordinary reference, and once overwrote its files
+    (a q8_0 run then judged against the float reference failed at embed by 7e3x its bound, and the float runs
+    against the held one). Each held set's files now go in their own folder."""
+    got = run(Request(spec=PRESETS["tiny-gemma2"], impls=["litgpt-style", f"{__name__}:qport"], dtypes=["float32"],
+                      separate_processes=True, trace_dir=str(tmp_path), noise_members=2))
+    assert got.passed, got.verdict.headline
+    assert {r.impl for r in got.runs} == {"litgpt-style", "qport"} and len(got.quant) == 1
+    assert any(p.name.startswith("held-") for p in tmp_path.iterdir())

@@ -51,10 +51,13 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
     run holds them, which is the point)."""
     out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None))
 
+    # its trace files apart from the ordinary reference's and every other held set's (same impl, dtype and mode)
+    sub = f"held-{held.weights.hash[:16]}-{held.activations or 'none'}-{out.kv or 'none'}".replace("/", "_")
+
     def take_held(*args):
         # labelled with the run's weights and spec (a held head the runtime quantized apart unties the model it
         # holds; the run's traces carry the spec it was given)
-        got = take(*args, held.weights)
+        got = take(*args, held.weights, sub)
         return [dataclasses.replace(t, weights_hash=given, spec=spec or t.spec) for t in got]
 
     got = take_held(ref[0], ref[1], ref_dtype, ref_modes, None, True)
