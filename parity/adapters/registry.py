@@ -36,8 +36,8 @@ class Builtin:
     # feature ("run", "decode", "gemma1/2/3") -> the library versions it works with, pip's syntax
     # ("transformers>=5.3"); checked from installed metadata when the name is asked for (parity/adapters/versions.py)
     versions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # it quantizes the weights it is given (Adapter.held): at real sizes, where it runs in another process, its
-    # adapter is also made in the main one to write and read back its file
+    # it may compute with other weights or roundings than it is given (Adapter.held: quantized weights, an F16
+    # KV cache): at real sizes, where it runs in another process, its adapter is also made in the main one to say so
     holds: bool = False
     # the run-wide settings (`--kv-cache`, `--flash-attn`: parity.harness.Request.runtime) it takes, as factory
     # keyword arguments; a setting no chosen implementation takes is refused up front
@@ -82,7 +82,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("ort-genai", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai"),  # noqa: E501
     Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}, holds=True),  # noqa: E501
     Builtin("ort-genai-int4", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int4"}, holds=True),  # noqa: E501
-    Builtin("llama-cpp", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "f32"}, settable=("kv_type", "flash_attn")),  # noqa: E501
+    Builtin("llama-cpp", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "f32"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
     Builtin("llama-cpp-f16", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "f16"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
     Builtin("llama-cpp-bf16", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "bf16"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
     Builtin("llama-cpp-q8_0", "parity.adapters.llama_cpp:LlamaCppAdapter", ("llama_cpp", "gguf"), "pip install 'parity[llama-cpp]'", extra="llama-cpp", options={"weights": "q8_0"}, settable=("kv_type", "flash_attn"), holds=True),  # noqa: E501
