@@ -129,6 +129,16 @@ def backend_missing(name: str, absent: str) -> BackendMissing:
     return BackendMissing(f"implementation {name!r} needs {absent}, which is not installed here; {fix}", option="impls")
 
 
+def require_importable(name: str, *modules: str) -> None:
+    """Import each of `modules` (an adapter's check), refusing `name` with backend_missing for the first that is not
+    installed (its pip name: underscores as dashes)."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            raise backend_missing(name, mod.replace("_", "-")) from None
+
+
 def require(name: str, feature: str = "run", error=BackendMissing) -> None:
     """Refuse built-in `name` (exit 2, one line) when an installed library is outside the range its line declares
     for `feature` ("run", "decode", "gemma1/2/3"); a plug-in, or a feature with no range, passes."""

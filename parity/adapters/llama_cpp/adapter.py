@@ -27,7 +27,7 @@ from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, H
 from parity.adapters.llama_cpp import gguf_file
 from parity.adapters.llama_cpp.capture import GgmlTensor, Recorder, quiet, read
 from parity.adapters.llama_cpp.readback import query_scale as _query_scale_llama
-from parity.adapters.registry import backend_missing
+from parity.adapters.registry import require_importable
 from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
@@ -98,11 +98,7 @@ class LlamaCppAdapter(Adapter):
 
     # ------------------------------------------------------------ check
     def check(self, spec: GemmaSpec, dtype: str) -> None:
-        for mod in ("llama_cpp", "gguf"):
-            try:
-                __import__(mod)
-            except ImportError:
-                raise backend_missing(self.name, mod.replace("_", "-")) from None
+        require_importable(self.name, "llama_cpp", "gguf")
         if dtype != "float32":
             raise Unsupported(f"{self.name} computes float32 activations on CPU (ggml-cpu), not {dtype} (the "
                               "weight type is an option: weights=); use --dtypes float32 for it")

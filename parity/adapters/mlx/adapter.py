@@ -23,7 +23,7 @@ import numpy as np
 from parity.adapters.base import Adapter, DecodeResult, DecodeStep, RunResult
 from parity.adapters.mlx import gemma4, readback
 from parity.adapters.mlx.recording import module_feeds, operand_taps, recording
-from parity.adapters.registry import backend_missing
+from parity.adapters.registry import require_importable
 from parity.errors import Unsupported
 from parity.model.spec import GemmaSpec
 from parity.model.taps import expand_tap_map
@@ -87,11 +87,7 @@ class MlxAdapter(Adapter):
         return f"mlx-lm {version('mlx-lm')} / mlx {version('mlx')}"
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
-        for mod in ("mlx", "mlx_lm"):
-            try:
-                __import__(mod)
-            except ImportError:
-                raise backend_missing(self.name, mod.replace("_", "-")) from None
+        require_importable(self.name, "mlx", "mlx_lm")
         if dtype not in DTYPES:
             raise Unsupported(f"mlx runs {', '.join(DTYPES)}, not {dtype}; drop 'mlx' from --impls for it")
         if spec.family == 4:
