@@ -363,7 +363,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     count = req.noise_members if req.noise_members is not None else (LARGE_MEMBERS if large else SMALL_MEMBERS)
     replay = replayer(ref_adapter, spec, weights)  # MoE: the reference re-run with a run's honest routing
     held = held_references(req, impls, modes_for, spec, weights, take, (ref_name, ref_adapter), ref_modes, modes,
-                           count, table, separate)
+                           count, table, separate, (ref_traces, ref_full))
     runs = []
     for name, adapter in impls:
         for d in req.dtypes:
@@ -428,7 +428,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
 
 
 def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: Weights, take, ref, ref_modes,
-                    modes, count: int, table, separate: bool) -> dict:
+                    modes, count: int, table, separate: bool, ordinary: tuple[dict, dict]) -> dict:
     """"impl@dtype" -> parity.compare.held.HeldReference, for each run whose implementation computes with other
     weights than it was given (a quantizing runtime: Adapter.held); one reference per distinct held weight set
     and activation rounding, shared by every run that holds it."""
@@ -451,8 +451,10 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
     for h, labels in groups.values():
         dtypes = [label.rsplit("@", 1)[1] for label in labels]
         replay = replayer(ref[1], spec, h.weights)
+        # the given weights, rounded otherwise (an F16 cache): the ordinary reference is already theirs
+        same = h.weights.hash == weights.hash and h.weights.spec == spec
         got = held_reference(h, take, ref, ref_modes, dtypes, modes, count, table, separate, replay, FULL,
-                             req.reference[1], weights.hash, spec.to_dict())
+                             req.reference[1], weights.hash, spec.to_dict(), ordinary if same else None)
         got.runs = labels
         out.update({label: got for label in labels})
     return out

@@ -44,11 +44,12 @@ class HeldReference:
 
 def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run_modes: list[str], count: int,
                    table, separate: bool, replay, full_mode: str, ref_dtype: str, given: str,
-                   spec: dict | None = None) -> HeldReference:
+                   spec: dict | None = None, known: tuple[dict, dict] | None = None) -> HeldReference:
     """`take(name, adapter, dtype, modes, refs, checked, weights)`: the harness's capture (in process or not);
     `ref`: (name, adapter) of the reference; `given`: the hash of the weights the run was given, which these
     traces are labelled with (pairing refuses traces of other weights: these are of the run's weights as the
-    run holds them, which is the point)."""
+    run holds them, which is the point); `known`: (cumulative, full) reference traces already captured on these
+    very weights (a run that holds the given weights and only rounds otherwise), used instead of a second capture."""
     out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None))
 
     # its trace files apart from the ordinary reference's and every other held set's (same impl, dtype and mode)
@@ -60,9 +61,12 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
         got = take(*args, held.weights, sub)
         return [dataclasses.replace(t, weights_hash=given, spec=spec or t.spec) for t in got]
 
-    got = take_held(ref[0], ref[1], ref_dtype, ref_modes, None, True)
-    out.refs = {t.prompt: t for t in got if t.mode == "cumulative"}
-    out.full = {t.prompt: t for t in got if t.mode == full_mode}
+    if known is not None:
+        out.refs, out.full = dict(known[0]), dict(known[1])
+    else:
+        got = take_held(ref[0], ref[1], ref_dtype, ref_modes, None, True)
+        out.refs = {t.prompt: t for t in got if t.mode == "cumulative"}
+        out.full = {t.prompt: t for t in got if t.mode == full_mode}
     honest = []
     for d in dict.fromkeys(dtypes) if count else ():
         if d == ref_dtype:
