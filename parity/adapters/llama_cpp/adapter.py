@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from parity.adapters.base import Adapter, CacheView, DecodeResult, DecodeStep, Held, RunResult
-from parity.adapters.llama_cpp import gguf_file
+from parity.adapters.llama_cpp import gemma4, gguf_file
 from parity.adapters.llama_cpp.capture import GgmlTensor, Recorder, quiet, read
 from parity.adapters.llama_cpp.readback import query_scale as _query_scale_llama
 from parity.adapters.registry import require_importable
@@ -102,10 +102,13 @@ class LlamaCppAdapter(Adapter):
         if dtype != "float32":
             raise Unsupported(f"{self.name} computes float32 activations on CPU (ggml-cpu), not {dtype} (the "
                               "weight type is an option: weights=); use --dtypes float32 for it")
-        if spec.family not in (1, 2, 3):
-            # the vendored llama.cpp has src/models/gemma4.cpp; its GGUF keys and node names are not mapped here
-            raise Unsupported(f"{self.name}: Gemma {spec.family} is not written or mapped by parity's llama.cpp "
-                              "adapter yet (llama.cpp's gemma4.cpp exists); drop it from --impls for this spec")
+        if spec.family == 4:
+            gemma4.check(spec, self.name)  # src/models/gemma4.cpp: its own hard-coded choices and limits
+        else:
+            self._check_gemma123(spec)
+        self._check_options(spec)
+
+    def _check_gemma123(self, spec: GemmaSpec) -> None:
         fixed = {"embed_scale": True, "norm_placement": "pre" if spec.family == 1 else "sandwich",
                  "qk_norm": spec.family == 3, "gelu_approximate": "tanh", "tied_head": True}
         for f, want in fixed.items():
@@ -129,6 +132,8 @@ class LlamaCppAdapter(Adapter):
             raise Unsupported(f"{self.name}: llama.cpp's Gemma 1 has no sliding window or RoPE scaling; drop it")
         if spec.family == 2 and spec.rope_scaling_factor != 1.0:
             raise Unsupported(f"{self.name}: llama.cpp's Gemma 2 reads no RoPE scaling for it; drop it")
+
+    def _check_options(self, spec: GemmaSpec) -> None:
         if self.weights in gguf_file.K_QUANTS:
             widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
                       "num_heads * head_dim": spec.num_heads * spec.head_dim}
@@ -200,19 +205,31 @@ class LlamaCppAdapter(Adapter):
                 return wo.get(t.src[0].contents.name.decode(errors="replace"))
             return None
 
+        wanted = gemma4.WANT if spec.family == 4 else WANT
+
+        def pre_scalar(t: GgmlTensor) -> int | None:  # Gemma 4: the add the layer scalar multiplies
+            if spec.family != 4:
+                return None
+            return gemma4.pre_scalar_layer(spec, [t.src[k].contents.name.decode(errors="replace") if t.src[k]
+                                                  else "" for k in range(2)])
+
         def want(name: str, t: GgmlTensor) -> bool:
             if name.startswith("cache_") and t.view_src:  # the KV cache tensors, read after the step
                 base = t.view_src.contents
                 rec.extra.setdefault("cache", {})[base.name.decode()] = ctypes.addressof(base)
                 return False
-            return name.split("-")[0] in WANT or wo_layer(t) is not None
+            return name.split("-")[0] in wanted or wo_layer(t) is not None or pre_scalar(t) is not None
 
         def keep(r: Recorder, name: str, t: GgmlTensor) -> None:
             i = wo_layer(t)
             if i is not None:
                 r.add(f"@wo-{i}", read(t))
                 return
-            if name.split("-")[0] not in WANT:
+            i = pre_scalar(t)
+            if i is not None:
+                r.add(gemma4.PRE_SCALAR.format(i=i), read(t))
+                return
+            if name.split("-")[0] not in wanted:
                 return
             if name.startswith("kq_soft_max"):  # the mask and scale soft_max_ext applies to the scores
                 r.add("mask-" + name.split("-")[1], read(t.src[1].contents))
@@ -241,6 +258,10 @@ class LlamaCppAdapter(Adapter):
             table = dict(LAYER_TAPS)
             if spec.family != 1:
                 table.update(SANDWICH_TAPS)
+            if spec.family == 4:
+                table = gemma4.layer_taps(spec, i)
+                if spec.ple_dim:  # [1, T, L, P] (ggml [P, L, T]) -> layer i's [T, P]
+                    taps[f"layers.{i}.per_layer_input"] = last(gemma4.PER_LAYER_INPUT)[0][:, i, :]
             for tap, node in table.items():
                 if spec.family == 2 and tap == "post_mlp_norm":
                     # gemma2.cpp names it with no layer suffix (cb(cur, "ffn_post_norm", -1)): the i-th one
@@ -251,13 +272,15 @@ class LlamaCppAdapter(Adapter):
             if self.flash_attn == "on":
                 unavailable[f"layers.{i}.attn.scores"] = unavailable[f"layers.{i}.attn.probs"] = FLASH_FUSED
                 continue
-            kq = last(SCORES[spec.family].format(i=i))[0][:, :, :L]  # [heads, T, n_kv] -> its first L slots
+            kq = last((gemma4.SCORES if spec.family == 4 else SCORES[spec.family]).format(i=i))[0][:, :, :L]  # [heads, T, n_kv] -> its first L slots
             mask = last(f"mask-{i}")[0, 0, :T, :L]  # [T padded, n_kv] -> [T, L]: 0 or -inf
             scale = float(last(f"kq_scale-{i}"))
             taps[f"layers.{i}.attn.scores"] = (kq * np.float32(scale) + mask[None]).astype(np.float32)
             taps[f"layers.{i}.attn.probs"] = last(f"kq_soft_max-{i}")[0][:, :, :L]
         taps["final_norm"] = last("result_norm").reshape(T, -1)
         taps["logits"] = last("result_output").reshape(T, -1)
+        if spec.family == 4:
+            gemma4.finish(spec, taps, T)
         return taps, unavailable
 
     def _decode(self, ctx, tokens: list[int], pos0: int) -> None:
@@ -316,10 +339,13 @@ class LlamaCppAdapter(Adapter):
 
     def _caches(self, built: Built, rec: Recorder, p: int) -> dict[int, CacheView]:
         spec = built.spec
-        kv, hd = spec.num_kv_heads, spec.head_dim
         found = rec.extra.get("cache", {})
         out = {}
         for i in range(spec.num_layers):
+            kv, hd = spec.kv_heads_for(i), spec.head_dim_for(i)  # Gemma 4 sizes local and global layers apart
+            if spec.family == 4 and gemma4.kv_source(spec, i) != i:
+                out[i] = out[gemma4.kv_source(spec, i)]  # a KV-shared layer has no cache: it reads its source's
+                continue
             k_t = GgmlTensor.from_address(found[f"cache_k_l{i}"])
             v_t = GgmlTensor.from_address(found[f"cache_v_l{i}"])
             k = read(k_t).reshape(-1, kv * hd)[:p + 1]  # [cells, kv * hd] -> the first p + 1 cells

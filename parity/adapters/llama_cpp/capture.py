@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 GGML_MAX_DIMS, GGML_MAX_OP_PARAMS, GGML_MAX_SRC, GGML_MAX_NAME = 4, 64, 10, 64
-TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 8: "Q8_0", 30: "BF16"}  # what a node or KV cache can hold here
+TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 8: "Q8_0", 26: "I32", 30: "BF16"}  # what a node or KV cache holds here
 
 
 class GgmlTensor(ctypes.Structure):
@@ -73,6 +73,8 @@ def read(t: GgmlTensor) -> np.ndarray:
                 continue
             for i1 in range(ne[1]):
                 rows[i3, i2, i1] = np.frombuffer(ctypes.string_at(base + i1 * nb[1], row_bytes), np.uint8)
+    if kind == "I32":  # ids (Gemma 4's chosen experts): exact in float32 below 2^24
+        return rows.view(np.int32).reshape(ne[3], ne[2], ne[1], ne[0]).astype(np.float32)
     if kind == "F32":
         return rows.view(np.float32).reshape(ne[3], ne[2], ne[1], ne[0]).copy()
     flat = gguf.quants.dequantize(rows.reshape(-1, row_bytes), qtype)  # [rows, ne0] float32

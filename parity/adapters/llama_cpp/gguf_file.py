@@ -4,7 +4,9 @@ Written with gguf-py's `GGUFWriter` (convert_hf_to_gguf.py needs a tokenizer a t
 metadata keys exactly as the vendored llama.cpp's `load_arch_hparams` (src/models/gemma{,2,3}.cpp) reads them,
 `tokenizer.ggml.model = "none"` (LLAMA_VOCAB_TYPE_NONE: V dummy tokens; ids go straight into `llama_batch`),
 tensor names from `gguf.get_tensor_name_map`, Gemma's `(1 + w)` folded into every norm weight as
-convert_hf_to_gguf.py does (llama.cpp multiplies by the stored weight). Norms stay F32 (as the converter keeps
+convert_hf_to_gguf.py does (llama.cpp multiplies by the stored weight; Gemma 4's norms have no offset and get no
+fold, as conversion/gemma.py's Gemma4Model.norm_shift is 0). Gemma 4 (src/models/gemma4.cpp) adds the keys and
+tensors of `_gemma4_metadata` / `GEMMA4_NAMES` and the generated `rope_freqs` tensor. Norms stay F32 (as the converter keeps
 them); every matrix is written in the chosen weight type: F16/BF16/Q8_0/Q4_0 by gguf.quants, Q4_K by llama.cpp's
 own C quantizer (`llama_model_quantize`) on the F32 file, since gguf-py cannot quantize K-quants.
 
@@ -29,7 +31,7 @@ from parity.model.canonical import canonical_shapes
 from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
 
-ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3", 4: "gemma4"}
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
 K_QUANTS = ("q4_k",)
 K_BLOCK = 256  # a K-quant super-block: every row length must be a multiple of it
@@ -104,7 +106,74 @@ def metadata(spec: GemmaSpec) -> Metadata:
         if spec.rope_scaling_factor != 1.0:
             md[a + "rope.scaling.type"] = ("linear", "STRING", None)
             md[a + "rope.scaling.factor"] = (float(spec.rope_scaling_factor), "FLOAT32", None)
+    if spec.family == 4:
+        md.update(_gemma4_metadata(spec, a, sliding))
     return md
+
+
+def _gemma4_metadata(spec: GemmaSpec, a: str, sliding: list[bool]) -> Metadata:
+    """The keys conversion/gemma.py's Gemma4Model writes and src/models/gemma4.cpp's load_arch_hparams (with
+    llama-model.cpp's shared loader) reads: head sizes full (key_length) and SWA (key_length_swa), per-layer KV
+    heads and MLP widths as arrays where they differ, the RoPE dimension counts (the whole global head: the
+    proportional share is the rope_freqs tensor), the shared-KV count, the PLE width, the experts."""
+    L = spec.num_layers
+    g = spec.global_head_dim or spec.head_dim
+    md: Metadata = {
+        a + "attention.key_length": (g, "UINT32", None),
+        a + "attention.value_length": (g, "UINT32", None),
+        a + "attention.key_length_swa": (spec.head_dim, "UINT32", None),
+        a + "attention.value_length_swa": (spec.head_dim, "UINT32", None),
+        a + "rope.dimension_count": (g, "UINT32", None),
+        a + "rope.dimension_count_swa": (spec.head_dim, "UINT32", None),
+        a + "rope.freq_base_swa": (float(spec.rope_local_base or spec.rope_base), "FLOAT32", None),
+        a + "attention.sliding_window": (int(spec.sliding_window or 0), "UINT32", None),
+        a + "attention.sliding_window_pattern": (sliding, "ARRAY", "BOOL"),
+        a + "attention.shared_kv_layers": (spec.num_kv_shared_layers, "UINT32", None),
+        a + "embedding_length_per_layer_input": (spec.ple_dim, "UINT32", None),
+    }
+    if spec.final_softcap is not None:
+        md[a + "final_logit_softcapping"] = (float(spec.final_softcap), "FLOAT32", None)
+    if spec.rope_scaling_factor != 1.0:  # global layers only (rope_freq_scale_train_swa stays 1), as Gemma 3
+        md[a + "rope.scaling.type"] = ("linear", "STRING", None)
+        md[a + "rope.scaling.factor"] = (float(spec.rope_scaling_factor), "FLOAT32", None)
+    if spec.num_global_kv_heads:  # the converter writes the array only when the global count is set
+        md[a + "attention.head_count_kv"] = ([spec.kv_heads_for(i) for i in range(L)], "ARRAY", "UINT32")
+    if spec.double_wide_mlp:
+        md[a + "feed_forward_length"] = ([spec.mlp_width_for(i) for i in range(L)], "ARRAY", "UINT32")
+    if spec.num_experts:
+        md[a + "expert_count"] = (spec.num_experts, "UINT32", None)
+        md[a + "expert_used_count"] = (spec.top_k_experts, "UINT32", None)
+        md[a + "expert_feed_forward_length"] = (spec.expert_intermediate_size, "UINT32", None)
+    return md
+
+
+# Gemma 4 tensors gguf-py's name map does not give as the converter writes them (conversion/gemma.py
+# Gemma4Model.filter_tensors / modify_tensors): canonical suffix -> GGUF name pattern
+GEMMA4_NAMES = {
+    "experts.gate_up_proj": "blk.{i}.ffn_gate_up_exps.weight",  # [E, 2I, D]: gate rows, then up rows
+    "experts.down_proj": "blk.{i}.ffn_down_exps.weight",
+    "router.scale": "blk.{i}.ffn_gate_inp.scale",
+    "router.per_expert_scale": "blk.{i}.ffn_down_exps.scale",  # llama.cpp: ffn_down_exps_s, on each expert's out
+    "layer_scalar": "blk.{i}.layer_output_scale.weight",
+}
+ROPE_FREQS = "rope_freqs.weight"  # Gemma 4's proportional RoPE on global layers (not a canonical tensor)
+# tensors the converter keeps F32 whatever the file type (conversion/base.py: FFN_GATE_INP, 1-D, norms)
+F32_ALWAYS = (".ffn_gate_inp.weight",)
+
+
+def rope_freqs(spec: GemmaSpec) -> np.ndarray:
+    """Gemma4Model.generate_extra_tensors: a freq factor per rotary pair of the global head, 1 for the
+    int(hd * p / 2) rotated pairs and 1e30 for the rest (their angle pos * theta_j / 1e30 is ~0: they pass
+    through), so ggml's NEOX RoPE over the whole head computes proportional RoPE."""
+    g = spec.global_head_dim or spec.head_dim
+    n = int(g * spec.rope_proportion / 2)
+    return np.array([1.0] * n + [1e30] * (g // 2 - n), np.float32)
+
+
+def _unit_offset(spec: GemmaSpec, canon: str) -> bool:
+    """Whether the file holds 1 + w for this tensor (llama.cpp multiplies every norm by the stored weight):
+    Gemma 1-3's norms, not Gemma 4's (Gemma4Model.norm_shift is 0), unless a spec asks for the offset."""
+    return spec.norm_unit_offset and canon.endswith("norm.weight")
 
 
 def tensor_names(spec: GemmaSpec) -> dict[str, str]:
@@ -116,6 +185,11 @@ def tensor_names(spec: GemmaSpec) -> dict[str, str]:
     for k in canonical_shapes(spec):
         if k == "lm_head.weight":
             continue
+        if spec.family == 4 and k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            if rest in GEMMA4_NAMES:
+                out[k] = GEMMA4_NAMES[rest].format(i=i)
+                continue
         g = names.get_name(k, try_suffixes=(".weight",))
         if g is None:
             raise RuntimeError(f"llama-cpp: gguf {gguf.__version__} has no tensor name for {k!r}; update "
@@ -147,13 +221,18 @@ def write(spec: GemmaSpec, weights: Weights, weight_type: str, path: Path,
     qtype = _qtype(weight_type)
     for canon, g in tensor_names(spec).items():
         v = _canonical(weights, canon)
-        if canon.endswith("norm.weight"):
+        if _unit_offset(spec, canon):
             v = v + np.float32(1.0)  # Gemma's (1 + w), folded as convert_hf_to_gguf.py does; exact in float32
-        if v.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        if v.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or g.endswith(F32_ALWAYS):
             w.add_tensor(g, v)
             continue
-        q = gguf.quants.quantize(v, qtype)  # [rows, bytes per row] (uint8 blocks, or f16/bf16 values)
-        w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qtype)
+        try:
+            q, t = gguf.quants.quantize(v, qtype), qtype  # [rows, bytes per row] (uint8 blocks, or f16/bf16)
+        except gguf.QuantError:  # a row length the block does not divide: F16, as the converter falls back
+            q, t = gguf.quants.quantize(v, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+        w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=t)
+    if spec.family == 4:
+        w.add_tensor(ROPE_FREQS, rope_freqs(spec))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -226,6 +305,7 @@ class HeldTensors(Mapping):
         self._reader = gguf.GGUFReader(str(path))
         self._by_name = {t.name: t for t in self._reader.tensors}
         self._shapes = canonical_shapes(spec)
+        self._spec = spec
         self._names = tensor_names(spec)
         if "lm_head.weight" in self._shapes:  # an untied spec is refused by check; kept for completeness
             self._names = {**self._names, "lm_head.weight": self._names["model.embed_tokens.weight"]}
@@ -236,7 +316,7 @@ class HeldTensors(Mapping):
         t = self._by_name[self._names[canon]]
         # dequantize gives the logical shape, ggml's ne reversed: [rows, cols] as the canonical layout
         v = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self._shapes[canon])
-        if canon.endswith("norm.weight"):
+        if _unit_offset(self._spec, canon):
             # undo the fold: fl(1 + w) - 1 is exact in float32 (Sterbenz), so 1 + held is what llama.cpp
             # multiplies by, bit for bit (not w itself: fl(1 + w) dropped w's bits below 2^-23)
             v = v - np.float32(1.0)

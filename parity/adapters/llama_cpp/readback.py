@@ -54,7 +54,7 @@ def effective(built, settings: dict[str, str]) -> dict:
     m, spec = built.model, built.spec
     kv = meta(m)
     arch = kv["general.architecture"]
-    family = {"gemma": 1, "gemma2": 2, "gemma3": 3}[arch]
+    family = {"gemma": 1, "gemma2": 2, "gemma3": 3, "gemma4": 4}[arch]
     L = llama_cpp.llama_model_n_layer(m)
 
     def num(key: str, default=None):
@@ -74,24 +74,37 @@ def effective(built, settings: dict[str, str]) -> dict:
         period = int(pattern) if pattern is not None else (2 if family == 2 else 6)
         local = [(i % period) < period - 1 for i in range(L)]
     base = num("rope.freq_base", 10000.0)
-    base_swa = num("rope.freq_base_swa", base if family == 2 else 10000.0)
+    base_swa = num("rope.freq_base_swa", base if family == 2 else 10000.0)  # llama-hparams.h: 10000
     scale = float(llama_cpp.llama_model_rope_freq_scale_train(m))
     attn_cap = num("attn_logit_softcapping", 50.0) if family == 2 else None
     final_cap = num("final_logit_softcapping", 30.0 if family == 2 else None) if family != 1 else None
+    if final_cap == 0.0 and family == 4:  # gemma4.cpp applies the cap only when it is non-zero
+        final_cap = None
     reader = gguf.GGUFReader(str(built.path))
     names = {t.name: t for t in reader.tensors}
     stored = np.asarray(names["blk.0.attn_norm.weight"].data, np.float64)
     w = built.norm0.astype(np.float64)
     H, heads = llama_cpp.llama_model_n_embd(m), llama_cpp.llama_model_n_head(m)
-    q_scale = query_scale(_Shape(family, L, H, heads, int(num("attention.key_length"))))
+    head_dim, n_kv, n_ff = int(num("attention.key_length")), llama_cpp.llama_model_n_head_kv(m), None
+    extra = {}
+    if family == 4:
+        from parity.adapters.llama_cpp.gemma4 import readback as g4
+
+        extra = g4(md, names, local, L, arch)
+        # the spec's head_dim / num_kv_heads / intermediate_size are the local (and non-shared) layers'
+        head_dim = int(num("attention.key_length_swa", head_dim))
+        first_local = local.index(True) if True in local else 0
+        n_kv = extra["kv_heads_per_layer"][first_local]
+        n_ff = extra["mlp_width_per_layer"][0]
+    q_scale = 1.0 if family == 4 else query_scale(_Shape(family, L, H, heads, head_dim))  # gemma4.cpp: 1.0
     return report({
         "vocab_size": int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))),
         "hidden_size": H,
-        "intermediate_size": int(num("feed_forward_length")),
+        "intermediate_size": n_ff if n_ff is not None else int(num("feed_forward_length")),
         "num_layers": L,
         "num_heads": heads,
-        "num_kv_heads": llama_cpp.llama_model_n_head_kv(m),
-        "head_dim": int(num("attention.key_length")),
+        "num_kv_heads": n_kv,
+        "head_dim": head_dim,
         "norm_unit_offset": bool(np.abs(stored - (1 + w)).max() < np.abs(stored - w).max()),
         "norm_placement": "sandwich" if "blk.0.post_attention_norm.weight" in names else "pre",
         "norm_eps": float(np.float32(num("attention.layer_norm_rms_epsilon"))),
@@ -119,6 +132,7 @@ def effective(built, settings: dict[str, str]) -> dict:
         "gelu_table": "ggml-cpu GGML_GELU_FP16: the GELU's input is rounded to float16 and its value read "
                       "from a float16 table, in float32 runs too",
         "desc": _desc(m),
+        **extra,
     })
 
 
