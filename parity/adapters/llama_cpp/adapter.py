@@ -198,9 +198,13 @@ class LlamaCppAdapter(Adapter):
 
     # ------------------------------------------------------------ capture
     def _recorder(self, spec: GemmaSpec) -> Recorder:
-        wo = {f"blk.{i}.attn_output.weight": i for i in range(spec.num_layers)}
+        # unnamed matmuls, known by their weight: the attention output projection (and Gemma 4's MoE-layer dense
+        # down projection, which gemma4.cpp leaves unnamed)
+        wo = {f"blk.{i}.attn_output.weight": f"@wo-{i}" for i in range(spec.num_layers)}
+        if spec.family == 4 and spec.num_experts:
+            wo.update({f"blk.{i}.ffn_down.weight": gemma4.DENSE_DOWN.format(i=i) for i in range(spec.num_layers)})
 
-        def wo_layer(t: GgmlTensor) -> int | None:
+        def wo_layer(t: GgmlTensor) -> str | None:
             if t.src[0]:
                 return wo.get(t.src[0].contents.name.decode(errors="replace"))
             return None
@@ -221,9 +225,9 @@ class LlamaCppAdapter(Adapter):
             return name.split("-")[0] in wanted or wo_layer(t) is not None or pre_scalar(t) is not None
 
         def keep(r: Recorder, name: str, t: GgmlTensor) -> None:
-            i = wo_layer(t)
-            if i is not None:
-                r.add(f"@wo-{i}", read(t))
+            key = wo_layer(t)
+            if key is not None:
+                r.add(key, read(t))
                 return
             i = pre_scalar(t)
             if i is not None:

@@ -30,11 +30,12 @@ LAYER_TAPS = {
 }
 # MoE layers: the dense MLP's norm and output are named apart (gemma4.cpp's is_moe_layer branch)
 MOE_LAYER_TAPS = {
-    "mlp_norm": "ffn_norm_1-{i}", "mlp": "ffn_down-{i}", "dense_branch": "ffn_mlp-{i}",
+    "mlp_norm": "ffn_norm_1-{i}", "mlp": "@ffn_down-{i}", "dense_branch": "ffn_mlp-{i}",
     "moe.router_logits": "ffn_moe_logits-{i}", "moe.router_probs": "ffn_moe_probs-{i}",
     "moe.experts": "ffn_moe_topk-{i}", "moe.weights": "ffn_moe_weights_norm-{i}", "moe_branch": "ffn_moe-{i}",
 }
 PLE_TAPS = {"ple": "per_layer_embd_out-{i}"}
+DENSE_DOWN = "@ffn_down-{i}"  # the dense down projection's MUL_MAT on a MoE layer (unnamed: found by its weight)
 PRE_SCALAR = "@pre_scalar-{i}"  # the residual add the layer scalar multiplies (unnamed: found by its operands)
 PER_LAYER_INPUT = "inp_per_layer"  # [T, L, P] before the permute: layer i's slice is [:, i, :]
 SCORES = "kq-{i}"
