@@ -354,9 +354,10 @@ class LlamaCppAdapter(Adapter):
             v_t = GgmlTensor.from_address(found[f"cache_v_l{i}"])
             k = read(k_t).reshape(-1, kv * hd)[:p + 1]  # [cells, kv * hd] -> the first p + 1 cells
             v = read(v_t).reshape(-1)
+            width = int(v_t.ne[0])  # kv * hd, or with v_trans the widest layer's (Gemma 4's local V is padded)
             if self.flash_attn == "off":  # llama.cpp stores V transposed without flash attention (v_trans)
-                v = v.reshape(kv * hd, -1).T
-            v = v.reshape(-1, kv * hd)[:p + 1]
+                v = v.reshape(width, -1).T  # [cells, width]
+            v = v.reshape(-1, width)[:p + 1, :kv * hd]
             pos = np.arange(p + 1, dtype=np.int64)
             out[i] = CacheView(pos, k.reshape(p + 1, kv, hd).transpose(1, 0, 2).copy(),
                                v.reshape(p + 1, kv, hd).transpose(1, 0, 2).copy())
