@@ -77,8 +77,10 @@ def effective(built, settings: dict[str, str]) -> dict:
     base_swa = num("rope.freq_base_swa", base if family == 2 else 10000.0)  # llama-hparams.h: 10000
     scale = float(llama_cpp.llama_model_rope_freq_scale_train(m))
     attn_cap = num("attn_logit_softcapping", 50.0) if family == 2 else None
-    final_cap = num("final_logit_softcapping", 30.0 if family == 2 else None) if family != 1 else None
-    if final_cap == 0.0 and family == 4:  # gemma4.cpp applies the cap only when it is non-zero
+    # the loaders' default when the key is absent: 30 (llama-hparams.h) for Gemma 2 and 4 (gemma4.cpp reads it
+    # optionally and applies it when non-zero), none for Gemma 3
+    final_cap = num("final_logit_softcapping", 30.0 if family in (2, 4) else None) if family != 1 else None
+    if final_cap == 0.0 and family == 4:
         final_cap = None
     reader = gguf.GGUFReader(str(built.path))
     names = {t.name: t for t in reader.tensors}
