@@ -7,7 +7,8 @@ tensor names from `gguf.get_tensor_name_map`, Gemma's `(1 + w)` folded into ever
 convert_hf_to_gguf.py does (llama.cpp multiplies by the stored weight; Gemma 4's norms have no offset and get no
 fold, as conversion/gemma.py's Gemma4Model.norm_shift is 0). Gemma 4 (src/models/gemma4.cpp) adds the keys and
 tensors of `_gemma4_metadata` / `GEMMA4_NAMES` and the generated `rope_freqs` tensor. Norms stay F32 (as the converter keeps
-them); every matrix is written in the chosen weight type: F16/BF16/Q8_0/Q4_0 by gguf.quants, Q4_K by llama.cpp's
+them); every matrix (but Gemma 4's F32 router, and an F16 fallback where the block does not divide a row, as
+the converter does) is written in the chosen weight type: F16/BF16/Q8_0/Q4_0 by gguf.quants, Q4_K by llama.cpp's
 own C quantizer (`llama_model_quantize`) on the F32 file, since gguf-py cannot quantize K-quants.
 
 Files go to parity's cache (parity.model.weight_store.cache_dir()/llama-cpp), keyed by the weights' hash, the
