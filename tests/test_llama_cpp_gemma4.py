@@ -103,23 +103,23 @@ def test_q8_0_passes_against_held_weights(env):
     assert rc == 0 and r["status"] == "PASS", r["headline"]
 
 
-def omitted_final_softcap():
-    """--impls factory: tiny-gemma4 in q8_0 with the final softcap key left out of the GGUF (gemma4.cpp then
-    caps at its default 30 where the spec says 5)."""
+def swapped_rope_bases():
+    """--impls factory: tiny-gemma4 in q8_0 with rope.freq_base and rope.freq_base_swa swapped in the GGUF."""
     from parity.adapters.llama_cpp import LlamaCppAdapter
 
     def edit(md):
-        del md["gemma4.final_logit_softcapping"]
+        md["gemma4.rope.freq_base"], md["gemma4.rope.freq_base_swa"] = (md["gemma4.rope.freq_base_swa"],
+                                                                        md["gemma4.rope.freq_base"])
 
     return LlamaCppAdapter(weights="q8_0", kv_type="f32", edit=edit)
 
 
-def test_a_dropped_gguf_key_is_found_at_the_logits_and_named(env):
-    rc, r = _run(env, "tiny-gemma4", f"{__name__}:omitted_final_softcap", "--quant-budget", "1")
-    assert rc == 1 and r["first_divergence"]["tap"] == "logits", r["headline"]
-    assert r["verdicts"][0]["explained_by"] in ("config-value-dropped", "final-softcap-missing"), r["headline"]
-    eff = r["effective"][next(k for k in r["effective"] if k.startswith("llama-cpp"))]
-    assert eff["final_softcap"] == 30.0  # the loader's default, read back, beside the spec's 5
+def test_a_wrong_gguf_key_fails_and_is_read_back(env):
+    rc, r = _run(env, "tiny-gemma4", f"{__name__}:swapped_rope_bases", "--quant-budget", "1")
+    assert rc == 1 and r["status"] == "FAIL", r["headline"]
+    assert r["first_divergence"]["tap"].startswith("layers.0."), r["headline"]
+    eff = r["effective"][next(k for k in r["effective"] if not k.startswith("litgpt"))]
+    assert eff["rope_base"][0] == 1_000_000.0 and eff["rope_base"][3] == 10_000.0  # the loaded bases, swapped
 
 
 def test_gguf_keys_and_tensors_as_the_converter_writes_them(env):
@@ -141,7 +141,7 @@ def test_gguf_keys_and_tensors_as_the_converter_writes_them(env):
     import gguf
 
     t = {x.name: x for x in gguf.GGUFReader(str(path)).tensors}
-    np.testing.assert_array_equal(np.asarray(t["rope_freqs.weight"].data), [1.0] * 8 + [1e30] * 24)
+    np.testing.assert_array_equal(np.asarray(t["rope_freqs.weight"].data), np.array([1.0] * 8 + [1e30] * 24, np.float32))
 
 
 def test_refusals():
