@@ -1,7 +1,7 @@
 """Gemma 4 through llama.cpp's own gemma4.cpp (llama-cpp-python 0.3.36), from the GGUF parity writes as
 conversion/gemma.py's Gemma4Model would: tiny-gemma4 (PLE, KV sharing, double-wide MLP, proportional RoPE) and
 tiny-gemma4-moe (experts beside the dense MLP, K=V) against the float64 port, tap by tap, prefill and decode
-through its iSWA caches past the window; q8_0 through its held weights; a GGUF key left out found and named.
+through its iSWA caches past the window; q8_0 through its held weights; a wrong GGUF key (RoPE bases swapped) found.
 """
 
 from __future__ import annotations
