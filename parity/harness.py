@@ -404,7 +404,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
     for label, h in held.items():  # quantized runs: against the port on their own weights, the loss apart
         theirs = [t for t in traces[n_ref:] if f"{t.impl}@{t.dtype}" == label]
         got = compare_all(h.refs, h.full, theirs, table, h.noise, req.raw_logits, req.layers)
-        got, flips = account_routing(got, h.refs, theirs, table, h.noise, replayer(ref_adapter, spec, h.weights),
+        got, flips = account_routing(got, h.refs, theirs, table, h.noise, held_replayer(ref_adapter, spec, h.weights,
+                                                                                          weights.hash),
                                      req.layers, h.full)
         results += got
         routed += flips
@@ -450,7 +451,7 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
     out = {}
     for h, labels in groups.values():
         dtypes = [label.rsplit("@", 1)[1] for label in labels]
-        replay = replayer(ref[1], spec, h.weights)
+        replay = held_replayer(ref[1], spec, h.weights, weights.hash)
         # the given weights, rounded otherwise (an F16 cache): the ordinary reference is already theirs
         same = h.weights.hash == weights.hash and h.weights.spec == spec
         got = held_reference(h, take, ref, ref_modes, dtypes, modes, count, table, separate, replay, FULL,
@@ -458,6 +459,16 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
         got.runs = labels
         out.update({label: got for label in labels})
     return out
+
+
+def held_replayer(ref_adapter, spec: GemmaSpec, held_weights: Weights, given: str):
+    """The MoE replay (parity.compare.routing.replayer) of the reference on a run's held weights, its traces
+    labelled with the given weights and the run's spec as the held reference's are (parity.compare.held), so
+    that they pair with the run's traces."""
+    replay = replayer(ref_adapter, held_weights.spec, held_weights)
+    if replay is None:
+        return None
+    return lambda ref, overrides: dataclasses.replace(replay(ref, overrides), weights_hash=given, spec=spec.to_dict())
 
 
 def held_of(req: Request, name: str, adapter, spec: GemmaSpec, weights: Weights, dtype: str):

@@ -95,12 +95,17 @@ def test_decode_steps_match_the_full_run(env):
         assert step.cache[3].k.shape == (spec.kv_heads_for(3), row + 1, spec.head_dim_for(3))
 
 
-def test_q8_0_passes_against_held_weights(env):
+@pytest.mark.parametrize("preset", ["tiny-gemma4", "tiny-gemma4-moe"])
+def test_q8_0_passes_against_held_weights(env, preset):
     """Prefill on q8_0 (the router F32 and the 16-wide per-layer projection F16, as the converter keeps them).
-    tiny-gemma4-moe in q8_0 stops in the harness's routing replay (parity.compare.routing compares the replay
-    against the ordinary reference, not the held one: ParityInputError on the weights hash), not in llama.cpp."""
-    rc, r = _run(env, "tiny-gemma4", "llama-cpp-q8_0", "--kv-cache", "f32", "--quant-budget", "1")
+    On the MoE preset llama.cpp's expert choices cross honest near-ties of the reference on its held weights,
+    which the routing replay re-runs on those held weights (labelled as the run's, or pairing refuses them).
+    The budget is opened: on random tiny weights the routers' near-ties flip under q8_0, so the loss against
+    the given weights (KL 0.06 on the MoE preset) is no measure of a trained model's."""
+    rc, r = _run(env, preset, "llama-cpp-q8_0", "--kv-cache", "f32", "--quant-budget", "1")
     assert rc == 0 and r["status"] == "PASS", r["headline"]
+    if preset.endswith("moe"):
+        assert any(x.get("accounted") == "replayed" for x in r["routing"]), "no honest flip replayed"
 
 
 def swapped_rope_bases():
