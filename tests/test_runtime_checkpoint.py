@@ -170,3 +170,21 @@ def test_no_converter_tree_falls_back_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PARITY_LLAMA_CPP", str(tmp_path))
     how = LlamaCppAdapter()._source(spec, w)[1]
     assert f"PARITY_LLAMA_CPP={tmp_path} holds no convert_hf_to_gguf.py" in how, how
+
+
+# ------------------------------------------------------------------ mlx: the loader can drop a value too
+def test_mlx_lm_drops_a_transformers5_gemma3_rope_scaling(tmp_path):
+    """A real finding (docs/findings.md): transformers 5 saves Gemma 3's RoPE as `rope_parameters` per layer type;
+    mlx-lm 0.32.2's gemma3_text ModelArgs reads only `rope_scaling` / `rope_theta` / `rope_local_base_freq`, so
+    the shipped directory loads with no linear factor on the global layers (the bases match its defaults by
+    chance). Read back and named config-value-dropped (the run's first divergence is its bf16 embedding scale,
+    a known choice, so the dropped factor joins that entry's evidence)."""
+    _need("mlx_lm")
+    spec, w = save(PRESETS["tiny-gemma3"], tmp_path / "g3")
+    rep = run(spec, w, ["mlx"], SHORT)
+    assert loaded_by(rep, "mlx") == f"mlx-lm's load_model({tmp_path / 'g3'})"
+    eff = rep.effective["mlx@float32"]
+    assert spec.rope_scaling_factor == 8.0 and eff["rope_scaling_factor"] == [1.0] * 6
+    assert "rope_parameters" in eff["library"]["config_keys_not_read"]
+    assert any("config-value-dropped: the spec's rope_scaling_factor" in f.evidence for f in rep.diagnosis
+               if f.impl == "mlx"), [f.evidence[:300] for f in rep.diagnosis]
