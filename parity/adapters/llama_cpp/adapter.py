@@ -67,6 +67,7 @@ class Built:
     weight_type: str
     norm0: np.ndarray  # layer 0's first norm as given, to read the unit offset back
     contexts: list = field(default_factory=list)
+    loading: str = ""  # which program wrote the GGUF loaded, and why (convert.py): effective()'s weights_loaded_by
 
 
 class LlamaCppAdapter(Adapter):
@@ -84,6 +85,7 @@ class LlamaCppAdapter(Adapter):
             raise ParityInputError(f"llama-cpp flash_attn={flash_attn!r}; use one of {', '.join(FLASH)}")
         self.weights, self.kv_type, self.flash_attn = weights, kv_type, flash_attn
         self.edit = edit  # applied to the GGUF metadata before it is written (fault injection in tests)
+        self._sources: dict[str, tuple[Path, str]] = {}  # weights hash -> (the GGUF, who wrote it and why)
         if weights != "f32":
             self.name = f"llama-cpp-{weights}"
 
@@ -149,24 +151,46 @@ class LlamaCppAdapter(Adapter):
 
     # ------------------------------------------------------------ build
     def _file(self, spec: GemmaSpec, weights: Weights) -> Path:
-        return gguf_file.cached(spec, weights, self.weights, self.edit)
+        return self._source(spec, weights)[0]
+
+    def _source(self, spec: GemmaSpec, weights: Weights) -> tuple[Path, str]:
+        """(the GGUF `build` loads and `held` reads, who wrote it): a whole checkpoint directory through
+        llama.cpp's own converter where it can take it (convert.py), else parity's writer, with the reason."""
+        key = weights.hash
+        if key not in self._sources:
+            if weights.checkpoint is not None and self.edit is None:
+                from parity.adapters.llama_cpp import convert
+
+                got = convert.converted(weights, self.weights)
+                if got.path is not None:
+                    self._sources[key] = (got.path, got.loaded_by)
+                    return self._sources[key]
+                how = got.loaded_by
+            else:  # generated weights say nothing (as before); a checkpoint with a test's edit says so
+                how = "" if weights.checkpoint is None else "parity's GGUF writer (gguf_file.py): a test's metadata edit"
+            self._sources[key] = (gguf_file.cached(spec, weights, self.weights, self.edit), how)
+        return self._sources[key]
 
     def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
         kv = gguf_file.activations(self.kv_type) if self.kv_type in KV_ROUNDING else None
-        if self.weights == "f32":
+        path, loading = self._source(spec, weights)
+        if self.weights == "f32" and not _converted(loading):
             # the weights as given; what the cache and its products round is the honest members' to do too
             return Held(weights, "f32", None, kv) if kv else None
-        tensors, _ = gguf_file.read_back(spec, self._file(spec, weights))
-        # every matrix of a file is one type here (Q4_K is written `pure`), so one activation rounding applies;
-        # norms are F32 and take no matmul
-        return Held(Weights(spec, tensors, source=f"{self.name} GGUF"), self.weights,
-                    gguf_file.activations(self.weights), kv)
+        tensors, _ = gguf_file.read_back(spec, path)
+        held = Weights(spec, tensors, source=f"{self.name} GGUF")
+        if self.weights == "f32" and all(np.array_equal(tensors[k], _read(weights, k)) for k in tensors):
+            # the converter's F32 file holds the given numbers bit for bit: the ordinary reference judges it
+            return Held(weights, "f32", None, kv) if kv else None
+        # every matrix of a file is one type here (Q4_K is written `pure`; convert.py refuses a mixed file), so
+        # one activation rounding applies; norms are F32 and take no matmul
+        return Held(held, self.weights, gguf_file.activations(self.weights), kv)
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         import llama_cpp
 
         quiet()
-        path = self._file(spec, weights)
+        path, loading = self._source(spec, weights)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
@@ -174,7 +198,7 @@ class LlamaCppAdapter(Adapter):
             raise RuntimeError(f"llama-cpp: llama_model_load_from_file refused {path}")
         norm0 = np.empty(weights.shape("model.layers.0.input_layernorm.weight"), np.float32)
         weights.read_into("model.layers.0.input_layernorm.weight", norm0)
-        return Built(spec, path, model, self.weights, norm0)
+        return Built(spec, path, model, self.weights, norm0, loading=loading)
 
     def _context(self, built: Built, n_ctx: int, rec: Recorder):
         import llama_cpp
@@ -373,7 +397,10 @@ class LlamaCppAdapter(Adapter):
     def effective(self, model: Built) -> dict:
         from parity.adapters.llama_cpp.readback import effective
 
-        return effective(model, self.settings())
+        out = effective(model, self.settings())
+        if model.loading:
+            out["library"]["weights_loaded_by"] = model.loading
+        return out
 
     def release(self, model: Built) -> None:
         import llama_cpp
@@ -384,6 +411,17 @@ class LlamaCppAdapter(Adapter):
         if model.model:
             llama_cpp.llama_model_free(model.model)
             model.model = None
+
+
+def _converted(loading: str) -> bool:
+    """Whether `_source` said the GGUF is llama.cpp's converter's (convert.py), not parity's writer's."""
+    return loading.startswith("llama.cpp's")
+
+
+def _read(weights: Weights, name: str) -> np.ndarray:
+    out = np.empty(weights.shape(name), np.float32)
+    weights.read_into(name, out)
+    return out
 
 
 def _threads() -> int:

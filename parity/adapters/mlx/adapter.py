@@ -74,6 +74,8 @@ class Built:
     config: dict  # config.json as load_model read it
     directory: Path
     kv_source: dict | None = None  # Gemma 4: shared layer -> the layer whose K/V it was handed (last forward)
+    loading: str = ""  # a --checkpoint run: how the directory was loaded (effective()'s weights_loaded_by)
+    owned: bool = True  # `directory` is parity's own (removed on release), not the user's checkpoint
 
 
 class MlxAdapter(Adapter):
@@ -122,6 +124,17 @@ class MlxAdapter(Adapter):
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         from parity.adapters.mlx import checkpoint
 
+        ck = weights.checkpoint
+        loading = ""
+        if ck is not None and ck.layout == "hf":
+            try:  # the shipped directory, as mlx-lm's users load it
+                model, config, loading = checkpoint.load_shipped(Path(ck.directory), dtype)
+                return Built(model, spec, dtype, config, Path(ck.directory), loading=loading, owned=False)
+            except Exception as e:  # noqa: BLE001 -- whatever mlx-lm raises is said in the run
+                loading = (f"parity's HF writer (mlx/checkpoint.py): mlx-lm's load_model({ck.directory}) failed: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        elif ck is not None:
+            loading = f"parity's HF writer (mlx/checkpoint.py): mlx-lm loads HF directories, not a {ck.layout} layout"
         directory = Path(tempfile.mkdtemp(prefix=f"parity-mlx-{spec.name}-{dtype}-"))
         try:
             checkpoint.write(spec, weights, dtype, directory)
@@ -129,7 +142,7 @@ class MlxAdapter(Adapter):
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return Built(model, spec, dtype, config, directory)
+        return Built(model, spec, dtype, config, directory, loading=loading)
 
     # ------------------------------------------------------------ taps
     def _tap_map(self, spec: GemmaSpec) -> dict[str, tuple[str, str]]:
@@ -214,6 +227,8 @@ class MlxAdapter(Adapter):
         if model.spec.family == 4 and model.kv_source is None:  # observed in a forward: run one
             self._forward(model, [model.spec.bos_token_id])
         out = readback.effective(model, self._probe(model))
+        if model.loading:
+            out["library"]["weights_loaded_by"] = model.loading
         if model.spec.family == 4:  # as hf: which layer's K/V each shared layer reads, beside the properties
             out["kv_source"] = out["library"]["kv_source"]
         return out
@@ -260,7 +275,8 @@ class MlxAdapter(Adapter):
         return {"gelu_values": act, "gelu": "gemma4_text.geglu (mx.compile'd nn.gelu_approx)", "geglu": geglu}
 
     def release(self, model: Built) -> None:
-        shutil.rmtree(model.directory, ignore_errors=True)
+        if model.owned:  # never the user's checkpoint
+            shutil.rmtree(model.directory, ignore_errors=True)
         model.model = None
 
 

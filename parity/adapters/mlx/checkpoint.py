@@ -65,3 +65,25 @@ def load(directory: Path):
     from mlx_lm.utils import load_model
 
     return load_model(Path(directory), strict=True)
+
+
+def load_shipped(directory: Path, dtype: str):
+    """mlx-lm's `load_model` on a checkpoint directory as shipped (its own config reading and `sanitize`), cast to
+    the run's dtype as `mlx_lm.convert --dtype` casts (every floating parameter its `cast_predicate` allows):
+    (model, config, how it was loaded). Raises whatever mlx-lm raises."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map_with_path
+
+    model, config = load(directory)
+    target = getattr(mx, MX_DTYPES[dtype])
+    stored = {str(v.dtype) for _, v in tree_flatten(model.parameters())}
+    how = f"mlx-lm's load_model({directory})"
+    if stored != {str(target)}:
+        cast = getattr(model, "cast_predicate", lambda _: True)
+        model.update(tree_map_with_path(
+            lambda k, v: v.astype(target) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model.parameters()))
+        how += f", stored {'/'.join(sorted(s.replace('mlx.core.', '') for s in stored))} cast to {dtype} as " \
+               "mlx_lm.convert --dtype casts"
+    return model, config, how
+

@@ -48,6 +48,7 @@ class OrtModel:
     norm0: np.ndarray  # the canonical weight of layer 0's first norm, to read the unit offset back
     max_length: int  # genai_config.json's search.max_length: the generator's default
     notes: dict = field(default_factory=dict)
+    loading: str = ""  # a --checkpoint run: how the directory was built (effective()'s weights_loaded_by)
 
 
 class OrtGenaiAdapter(Adapter):
@@ -61,6 +62,7 @@ class OrtGenaiAdapter(Adapter):
             raise ValueError(f"ort-genai precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.precision = precision
         self.edit = edit  # applied to the built ONNX graph before it runs (fault injection in tests)
+        self._builds: dict[str, tuple] = {}  # weights hash -> `_built`'s answer
         if precision != "fp32":
             self.name = f"ort-genai-{precision}"
 
@@ -98,7 +100,7 @@ class OrtGenaiAdapter(Adapter):
 
         from parity.adapters.ort_genai import build, graph
 
-        folder, command, shim = build.built(spec, weights, self.precision, self.options())
+        folder, command, shim, loading = self._built(spec, weights)
         model = graph.load(folder)
         values = graph.tap_values(model, spec)
         graph.expose(model, values.values())
@@ -109,7 +111,30 @@ class OrtGenaiAdapter(Adapter):
         weights.read_into("model.layers.0.input_layernorm.weight", norm0)
         max_length = int(json.loads((folder / "genai_config.json").read_text())["search"]["max_length"])
         return OrtModel(spec, og.Model(str(run_dir)), run_dir, folder, model, values, command, shim,
-                        self.precision, norm0, max_length)
+                        self.precision, norm0, max_length, loading=loading)
+
+    def _built(self, spec: GemmaSpec, weights: Weights) -> tuple[Path, list[str], bool, str]:
+        """(the builder's folder, its command, shim, how the weights were loaded): a --checkpoint HF directory
+        built as shipped (`-i DIR`), else (or where the builder fails on it) from parity's HF writer."""
+        from parity.adapters.ort_genai import build
+
+        if weights.hash in self._builds:  # build() and held() share one build (or one failed try)
+            return self._builds[weights.hash]
+        ck = weights.checkpoint
+        loading = ""
+        if ck is not None and ck.layout == "hf":
+            try:
+                folder, command, shim = build.built_shipped(spec, weights, Path(ck.directory), self.precision,
+                                                            self.options())
+                how = f"onnxruntime-genai's model builder on {ck.directory} (-i, as shipped)"
+                self._builds[weights.hash] = (folder, command, shim, how)
+                return self._builds[weights.hash]
+            except RuntimeError as e:
+                loading = f"parity's HF writer (ort_genai/build.py): the builder on {ck.directory} failed: {e}"
+        elif ck is not None:
+            loading = f"parity's HF writer (ort_genai/build.py): the builder takes HF directories, not {ck.layout}"
+        self._builds[weights.hash] = (*build.built(spec, weights, self.precision, self.options()), loading)
+        return self._builds[weights.hash]
 
     def options(self) -> dict[str, str] | None:
         """The builder's extra options for this precision (None for fp32: nothing is quantized)."""
@@ -136,7 +161,7 @@ class OrtGenaiAdapter(Adapter):
         from parity.adapters.ort_genai import build
         from parity.adapters.ort_genai.held import held_weights
 
-        folder, _, _ = build.built(spec, weights, self.precision, self.options())
+        folder = self._built(spec, weights)[0]
         w, quant = held_weights(spec, folder)
         return Held(w, quant.weight_type(), quant.activations())
 
@@ -192,7 +217,10 @@ class OrtGenaiAdapter(Adapter):
     def effective(self, model: OrtModel) -> dict:
         from parity.adapters.ort_genai.readback import effective
 
-        return effective(model)
+        out = effective(model)
+        if model.loading:
+            out["library"]["weights_loaded_by"] = model.loading
+        return out
 
     def release(self, model: OrtModel) -> None:
         model.og_model = None

@@ -1,4 +1,5 @@
-"""The model onnxruntime-genai's own builder makes, from an HF directory written from the spec and the weights.
+"""The model onnxruntime-genai's own builder makes, from an HF directory written from the spec and the weights,
+or (`built_shipped`, a --checkpoint run) from the checkpoint directory as shipped.
 
 The directory is what a user hands the builder: config.json (parity's HF config), model.safetensors (the
 canonical tensors, which are HF's names) and a WordLevel tokenizer (the builder loads a tokenizer and writes
@@ -124,10 +125,20 @@ def built(spec: GemmaSpec, weights: Weights, precision: str,
     shown = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "<hf dir>", *args]
     if (out / "genai_config.json").is_file() and (out / "model.onnx").is_file():
         return out, shown, shim
+    _build(lambda hf: write_hf_dir(spec, weights, hf), None, out, precision, options, shim, shown)
+    return out, shown, shim
+
+
+def _build(write, directory: Path | None, out: Path, precision: str, options: dict[str, str] | None, shim: bool,
+           shown: list[str]) -> None:
+    """The builder run on `directory` (None: an HF directory `write` fills in a temporary folder) into `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="part-", dir=out.parent) as tmp:
-        hf, part = Path(tmp) / "hf", Path(tmp) / "out"
-        write_hf_dir(spec, weights, hf)
+        part = Path(tmp) / "out"
+        hf = directory
+        if hf is None:
+            hf = Path(tmp) / "hf"
+            write(hf)
         argv = ["-i", str(hf), "-o", str(part), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
                 *extra_args(options)]
         cmd = [sys.executable, "-c", SHIM, *argv] if shim else [sys.executable, "-m",
@@ -135,9 +146,28 @@ def built(spec: GemmaSpec, weights: Weights, precision: str,
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
         if r.returncode != 0 or not (part / "model.onnx").is_file():
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"onnxruntime-genai's builder failed (exit {r.returncode}): {tail[0]}; "
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            raise RuntimeError(f"onnxruntime-genai's builder failed (exit {r.returncode}): {tail[0].strip()[:300]}; "
                                f"command: {' '.join(shown)}")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(part, out)  # whole or not at all: a killed build leaves no half folder at `out`
+
+
+def built_shipped(spec: GemmaSpec, weights: Weights, directory: Path, precision: str,
+                  options: dict[str, str] | None = None) -> tuple[Path, list[str], bool]:
+    """As `built`, on a checkpoint directory as shipped (`-i DIR`, as the builder's users run it), keyed by its
+    content (the weights' hash and every other file). Raises RuntimeError with the builder's last line."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"ort-genai precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    shim = needs_shim(spec)
+    h = hashlib.sha256(f"shipped|{build_key(spec, weights, precision, options)}".encode())
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and not f.name.endswith(".safetensors"):  # the weights are in weights.hash
+            h.update(str(f.relative_to(directory)).encode())
+            h.update(f.read_bytes())
+    out = cache_dir() / "ort-genai" / h.hexdigest()[:20]
+    args = ["-o", str(out), "-p", precision, "-e", "cpu", *extra_args(options)]
+    shown = ["python", "-m", "onnxruntime_genai.models.builder", "-i", str(directory), *args]
+    if not ((out / "genai_config.json").is_file() and (out / "model.onnx").is_file()):
+        _build(None, directory, out, precision, options, shim, shown)
     return out, shown, shim
