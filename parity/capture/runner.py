@@ -320,6 +320,7 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
             cmd += ["--continuation", json.dumps(list(continuation))]
         if settings:
             cmd += ["--settings", json.dumps(dict(settings))]
+        cmd += ["--peak-file", str(tmp / "peak.json")]
         if references:
             refs = {}
             for name, t in references.items():
@@ -334,7 +335,7 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
         start = time.perf_counter()
         with open(tmp / "stderr", "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the running max
+            _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             err.seek(0)
             stderr = err.read()
@@ -349,10 +350,34 @@ def capture_in_subprocess(impl: str, spec: GemmaSpec, weights: Weights, dtype: s
         lazy = out_dir is not None
         traces = [load_trace(trace_file(out, impl, dtype, m2, p), lazy=lazy) for m in modes for p in prompts
                   for m2 in produced(m)]
+        # the child's own peak, as it measured it; wait4's maxrss is no run's own: Linux carries the peak of the
+        # memory the child was forked from (this process's) across exec, so every run would read at least this
+        # process's peak so far. Only a child that wrote no file (a plug-in's own entry point) falls back to it.
+        peak = tmp / "peak.json"
+        mb = json.loads(peak.read_text())["peak_rss_mb"] if peak.is_file() else round(usage.ru_maxrss / 1024, 1)
         for t in traces:  # kept in memory for the report's runs, not in the trace file
             t.resources = {"process": "separate", "wall_s": round(time.perf_counter() - start, 2),
-                           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+                           "peak_rss_mb": mb}
         return traces
+
+
+def own_peak_rss_mb() -> float:
+    """This process's own peak resident memory in MiB since its exec (VmHWM), or its reaped children's where one
+    peaked higher (a builder it ran): the peak of its process tree at any one time is at least the larger.
+    Not getrusage(RUSAGE_SELF) alone: on Linux that keeps the peak of the process it was forked from."""
+    import resource
+    import sys
+    from pathlib import Path
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    try:
+        status = Path("/proc/self/status").read_text()
+        own_kb = int(status.split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError, ValueError):  # no procfs (macOS): ru_maxrss there is bytes, and no exec carry-over
+        own_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sys.platform == "darwin":
+            own_kb, children = own_kb / 1024, children / 1024
+    return round(max(own_kb, children) / 1024, 1)
 
 
 def produced(mode: str) -> list[str]:
@@ -409,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", help="JSON object: the run-wide runtime settings (kv_type, flash_attn) given to "
                                        "built-ins that take them")
     ap.add_argument("--out", required=not checking)
+    ap.add_argument("--peak-file", help="write this process's own peak RSS here (JSON) when the capture succeeds")
     made: list = []  # directories this run created, removed again on bad input
     written: list = []  # trace files this run wrote, likewise
     try:
@@ -442,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for f in spilled:  # never left behind, whatever the exit
                 f.unlink(missing_ok=True)
+        if a.peak_file:
+            from pathlib import Path
+
+            Path(a.peak_file).write_text(json.dumps({"peak_rss_mb": own_peak_rss_mb()}))
         return 0
     except ParityInputError as e:
         _remove_made(made, written)
