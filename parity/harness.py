@@ -410,7 +410,8 @@ def run(req: Request, progress: Progress | None = None) -> Report:
         results += got
         routed += flips
         if h.weights.hash != weights.hash:  # quantized weights; a kernel's rounding alone is no quantization loss
-            quant.append(quantization_loss(req, label, h, ref_traces, theirs, table))
+            quant.append(quantization_loss(label, h, ref_traces, theirs, table, req.raw_logits, req.layers,
+                                           quant_budget(req, h.weight_type)))
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=weights.hash, weights_source=weights.source,
@@ -493,18 +494,24 @@ def held_of(req: Request, name: str, adapter, spec: GemmaSpec, weights: Weights,
                                   "the weights it holds could not be read back from its own file") from e
 
 
-def quantization_loss(req: Request, label: str, h, ref_traces: dict, theirs: list[Trace], table):
+def quant_budget(req: Request, weight_type: str) -> float | None:
+    """The quantization-loss budget of a weight type: --quant-budget's, else the documented default."""
+    from parity.compare.quant import default_budget
+
+    budget = req.quant_budget
+    if isinstance(budget, dict):
+        return budget.get(weight_type.split()[0].lower(), default_budget(weight_type))
+    return default_budget(weight_type) if budget is None else budget
+
+
+def quantization_loss(label: str, h, ref_traces: dict, theirs: list[Trace], table, raw_logits: bool,
+                      layers: list[int] | None, budget: float | None):
     """A quantized run against the reference on the given weights (table only): parity.compare.quant."""
-    from parity.compare.quant import default_budget, measure_loss
+    from parity.compare.quant import measure_loss
 
     impl, dtype = label.rsplit("@", 1)
     cum = [t for t in theirs if t.mode == "cumulative"]
-    against = compare_all(ref_traces, {}, cum, table, None, req.raw_logits, req.layers) if cum else []
-    budget = req.quant_budget
-    if isinstance(budget, dict):
-        budget = budget.get(h.weight_type.split()[0].lower(), default_budget(h.weight_type))
-    elif budget is None:
-        budget = default_budget(h.weight_type)
+    against = compare_all(ref_traces, {}, cum, table, None, raw_logits, layers) if cum else []
     return measure_loss(impl, dtype, h.weight_type, h.activations, against, ref_traces, cum, budget)
 
 
@@ -567,6 +574,11 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     if not traces:
         raise ParityInputError("no traces given; pass --trace FILE at least twice")
     ref_key = tuple(reference)
+    from parity.compare.held import from_saved
+
+    # quantized runs' held references (--save-traces writes them with Trace.held): judged as live, the loss apart
+    held, budgets = from_saved([t for t in traces if t.held is not None], FULL)
+    traces = [t for t in traces if t.held is None]
     if not any((t.impl, t.dtype) == ref_key for t in traces):
         have = ", ".join(sorted({f"{t.impl}@{t.dtype}" for t in traces}))
         raise ParityInputError(f"{{option}} {reference[0]}@{reference[1]} is not among the traces ({have}); "
@@ -600,14 +612,26 @@ def from_traces(traces: list[Trace], reference: tuple[str, str] = REFERENCE, wei
     for t in compared:
         effective.setdefault(f"{t.impl}@{t.dtype}", t.effective)
     table = tolerances or TOLERANCES
-    results = compare_all(refs, ref_full, others, table, None, raw_logits, layers)
-    results, routed = account_routing(results, refs, others, table, None, None, layers, ref_full)
+    ours = [t for t in others if f"{t.impl}@{t.dtype}" not in held]
+    results = compare_all(refs, ref_full, ours, table, None, raw_logits, layers)
+    results, routed = account_routing(results, refs, ours, table, None, None, layers, ref_full)
+    quant = []
+    for label in dict.fromkeys(f"{t.impl}@{t.dtype}" for t in others if f"{t.impl}@{t.dtype}" in held):
+        h = held[label]
+        theirs = [t for t in others if f"{t.impl}@{t.dtype}" == label]
+        got = compare_all(h.refs, h.full, theirs, table, h.noise, raw_logits, layers)
+        got, flips = account_routing(got, h.refs, theirs, table, h.noise, None, layers, h.full)
+        results += got
+        routed += flips
+        if label in budgets:
+            quant.append(quantization_loss(label, h, refs, theirs, table, raw_logits, layers, budgets[label]))
     check_compared(runs, results)
     report = Report(
         spec=spec, weights_hash=first_ref.weights_hash,
         weights_source=weights.source if weights else "from traces", reference=ref_name,
         prompts={p: t.tokens for p, t in refs.items()}, runs=runs, results=results, traces=list(traces),
         skipped={}, effective=effective, tolerances=table, weights=weights, continuation=cont, routing=routed,
+        held={label: h for label, h in held.items() if label in {f"{r.impl}@{r.dtype}" for r in runs}}, quant=quant,
     )
 
     diagnose(report)

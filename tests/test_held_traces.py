@@ -22,3 +22,43 @@ def test_separate_run_peak_is_its_own_not_the_parents():
     got = capture_in_subprocess("litgpt-style", spec, w, "float32", {"p": [1, 2, 3, 4]})
     peak = got[0].resources["peak_rss_mb"]
     assert 20 < peak < parent - 200, (peak, parent)  # python, numpy and the port's imports, not this process's peak
+
+
+def _report(argv: list[str], out) -> tuple[int, dict]:
+    import json
+
+    from parity.report.cli import main
+
+    rc = main([*argv, "--out", str(out), "--quiet"])
+    return rc, json.loads((out / "report.json").read_text())
+
+
+def _judged(report: dict) -> tuple:
+    """What must not change between a live run and its saved traces re-judged: the verdict per run, every tap's
+    outcome and statistic, the quantization section and which reference each quantized run was judged against."""
+    taps = sorted((t["impl"], t["dtype"], t["mode"], t["prompt"], t["tap"], t["passed"], t["stat"], t["basis"])
+                  for t in report["taps"])
+    verdicts = [(v["impl"], v["dtype"], v["mode"], v["status"], v["passed_taps"]) for v in report["verdicts"]]
+    causes = sorted((d["impl"], d["dtype"], d["cause"], d["severity"], d["tap"]) for d in report["diagnosis"])
+    return report["status"], verdicts, taps, report["quant"], report["held"], causes
+
+
+def test_saved_traces_of_a_quantized_run_rejudge_to_the_live_verdict(tmp_path):
+    """llama.cpp q4_0 is judged against the port on its own dequantized weights (its honest members rounding
+    activations to q8_0, as its kernels do). Its saved traces re-judged with --trace must meet that same reference
+    and noise, and give the same quant section; judged against the given weights' reference it fails."""
+    import pytest
+
+    pytest.importorskip("llama_cpp")
+    live_rc, live = _report(["--spec", "tiny-gemma2", "--impls", "llama-cpp-q4_0", "--dtypes", "float32",
+                             "--save-traces"], tmp_path / "live")
+    assert live["quant"] and live["held"]
+    files = sorted(str(f) for f in (tmp_path / "live" / "traces").rglob("*.safetensors"))
+    assert any("/held-" in f for f in files)  # the held reference is saved, in its own subfolder
+    again_rc, again = _report([x for f in files for x in ("--trace", f)], tmp_path / "again")
+    assert (again_rc, _judged(again)) == (live_rc, _judged(live))
+    # without the held reference (traces saved before it was written) the same run is judged on the given weights:
+    # a different verdict, and no quantization section
+    plain = [f for f in files if "/held-" not in f]
+    _, wrong = _report([x for f in plain for x in ("--trace", f)], tmp_path / "wrong")
+    assert _judged(wrong) != _judged(live) and not wrong["quant"]

@@ -168,6 +168,9 @@ class Trace:
     unavailable: dict[str, str] = field(default_factory=dict)  # tap -> why this impl cannot give it
     effective: dict = field(default_factory=dict)  # what the built model actually computes
     resources: dict = field(default_factory=dict, compare=False)  # its capture's wall time, peak RSS (not saved)
+    # a quantized run's held reference (parity.compare.held.saved): which held weights, rounding and runs it is,
+    # with what re-judging saved traces needs; None: an ordinary trace
+    held: dict | None = None
 
     @property
     def label(self) -> str:
@@ -178,7 +181,7 @@ class Trace:
             "impl": self.impl, "version": self.version, "dtype": self.dtype, "spec": self.spec,
             "weights_hash": self.weights_hash, "tokens": self.tokens, "prompt": self.prompt,
             "mode": self.mode, "prefill": self.prefill, "order": list(self.taps), "unavailable": self.unavailable,
-            "effective": self.effective,
+            "effective": self.effective, **({"held": self.held} if self.held is not None else {}),
         }
 
     def save(self, path: str | Path, reduce_over: int | None = None, keep: Iterable[str] = ()) -> Path:

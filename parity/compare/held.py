@@ -26,7 +26,7 @@ from parity.model.weights import Weights
 
 @dataclass
 class HeldReference:
-    weights: Weights  # the held weights (dequantized from the runtime's file)
+    weights: Weights | None  # the held weights (dequantized from the runtime's file); None: judged from saved traces
     weight_type: str
     activations: str | None
     kv: str | None = None  # how its KV cache rounds attention's operands (Held.kv)
@@ -34,6 +34,17 @@ class HeldReference:
     full: dict = field(default_factory=dict)  # prompt -> its full forward (decode's ground truth)
     noise: NoiseModel | None = None
     runs: list = field(default_factory=list)  # "impl@dtype" judged against it
+    saved_hash: str = ""  # the held weights' hash where only their saved traces are at hand (weights None)
+
+    @property
+    def folder(self) -> str:
+        """Its trace files' subfolder of the trace folder: apart from the ordinary reference's and every other held
+        set's (they are the same impl, dtype and mode)."""
+        return f"held-{self.weights_hash[:16]}-{self.activations or 'none'}-{self.kv or 'none'}".replace("/", "_")
+
+    @property
+    def weights_hash(self) -> str:
+        return self.weights.hash if self.weights is not None else self.saved_hash
 
     @property
     def what(self) -> str:
@@ -51,9 +62,7 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
     run holds them, which is the point); `known`: (cumulative, full) reference traces already captured on these
     very weights (a run that holds the given weights and only rounds otherwise), used instead of a second capture."""
     out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None))
-
-    # its trace files apart from the ordinary reference's and every other held set's (same impl, dtype and mode)
-    sub = f"held-{held.weights.hash[:16]}-{held.activations or 'none'}-{out.kv or 'none'}".replace("/", "_")
+    sub = out.folder
 
     def take_held(*args):
         # labelled with the run's weights and spec (a held head the runtime quantized apart unties the model it
@@ -77,3 +86,47 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
                                 run_modes, out.refs, False)
     out.noise = measure(out.refs, honest, table, out.full, replay) if honest else None
     return out
+
+
+# What a saved held reference carries (Trace.held) so that judging saved traces (harness.from_traces) gives the live
+# verdict and quant section: the held set's identity and rounding, the runs judged against it, their honest-noise
+# statistics for this prompt (the members' traces are not saved), and each run's quantization-loss budget.
+def saved(h: HeldReference, budgets: dict[str, float | None]) -> list:
+    """The held reference's traces (cumulative and full forwards), each a copy carrying its Trace.held metadata;
+    `budgets`: "impl@dtype" -> the budget its quantization loss was checked against (a run held on the given weights
+    and only rounding otherwise has none: no quantization loss)."""
+    out = []
+    for mode_traces in (h.refs, h.full):
+        for prompt, t in mode_traces.items():
+            meta = {"folder": h.folder, "weights_hash": h.weights_hash, "weight_type": h.weight_type,
+                    "activations": h.activations, "kv": h.kv, "runs": list(h.runs),
+                    "budgets": {r: budgets[r] for r in h.runs if r in budgets}}
+            if t.mode == "cumulative":  # the noise once per prompt, on its cumulative trace
+                meta["noise"] = None if h.noise is None else {
+                    "members": list(h.noise.members),
+                    "stats": [[d, m, tap, v, who] for (d, m, p, tap), (v, who) in h.noise.stats.items() if p == prompt]}
+            out.append(dataclasses.replace(t, held=meta))
+    return out
+
+
+def from_saved(traces: list, full_mode: str) -> tuple[dict, dict]:
+    """The held references of saved traces (those carrying Trace.held), as `saved` wrote them: ("impl@dtype" ->
+    HeldReference without weights, "impl@dtype" -> quantization-loss budget)."""
+    groups: dict[str, HeldReference] = {}
+    budgets: dict[str, float | None] = {}
+    for t in traces:
+        meta = t.held
+        h = groups.get(meta["folder"])
+        if h is None:
+            h = groups[meta["folder"]] = HeldReference(None, meta["weight_type"], meta["activations"], kv=meta["kv"],
+                                                       runs=list(meta["runs"]), saved_hash=meta["weights_hash"])
+        budgets.update(meta.get("budgets", {}))
+        if t.mode == full_mode:
+            h.full[t.prompt] = t
+            continue
+        h.refs[t.prompt] = t
+        noise = meta.get("noise")
+        if noise is not None:
+            h.noise = h.noise or NoiseModel(members=tuple(noise["members"]))
+            h.noise.stats.update({(d, m, t.prompt, tap): (v, who) for d, m, tap, v, who in noise["stats"]})
+    return {label: h for h in groups.values() for label in h.runs}, budgets

@@ -262,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                 f = trace_file(out.traces, t.impl, t.dtype, t.mode, t.prompt)
                 if getattr(t.taps, "path", None) != f:  # captured in another process: already there
                     t.save(f)
+            if report.held:  # quantized runs' references on their held weights, with what judging them needs
+                from parity.compare.held import saved
+
+                budgets = {q.label: q.budget for q in report.quant}
+                for h in {id(h): h for h in report.held.values()}.values():
+                    for t in saved(h, budgets):  # over a separate capture's own file too: written beside, renamed
+                        t.save(trace_file(out.traces / h.folder, t.impl, t.dtype, t.mode, t.prompt))
         files = out.publish()
         print(f"wrote {', '.join(str(f) for f in files)} in {time.perf_counter() - start:.1f}s")
         return 0 if report.passed else 1

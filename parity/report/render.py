@@ -72,7 +72,7 @@ def to_json(report) -> dict:
         "probes": [p.to_json() for p in report.probes],
         "routing": [r.to_json() for r in getattr(report, "routing", ()) or ()],
         "quant": [q.to_json() for q in v.quant],
-        "held": {label: {"weight_type": h.weight_type, "activations": h.activations, "weights_hash": h.weights.hash}
+        "held": {label: {"weight_type": h.weight_type, "activations": h.activations, "weights_hash": h.weights_hash}
                  for label, h in (getattr(report, "held", None) or {}).items()},
         "effective": {run: normalized(d) for run, d in (report.effective or {}).items()},
         "spec": report.spec.to_dict(),
