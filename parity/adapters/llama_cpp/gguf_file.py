@@ -17,8 +17,6 @@ spec and the weight type, so `held()` and `build()` read the same file and it is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import hashlib
 import json
 import os
@@ -28,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from parity.adapters.held_tensors import HeldTensors as SharedHeldTensors
 from parity.model.canonical import canonical_shapes
 from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
@@ -295,7 +294,7 @@ def cached(spec: GemmaSpec, weights: Weights, weight_type: str,
 
 
 # ------------------------------------------------------------------ reading back
-class HeldTensors(Mapping):
+class HeldTensors(SharedHeldTensors):
     """The canonical tensors as a GGUF holds them, dequantized one at a time when asked (float32, canonical names
     and layout, the norm fold undone): a real-size file's 2 GB embedding is never held beside the others. The
     reader memory-maps the file; nothing is cached, so each access dequantizes again."""
@@ -307,14 +306,15 @@ class HeldTensors(Mapping):
         self._by_name = {t.name: t for t in self._reader.tensors}
         self._shapes = canonical_shapes(spec)
         self._spec = spec
-        self._names = tensor_names(spec)
+        self._gguf_names = tensor_names(spec)
         if "lm_head.weight" in self._shapes:  # an untied spec is refused by check; kept for completeness
-            self._names = {**self._names, "lm_head.weight": self._names["model.embed_tokens.weight"]}
+            self._gguf_names = {**self._gguf_names, "lm_head.weight": self._gguf_names["model.embed_tokens.weight"]}
+        super().__init__(self._dequantize, self._gguf_names)
 
-    def __getitem__(self, canon: str) -> np.ndarray:
+    def _dequantize(self, canon: str) -> np.ndarray:
         import gguf
 
-        t = self._by_name[self._names[canon]]
+        t = self._by_name[self._gguf_names[canon]]
         # dequantize gives the logical shape, ggml's ne reversed: [rows, cols] as the canonical layout
         v = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self._shapes[canon])
         if _unit_offset(self._spec, canon):
@@ -323,15 +323,9 @@ class HeldTensors(Mapping):
             v = v - np.float32(1.0)
         return v
 
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
     def types(self) -> dict[str, str]:
         """Each canonical tensor's stored GGML type name."""
-        return {c: self._by_name[g].tensor_type.name for c, g in self._names.items()}
+        return {c: self._by_name[g].tensor_type.name for c, g in self._gguf_names.items()}
 
 
 def read_back(spec: GemmaSpec, path: Path) -> tuple[HeldTensors, dict[str, str]]:

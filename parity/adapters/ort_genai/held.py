@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.adapters.held_tensors import HeldTensors
 from parity.model.canonical import canonical_shapes
 from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
@@ -148,35 +149,70 @@ def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def matmul_weight(g: Graph, prefix: str) -> tuple[np.ndarray, dict]:
-    """The [N, K] float32 weight of the MatMul(NBits) under `prefix`, and the quantizing node's attributes
-    ({} for a float MatMul, whose [K, N] initializer is transposed to [N, K])."""
+def matmul_node(g: Graph, prefix: str) -> tuple[object, dict, tuple[int, int]]:
+    """The MatMul(NBits) under `prefix`, the quantizing node's attributes ({} for a float MatMul; with
+    "zero_points" and "name"), and its weight's [N, K] shape, read from the graph alone (nothing dequantized)."""
     n = g.node(prefix, ("MatMulNBits", "MatMul"))
     if n.op_type == "MatMul":
-        return np.ascontiguousarray(g.array(n.input[1]).T.astype(np.float32)), {}
+        k, n_out = g.inits[n.input[1]].dims if n.input[1] in g.inits else g.array(n.input[1]).shape
+        return n, {}, (int(n_out), int(k))
     a = _attrs(n)
-    zp = g.array(n.input[3]) if len(n.input) > 3 and n.input[3] else None
-    w = dequantize(g.array(n.input[1]), g.array(n.input[2]), zp, int(a["bits"]), int(a["block_size"]),
-                   int(a["N"]), int(a["K"]))
-    return w, {**a, "zero_points": zp is not None, "name": prefix}
+    zp = len(n.input) > 3 and bool(n.input[3])
+    return n, {**a, "zero_points": zp, "name": prefix}, (int(a["N"]), int(a["K"]))
 
 
-def embedding(g: Graph) -> tuple[np.ndarray, str]:
-    """The embedding table as the graph's gather reads it, and what that gather is."""
+def matmul_rows(g: Graph, prefix: str):
+    """rows -> those rows [n, K] float32 of the MatMul(NBits) under `prefix`'s weight, only they dequantized; its
+    codes and scales (a fraction of the float32 size) read once, here."""
+    n, a, (n_out, k) = matmul_node(g, prefix)
+    if not a:
+        w = g.array(n.input[1])  # [K, N]
+        return lambda rows: np.ascontiguousarray(w.T[rows].astype(np.float32))
+    zp = g.array(n.input[3]).reshape(n_out, -1) if a["zero_points"] else None
+    b, scales = g.array(n.input[1]).reshape(n_out, -1), g.array(n.input[2]).reshape(n_out, -1)  # [N, blocks * blob]
+    bits, block = int(a["bits"]), int(a["block_size"])
+    return lambda rows: dequantize(b[rows], scales[rows], None if zp is None else zp[rows], bits, block,
+                                   len(range(n_out)[rows]), k)
+
+
+def matmul_weight(g: Graph, prefix: str, rows: slice = slice(None)) -> tuple[np.ndarray, dict]:
+    """The [N, K] float32 weight of the MatMul(NBits) under `prefix` (only `rows` of it: only those dequantized),
+    and the quantizing node's attributes ({} for a float MatMul, whose [K, N] initializer is transposed to [N, K])."""
+    return matmul_rows(g, prefix)(rows), matmul_node(g, prefix)[1]
+
+
+def _embedding_node(g: Graph) -> tuple[object, dict, tuple[int, int], str]:
+    """The embedding's gather, its attributes ({} for a float Gather), the table's shape and what the gather is."""
     n = g.node("/model/embed_tokens/", ("GatherBlockQuantized", "Gather"))
     if n.op_type == "Gather":
-        return g.array(n.input[0]).astype(np.float32), "Gather (float32)"
+        dims = g.inits[n.input[0]].dims if n.input[0] in g.inits else g.array(n.input[0]).shape
+        return n, {}, (int(dims[0]), int(dims[1])), "Gather (float32)"
     a = _attrs(n)
     if int(a.get("quantize_axis", 1)) != 1 or int(a.get("gather_axis", 0)) != 0:
         raise RuntimeError(f"ort-genai: GatherBlockQuantized with {a}; parity reads gather_axis 0, quantize_axis 1")
-    data, scales = g.source(n.input[0]), g.array(n.input[2])
-    zp = g.array(n.input[3]) if len(n.input) > 3 and n.input[3] else None
     bits, block = int(a.get("bits", 4)), int(a["block_size"])
-    rows = data.shape[0]
-    k = scales.reshape(rows, -1).shape[1] * block
-    w = dequantize(data, scales, zp, bits, block, rows, k)
+    scales = g.array(n.input[2])  # [rows, n_blocks] (or flat): small beside the codes
+    rows = int(g.source(n.input[0]).shape[0]) if scales.ndim != 2 else scales.shape[0]
+    shape = (rows, scales.reshape(rows, -1).shape[1] * block)
     shared = "lm_head's codes" if any("lm_head" in x for x in (n.input[2], *n.input)) else "its own codes"
-    return w, f"GatherBlockQuantized ({bits} bits, block {block}, {shared})"
+    return n, {**a, "bits": bits, "block_size": block}, shape, f"GatherBlockQuantized ({bits} bits, block {block}, {shared})"
+
+
+def embedding_rows(g: Graph):
+    """rows -> those rows of the embedding table as the graph's gather reads it; its codes read once, here."""
+    n, a, (total, k), _ = _embedding_node(g)
+    if not a:
+        table = g.array(n.input[0])
+        return lambda rows: table[rows].astype(np.float32)
+    zp = g.array(n.input[3]).reshape(total, -1) if len(n.input) > 3 and n.input[3] else None
+    data, scales = g.source(n.input[0]).reshape(total, -1), g.array(n.input[2]).reshape(total, -1)
+    return lambda rows: dequantize(data[rows], scales[rows], None if zp is None else zp[rows], a["bits"],
+                                   a["block_size"], len(range(total)[rows]), k)
+
+
+def embedding(g: Graph, rows: slice = slice(None)) -> tuple[np.ndarray, str]:
+    """The embedding table (only `rows` of it) as the graph's gather reads it, and what that gather is."""
+    return embedding_rows(g)(rows), _embedding_node(g)[3]
 
 
 def norm_weight(g: Graph, prefix: str) -> np.ndarray:
@@ -193,49 +229,58 @@ _NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pos
 
 
 def held_weights(spec: GemmaSpec, folder: Path, filename: str = "model.onnx") -> tuple[Weights, Quant]:
-    """Every canonical tensor as the built model computes with it (float32, canonical names and layout).
-    `filename`: the graph in `folder` to read (the builder's model.onnx; a run folder's edited copy)."""
+    """Every canonical tensor as the built model computes with it (float32, canonical names and layout),
+    dequantized one at a time when read (parity.adapters.held_tensors.HeldTensors): a real-size model's
+    dequantized weights are never all in memory. `filename`: the graph in `folder` to read (the builder's
+    model.onnx; a run folder's edited copy)."""
     g = Graph(folder, filename)
     L, hd = spec.num_layers, spec.head_dim
     q_rows, kv_rows = spec.num_heads * hd, spec.num_kv_heads * hd
-    out: dict[str, np.ndarray] = {}
+    load: dict = {}  # canonical name -> () -> its float32 array
+    shapes: dict[str, tuple[int, ...]] = {}
     seen: list[dict] = []
 
-    def mm(prefix: str) -> np.ndarray:
-        w, a = matmul_weight(g, prefix)
-        if a:
-            seen.append(a)
-        return w
+    def mm(name: str, prefix: str, rows: slice = slice(None), n_rows: int | None = None) -> None:
+        _, a, (n_out, k) = matmul_node(g, prefix)
+        if a and rows.start in (None, 0):
+            seen.append(a)  # once per node
+        load[name] = lambda: matmul_weight(g, prefix, rows)[0]
+        shapes[name] = (n_out if n_rows is None else n_rows, k)
 
     for i in range(L):
         p, m = f"model.layers.{i}.", f"/model/layers.{i}/"
-        qkv = mm(m + "attn/qkv_proj/")  # [q + 2 kv, H]: q, k, v rows in that order
-        if qkv.shape[0] != q_rows + 2 * kv_rows:
-            raise RuntimeError(f"ort-genai: layer {i}'s qkv_proj has {qkv.shape[0]} rows, not q {q_rows} + "
+        qkv = m + "attn/qkv_proj/"  # [q + 2 kv, H]: q, k, v rows in that order
+        n_qkv = matmul_node(g, qkv)[2][0]
+        if n_qkv != q_rows + 2 * kv_rows:
+            raise RuntimeError(f"ort-genai: layer {i}'s qkv_proj has {n_qkv} rows, not q {q_rows} + "
                                f"k {kv_rows} + v {kv_rows}")
-        out[p + "self_attn.q_proj.weight"] = qkv[:q_rows]
-        out[p + "self_attn.k_proj.weight"] = qkv[q_rows:q_rows + kv_rows]
-        out[p + "self_attn.v_proj.weight"] = qkv[q_rows + kv_rows:]
-        out[p + "self_attn.o_proj.weight"] = mm(m + "attn/o_proj/")
+        mm(p + "self_attn.q_proj.weight", qkv, slice(0, q_rows), q_rows)
+        mm(p + "self_attn.k_proj.weight", qkv, slice(q_rows, q_rows + kv_rows), kv_rows)
+        mm(p + "self_attn.v_proj.weight", qkv, slice(q_rows + kv_rows, None), kv_rows)
+        mm(p + "self_attn.o_proj.weight", m + "attn/o_proj/")
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[p + f"mlp.{proj}.weight"] = mm(m + f"mlp/{proj}/")
-    embed, how = embedding(g)
-    head = mm("/lm_head/")
-    out["model.embed_tokens.weight"] = embed
-    tied = spec.tied_head and embed.shape == head.shape and np.array_equal(embed, head)
-    if not tied:
-        out["lm_head.weight"] = head
+            mm(p + f"mlp.{proj}.weight", m + f"mlp/{proj}/")
+    _, _, embed_shape, how = _embedding_node(g)
+    load["model.embed_tokens.weight"] = lambda: embedding(g)[0]
+    shapes["model.embed_tokens.weight"] = embed_shape
+    mm("lm_head.weight", "/lm_head/")
+    tied = spec.tied_head and embed_shape == shapes["lm_head.weight"] and _equal_rows(
+        embedding_rows(g), matmul_rows(g, "/lm_head/"), embed_shape[0])
+    if tied:
+        del load["lm_head.weight"], shapes["lm_head.weight"]
     held_spec = replace(spec, tied_head=tied)
     for name in canonical_shapes(held_spec):
-        if name.endswith("norm.weight") and name not in out:
+        if name.endswith("norm.weight") and name not in load:
             if name == "model.norm.weight":
-                out[name] = norm_weight(g, f"/model/layers.{L}/final_norm_layernorm/")
-                continue
-            i, rest = name[len("model.layers."):].split(".", 1)
-            out[name] = norm_weight(g, f"/model/layers.{i}/{_NORMS[rest[:-len('.weight')]]}/")
-    shapes = canonical_shapes(held_spec)
-    if set(out) != set(shapes) or any(out[k].shape != shapes[k] for k in shapes):
-        bad = sorted(set(out) ^ set(shapes)) or [k for k in shapes if out[k].shape != shapes[k]]
+                prefix = f"/model/layers.{L}/final_norm_layernorm/"
+            else:
+                i, rest = name[len("model.layers."):].split(".", 1)
+                prefix = f"/model/layers.{i}/{_NORMS[rest[:-len('.weight')]]}/"
+            load[name] = lambda prefix=prefix: norm_weight(g, prefix)
+            shapes[name] = load[name]().shape  # a vector: read now, its shape checked with the others
+    want = canonical_shapes(held_spec)
+    if set(shapes) != set(want) or any(tuple(shapes[k]) != tuple(want[k]) for k in want):
+        bad = sorted(set(shapes) ^ set(want)) or [k for k in want if tuple(shapes[k]) != tuple(want[k])]
         raise RuntimeError(f"ort-genai: the held weights do not match the spec's canonical tensors: {bad[:4]}")
     kinds = {(int(a["bits"]), int(a["block_size"]), int(a.get("accuracy_level", 0))) for a in seen}
     if len(kinds) != 1:
@@ -244,4 +289,10 @@ def held_weights(spec: GemmaSpec, folder: Path, filename: str = "model.onnx") ->
     (bits, block, level), = kinds
     quant = Quant(bits, block, level, any(a["zero_points"] for a in seen), tuple(a["name"].rstrip("/") for a in seen),
                   how)
-    return Weights(held_spec, out, source=f"dequantized from {Path(folder) / filename}"), quant
+    tensors = HeldTensors(lambda name: load[name](), list(want))
+    return Weights(held_spec, tensors, source=f"dequantized from {Path(folder) / filename}"), quant
+
+
+def _equal_rows(a, b, rows: int, chunk: int = 4096) -> bool:
+    """Whether two [rows, K] tables are equal, compared `chunk` rows at a time (one chunk of each in memory)."""
+    return all(np.array_equal(a(slice(i, i + chunk)), b(slice(i, i + chunk))) for i in range(0, rows, chunk))
