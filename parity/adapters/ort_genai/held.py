@@ -106,7 +106,9 @@ def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     else:
         raise ValueError(f"ort-genai: float zero points ({zero_points.dtype}) are not read here; the builder "
                          "writes uint8 ones (or none, symmetric)")
-    return ((q - zp) * s).reshape(n, n_blocks * block)[:, :k]  # [N, K]: the last block's padding dropped
+    q -= zp  # in place, the same float32 operations as (q - zp) * s: no two more [N, K] temporaries
+    q *= s
+    return q.reshape(n, n_blocks * block)[:, :k]  # [N, K]: the last block's padding dropped
 
 
 class Graph:
