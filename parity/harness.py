@@ -409,7 +409,7 @@ def run(req: Request, progress: Progress | None = None) -> Report:
                                      req.layers, h.full)
         results += got
         routed += flips
-        if h.weights.hash != weights.hash:  # quantized weights; a kernel's rounding alone is no quantization loss
+        if h.weights_hash != weights.hash:  # quantized weights; a kernel's rounding alone is no quantization loss
             quant.append(quantization_loss(label, h, ref_traces, theirs, table, req.raw_logits, req.layers,
                                            quant_budget(req, h.weight_type)))
     check_compared(runs, results)
@@ -442,12 +442,15 @@ def held_references(req: Request, impls, modes_for, spec: GemmaSpec, weights: We
             if not modes_for(adapter, d):
                 continue
             h = held_of(req, name, adapter, spec, weights, d)
-            if h is None or (h.weights.hash == weights.hash and not h.activations and not getattr(h, "kv", None)):
+            if h is None:
+                continue
+            hh = h.weights.hash  # once: a runtime's held weights are dequantized again for every hash
+            if hh == weights.hash and not h.activations and not getattr(h, "kv", None):
                 continue  # it computes with the weights it was given, as the port rounds: the ordinary reference
             if dataclasses.replace(h.weights.spec, tied_head=spec.tied_head) != spec:  # an untied head: allowed
                 raise ImplementationError(f"{adapter.name}@{d}", "held", "its held weights are for another spec",
                                           "Adapter.held must return weights of the spec it was given")
-            key = (h.weights.hash, h.activations, getattr(h, "kv", None))
+            key = (hh, h.activations, getattr(h, "kv", None))
             groups.setdefault(key, (h, []))[1].append(f"{adapter.name}@{d}")
     out = {}
     for h, labels in groups.values():

@@ -34,7 +34,9 @@ class HeldReference:
     full: dict = field(default_factory=dict)  # prompt -> its full forward (decode's ground truth)
     noise: NoiseModel | None = None
     runs: list = field(default_factory=list)  # "impl@dtype" judged against it
-    saved_hash: str = ""  # the held weights' hash where only their saved traces are at hand (weights None)
+    # the held weights' hash, computed once (hashing dequantizes every tensor of a runtime's file again); from
+    # their saved traces where only those are at hand (weights None)
+    held_hash: str = ""
 
     @property
     def folder(self) -> str:
@@ -44,7 +46,7 @@ class HeldReference:
 
     @property
     def weights_hash(self) -> str:
-        return self.weights.hash if self.weights is not None else self.saved_hash
+        return self.held_hash or self.weights.hash
 
     @property
     def what(self) -> str:
@@ -61,7 +63,8 @@ def held_reference(held, take, ref, ref_modes: list[str], dtypes: list[str], run
     traces are labelled with (pairing refuses traces of other weights: these are of the run's weights as the
     run holds them, which is the point); `known`: (cumulative, full) reference traces already captured on these
     very weights (a run that holds the given weights and only rounds otherwise), used instead of a second capture."""
-    out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None))
+    out = HeldReference(held.weights, held.weight_type, held.activations, kv=getattr(held, "kv", None),
+                        held_hash=held.weights.hash)
     sub = out.folder
 
     def take_held(*args):
@@ -119,7 +122,7 @@ def from_saved(traces: list, full_mode: str) -> tuple[dict, dict]:
         h = groups.get(meta["folder"])
         if h is None:
             h = groups[meta["folder"]] = HeldReference(None, meta["weight_type"], meta["activations"], kv=meta["kv"],
-                                                       runs=list(meta["runs"]), saved_hash=meta["weights_hash"])
+                                                       runs=list(meta["runs"]), held_hash=meta["weights_hash"])
         budgets.update(meta.get("budgets", {}))
         if t.mode == full_mode:
             h.full[t.prompt] = t

@@ -197,7 +197,8 @@ def _embedding_node(g: Graph) -> tuple[object, dict, tuple[int, int], str]:
     rows = int(g.source(n.input[0]).shape[0]) if scales.ndim != 2 else scales.shape[0]
     shape = (rows, scales.reshape(rows, -1).shape[1] * block)
     shared = "lm_head's codes" if any("lm_head" in x for x in (n.input[2], *n.input)) else "its own codes"
-    return n, {**a, "bits": bits, "block_size": block}, shape, f"GatherBlockQuantized ({bits} bits, block {block}, {shared})"
+    how = f"GatherBlockQuantized ({bits} bits, block {block}, {shared})"
+    return n, {**a, "bits": bits, "block_size": block}, shape, how
 
 
 def embedding_rows(g: Graph):
