@@ -513,7 +513,8 @@ def quantization_loss(label: str, h, ref_traces: dict, theirs: list[Trace], tabl
     from parity.compare.quant import measure_loss
 
     impl, dtype = label.rsplit("@", 1)
-    cum = [t for t in theirs if t.mode == "cumulative"]
+    # in prompt-name order: the mean KL is summed in that order, the same whatever order saved traces are passed
+    cum = sorted((t for t in theirs if t.mode == "cumulative"), key=lambda t: t.prompt)
     against = compare_all(ref_traces, {}, cum, table, None, raw_logits, layers) if cum else []
     return measure_loss(impl, dtype, h.weight_type, h.activations, against, ref_traces, cum, budget)
 
