@@ -190,7 +190,7 @@ def check_request(req: Request) -> None:
     check_resources(req)
 
 
-RUNTIME_SETTINGS = {"kv_type": ("kv-cache", ("f32", "f16", "bf16", "q8_0", "q4_0")),
+RUNTIME_SETTINGS = {"kv_type": ("kv-cache", ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0")),
                     "flash_attn": ("flash-attn", ("on", "off"))}
 
 

@@ -189,13 +189,19 @@ def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.from_numpy(got).to(x.dtype)
 
 
-def kv_rounded(k, v, q, opts: PortOptions):
-    """k, v as a KV cache of type `opts.kv_round` holds them, and q as the product with such keys reads it
-    (ggml converts the query to the cached keys' vec_dot type: f16 for an f16 cache); unchanged without it."""
-    if not opts.kv_round:
-        return k, v, q
-    kind = opts.kv_round
-    return round_activations(k, kind), round_activations(v, kind), round_activations(q, kind)
+def kv_stored(x, opts: PortOptions):
+    """Keys or values as a KV cache of type `opts.kv_round` stores them (rounded as they enter it, so the cache
+    taps and a decode's cache hold the stored values); unchanged without it."""
+    return round_activations(x, opts.kv_round) if opts.kv_round else x
+
+
+def kv_query(q, opts: PortOptions):
+    """q as the product with such keys reads it: ggml converts the query to the cached keys' vec_dot type (f16
+    for an f16 cache, q8_0 for q4_0), mlx keeps it float; unchanged without a kv_round."""
+    from parity.numerics.act_quant import query_kind
+
+    kind = query_kind(opts.kv_round) if opts.kv_round else None
+    return round_activations(q, kind) if kind else q
 
 
 def kv_probs(probs, opts: PortOptions):
@@ -303,13 +309,13 @@ class CausalSelfAttention(nn.Module):
         if not self.opts.qk_norm_after_rope:
             q, k = self.norm_q(q), self.norm_k(k)
         q = self.q_rot(apply_rope(q, cos, sin, self.opts.rope_layout))
-        k = self.k_rot(apply_rope(k, cos, sin, self.opts.rope_layout))
+        k = self.k_rot(kv_stored(apply_rope(k, cos, sin, self.opts.rope_layout), self.opts))
         if self.opts.qk_norm_after_rope:
             q, k = self.norm_q(q), self.norm_k(k)
-        v = self.v_out(v)
+        v = self.v_out(kv_stored(v, self.opts))
         if cache is not None:  # attend over what the cache holds plus the new keys, then store the new ones
             k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
-        k, v, q = kv_rounded(k, v, q, self.opts)
+        q = kv_query(q, self.opts)
         k = k.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(q_per_kv, dim=1)  # [B, H, T, hd]
         if self.opts.scale_q_first:  # q rounded after scaling, then q.k
@@ -387,14 +393,14 @@ class Gemma4Attention(nn.Module):
         else:
             raw = self.k_proj(x).view(B, T, self.kv, self.hd)  # [B, T, KV, hd]
             v = raw if self.k_eq_v else self.v_proj(x).view(B, T, self.kv, self.hd)
-            k = self.k_rot(rotate(self.norm_k(raw).transpose(1, 2), cos, sin, layout))  # [B, KV, T, hd]
-            v = self.v_out(self.norm_v(v).transpose(1, 2))  # [B, KV, T, hd]
+            k = self.k_rot(kv_stored(rotate(self.norm_k(raw).transpose(1, 2), cos, sin, layout), self.opts))
+            v = self.v_out(kv_stored(self.norm_v(v).transpose(1, 2), self.opts))  # [B, KV, T, hd] both
             if cache is not None:
                 k, v, mask = cache.attend(k, v, positions)  # [B, KV, L, hd] x2, [T, L]
             if shared_kv is not None and not (self.opts.kv_share_first_of_type and s.layer_types[self.layer]
                                               in shared_kv):
                 shared_kv[s.layer_types[self.layer]] = (k, v, mask)  # the last of its type before the split wins
-        k, v, q = kv_rounded(k, v, q, self.opts)
+        q = kv_query(q, self.opts)
         group = s.num_heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, L, hd]
         if self.opts.scale_q_first:

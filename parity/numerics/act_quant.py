@@ -13,6 +13,16 @@ a value whose x / d lands on a half (frequent with bf16-like activations) goes t
 from zero) and to 40 in onnxruntime's MLAS (`_mm256_round_ps` to nearest even, from x * (127 / max),
 QuantizeARow_CompInt8_avx2 in mlas/lib/sqnbitgemm_kernel_avx2.cpp); one code off moves a projection by d * |w|,
 far above float32 noise (measured on ort-genai int4: 2e-3 at layers.0.attn against 3e-7 with ties to even).
+
+KV-cache kinds (PortOptions.kv_round, Held.kv) round the keys and values as a quantized cache stores them, and
+name what the query is converted to before the product with the keys (`query`): ggml's q4_0/q5_0 caches
+(quantize_row_q4_0_ref: d = max / -8 from the block's largest-magnitude value, q = min(15, (int8)(x * (1 / d) +
+8.5f)), a truncation of x / d + 8.5 in float32, not a rounding of x / d; the query goes to q8_0, the K type's
+vec_dot type), and mlx's affine groups (mx.quantize, as mlx-lm's QuantizedKVCache stores K and V: per group a
+scale (max - min) / (2^bits - 1) and a bias, both nudged so the group's larger-magnitude edge is exact, codes
+rint((x - bias) / scale); dequantized (q * scale) + bias, each rounded to the cache's dtype; the query and the
+probabilities stay float, mx.quantized_matmul dequantizes). Measured against both runtimes (tests/test_kv_quant.py):
+bit-exact stored values.
 """
 
 from __future__ import annotations
@@ -28,7 +38,10 @@ class ActQuant:
     block: int  # elements per scale along the matmul's input dimension; 0: a plain cast, no integer blocks
     fmt: str  # the cast's dtype (block 0), or the dtype each block's scale is stored in
     what: str  # one line for the report
-    rounding: str = "half-away"  # "half-away": ggml's round(x / d); "half-even": MLAS's rint(x * (127 / max))
+    rounding: str = "half-away"  # "half-away": ggml's round(x / d); "half-even": MLAS's rint(x * (127 / max));
+    # "trunc": ggml's q4_0/q5_0 (int8)(x / d + 2^(bits-1) + 0.5); "affine": mx.quantize's scale and bias per group
+    bits: int = 8
+    query: str = "same"  # a KV-cache kind: what the query is rounded to before q.k ("same", "none" or a kind)
 
 
 KINDS = {k.name: k for k in (
@@ -47,14 +60,56 @@ KINDS = {k.name: k for k in (
              "rounded half to even (onnxruntime MatMulNBits, accuracy level 4)", "half-even"),
     ActQuant("int8/128", 128, "float32", "activations quantized to int8 in blocks of 128, float32 scales, "
              "rounded half to even (onnxruntime MatMulNBits, accuracy level 4)", "half-even"),
+    # KV-cache kinds of llama.cpp (flash attention): K and V stored by quantize_row_q{4,5}_0_ref (every platform),
+    # the query converted to q8_0 (vec_dot_type of Q4_0 and Q5_0), by the SIMD path on x86 (see q8_0-x86)
+    ActQuant("q4_0", 32, "float16", "KV cache in 4-bit blocks of 32, float16 scales (ggml q4_0); the query to "
+             "q8_0", "trunc", 4, "q8_0"),
+    ActQuant("q4_0-x86", 32, "float16", "KV cache in 4-bit blocks of 32, float16 scales (ggml q4_0); the query "
+             "to q8_0, rounded half to even (x86 SIMD)", "trunc", 4, "q8_0-x86"),
+    ActQuant("q5_0", 32, "float16", "KV cache in 5-bit blocks of 32, float16 scales (ggml q5_0); the query to "
+             "q8_0", "trunc", 5, "q8_0"),
+    ActQuant("q5_0-x86", 32, "float16", "KV cache in 5-bit blocks of 32, float16 scales (ggml q5_0); the query "
+             "to q8_0, rounded half to even (x86 SIMD)", "trunc", 5, "q8_0-x86"),
 )}
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts
+AFFINE_GROUPS = (32, 64, 128)
+_FMT = {"": "float32", "f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+_SHORT = {"float32": "", "float16": "-f16", "bfloat16": "-bf16"}
+
+
+def affine_kind(bits: int, group: int, dtype: str = "float32") -> str:
+    """The kind name of mlx's affine quantization (mx.quantize) with scales and biases in `dtype`."""
+    return f"affine{bits}/{group}{_SHORT[dtype]}"
+
+
+def _affine(name: str) -> ActQuant | None:
+    import re
+
+    m = re.fullmatch(r"affine(\d+)/(\d+)(?:-(f32|f16|bf16))?", name)
+    if not m or int(m[1]) not in AFFINE_BITS or int(m[2]) not in AFFINE_GROUPS:
+        return None
+    bits, group, fmt = int(m[1]), int(m[2]), _FMT[m[3] or ""]
+    return ActQuant(name, group, fmt, f"KV cache quantized affine, {bits} bits per value in groups of {group}, "
+                    f"{fmt} scales and biases (mx.quantize, mlx-lm QuantizedKVCache); query and probabilities "
+                    "float", "affine", bits, "none")
 
 
 def act_quant(name: str) -> ActQuant:
     try:
         return KINDS[name]
     except KeyError:
-        raise ValueError(f"activation quantization {name!r} is not known; use one of {', '.join(KINDS)}") from None
+        k = _affine(name)
+        if k is None:
+            raise ValueError(f"activation quantization {name!r} is not known; use one of {', '.join(KINDS)}, or "
+                             f"affine<bits>/<group>[-f16|-bf16] with bits in {AFFINE_BITS} and group in "
+                             f"{AFFINE_GROUPS}") from None
+        return k
+
+
+def query_kind(kv: str) -> str | None:
+    """What the query is rounded to before its product with keys a `kv` cache holds (None: kept float)."""
+    q = act_quant(kv).query
+    return kv if q == "same" else None if q == "none" else q
 
 
 def round_rows(x: np.ndarray, kind: str) -> np.ndarray:
@@ -74,6 +129,12 @@ def round_rows(x: np.ndarray, kind: str) -> np.ndarray:
     out = np.empty_like(x)
     for lo in range(0, x.shape[-1], k.block):
         xb = x[..., lo:lo + k.block]  # [..., b]
+        if k.rounding == "trunc":
+            out[..., lo:lo + k.block] = _ggml_trunc(xb, k)
+            continue
+        if k.rounding == "affine":
+            out[..., lo:lo + k.block] = _mx_affine(xb, k)
+            continue
         amax = np.abs(xb).max(axis=-1, keepdims=True)  # [..., 1]
         d = amax / np.float32(127)
         if k.rounding == "half-even":
@@ -84,3 +145,38 @@ def round_rows(x: np.ndarray, kind: str) -> np.ndarray:
             q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127)
         out[..., lo:lo + k.block] = q * d.astype(k.fmt).astype(np.float32)
     return out
+
+
+def _ggml_trunc(xb: np.ndarray, k: ActQuant) -> np.ndarray:
+    """quantize_row_q4_0_ref / q5_0_ref then dequantize, in float32: d = max / -2^(bits-1) with max the block's
+    largest-magnitude value (the first of equal ones, as its strict `<` keeps), q = min(2^bits - 1,
+    trunc(x * (1 / d) + (2^(bits-1) + 0.5))), value (q - 2^(bits-1)) * float16(d)."""
+    half = np.float32(2 ** (k.bits - 1))
+    first = np.argmax(np.abs(xb), axis=-1)[..., None]  # [..., 1]
+    mx = np.take_along_axis(xb, first, axis=-1)  # [..., 1]: signed
+    d = mx / -half
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(np.trunc(xb * inv + (half + np.float32(0.5))), np.float32(2 ** k.bits - 1))
+    return (q - half) * d.astype(k.fmt).astype(np.float32)
+
+
+def _mx_affine(xb: np.ndarray, k: ActQuant) -> np.ndarray:
+    """mx.quantize then mx.dequantize (mlx/ops.cpp affine_quantize, measured bit-exact): scale = max((max - min) /
+    (2^bits - 1), 1e-7), its sign and the bias from the larger-magnitude edge, scale re-derived so that edge is a
+    whole code, codes rint((x - bias) / scale) clipped; value (q * scale) + bias, each rounded to the scale dtype.
+    The input is the cache's dtype already (`xb` holds such values in float32)."""
+    import ml_dtypes  # noqa: F401 -- registers bfloat16 with numpy
+
+    top = np.float32(2 ** k.bits - 1)
+    hi, lo = xb.max(axis=-1, keepdims=True), xb.min(axis=-1, keepdims=True)  # [..., 1]
+    scale = np.maximum((hi - lo) / top, np.float32(1e-7))
+    low_edge = np.abs(lo) > np.abs(hi)
+    scale = np.where(low_edge, scale, -scale)
+    edge = np.where(low_edge, lo, hi)
+    q0 = np.rint(edge / scale)
+    scale = np.where(q0 != 0, edge / np.where(q0 != 0, q0, 1), scale).astype(np.float32)
+    bias = np.where(q0 == 0, np.float32(0), edge).astype(np.float32)
+    q = np.clip(np.rint((xb - bias) / scale), 0, top)
+    f = np.dtype(k.fmt)
+    s, b = scale.astype(f), bias.astype(f)
+    return ((q.astype(f) * s).astype(f) + b).astype(f).astype(np.float32)

@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
                         "per weight type (q4_0=0.05,q8_0=0.002); over it the gate fails as quantization loss, apart "
                         "from any divergence (default per weight type: docs/verdict.md)")
     p.add_argument("--kv-cache", metavar="TYPE", help="llama-cpp runs: the KV-cache type (f32, f16, bf16, q8_0, "
-                   "q4_0; default f16, llama.cpp's own, set explicitly and shown with the run)")
+                   "q4_0, q5_0; default f16, llama.cpp's own, set explicitly and shown with the run)")
     p.add_argument("--flash-attn", metavar="on|off", help="llama-cpp runs: the attention path (default off, the "
                    "path whose scores and probabilities can be captured; on: one fused kernel, K and V cast to f16)")
     p.add_argument("--decode", default="0", metavar="N|auto",

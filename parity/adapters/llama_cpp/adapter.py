@@ -32,14 +32,16 @@ from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec
 from parity.model.weights import Weights
 
-KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # ggml_type
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q5_0": 6}  # ggml_type
 # the cache types whose rounding of attention's operands the honest members model (Held.kv, a
-# parity.numerics.act_quant kind, this machine's for q8_0): an F16 cache stores K and V in f16, and ggml's mul_mat
-# converts q (for K) and the probabilities (for the transposed V) to f16, its vec_dot type; a q8_0 cache (flash
-# attention only, as llama.cpp requires) stores q8_0 blocks along head_dim and converts q to q8_0, the
-# probabilities staying f32. q4_0 is not modelled: judged as if the cache were float, and the decode diagnosis
-# names what it loses (kv-cache-precision).
-KV_ROUNDING = ("f16", "bf16", "q8_0")
+# parity.numerics.act_quant kind, this machine's for the query's q8_0): an F16 cache stores K and V in f16, and
+# ggml's mul_mat converts q (for K) and the probabilities (for the transposed V) to f16, its vec_dot type; a
+# q8_0/q4_0/q5_0 cache (flash attention only, as llama.cpp requires) stores its blocks of 32 along head_dim
+# (ggml-cpu's set_rows: quantize_row_q8_0 (SIMD on x86), quantize_row_q{4,5}_0_ref) and ggml_compute_forward_
+# flash_attn_ext_f16 converts q to the K type's vec_dot type (q8_0 for all three), dequantizing V to float32 with
+# the probabilities kept float32. Measured: the cache llama.cpp holds is the kind's rounding bit for bit
+# (tests/test_kv_quant.py). q4_1/q5_1 (a q8_1 query whose block sum is stored in f16) are not offered.
+KV_ROUNDING = ("f16", "bf16", "q8_0", "q4_0", "q5_0")
 FLASH = {"off": 0, "on": 1}  # llama_flash_attn_type (AUTO = -1 is never used: the path must be known)
 GEGLU = ("llama.cpp's build_ffn(LLM_FFN_GELU, LLM_FFN_PAR) emits one fused ggml_geglu_split node: gelu(gate) "
          "is never a tensor of its own")
@@ -172,7 +174,7 @@ class LlamaCppAdapter(Adapter):
         return self._sources[key]
 
     def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
-        kv = gguf_file.activations(self.kv_type) if self.kv_type in KV_ROUNDING else None
+        kv = _kv_kind(self.kv_type) if self.kv_type in KV_ROUNDING else None
         path, loading = self._source(spec, weights)
         if self.weights == "f32" and not _converted(loading):
             # the weights as given; what the cache and its products round is the honest members' to do too
@@ -429,6 +431,15 @@ def _threads() -> int:
     value through it); not imported from there, since that module imports torch and llama.cpp needs none."""
     text = os.environ.get("PARITY_THREADS", "1").strip()
     return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def _kv_kind(kv_type: str) -> str:
+    """The act_quant kind of a cache type on this machine: x86's ggml-cpu quantizes q8_0 (the q8_0 cache, and
+    the query read against q4_0/q5_0 keys) half to even (gguf_file.activations)."""
+    q8 = gguf_file.activations("q8_0")
+    if kv_type in ("q4_0", "q5_0"):
+        return kv_type + ("-x86" if q8 == "q8_0-x86" else "")
+    return gguf_file.activations(kv_type)
 
 
 def _n_ctx(n: int) -> int:
