@@ -106,3 +106,85 @@ def undeclared_q4_0_cache():
 def test_llama_cpp_q4_0_cache_undeclared_fails_at_attention(env):
     rc, r = _run(env, "tiny-gemma2", f"{__name__}:undeclared_q4_0_cache", "--quant-budget", "1")
     assert rc == 1 and r["first_divergence"]["tap"].startswith("layers.0.attn"), r["headline"]
+
+
+# ------------------------------------------------------------------ mlx-lm
+def mlx_kv4():
+    """--impls factory: mlx-lm with a 4-bit QuantizedKVCache in groups of 32 (tiny head_dim is 32)."""
+    from parity.adapters.mlx import MlxAdapter
+
+    return MlxAdapter(kv_bits=4, kv_group_size=32)
+
+
+def undeclared_mlx_kv4():
+    """--impls factory: the same, its cache's rounding not declared (held() says nothing)."""
+    from parity.adapters.mlx import MlxAdapter
+
+    class Undeclared(MlxAdapter):
+        def held(self, spec, weights, dtype):
+            return None
+
+    return Undeclared(kv_bits=4, kv_group_size=32)
+
+
+@needs_mlx
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlx_quantized_cache_is_the_kind_bit_for_bit(bits):
+    """Layer 0's K and V as mlx-lm's QuantizedKVCache holds them (mx.dequantize of its tuples) equal the affine
+    kind applied to what its float KVCache holds after the same decode."""
+    from parity.adapters.mlx import MlxAdapter
+    from parity.numerics.act_quant import affine_kind
+
+    spec = resolve_spec("tiny-gemma")
+    w = random_weights(spec, 0)
+    flt, qnt = MlxAdapter(), MlxAdapter(kv_bits=bits, kv_group_size=32)
+    qnt.check(spec, "float32")
+    ref = flt.decode(flt.build(spec, w, "float32"), PROMPT, CONT).steps[-1].cache[0]
+    got = qnt.decode(qnt.build(spec, w, "float32"), PROMPT, CONT).steps[-1].cache[0]
+    assert np.array_equal(ref.positions, got.positions)
+    kind = affine_kind(bits, 32)
+    assert np.array_equal(round_rows(ref.k, kind), got.k) and np.array_equal(round_rows(ref.v, kind), got.v)
+    assert not np.array_equal(ref.k, got.k)
+
+
+def _exact_gelu_gemma(env) -> str:
+    """tiny-gemma with the exact GELU mlx-lm's Gemma 1 runs (nn.gelu), as a config file: a run that can PASS."""
+    import dataclasses
+
+    from parity.model.spec import to_hf_config
+
+    spec = dataclasses.replace(resolve_spec("tiny-gemma"), gelu_approximate="none", name="tiny-gemma-exact-gelu")
+    cfg = to_hf_config(spec)
+    cfg.pop("parity", None)
+    path = env.mktemp("spec") / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@needs_mlx
+def test_mlx_quantized_cache_passes_declared(env):
+    """Every tap of prefill and decode within its honest bound. (The run's status is FAIL all the same, for the
+    plain `mlx` too: the GELU probe names gelu-exact on a spec whose GELU is exact, a false alarm of the probe.)"""
+    rc, r = _run(env, _exact_gelu_gemma(env), f"{__name__}:mlx_kv4", "--decode", "auto")
+    assert all(v["first_divergence"] is None for v in r["verdicts"]), r["headline"]
+    assert r["runs"][0]["settings"]["kv_rounding"] == "affine4/32"
+    assert {v["mode"]: v["status"] for v in r["verdicts"]}.get("decode") == "PASS"
+
+
+@needs_mlx
+def test_mlx_quantized_cache_undeclared_fails_at_attention(env):
+    rc, r = _run(env, _exact_gelu_gemma(env), f"{__name__}:undeclared_mlx_kv4")
+    assert rc == 1 and r["first_divergence"]["tap"].startswith("layers.0.attn"), r["headline"]
+
+
+@needs_mlx
+def test_mlx_kv_bits_refusals():
+    from parity.adapters.mlx import MlxAdapter
+    from parity.errors import ParityInputError, Unsupported
+
+    with pytest.raises(ParityInputError, match="kv_group_size 64"):
+        MlxAdapter(kv_bits=4).check(resolve_spec("tiny-gemma"), "float32")
+    with pytest.raises(Unsupported, match="RotatingKVCache"):
+        MlxAdapter(kv_bits=4, kv_group_size=32).check(resolve_spec("tiny-gemma3"), "float32")
+    with pytest.raises(ParityInputError, match="kv_bits"):
+        MlxAdapter(kv_bits=7)

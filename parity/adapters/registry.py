@@ -79,6 +79,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
             "pip install litgpt (parity's extra: pip install 'parity[litgpt]')", extra="litgpt",
             versions={"run": ("litgpt>=0.5", "torch>=2.4")}),
     Builtin("mlx", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx"),
+    Builtin("mlx-kv8", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx", options={"kv_bits": 8}, holds=True),  # noqa: E501
+    Builtin("mlx-kv4", "parity.adapters.mlx:MlxAdapter", ("mlx", "mlx_lm"), "pip install 'parity[mlx]'", extra="mlx", options={"kv_bits": 4}, holds=True),  # noqa: E501
     Builtin("ort-genai", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai"),  # noqa: E501
     Builtin("ort-genai-int8", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int8"}, holds=True),  # noqa: E501
     Builtin("ort-genai-int4", "parity.adapters.ort_genai:OrtGenaiAdapter", ("onnxruntime_genai", "onnxruntime", "onnx", "transformers"), "pip install 'parity[ort-genai]'", needs=("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir"), extra="ort-genai", options={"precision": "int4"}, holds=True),  # noqa: E501

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 GGML_MAX_DIMS, GGML_MAX_OP_PARAMS, GGML_MAX_SRC, GGML_MAX_NAME = 4, 64, 10, 64
-TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 26: "I32", 30: "BF16"}  # what a node or KV cache holds here
+# what a node or KV cache holds here
+TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 26: "I32", 30: "BF16"}
 
 
 class GgmlTensor(ctypes.Structure):

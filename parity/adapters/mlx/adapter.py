@@ -6,6 +6,13 @@ modules swapped into the loaded module tree (recording.py). Decode goes through 
 (`make_prompt_cache`: KVCache, and RotatingKVCache(max_size=window) on Gemma 3's local layers), one token
 per call, as `mlx_lm.generate` steps it.
 
+kv_bits (mlx_lm.generate's --kv-bits / --kv-group-size): every layer's cache is mlx-lm's QuantizedKVCache (K and V
+stored by mx.quantize, affine groups along head_dim; attention through mlx_lm.models.base's
+quantized_scaled_dot_product_attention), from the first token: run() goes through a fresh one too, so the
+prompt's own attention reads the stored keys. (mlx_lm.generate with --quantized-kv-start 0 quantizes after the
+first prefill chunk, which it attends with float keys; a later chunk, and every decode step, is what is run here.)
+Its rounding is declared in held() (an act_quant affine kind), and the cache taps read it back dequantized.
+
 What mlx-lm 0.32.2 computes (read from mlx_lm/models/gemma.py, gemma2.py, gemma3_text.py) is read back from
 the built model in readback.py, and every difference from the spec is listed there; Gemma 4
 (gemma4_text.py: per-layer inputs, KV-shared layers, proportional RoPE, experts) has its taps in gemma4.py.
@@ -20,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.adapters.base import Adapter, DecodeResult, DecodeStep, RunResult
+from parity.adapters.base import Adapter, DecodeResult, DecodeStep, Held, RunResult
 from parity.adapters.mlx import gemma4, readback
 from parity.adapters.mlx.recording import module_feeds, operand_taps, recording
 from parity.adapters.registry import require_importable
-from parity.errors import Unsupported
+from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec
 from parity.model.taps import expand_tap_map
 from parity.model.weights import Weights
@@ -76,6 +83,7 @@ class Built:
     kv_source: dict | None = None  # Gemma 4: shared layer -> the layer whose K/V it was handed (last forward)
     loading: str = ""  # a --checkpoint run: how the directory was loaded (effective()'s weights_loaded_by)
     owned: bool = True  # `directory` is parity's own (removed on release), not the user's checkpoint
+    kv: tuple[int, int] | None = None  # (bits, group size) of the QuantizedKVCache every forward goes through
 
 
 class MlxAdapter(Adapter):
@@ -83,10 +91,36 @@ class MlxAdapter(Adapter):
     decodes = True
     cannot = {"rope.cos": ROPE_FUSED}
 
+    def __init__(self, kv_bits: int | None = None, kv_group_size: int = 64) -> None:
+        from parity.numerics.act_quant import AFFINE_BITS, AFFINE_GROUPS
+
+        if kv_bits is not None and kv_bits not in AFFINE_BITS:
+            raise ParityInputError(f"mlx kv_bits={kv_bits!r}; mx.quantize takes {AFFINE_BITS} (or None: a float cache)")
+        if kv_group_size not in AFFINE_GROUPS:
+            raise ParityInputError(f"mlx kv_group_size={kv_group_size!r}; mx.quantize takes {AFFINE_GROUPS}")
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        if kv_bits is not None:
+            self.name = f"mlx-kv{kv_bits}"
+
     def version(self) -> str:
         from importlib.metadata import version
 
         return f"mlx-lm {version('mlx-lm')} / mlx {version('mlx')}"
+
+    def settings(self) -> dict[str, str]:
+        if self.kv_bits is None:
+            return {"kv_cache": "float (KVCache / RotatingKVCache, the run's dtype)"}
+        return {"kv_cache": f"QuantizedKVCache(group_size={self.kv_group_size}, bits={self.kv_bits}) from the "
+                            "first token", "kv_bits": str(self.kv_bits), "kv_group_size": str(self.kv_group_size)}
+
+    def held(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Held | None:
+        """The given weights; with kv_bits, K and V rounded as mx.quantize stores them (scales and biases in the
+        run's dtype), the query and probabilities left float (mx.quantized_matmul dequantizes the cache)."""
+        from parity.numerics.act_quant import affine_kind
+
+        if self.kv_bits is None:
+            return None
+        return Held(weights, "as given", None, affine_kind(self.kv_bits, self.kv_group_size, dtype))
 
     def check(self, spec: GemmaSpec, dtype: str) -> None:
         require_importable(self.name, "mlx", "mlx_lm")
@@ -101,6 +135,7 @@ class MlxAdapter(Adapter):
                 raise Unsupported(f"mlx: mlx-lm {version('mlx-lm')} has no Gemma 4 (mlx_lm.models.gemma4_text): "
                                   "pip install 'mlx-lm>=0.32' or drop 'mlx' from --impls") from None
             gemma4.check(spec)
+            self._check_kv(spec)
             return
         if spec.family not in (1, 2, 3):
             raise Unsupported(f"mlx: Gemma {spec.family} is not mapped by parity's mlx adapter; drop 'mlx' from "
@@ -120,6 +155,23 @@ class MlxAdapter(Adapter):
         if spec.family == 2 and (spec.attn_softcap is None or spec.final_softcap is None):
             raise Unsupported("mlx-lm's Gemma 2 always soft-caps (it divides by the cap; a null cap cannot be "
                               "built); drop 'mlx' from --impls for a Gemma 2 spec without softcaps")
+        self._check_kv(spec)
+
+    def _check_kv(self, spec: GemmaSpec) -> None:
+        if self.kv_bits is None:
+            return
+        if spec.family == 2 or spec.family == 4:
+            raise Unsupported(f"{self.name}: mlx-lm's Gemma {spec.family} attention does not go through "
+                              "scaled_dot_product_attention's quantized path (a QuantizedKVCache's tuples cannot be "
+                              "read there); drop kv_bits for this spec")
+        if spec.layer_types and "local" in spec.layer_types:
+            raise Unsupported(f"{self.name}: Gemma 3's local layers use RotatingKVCache, whose to_quantized raises "
+                              "NotImplementedError in mlx-lm ('RotatingKVCache Quantization NYI'); use a spec "
+                              "without local layers or drop kv_bits")
+        if spec.head_dim % self.kv_group_size:
+            raise ParityInputError(f"{self.name}: head_dim {spec.head_dim} is not a multiple of kv_group_size "
+                                   f"{self.kv_group_size} (mx.quantize groups along head_dim); use kv_group_size "
+                                   f"{spec.head_dim if spec.head_dim in (32, 64, 128) else 32}")
 
     def build(self, spec: GemmaSpec, weights: Weights, dtype: str) -> Built:
         from parity.adapters.mlx import checkpoint
@@ -129,7 +181,8 @@ class MlxAdapter(Adapter):
         if ck is not None and ck.layout == "hf":
             try:  # the shipped directory, as mlx-lm's users load it
                 model, config, loading = checkpoint.load_shipped(Path(ck.directory), dtype)
-                return Built(model, spec, dtype, config, Path(ck.directory), loading=loading, owned=False)
+                return Built(model, spec, dtype, config, Path(ck.directory), loading=loading, owned=False,
+                             kv=self._kv())
             except Exception as e:  # noqa: BLE001 -- whatever mlx-lm raises is said in the run
                 loading = (f"parity's HF writer (mlx/checkpoint.py): mlx-lm's load_model({ck.directory}) failed: "
                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
@@ -142,7 +195,20 @@ class MlxAdapter(Adapter):
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return Built(model, spec, dtype, config, directory, loading=loading)
+        return Built(model, spec, dtype, config, directory, loading=loading, kv=self._kv())
+
+    def _kv(self) -> tuple[int, int] | None:
+        return (self.kv_bits, self.kv_group_size) if self.kv_bits is not None else None
+
+    def _cache(self, built: Built):
+        """mlx-lm's prompt cache, every layer a fresh QuantizedKVCache when kv_bits is set (what
+        maybe_quantize_kv_cache makes of an empty KVCache); None for a plain forward without kv_bits."""
+        from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+
+        if built.kv is None:
+            return None
+        bits, group = built.kv
+        return [QuantizedKVCache(group_size=group, bits=bits) for _ in make_prompt_cache(built.model)]
 
     # ------------------------------------------------------------ taps
     def _tap_map(self, spec: GemmaSpec) -> dict[str, tuple[str, str]]:
@@ -200,7 +266,7 @@ class MlxAdapter(Adapter):
         return taps, rec
 
     def run(self, model: Built, tokens, feed=None) -> RunResult:
-        taps, _ = self._forward(model, list(tokens), feed)
+        taps, _ = self._forward(model, list(tokens), feed, cache=self._cache(model))
         return RunResult(taps, self._unavailable(model, taps))
 
     # ------------------------------------------------------------ decode
@@ -208,7 +274,7 @@ class MlxAdapter(Adapter):
         """Prefill through mlx-lm's prompt cache, then one call per token, as mlx_lm.generate steps it."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        cache = make_prompt_cache(model.model)
+        cache = self._cache(model) or make_prompt_cache(model.model)
         shadow = readback.PositionShadow(cache)
         self._forward(model, list(prompt), cache=cache)
         steps, unavailable = [], {}

@@ -52,7 +52,10 @@ class PositionShadow:
     def __init__(self, cache: list) -> None:
         import mlx.core as mx
 
-        self.twins = [copy.deepcopy(c) for c in cache]
+        from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+        # a quantized cache's twin is a float one with the same slots (positions must not be rounded)
+        self.twins = [KVCache() if isinstance(c, QuantizedKVCache) else copy.deepcopy(c) for c in cache]
         for c, twin in zip(cache, self.twins):
             update = c.update_and_fetch
 
@@ -71,8 +74,18 @@ class PositionShadow:
         for i, (c, twin) in enumerate(zip(cache, self.twins)):
             pos = np.array(twin.keys[0, 0, :, 0]).astype(np.int64) - 1
             keep = pos >= 0
-            out[i] = CacheView(pos[keep], _wide(c.keys[0])[:, keep], _wide(c.values[0])[:, keep])
+            k, v = (_dequantized(c, x) for x in (c.keys, c.values))
+            out[i] = CacheView(pos[keep], _wide(k[0])[:, keep], _wide(v[0])[:, keep])
         return out
+
+
+def _dequantized(cache, x):
+    """A QuantizedKVCache's (packed, scales, biases) as the values its attention reads (mx.dequantize)."""
+    import mlx.core as mx
+
+    if not isinstance(x, tuple):
+        return x
+    return mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits)
 
 
 def _wide(x) -> np.ndarray:
