@@ -224,6 +224,55 @@ def test_a_rounding_kv_cache_is_named_with_its_type(kind, declared, severity):
     assert all(v.status == "PASS" for v in report.verdict.runs if v.mode == "cumulative")
 
 
+def _declaring(kind: str, declared: str):
+    """The port decoding through a `kind` cache while its effective configuration declares a `declared` one."""
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+    from parity.adapters.port_model import PortOptions
+
+    class Port(LitgptStyleAdapter):
+        def effective(self, model):
+            out = super().effective(model)
+            out["library"]["kv_cache_type"] = declared
+            return out
+
+    return Port(PortOptions(decode_kv_quant=kind), name=f"port-kv-{kind}-as-{declared}")
+
+
+def test_a_cache_rounded_coarser_than_declared_is_a_divergence():
+    """A q4_0 cache where the run declares q8_0: named kv-cache-precision with the kind that reproduces it, a
+    divergence (declared q4_0, the same trace is a note: the first parametrized case above, in q8_0)."""
+    report, rv = _decode(_declaring("q4_0", "q8_0"))
+    why = rv.explanation
+    assert why.cause == "kv-cache-precision" and "a q4_0 cache" in why.evidence, why.evidence
+    assert why.severity == "divergence" and "declares a q8_0 KV cache" in why.evidence, why.evidence
+    report, rv = _decode(_declaring("q4_0", "q4_0"))
+    assert rv.explanation.cause == "kv-cache-precision" and rv.explanation.severity == "note"
+
+
+def test_float16_overflow_on_the_decode_path_is_named():
+    """A float16 decode whose residual stream passes 65504: the decode run's first divergence is named
+    fp16-overflow from the step's own values (no counterfactual is run)."""
+    from parity.adapters.litgpt_style import LitgptStyleAdapter
+    from parity.harness import Request, run
+    from parity.model.presets import PRESETS
+    from parity.model.prompts import default_prompts
+    from parity.model.weights import random_weights
+
+    spec = PRESETS["tiny-gemma2"]
+    w = random_weights(spec)
+    t = dict(w.tensors)
+    emb = np.asarray(t["model.embed_tokens.weight"], np.float32)
+    t["model.embed_tokens.weight"] = emb * (2e5 / (np.abs(emb).max() * spec.hidden_size ** 0.5))
+    w = dataclasses.replace(w, tensors=t, _hash=None)
+    a = LitgptStyleAdapter(name="port16")
+    report = run(Request(spec=spec, weights=w, impls=[a.name], dtypes=["float16"], adapters={a.name: a},
+                         prompts={"short": default_prompts(spec)["short"]}, decode=4))
+    (rv,) = [v for v in report.verdict.runs if v.mode == "decode"]
+    assert rv.status == "FAIL" and rv.explanation is not None
+    assert rv.explanation.cause == "fp16-overflow", rv.explanation.evidence
+    assert "decode step" in rv.explanation.evidence and "largest magnitude" in rv.explanation.evidence
+
+
 # ---------------------------------------------------------------- the existing causes on mlx-lm's traces
 def _patch(monkeypatch, fault: str):
     import mlx.core as mx

@@ -26,7 +26,7 @@ from parity.diagnose.search import Ranking, Wording, rank
 
 
 # the KV-cache types a decode is re-run with (parity.numerics.act_quant kinds, along head_dim)
-KV_CACHE_KINDS = ("f16", "bf16", "q8_0")
+KV_CACHE_KINDS = ("f16", "bf16", "q8_0", "q4_0")  # float formats, then int8 and 4-bit blocks of 32
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def decode_candidates(spec: GemmaSpec) -> list[Counterfactual]:
     """The decode-path faults (parity.adapters.port_model.PortOptions decode_*), each a cause of the catalogue."""
     c = [Counterfactual("cache-position", f"new token rotated at position p{d:+d}", options=(("decode_pos_offset", d),))
          for d in (1, -1)]
-    # a cache that rounds K/V: the float formats, then the int8 blocks of llama.cpp's q8_0 cache
+    # a cache that rounds K/V: the float formats, then the int8 and 4-bit blocks of llama.cpp's q8_0/q4_0 caches
     c += [Counterfactual("kv-cache-precision", f"K/V rounded by a {kind} cache", options=(("decode_kv_quant", kind),))
           for kind in KV_CACHE_KINDS]
     if spec.attn_softcap is not None:  # litgpt #1672: only its softcap path adds the boolean mask

@@ -74,6 +74,10 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
                  explains=first.tap)
     where = f"first divergence at decode step {first.step} (position {dec.prefill + first.step}), {first.tap}"
     failed = ""
+    if dtype == "float16":  # float16's range decides first: past it the mask and cache probes read infinities
+        got = _overflow(dec, truth, first)
+        if got is not None:
+            return Finding(**entry, cause="fp16-overflow", source="probe", evidence=f"{where}: {got}")
     try:
         found = probe(report.spec, dec, truth, own, first) if dec is not None and truth is not None else None
     except Exception as e:  # noqa: BLE001 -- a probe that breaks is reported with its error; counterfactuals go on
@@ -94,6 +98,17 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
     return Finding(**entry, **found)
 
 
+def _overflow(dec, truth, first) -> str | None:
+    """fp16-overflow on the decode path: the step's row at the divergent tap overflows float16 where the
+    reference's row exceeds its range (parity.diagnose.overflow, on one step's values)."""
+    from parity.diagnose.overflow import overflow_of
+
+    if dec is None or truth is None:
+        return None
+    a, r = _row(dec, first.tap, first.step), _row(truth, first.tap, first.step)
+    return None if a is None or r is None else overflow_of(a, r, f"{first.tap} (decode step {first.step})")
+
+
 def declared_kv_cache(report, impl: str, dtype: str) -> str | None:
     """The KV-cache type a run declares (its effective configuration's library fact `kv_cache_type`, a
     parity.numerics.act_quant kind), None where it declares none."""
@@ -111,8 +126,10 @@ def kv_cache_severity(report, impl, dtype, kind: str, dec, truth) -> tuple[str, 
     declared = declared_kv_cache(report, impl, dtype)
     if declared == kind:
         return "note", f"{measured}; the run declares a {kind} KV cache: what that cache type loses, a note"
-    said = f"declares a {declared} KV cache" if declared else "declares no rounding KV-cache type"
-    return "divergence", f"{measured}; the run {said}: a cache that rounds undeclared"
+    if declared:  # a q4_0 cache where q8_0 was declared: rounded coarser (or otherwise) than the run says
+        return "divergence", (f"{measured}; the run declares a {declared} KV cache, but its K/V are rounded as a "
+                               f"{kind} cache rounds them: a cache rounded other than declared")
+    return "divergence", f"{measured}; the run declares no rounding KV-cache type: a cache that rounds undeclared"
 
 
 def cache_loss(dec, truth) -> float | None:

@@ -25,7 +25,12 @@ def overflow(report, impl: str, dtype: str, first) -> str | None:
         return None
     if first.tap not in mine.taps or first.tap not in ref.taps:
         return None
-    a, r = mine.taps[first.tap], ref.taps[first.tap]
+    return overflow_of(mine.taps[first.tap], ref.taps[first.tap], first.tap)
+
+
+def overflow_of(a, r, tap: str) -> str | None:
+    """The evidence sentence when the float16 values `a` at `tap` overflow where the reference's `r` exceed
+    float16's range (the prefill's trace, or one decode step's row), else None."""
     if not isinstance(a, np.ndarray) or not isinstance(r, np.ndarray):
         return None  # a reduced tap (real sizes) keeps no elements to look at
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
@@ -39,6 +44,6 @@ def overflow(report, impl: str, dtype: str, first) -> str | None:
     what = (f"{int(bad.sum())} element(s) infinite or NaN" if bad.any() else "") + \
         (", " if bad.any() and saturated.any() else "") + \
         (f"{int(saturated.sum())} element(s) clipped at +-{FP16_MAX:g}" if saturated.any() else "")
-    return (f"first divergence at {first.tap}: {what} in float16, where the reference's largest magnitude there is "
+    return (f"first divergence at {tap}: {what} in float16, where the reference's largest magnitude there is "
             f"{ref_max:.6g}, past float16's largest finite value {FP16_MAX:g}: the activations overflow float16 "
             "(run in bfloat16 or float32, or scale the residual stream down)")
