@@ -183,6 +183,11 @@ def test_float16_overflow_is_named_with_the_reference_magnitude(tmp_path):
     assert why is not None and why["cause"] == "fp16-overflow", r["diagnosis"]
     assert why["tap"] == _first(r, "float16") and "largest magnitude" in why["evidence"]
     assert not [d for d in r["diagnosis"] if d["cause"] == "unexplained" and d.get("explains")]
+    # the probes downstream of the infinities (mlx: norm-placement, lm-head-untied matched on NaN) are named in
+    # the overflow's evidence, not reported as causes of their own
+    runs = [d for d in r["diagnosis"] if d.get("dtype") == "float16" and d.get("source") == "probe"]
+    assert [d["cause"] for d in runs] == ["fp16-overflow"], [(d["cause"], d["tap"]) for d in runs]
+    assert "their inputs already non-finite" in why["evidence"] and "lm-head-untied" in why["evidence"]
 
 
 # ---------------------------------------------------------------- kv-cache-precision (the port decoding)

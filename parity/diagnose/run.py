@@ -73,6 +73,11 @@ def diagnose_run(report, impl: str, dtype: str) -> tuple[list[RunProbe], list[Fi
     at_first = order.get(first.tap, 10**6) if first is not None else None
     # a probe that matched none of its candidates is evidence, not a cause: counterfactuals may still name it
     found = sorted((p for p in probes if p.cause and p.cause != "unexplained"), key=lambda p: order.get(p.tap, 10**6))
+    # float16 overflow: a probe at or after the first non-finite tap reads infinities and explains nothing
+    ovf = overflow(report, impl, dtype, first) if first is not None and not first.sampled else None
+    tainted = _nonfinite_from(trace, order) if ovf is not None else None
+    downstream = [p for p in found if tainted is not None and order.get(p.tap, 10**6) >= tainted]
+    found = [p for p in found if p not in downstream]
     seen, explained = set(), False
     for p in found:
         if p.cause in seen:
@@ -87,18 +92,32 @@ def diagnose_run(report, impl: str, dtype: str) -> tuple[list[RunProbe], list[Fi
                                severity="note" if note else "divergence", source="probe",
                                explains=first.tap if explains else None))
     if first is not None and not explained:
-        entries.append(_explain_first(report, impl, dtype, first, order))
+        entries.append(_explain_first(report, impl, dtype, first, order, downstream))
     entries.sort(key=lambda e: e.explains is None)  # stable: the rest keep their forward order
     return probe_rows, entries
 
 
-def _explain_first(report, impl: str, dtype: str, first, order) -> Finding:
-    """The entry for a first divergence no probe at or before it explains."""
+def _nonfinite_from(trace, order) -> int | None:
+    """The forward-order index of the first tap of `trace` holding inf or NaN (None: every kept tap finite)."""
+    import numpy as np
+
+    bad = [order.get(t, 10**6) for t, a in trace.taps.items()
+           if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all()]
+    return min(bad) if bad else None
+
+
+def _explain_first(report, impl: str, dtype: str, first, order, downstream=()) -> Finding:
+    """The entry for a first divergence no probe at or before it explains; `downstream`: the probes that
+    matched a cause on inputs float16 overflow had already made non-finite (named in the overflow's evidence,
+    never a finding of their own)."""
     def entry(evidence: str) -> Finding:
         return Finding(impl=impl, dtype=dtype, tap=first.tap, severity="divergence", cause="unexplained",
                        source="first-divergence", explains=first.tap, evidence=evidence)
 
     got = overflow(report, impl, dtype, first)
+    if got is not None and downstream:
+        got += ("; not reported as causes, their inputs already non-finite: "
+                + ", ".join(f"the {p.name} probe's {p.cause} at {p.tap}" for p in downstream))
     if got is not None:  # float16's range, not a formula: checked before anything is re-run
         return Finding(impl=impl, dtype=dtype, tap=first.tap, severity="divergence", cause="fp16-overflow",
                        source="probe", explains=first.tap, evidence=got)
