@@ -168,7 +168,9 @@ CAUSES: tuple[Cause, ...] = (
         "clipped to +-65504, where the reference's values are larger than float16 can hold.",
         "Gemma's residual stream grows past 65504 in trained checkpoints, so float16 runs of Gemma overflow "
         "unless they clip (mlx-lm's Gemma 3 clips its residual adds) or compute in bf16/fp32.",
-        "infinite or saturated from the first overflowing tap on",
+        "infinite or saturated from the first overflowing tap on; probes at or after the first non-finite "
+        "tap are named in its evidence, not as causes (their inputs are already infinite), and on a decode step "
+        "it is decided before the mask and cache probes",
     ),
     # ------------------------------------------------------------------ attention
     Cause(
@@ -354,11 +356,12 @@ CAUSES: tuple[Cause, ...] = (
         "The decode reads its keys and values from a cache that rounds them (a float16/bfloat16 cache in a "
         "wider run, or a quantized cache: int8 or 4-bit blocks), so every decode step attends to rounded K/V "
         "while the prefill did not.",
-        "llama.cpp's `--cache-type-k/-v` (f16 by default, q8_0, q4_0), mlx-lm's QuantizedKVCache "
+        "llama.cpp's `--cache-type-k/-v` (f16 by default, q8_0, q4_0, q5_0), mlx-lm's QuantizedKVCache "
         "(`--kv-bits`), ORT GenAI's float16 KV cache.",
         "the cache type's rounding of K and V: a note when that is what the run declared (its KV-cache type), "
-        "a divergence when a cache rounds that the run did not declare (decided per run, by its declared "
-        "`kv_cache_type`; a failing tolerance fails the run either way)",
+        "a divergence when a cache rounds that the run did not declare, or rounds as another kind than it "
+        "declares (a q4_0 cache declared q8_0; decided per run, by its declared `kv_cache_type`; a failing "
+        "tolerance fails the run either way)",
     ),
     # ------------------------------------------------------------------ Gemma 4 (dense)
     Cause(
