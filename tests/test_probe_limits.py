@@ -25,7 +25,7 @@ from parity.capture.trace import Trace
 def _torch_dtype(dtype: str):
     import torch  # here, not at import: collecting the suite imports no framework
 
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
 GEMMA2 = PRESETS["tiny-gemma2"]  # layer 0 local (window 16), layer 1 global
@@ -174,6 +174,20 @@ def test_gelu_probe_does_not_flag_tanh_with_many_inputs_below_minus_4(dtype):
     assert agreement(trace.taps["layers.0.mlp.act"], gelu_tanh(x), dtype) < 0.98  # the premise
     p = probe_gelu(trace, 0)
     assert p.cause is None and p.verdict == "GELU is tanh, rounded once", p.sentence()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_probe_judges_against_the_specs_gelu(dtype):
+    """A spec asking for the exact GELU (gelu_approximate="none"): the exact form is correct there, and tanh is
+    the divergence `gelu-tanh`; the probe once named gelu-exact whatever the spec said (a false alarm on mlx's
+    Gemma 1, which runs the exact form)."""
+    x = np.random.default_rng(3).normal(0.0, 2.0, size=(64, 64))
+    exact, _ = _gelu_trace(x, dtype, "none")
+    tanh_, _ = _gelu_trace(x, dtype, "tanh")
+    assert probe_gelu(exact, 0, approximate="none").cause is None
+    assert probe_gelu(tanh_, 0, approximate="none").cause == "gelu-tanh"
+    assert probe_gelu(exact, 0).cause == "gelu-exact"  # the default spec (tanh), as before
+    assert probe_gelu(tanh_, 0).cause is None
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

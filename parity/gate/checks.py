@@ -65,7 +65,7 @@ def check_geglu(trace: Trace, spec: GemmaSpec) -> None:
     """mlp.hidden = gelu(gate) * up, both projections intermediate_size wide."""
     lines, causes = [], []
     for i in range(spec.num_layers):
-        for p in (probe_geglu(trace, spec, i), probe_gelu(trace, i)):
+        for p in (probe_geglu(trace, spec, i), probe_gelu(trace, i, approximate=spec.gelu_approximate)):
             if p.cause in ("geglu-swapped", "geglu-width", "unexplained") or p.status == "cannot-tell":
                 lines.append(f"{trace.label} {p.sentence()} -> {p.cause}")
                 causes.append(p.cause)
@@ -73,11 +73,13 @@ def check_geglu(trace: Trace, spec: GemmaSpec) -> None:
 
 
 def check_gelu_tanh(trace: Trace, spec: GemmaSpec) -> None:
-    """The GELU is the tanh approximation (rounded once, or op by op: both are tanh)."""
+    """The GELU is the spec's: the tanh approximation (rounded once, or op by op: both are tanh), or the exact
+    form where the spec asks for it."""
     lines, causes = [], []
+    want = "tanh" if spec.gelu_approximate == "tanh" else "exact"
     for i in range(spec.num_layers):
-        p = probe_gelu(trace, i)
-        if not (p.finding or "").startswith("tanh") or p.cause not in (None, "act-lowp"):
+        p = probe_gelu(trace, i, approximate=spec.gelu_approximate)
+        if not (p.finding or "").startswith(want) or p.cause not in (None, "act-lowp"):
             lines.append(f"{trace.label} {p.sentence()} -> {p.cause}")
             causes.append(p.cause)
     _fail(lines, "the GELU is not the tanh approximation", causes)

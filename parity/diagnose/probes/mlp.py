@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -50,10 +52,16 @@ GELU_TIE = 1e-3  # within a dtype, exact and tanh can tie when every input is ti
 CORRECT_GELU = "tanh, rounded once"
 
 
-def gelu_candidates(x: np.ndarray, dtype: str) -> list[Candidate]:
+def gelu_candidates(x: np.ndarray, dtype: str, approximate: str = "tanh") -> list[Candidate]:
+    """The GELUs an implementation may compute, the spec's first (`approximate`: GemmaSpec.gelu_approximate,
+    "tanh" as every released Gemma, or "none" for a spec that asks for the exact erf form). The other form
+    is the divergence: `gelu-exact` where tanh is asked for, `gelu-tanh` where exact is."""
     x = np.asarray(x, dtype=np.float64)
-    c = [Candidate(CORRECT_GELU, None, gelu_tanh(x), GELU_TIE),
-         Candidate("exact, rounded once", "gelu-exact", gelu_exact(x), GELU_TIE)]
+    tanh_ = Candidate(CORRECT_GELU, None, gelu_tanh(x), GELU_TIE)
+    exact = Candidate("exact, rounded once", "gelu-exact", gelu_exact(x), GELU_TIE)
+    if approximate != "tanh":
+        return [dataclasses.replace(exact, cause=None), dataclasses.replace(tanh_, cause="gelu-tanh")]
+    c = [tanh_, exact]
     if dtype in ("bfloat16", "float16"):
         c.append(Candidate("tanh, op by op in " + dtype, "act-lowp", gelu_tanh_op_by_op(x, dtype), GELU_TIE))
     return c
@@ -101,7 +109,7 @@ def _gelu_why(dtype: str) -> str:
     return SUBNORMAL
 
 
-def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
+def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98, approximate: str = "tanh") -> Probe:
     """Which GELU maps this implementation's own mlp.gate to its own mlp.act.
 
     Decided on the elements the dtype can be trusted with (`gelu_trusted`): where
@@ -113,13 +121,13 @@ def probe_gelu(trace: Trace, layer: int, min_agreement: float = 0.98) -> Probe:
     if x is None or y is None:
         return Probe.cannot_tell("gelu", tap, "mlp.gate or mlp.act not captured")
     dtype = trace.dtype
-    cands = gelu_candidates(x, dtype)
+    cands = gelu_candidates(x, dtype, approximate)
     keep = gelu_trusted(x, dtype, cands, y)
     also = []
     # the same candidates applied to the up projection tell a swapped GeGLU apart
     up = trace.taps.get(f"layers.{layer}.mlp.up")
     if up is not None and up.shape == x.shape:
-        up_cands = gelu_candidates(up, dtype)
+        up_cands = gelu_candidates(up, dtype, approximate)
         up_keep = gelu_trusted(up, dtype, up_cands, y)
         also.append((Candidate("gelu applied to mlp.up", "geglu-swapped"),
                      max(agreement(y, c.values, dtype, up_keep) for c in up_cands)))
@@ -169,11 +177,17 @@ def probe_geglu_fused(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: 
                                  f"hidden {hidden.shape}")
     dtype = trace.dtype
     g, u = np.asarray(gate, np.float64), np.asarray(up, np.float64)
-    cands = [Candidate(f"gelu(gate) {CORRECT_GELU} * up", None, gelu_tanh(g) * u, GELU_TIE),
-             Candidate("exact gelu(gate) * up", "gelu-exact", gelu_exact(g) * u, GELU_TIE),
-             Candidate("gelu(gate) from a float16 table * up", "gelu-fp16-table", gelu_fp16_table(g) * u, GELU_TIE),
-             Candidate("gelu(up) * gate", "geglu-swapped", gelu_tanh(u) * g)]
-    if dtype in ("bfloat16", "float16"):
+    exact_spec = spec.gelu_approximate != "tanh"
+    cands = [Candidate(f"gelu(gate) {CORRECT_GELU} * up", "gelu-tanh" if exact_spec else None, gelu_tanh(g) * u,
+                       GELU_TIE),
+             Candidate("exact gelu(gate) * up", None if exact_spec else "gelu-exact", gelu_exact(g) * u, GELU_TIE),
+             # ggml's table holds the tanh form: against an exact spec it is that formula first
+             Candidate("gelu(gate) from a float16 table * up", "gelu-tanh" if exact_spec else "gelu-fp16-table",
+                       gelu_fp16_table(g) * u, GELU_TIE),
+             Candidate("gelu(up) * gate", "geglu-swapped", (gelu_exact(u) if exact_spec else gelu_tanh(u)) * g)]
+    if exact_spec:  # the spec's form first: it is the correct candidate
+        cands = [cands[1], cands[0], *cands[2:]]
+    if dtype in ("bfloat16", "float16") and not exact_spec:
         cands.append(Candidate(f"gelu(gate) op by op in {dtype} * up", "act-lowp", gelu_tanh_op_by_op(g, dtype) * u,
                                GELU_TIE))
     keep = gelu_trusted(g, dtype, cands, hidden)
@@ -183,10 +197,13 @@ def probe_geglu_fused(trace: Trace, spec: GemmaSpec, layer: int, min_agreement: 
                   unexplained="no GeGLU candidate explains mlp.hidden (best {best!r} at {score:.1%})")
 
 
-register(ProbeSpec("gelu", lambda trace, spec, weights, layer: probe_gelu(trace, layer), "layers.{}.mlp.act",
-                   per_layer=True, causes=("gelu-exact", "act-lowp", "geglu-swapped", "unexplained")))
+register(ProbeSpec("gelu", lambda trace, spec, weights, layer: probe_gelu(trace, layer,
+                                                                        approximate=spec.gelu_approximate),
+                   "layers.{}.mlp.act", per_layer=True,
+                   causes=("gelu-exact", "gelu-tanh", "act-lowp", "geglu-swapped", "unexplained")))
 register(ProbeSpec("geglu", lambda trace, spec, weights, layer: probe_geglu(trace, spec, layer),
                    "layers.{}.mlp.hidden", per_layer=True, causes=("geglu-width", "geglu-swapped", "unexplained")))
 register(ProbeSpec("geglu-fused", lambda trace, spec, weights, layer: probe_geglu_fused(trace, spec, layer),
                    "layers.{}.mlp.hidden", per_layer=True,
-                   causes=("gelu-exact", "gelu-fp16-table", "geglu-swapped", "act-lowp", "unexplained")))
+                   causes=("gelu-exact", "gelu-tanh", "gelu-fp16-table", "geglu-swapped", "act-lowp",
+                           "unexplained")))
