@@ -168,6 +168,18 @@ def test_with_a_float_cache_the_gelu_table_is_the_divergence(env):
     assert r["verdicts"][0]["explained_by"] == "gelu-fp16-table", r["headline"]
 
 
+def test_the_gelu_table_is_named_on_the_decode_path(env):
+    """The default F16 cache and f32 weights: the prefill passes (the table within the cache's rounding), but the
+    decode steps cross float16 table entries the full forward did not, and decode-self parts from the run's own
+    forward at an mlp.hidden. The geglu-fused probe read on the decode steps names it; it was `unexplained`."""
+    rc, r = _run(env, "tiny-gemma3", "llama-cpp", "--decode", "auto")
+    failing = [v for v in r["verdicts"] if v["status"] == "FAIL"]
+    assert failing, r["headline"]  # the premise: the table shows on the decode path
+    for v in failing:
+        assert v["first_divergence"]["tap"].endswith("mlp.hidden"), r["headline"]
+        assert v["explained_by"] == "gelu-fp16-table", r["headline"]
+
+
 def test_decode_auto_through_llama_cpps_cache(env):
     """q4_0 on Gemma 3 (iSWA caches), past the window: every prefill and decode tap within the honest bound of the
     port on held(), and the cache views llama.cpp holds after each step (a V cache read untransposed fails at

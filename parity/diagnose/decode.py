@@ -14,7 +14,8 @@ the layers up to the divergent one, in the order that decides:
 * a cache entry is missing or holds another position's key or value:
   `cache-stale` (missing at the window's edge only: `cache-window`).
 
-Where nothing is exposed, the port is re-run decoding with each decode-path
+Where these name nothing, the row-wise prefill probes (GELU, GeGLU: each token's own taps) are read on the
+decode steps at the divergent tap. Where nothing is exposed, the port is re-run decoding with each decode-path
 fault (parity.diagnose.counterfactuals.decode_candidates) in the implementation's dtype
 and the one that reproduces the trace within the verdict's bounds, through the
 divergent step and layer, names it. Framework-free but for the port re-runs.
@@ -83,6 +84,8 @@ def explain(report, impl: str, dtype: str, mode: str, first, order) -> Finding:
     except Exception as e:  # noqa: BLE001 -- a probe that breaks is reported with its error; counterfactuals go on
         found, failed = None, f"; the decode probes failed ({type(e).__name__}: {e})"[:300]
     where += failed
+    if found is None and dec is not None:
+        found = rowwise(report.spec, report.weights, dec, first)
     if found is not None:
         cause, evidence = found
         return Finding(**entry, cause=cause, source="probe", evidence=f"{where}: {evidence}")
@@ -165,6 +168,29 @@ def probe(spec, dec, truth, own, first) -> tuple[str, str] | None:
         got = _cache(spec, dec, truth, s, i, tol)
         if got is not None:
             return got
+    return None
+
+
+# probes that map each token's own taps to its own tap, never another position's: a decode trace's rows
+# ([steps, ...], one token a step) read as a prefill's ([T, ...]), so they judge the decode path's own arithmetic
+# (llama.cpp's float16 GELU table in the decode graph, whose steps flip table entries the prefill's did not)
+ROWWISE_PROBES = ("gelu", "geglu", "geglu-fused")
+
+
+def rowwise(spec, weights, dec, first) -> tuple[str, str] | None:
+    """The cause a row-wise probe names at the divergent tap, read on the decode trace's steps."""
+    from parity.diagnose.probes import PROBES
+
+    if first.layer is None:
+        return None
+    for name in ROWWISE_PROBES:
+        ps = PROBES.get(name)
+        if ps is None or ps.tap_at(first.layer) != first.tap:
+            continue
+        got = ps.fn(dec, spec, weights, first.layer)
+        for p in got if isinstance(got, list) else [got]:
+            if p.cause not in (None, "unexplained"):
+                return p.cause, f"{name} probe on the decode steps: {p.sentence()}"
     return None
 
 
