@@ -5,6 +5,7 @@ the harness must say which implementation failed, in which phase, and exit 3,
 never read the crash as a divergence (exit 1).
 """
 
+import threading
 from parity.adapters.litgpt_style import LitgptStyleAdapter
 
 
@@ -113,6 +114,10 @@ def exits_in_build():
     return _ExitsInBuild()
 
 
+RUN_STARTED = threading.Event()  # set once a _SleepsInRun is inside run(): a test interrupts it then, not earlier
+HANG_S = 300  # how long it hangs: past any timeout a test sets, short of hanging a CI job if a signal is lost
+
+
 class _SleepsInRun(LitgptStyleAdapter):
     """Hangs as a deadlocked kernel or a stuck download would."""
 
@@ -122,7 +127,9 @@ class _SleepsInRun(LitgptStyleAdapter):
     def run(self, model, tokens, feed=None):
         import time
 
-        time.sleep(3600)
+        RUN_STARTED.set()
+        time.sleep(HANG_S)
+        raise RuntimeError(f"sleeps-in-run hung {HANG_S} s and was not stopped")
 
 
 def sleeps_in_run():

@@ -146,13 +146,26 @@ def test_a_run_publishes_whole_and_replaces_a_stale_error_log(tmp_path, capsys):
 
 
 def test_an_interrupt_is_one_line_exit_130_and_nothing_written(tmp_path, capsys, monkeypatch):
+    from tests.broken_adapters import RUN_STARTED
+
     monkeypatch.setenv("PARITY_TIMEOUT", "0")
     out = tmp_path / "o"
-    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
+    RUN_STARTED.clear()
+    done = threading.Event()
+
+    def interrupt():
+        # once the run hangs, not on a timer: a fresh venv's first imports (bytecode compiled) can take longer
+        # than any fixed delay, and a SIGINT landing in a library's import may never reach the hang
+        if RUN_STARTED.wait(240):
+            while not done.wait(0.5):
+                os.kill(os.getpid(), signal.SIGINT)
+                done.wait(5.0)
+
+    killer = threading.Thread(target=interrupt, daemon=True)
+    killer.start()
     try:
         code, err, _ = run_cli(["--impls", "tests.broken_adapters:sleeps_in_run", "--out", str(out), *ARGS], capsys)
     finally:
-        timer.cancel()
+        done.set()
     assert code == 130 and err == ["parity: interrupted; nothing written"], err
     assert not out.exists() and leftovers(out) == []
