@@ -254,6 +254,9 @@ class Fault:
 FAULTS = [
     Fault("hf exact GELU", "gelu-exact", "layers.0.mlp.act", hf("hf-exact-gelu", _hf_exact_gelu)),
     Fault("port exact GELU", "gelu-exact", "layers.0.mlp.act", port("port-exact-gelu", gelu_approximate="none")),
+    Fault("port tanh GELU on an exact-GELU spec", "gelu-tanh", "layers.0.mlp.act",
+          port("port-tanh-gelu", gelu_approximate="tanh"),
+          spec_changes={"gelu_approximate": "none", "name": "tiny-gemma, exact GELU"}),
     Fault("hf GELU on up", "geglu-swapped", "layers.0.mlp.act", hf("hf-swapped", _hf_swapped)),
     Fault("half-width GeGLU", "geglu-width", "layers.0.mlp.gate", HalfWidthMLP),
     Fault("hf norm without (1 + w)", "norm-unit-offset-missing", "layers.0.attn_norm", hf("hf-no-offset", _hf_no_offset)),
