@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 import re
 
+import numpy as np
+
 from parity.errors import ParityInputError
 from parity.model.spec import GemmaSpec
 
@@ -138,3 +140,16 @@ def expand_tap_map(template: dict[str, tuple[str, str]], spec: GemmaSpec) -> dic
             path, side = template[key]
             out[tap] = (path.format(i) if i is not None else path, side)
     return out
+
+
+def order_experts(taps: dict, num_layers: int) -> dict:
+    """In place: each layer's chosen experts (ids as float64) and their weights in descending order of weight per
+    token, the contract's order (a runtime's top-k returns its own order), where both taps are present."""
+    for i in range(num_layers):
+        ids, w = taps.get(f"layers.{i}.moe.experts"), taps.get(f"layers.{i}.moe.weights")
+        if ids is None or w is None:
+            continue
+        order = np.argsort(-np.asarray(w, np.float32), axis=-1, kind="stable")  # [T, k]
+        taps[f"layers.{i}.moe.experts"] = np.take_along_axis(np.asarray(ids), order, -1).astype(np.float64)
+        taps[f"layers.{i}.moe.weights"] = np.take_along_axis(np.asarray(w), order, -1)
+    return taps

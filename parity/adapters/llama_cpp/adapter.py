@@ -30,6 +30,7 @@ from parity.adapters.llama_cpp.readback import query_scale as _query_scale_llama
 from parity.adapters.registry import require_importable
 from parity.errors import ParityInputError, Unsupported
 from parity.model.spec import GemmaSpec
+from parity.model.taps import order_experts
 from parity.model.weights import Weights
 
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q5_0": 6}  # ggml_type
@@ -310,8 +311,8 @@ class LlamaCppAdapter(Adapter):
             taps[f"layers.{i}.attn.probs"] = last(f"kq_soft_max-{i}")[0][:, :, :L]
         taps["final_norm"] = last("result_norm").reshape(T, -1)
         taps["logits"] = last("result_output").reshape(T, -1)
-        if spec.family == 4:
-            gemma4.finish(spec, taps, T)
+        if spec.family == 4:  # ggml's top-k order is its own
+            order_experts(taps, spec.num_layers)
         return taps, unavailable
 
     def _decode(self, ctx, tokens: list[int], pos0: int) -> None:

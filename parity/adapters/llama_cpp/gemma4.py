@@ -105,18 +105,6 @@ def pre_scalar_layer(spec, src_names: list[str]) -> int | None:
     return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
 
 
-def finish(spec, taps: dict, T: int) -> None:
-    """In place: layer i's per-layer input sliced out; the chosen experts (int32 ids as float64) and their
-    weights in descending order of weight (the contract's order; ggml's top-k order is its own)."""
-    for i in range(spec.num_layers):
-        ids, w = taps.get(f"layers.{i}.moe.experts"), taps.get(f"layers.{i}.moe.weights")
-        if ids is None or w is None:
-            continue
-        order = np.argsort(-np.asarray(w, np.float32), axis=-1, kind="stable")  # [T, k]
-        taps[f"layers.{i}.moe.experts"] = np.take_along_axis(np.asarray(ids), order, -1).astype(np.float64)
-        taps[f"layers.{i}.moe.weights"] = np.take_along_axis(np.asarray(w), order, -1)
-
-
 def readback(md: dict, names: dict, local: list[bool], L: int, arch: str) -> dict:
     """Gemma 4's structure as the file llama.cpp loaded holds it (library facts): per-layer head sizes, KV
     heads and MLP widths (scalar keys broadcast as the loader does), which layers have their own K/V (and K=V:

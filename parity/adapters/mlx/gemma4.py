@@ -23,9 +23,8 @@ and HF on the same weights by tests/test_mlx_gemma4.py):
 
 from __future__ import annotations
 
-import numpy as np
-
 from parity.errors import Unsupported
+from parity.model.taps import order_experts
 
 _L = "model.layers.{}"
 TAP_MAP = {
@@ -101,15 +100,8 @@ def scalar_watch(model) -> list:
 
 
 def finish(taps: dict, spec) -> dict:
-    """Expert ids and weights in descending order of weight (the contract's order) per token; ids as float64."""
-    for i in range(spec.num_layers):
-        ids, w = taps.get(f"layers.{i}.moe.experts"), taps.get(f"layers.{i}.moe.weights")
-        if ids is None or w is None:
-            continue
-        order = np.argsort(-np.asarray(w, np.float32), axis=-1, kind="stable")  # [T, k]
-        taps[f"layers.{i}.moe.experts"] = np.take_along_axis(np.asarray(ids), order, -1).astype(np.float64)
-        taps[f"layers.{i}.moe.weights"] = np.take_along_axis(np.asarray(w), order, -1)
-    return taps
+    """Expert ids and weights in the contract's order (parity.model.taps.order_experts)."""
+    return order_experts(taps, spec.num_layers)
 
 
 def unavailable(spec, taps: dict) -> dict[str, str]:
