@@ -108,22 +108,23 @@ class LlamaCppAdapter(Adapter):
         if dtype != "float32":
             raise Unsupported(f"{self.name} computes float32 activations on CPU (ggml-cpu), not {dtype} (the "
                               "weight type is an option: weights=); use --dtypes float32 for it")
+        fixed, graph = (gemma4.FIXED, "gemma4.cpp") if spec.family == 4 else (
+            {"embed_scale": True, "norm_placement": "pre" if spec.family == 1 else "sandwich",
+             "qk_norm": spec.family == 3, "gelu_approximate": "tanh", "tied_head": True}, "graph")
+        for f, want in fixed.items():
+            if getattr(spec, f) != want:
+                raise Unsupported(f"{self.name} cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} "
+                                  f"(llama.cpp's {graph} hard-codes {want!r}); drop it from --impls for this spec")
+        if spec.embed_scale_dtype == "bfloat16":
+            raise Unsupported(f"{self.name}: llama.cpp scales the embeddings by sqrtf(n_embd) in float32, not a "
+                              "bfloat16 constant; drop it from --impls for this spec")
         if spec.family == 4:
-            gemma4.check(spec, self.name)  # src/models/gemma4.cpp: its own hard-coded choices and limits
+            gemma4.check(spec, self.name)  # src/models/gemma4.cpp: its other limits
         else:
             self._check_gemma123(spec)
         self._check_options(spec)
 
     def _check_gemma123(self, spec: GemmaSpec) -> None:
-        fixed = {"embed_scale": True, "norm_placement": "pre" if spec.family == 1 else "sandwich",
-                 "qk_norm": spec.family == 3, "gelu_approximate": "tanh", "tied_head": True}
-        for f, want in fixed.items():
-            if getattr(spec, f) != want:
-                raise Unsupported(f"{self.name} cannot build {f}={getattr(spec, f)!r} for Gemma {spec.family} "
-                                  f"(llama.cpp's graph hard-codes {want!r}); drop it from --impls for this spec")
-        if spec.embed_scale_dtype == "bfloat16":
-            raise Unsupported(f"{self.name}: llama.cpp scales the embeddings by sqrtf(n_embd) in float32, not a "
-                              "bfloat16 constant; drop it from --impls for this spec")
         want = 1.0 / math.sqrt(spec.query_pre_attn_scalar or spec.head_dim)
         got = _query_scale_llama(spec)
         if abs(got - want) > 1e-6 * want:
